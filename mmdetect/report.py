@@ -1,0 +1,215 @@
+"""Rows -> rich table | csv | tsv | json | jsonl | parquet | markdown. The only module that branches on format.
+
+File formats carry every row they are given; provenance goes into the JSON document and the Parquet schema metadata,
+never into CSV (which stays plain for ``pandas.read_csv``). Files are written to a temporary file beside the target
+and renamed over it, so a failed run never leaves a partial file or clobbers an existing one.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from mmdetect.errors import MMDetectError
+
+FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "markdown")
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
+              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown"}
+FLOAT_FORMAT = "%.8g"
+
+
+def infer_format(path: str | os.PathLike) -> str:
+    fmt = EXTENSIONS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise MMDetectError(f"cannot tell the format of {path} from its extension: add --format "
+                            f"({', '.join(FILE_FORMATS)})")
+    return fmt
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any scanning, if ``path`` cannot be written."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise MMDetectError(f"--output {path} is a directory: give a file name")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise MMDetectError(f"cannot write {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise MMDetectError(f"cannot write {path}: permission denied; choose another --output")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
+    target = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+            yield fh
+        if target.exists():
+            os.chmod(tmp, target.stat().st_mode & 0o777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return _clean(value.item())
+    return value
+
+
+def metadata(df: Any) -> dict[str, Any]:
+    return _clean({"provenance": df.attrs.get("provenance", {}), "layers": df.attrs.get("layers", [])})
+
+
+def _records_json(df: Any, lines: bool) -> str:
+    text = df.to_json(orient="records", lines=lines, double_precision=10)
+    return text if not lines or text.endswith("\n") or not text else text + "\n"
+
+
+def _markdown(df: Any) -> str:
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+        return str(v).replace("|", "\\|")
+
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    prov = df.attrs.get("provenance")
+    head = ""
+    if prov:
+        head = (f"Model `{prov.get('model')}` ({prov.get('model_type')}), {prov.get('convention')} convention, "
+                f"threshold {prov.get('threshold')}, mmdetect {prov.get('version')}.\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def _writers() -> dict[str, tuple[bool, Callable[[Any, IO[Any]], None]]]:
+    def csv(df: Any, fh: IO[Any], sep: str = ",") -> None:
+        df.to_csv(fh, index=False, sep=sep, float_format=FLOAT_FORMAT, lineterminator="\n")
+
+    def as_json(df: Any, fh: IO[Any]) -> None:
+        meta = metadata(df)
+        fh.write('{"provenance": ' + json.dumps(meta["provenance"]) + ',\n "layers": ' + json.dumps(meta["layers"])
+                 + ',\n "neurons": ' + _records_json(df, lines=False) + "}\n")
+
+    def parquet(df: Any, fh: IO[Any]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        frame = df.copy()
+        frame.attrs = {}
+        if "expert" in frame:  # dense rows have no expert; experts are indices or labels such as "shared"
+            frame["expert"] = frame["expert"].map(lambda v: None if v is None else str(v)).astype("string")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[b"mmdetect"] = json.dumps(metadata(df)).encode()
+        pq.write_table(table.replace_schema_metadata(meta), fh)
+
+    return {
+        "csv": (False, csv),
+        "tsv": (False, lambda df, fh: csv(df, fh, sep="\t")),
+        "json": (False, as_json),
+        "jsonl": (False, lambda df, fh: fh.write(_records_json(df, lines=True))),
+        "markdown": (False, lambda df, fh: fh.write(_markdown(df))),
+        "parquet": (True, parquet),
+    }
+
+
+def write(df: Any, fmt: str, path: str | os.PathLike | None = None) -> None:
+    """Write ``df`` (all its rows) in ``fmt`` to ``path`` atomically, or to stdout when ``path`` is None."""
+    writers = _writers()
+    if fmt not in writers:
+        raise MMDetectError(f"unknown format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
+    binary, writer = writers[fmt]
+    if path is None:
+        if binary:
+            raise MMDetectError(f"--format {fmt} is binary: give --output PATH")
+        buf = io.StringIO()
+        writer(df, buf)
+        sys.stdout.write(buf.getvalue())
+        sys.stdout.flush()
+        return
+    with atomic_open(path, binary=binary) as fh:
+        writer(df, fh)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Provenance and layer summary stored in a JSON or Parquet output."""
+    fmt = infer_format(path)
+    if fmt == "json":
+        doc = json.loads(Path(path).read_text())
+        return {"provenance": doc.get("provenance", {}), "layers": doc.get("layers", [])}
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return json.loads(pq.read_schema(path).metadata[b"mmdetect"])
+    raise MMDetectError(f"{path}: only JSON and Parquet outputs carry provenance")
+
+
+# -- the terminal view ----------------------------------------------------------------------------------------------
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:+.{digits}f}" if abs(v) < 1000 else f"{v:.3g}"
+    return str(v)
+
+
+def render(df: Any, top: int = 20, console: Any = None) -> None:
+    """The top ``top`` rows and the per-layer summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    title = (f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} convention · "
+             f"{len(df):,} neurons · {n_flagged:,} flagged (cos ≤ {prov.get('threshold', '?')})")
+    gated = bool(df["cos_gate_in"].notna().any()) if len(df) else False
+    moe = bool(df["expert"].notna().any()) if len(df) else False
+    table = Table(title=title, title_justify="left", header_style="bold")
+    cols = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos"] + \
+        (["cos_gate_out", "cos_gate_in"] if gated else []) + ["z", "class"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("class", "expert") else "right")
+    for row in df.head(top).to_dict(orient="records"):
+        style = "bold red" if row["flagged"] else None
+        table.add_row(*[_fmt(row[c], 2 if c == "z" else 3) if c not in ("rank", "layer", "neuron") else
+                        ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
+    console.print(table)
+    layers = df.attrs.get("layers", [])
+    if layers:
+        summary = Table(title="Per layer (cos quantiles; null = 95% band of random directions, empirical = "
+                              "mismatched neuron pairs)", title_justify="left", header_style="bold")
+        for col in ("layer", "neurons", "flagged", "share", "min", "q05", "median", "null band", "empirical"):
+            summary.add_column(col, justify="right")
+        for s in layers:
+            summary.add_row(str(s["layer"]), f"{s['n_neurons']:,}", f"{s['n_flagged']:,}",
+                            f"{100 * s['share_flagged']:.1f}%", _fmt(s["min"]), _fmt(s["q05"]), _fmt(s["median"]),
+                            f"±{s['null_hi']:.3f}", f"{_fmt(s['emp_null_lo'])}…{_fmt(s['emp_null_hi'])}")
+        console.print(summary)

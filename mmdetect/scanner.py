@@ -1,0 +1,414 @@
+"""Orchestration: checkpoint -> registry layout -> per-MLP blocks -> neuron rows.
+
+For each layer and each MLP the registry places there (a dense MLP, every routed expert, a shared expert), read its
+tensors one at a time, turn them into the canonical ``[n, d]`` orientation, and hand them to ``neurons``. A reader
+thread fetches the next block while the current one is computed, so the disk and the CPU work together; at most two
+blocks are in memory. Fused 3-D experts are read one expert's byte range at a time.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from mmdetect import __version__
+from mmdetect.architectures import Family, MLPSpec, NormSpec, TensorSpec, load_registry
+from mmdetect.checkpoint import Checkpoint, open_checkpoint
+from mmdetect.errors import MMDetectError
+from mmdetect.neurons import NeuronStats, classify, mlp_cosines, null_band, null_p, null_z
+
+COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
+           "norm_in", "norm_out", "norm_gate"]
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# -- which layout applies -------------------------------------------------------------------------------------------
+
+def resolve_family(ckpt: Checkpoint) -> Family:
+    """The registry family for this checkpoint, or a header-based heuristic one (with a warning), or an error."""
+    registry = load_registry()
+    fmt = ckpt.registry_format
+    types = [ckpt.model_type]
+    text_cfg = ckpt.config.get("text_config")
+    if isinstance(text_cfg, dict) and text_cfg.get("model_type"):
+        types.append(str(text_cfg["model_type"]))
+    for model_type in types:
+        if model_type in registry.refused:
+            raise MMDetectError(f"model type {model_type!r} is not supported: {registry.refused[model_type]}")
+    for model_type in types:
+        family = registry.lookup(model_type, fmt)
+        if family is not None:
+            if model_type != ckpt.model_type:  # multimodal wrapper: scan its text model
+                ckpt.config = {**ckpt.config, **text_cfg, "model_type": model_type}
+            return family
+    from mmdetect.heuristic import guess_family
+
+    family = guess_family(ckpt)
+    if family is None:
+        what = f"model type {ckpt.model_type!r}" if ckpt.model_type else "a checkpoint without model_type"
+        raise MMDetectError(f"{what} is not in the registry and its tensor names show no MLP: run `mmdetect archs` "
+                            f"for the supported types, or add a registry file (README: Adding an architecture)")
+    warn(f"model type {ckpt.model_type!r} is not in the registry; using a header-based heuristic layout "
+         f"({family.notes.get('heuristic', '')}). Check the results, and consider adding a registry file.")
+    return family
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile(f"^{pattern}$")
+
+
+def _rebase(spec: MLPSpec, old: str, new: str) -> MLPSpec:
+    """Replace the layer-stack prefix in every key (multimodal wrappers nest the text model one level deeper)."""
+    def t(ts: TensorSpec | None) -> TensorSpec | None:
+        return None if ts is None else replace(ts, key=ts.key.replace(old, new, 1))
+
+    def nm(ns: NormSpec | None) -> NormSpec | None:
+        return None if ns is None or ns.weight is None else replace(ns, weight=ns.weight.replace(old, new, 1))
+
+    return replace(spec, out=t(spec.out), gate=t(spec.gate), up=t(spec.up), in_=t(spec.in_),
+                   gate_up=t(spec.gate_up), pre_norm=nm(spec.pre_norm) if spec.pre_norm else None,
+                   post_norm=nm(spec.post_norm) if spec.post_norm else None)
+
+
+def locate_mlps(ckpt: Checkpoint, specs: tuple[MLPSpec, ...]) -> tuple[tuple[MLPSpec, ...], dict]:
+    """Find where each MLP spec occurs: {layer: [(spec, [expert indices] or None)]}.
+
+    A spec is present in a layer when its output tensor is. When no key matches at all, look for the same layout
+    under another prefix (``model.language_model.layers`` instead of ``model.layers``) and rebase the spec.
+    """
+    keys = list(ckpt.tensors)
+    found = _match(keys, specs)
+    if not found:
+        head = specs[0].out.key.split("{i}")[0]         # e.g. "model.layers."
+        tail = specs[0].out.key.split("{i}")[1]         # e.g. ".mlp.down_proj.weight"
+        stack = head.rstrip(".").split(".")[-1]         # e.g. "layers"
+        prefixes = {m.group(1) for k in keys if (m := re.match(rf"^(.*?\b{re.escape(stack)}\.)\d+" +
+                                                               re.escape(tail.replace("{e}", "0")) + "$", k))}
+        if len(prefixes) == 1:
+            new = prefixes.pop()
+            specs = tuple(_rebase(s, head, new) for s in specs)
+            found = _match(keys, specs)
+    return specs, found
+
+
+def _match(keys: list[str], specs: tuple[MLPSpec, ...]) -> dict[int, list[tuple[MLPSpec, list[int] | None]]]:
+    by_layer: dict[int, dict[int, set]] = {}
+    for n, spec in enumerate(specs):
+        regex = _template_regex(spec.out.key)
+        for key in keys:
+            m = regex.match(key)
+            if m:
+                experts = by_layer.setdefault(int(m.group("i")), {}).setdefault(n, set())
+                if "e" in m.groupdict():
+                    experts.add(int(m.group("e")))
+    return {layer: [(specs[n], sorted(e) if specs[n].experts == "indexed" else None) for n, e in sorted(found.items())]
+            for layer, found in sorted(by_layer.items())}
+
+
+# -- reading one block ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    layer: int
+    spec: MLPSpec
+    expert: int | None        # routed expert index, or None
+    n_experts: int = 1        # for stacked 2-D experts
+
+
+@dataclass
+class Block:
+    job: Job
+    w_in: torch.Tensor        # [n, d] views
+    w_out: torch.Tensor
+    w_gate: torch.Tensor | None
+    pre_gain: torch.Tensor | None
+    post_gain: torch.Tensor | None
+
+    @property
+    def expert_label(self) -> Any:
+        job = self.job
+        if job.spec.label:
+            return job.spec.label if job.expert is None else f"{job.spec.label}{job.expert}"
+        return job.expert
+
+
+def _key(template: str, layer: int, expert: int | None) -> str:
+    return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
+
+
+def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
+    """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
+    key = _key(ts.key, job.layer, job.expert)
+    if key not in ckpt:
+        raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does not "
+                            f"match the registry layout for {ckpt.model_type!r}")
+    shape = ckpt.tensors[key].shape
+    if job.spec.experts == "fused":
+        if len(shape) != 3:
+            raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects fused 3-D experts")
+        t = ckpt.read(key, job.expert, job.expert + 1)[0]
+        return t if ts.axis == 1 else t.transpose(0, 1)
+    if job.spec.experts == "stacked":
+        rows = shape[0] // job.n_experts
+        t = ckpt.read(key, job.expert * rows, (job.expert + 1) * rows)
+        return t if ts.axis == 0 else t.transpose(0, 1)
+    t = ckpt.read(key)
+    if t.dim() != 2:
+        raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects a 2-D weight")
+    return t if ts.axis == 0 else t.transpose(0, 1)
+
+
+def _gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+    if norm is None or norm.weight is None:
+        return None
+    key = _key(norm.weight, layer, None)
+    if key not in ckpt:
+        raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
+                            f"registry layout for {ckpt.model_type!r}")
+    gain = ckpt.read(key).float().reshape(-1) + norm.offset
+    if gain.numel() != d:
+        raise MMDetectError(f"norm weight {key!r} has {gain.numel()} entries but d_model is {d}")
+    return gain
+
+
+def load_block(ckpt: Checkpoint, job: Job) -> Block:
+    spec = job.spec
+    if spec.gate_up is not None:
+        both = _read_canonical(ckpt, spec.gate_up, job)
+        half = both.shape[0] // 2
+        if spec.gate_up.split == "interleave":
+            w_gate, w_in = both[0::2], both[1::2]
+        else:
+            w_gate, w_in = both[:half], both[half:]
+    else:
+        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job)
+        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
+    w_out = _read_canonical(ckpt, spec.out, job)
+    if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
+        where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
+        raise MMDetectError(f"{where}: input {list(w_in.shape)} and output {list(w_out.shape)} weights disagree "
+                            f"after orientation; the registry layout for {ckpt.model_type!r} does not fit this file")
+    d = w_in.shape[1]
+    return Block(job, w_in, w_out, w_gate, _gain(ckpt, spec.pre_norm, job.layer, d),
+                 _gain(ckpt, spec.post_norm, job.layer, d))
+
+
+def _n_experts(ckpt: Checkpoint) -> int:
+    for cfg in (ckpt.config, ckpt.config.get("ffn_config") or {}):
+        for key in EXPERT_COUNT_KEYS:
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+    raise MMDetectError(f"cannot tell how many experts {ckpt.ref} has: config.json names none of "
+                        f"{', '.join(EXPERT_COUNT_KEYS)}")
+
+
+def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[Job]:
+    jobs: list[Job] = []
+    for layer, entries in located.items():
+        if layers is not None and layer not in layers:
+            continue
+        for spec, experts in entries:
+            if spec.experts == "indexed":
+                jobs += [Job(layer, spec, e) for e in experts]
+            elif spec.experts == "fused":
+                count = ckpt.tensors[_key(spec.out.key, layer, None)].shape[0]
+                jobs += [Job(layer, spec, e) for e in range(count)]
+            elif spec.experts == "stacked":
+                count = _n_experts(ckpt)
+                jobs += [Job(layer, spec, e, count) for e in range(count)]
+            else:
+                jobs.append(Job(layer, spec, None))
+    return jobs
+
+
+def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
+    """Yield each job's block, reading the next one on a background thread while the caller computes."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdetect-read") as pool:
+        pending = pool.submit(load_block, ckpt, jobs[0])
+        for nxt in jobs[1:] + [None]:
+            block = pending.result()
+            pending = pool.submit(load_block, ckpt, nxt) if nxt is not None else None
+            yield block
+
+
+# -- the scan -------------------------------------------------------------------------------------------------------
+
+def parse_layers(text: str | None) -> set[int] | None:
+    """'0-5,10' -> {0, 1, 2, 3, 4, 5, 10}; None or '' -> None (all layers)."""
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise MMDetectError(f"--layers {text!r} is not a list of layers: use e.g. 0-5,10")
+        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return out
+
+
+def pick_device(device: str | None) -> str:
+    device = (device or "cpu").lower()
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            return device
+        warn(f"--device {device} requested but CUDA is not available; computing on the CPU (same results)")
+        return "cpu"
+    if device == "mps":
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return device
+        warn("--device mps requested but MPS is not available; computing on the CPU (same results)")
+        return "cpu"
+    if device != "cpu":
+        raise MMDetectError(f"--device {device!r} is not one of cpu, cuda, cuda:N, mps")
+    return device
+
+
+def _block_rows(block: Block, stats: NeuronStats, threshold: float) -> dict[str, np.ndarray]:
+    n, d = block.w_in.shape
+    cos = stats.cos.numpy().astype(np.float64)
+    gated = block.w_gate is not None
+    gate_out = stats.cos_gate_out.numpy().astype(np.float64)
+    gate_in = stats.cos_gate_in.numpy().astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        flagged = np.isfinite(cos) & (cos <= threshold)
+    return {
+        "layer": np.full(n, block.job.layer, dtype=np.int64),
+        "expert": np.full(n, block.expert_label, dtype=object),
+        "neuron": np.arange(n, dtype=np.int64),
+        "cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in, "flagged": flagged,
+        "class": classify(cos, gate_out if gated else None, gate_in if gated else None),
+        "z": null_z(cos, d), "p": null_p(cos, d),
+        "norm_in": stats.norm_in.numpy().astype(np.float64), "norm_out": stats.norm_out.numpy().astype(np.float64),
+        "norm_gate": stats.norm_gate.numpy().astype(np.float64),
+    }
+
+
+def layer_summary(df: "Any", mismatched: dict[int, list[np.ndarray]], d_model: dict[int, int],
+                  threshold: float) -> list[dict[str, Any]]:
+    """Per layer: counts, flagged share, min and quantiles of cos, the Beta null band and the empirical null band."""
+    out = []
+    for layer, group in df.groupby("layer", sort=True):
+        cos = group["cos"].to_numpy(dtype=np.float64)
+        finite = cos[np.isfinite(cos)]
+        d = d_model[int(layer)]
+        lo, hi = null_band(d)
+        mm = np.concatenate(mismatched.get(int(layer), [np.array([])]))
+        mm = mm[np.isfinite(mm)]
+        q = np.quantile(finite, [0.01, 0.05, 0.25, 0.5]) if finite.size else [np.nan] * 4
+        out.append({
+            "layer": int(layer), "d_model": d, "n_neurons": int(len(cos)), "n_dead": int(len(cos) - finite.size),
+            "n_flagged": int(group["flagged"].sum()),
+            "share_flagged": float(group["flagged"].sum() / max(1, len(cos))),
+            "min": float(finite.min()) if finite.size else float("nan"),
+            "q01": float(q[0]), "q05": float(q[1]), "q25": float(q[2]), "median": float(q[3]),
+            "null_lo": lo, "null_hi": hi,
+            "emp_null_lo": float(np.quantile(mm, 0.025)) if mm.size else float("nan"),
+            "emp_null_hi": float(np.quantile(mm, 0.975)) if mm.size else float("nan"),
+        })
+    return out
+
+
+def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False, layers: Any = None,
+                    device: str = "cpu", progress: bool | None = None,
+                    on_block: Callable[[Block], None] | None = None) -> "Any":
+    """Scan an open checkpoint; see ``scan``."""
+    import pandas as pd
+
+    if not -1.0 <= threshold <= 1.0:
+        raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
+    wanted = parse_layers(layers) if isinstance(layers, str) or layers is None else set(map(int, layers))
+    family = resolve_family(ckpt)
+    specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
+    if not located:
+        raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
+                            f"{ckpt.ref}: the checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
+    if wanted is not None and not wanted & set(located):
+        raise MMDetectError(f"--layers selects none of this model's layers (0-{max(located)})")
+    dev = pick_device(device)
+    jobs = plan_jobs(ckpt, located, wanted)
+    parts: list[dict[str, np.ndarray]] = []
+    mismatched: dict[int, list[np.ndarray]] = {}
+    d_model: dict[int, int] = {}
+    with _progress(progress, len(jobs), ckpt.ref) as advance:
+        for block in iter_blocks(ckpt, jobs):
+            stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, pre_gain=block.pre_gain,
+                                pre_centre=bool(block.job.spec.pre_norm and block.job.spec.pre_norm.centres),
+                                post_gain=block.post_gain, post_centre=block.job.spec.centre_writes, raw=raw,
+                                device=dev)
+            parts.append(_block_rows(block, stats, threshold))
+            mismatched.setdefault(block.job.layer, []).append(stats.mismatched.numpy())
+            d_model[block.job.layer] = int(block.w_in.shape[1])
+            if on_block is not None:
+                on_block(block)
+            del block
+            advance(1)
+    df = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    df = df.sort_values(["cos", "layer", "neuron"], ascending=True, na_position="last", kind="stable")
+    df = df.reset_index(drop=True)
+    ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
+    ranks[df["cos"].isna().to_numpy()] = pd.NA
+    df.insert(0, "rank", ranks)
+    df = df[COLUMNS]
+    df.attrs["provenance"] = {
+        "tool": "mmdetect", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
+        "format": ckpt.format, "model_type": ckpt.model_type, "family": family.family,
+        "heuristic": family.heuristic, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
+        "convention": "raw" if raw else "folded", "threshold": threshold,
+        "layers": layers if isinstance(layers, str) or layers is None else sorted(wanted or []),
+        "device": dev, "torch": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    df.attrs["layers"] = layer_summary(df, mismatched, d_model, threshold)
+    return df
+
+
+def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, raw: bool = False,
+         layers: Any = None, device: str = "cpu", progress: bool | None = False) -> "Any":
+    """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
+
+    model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
+    threshold: a neuron is flagged when cos <= threshold. raw: plain cos(w_in, w_out) of the stored weights instead of
+    the folded convention. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
+    Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
+    the per-layer summary (counts, quantiles, null bands).
+    """
+    with open_checkpoint(model, revision=revision) as ckpt:
+        return scan_checkpoint(ckpt, threshold=threshold, raw=raw, layers=layers, device=device, progress=progress)
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal (or when forced); otherwise silent."""
+
+    def __init__(self, enabled: bool | None, total: int, label: str) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total, self.label, self.bar = total, label, None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(f"scanning {self.label}", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
