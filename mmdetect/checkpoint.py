@@ -97,10 +97,31 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> "torch.Tensor":
+    def _byte_range(self, info: TensorInfo, start: int | None, stop: int | None) -> tuple[int, int, list[int]]:
+        shape = list(info.shape)
+        begin, end = info.start, info.end
+        if start is not None and shape:
+            row_bytes = (end - begin) // max(1, shape[0])
+            r0, r1, _ = slice(start, stop).indices(shape[0])
+            begin, end = begin + r0 * row_bytes, begin + r1 * row_bytes
+            shape[0] = r1 - r0
+        return begin, end, shape
+
+    def nbytes(self, key: str, start: int | None = None, stop: int | None = None) -> int:
+        """Bytes ``read`` can place in a caller's buffer for this tensor (0 where it allocates its own)."""
+        info = self.tensors[key]
+        if self.format != "safetensors" or info.dtype not in SAFETENSORS_DTYPES or info.dtype.startswith("F8"):
+            return 0
+        begin, end, _ = self._byte_range(info, start, stop)
+        return end - begin
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None,
+             into: memoryview | None = None) -> "torch.Tensor":
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
-        Only those bytes are read. FP8 weights with scales and GGUF tensors come back dequantised to float32.
+        Only those bytes are read. ``into`` (``nbytes(key, start, stop)`` bytes) receives them instead of a fresh
+        allocation, so a caller can reuse one buffer across tensors and skip the page faults of new memory.
+        FP8 weights with scales and GGUF tensors come back dequantised to float32 (``into`` is then unused).
         """
         import torch
 
@@ -117,17 +138,13 @@ class Checkpoint:
         if info.dtype not in SAFETENSORS_DTYPES:
             raise MMDetectError(f"tensor {key!r} has dtype {info.dtype}, which mmdetect cannot read")
         name, _ = SAFETENSORS_DTYPES[info.dtype]
-        shape = list(info.shape)
-        begin, end = info.start, info.end
-        if start is not None and shape:
-            row_bytes = (end - begin) // max(1, shape[0])
-            r0, r1, _ = rows.indices(shape[0])
-            begin, end = begin + r0 * row_bytes, begin + r1 * row_bytes
-            shape[0] = r1 - r0
+        begin, end, shape = self._byte_range(info, start, stop)
         dtype = getattr(torch, name)
         if end <= begin:
             return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - begin)
+        buf = into if into is not None else bytearray(end - begin)
+        if len(buf) != end - begin:
+            raise ValueError(f"buffer of {len(buf)} bytes for {end - begin} bytes of {key!r}")
         if os.preadv(self._fd(info.file), [buf], begin) != len(buf):
             raise MMDetectError(f"{Path(info.file).name} is truncated: tensor {key!r} ends past the end of the file;"
                                 f" download the checkpoint again")
@@ -185,7 +202,10 @@ class Checkpoint:
         if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                                       GGMLQuantizationType.F64):
             data = dequantize(data, tensor.tensor_type)
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        out = np.ascontiguousarray(data, dtype=np.float32)
+        if not out.flags.writeable:  # an F32 tensor is a read-only view of the mapped file: torch warns on those
+            out = out.copy()
+        return torch.from_numpy(out)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -50,61 +50,89 @@ def fold(w: torch.Tensor, gain: torch.Tensor | None, centre: bool) -> torch.Tens
     return out
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine of [n, d] a and b given their row norms; NaN where either row is zero or not finite."""
-    cos = (a * b).sum(dim=1) / (na * nb)
-    bad = (na == 0) | (nb == 0) | ~torch.isfinite(na) | ~torch.isfinite(nb)
+def _fill(slot: torch.Tensor, w: torch.Tensor, gain: torch.Tensor | None, centre: bool) -> None:
+    """slot[m, d] (float32, a view into the work buffer) <- fold(w[m, d]) without intermediate copies.
+
+    A row-major chunk converts and scales in one pass. A column-major chunk (an ``out`` weight stored [d, n], seen
+    through a transposed view) is first converted as the [d, m] block it is on disk, whose rows are contiguous, and
+    then transposed in cache: about 2x faster than converting the strided view directly.
+    """
+    if w.stride(-1) != 1 and w.stride(0) == 1:
+        slot.copy_(w.t().to(slot.device, torch.float32).t())
+        if gain is not None:
+            slot.mul_(gain)
+    elif gain is not None:
+        torch.mul(w.to(slot.device), gain, out=slot)
+    else:
+        slot.copy_(w)
+    if centre:
+        slot.sub_(slot.mean(dim=1, keepdim=True))
+
+
+def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
+    """Cosine from a dot product and squared norms; NaN where either vector is zero or not finite."""
+    cos = dot / torch.sqrt(sq_a * sq_b)
+    bad = (sq_a == 0) | (sq_b == 0) | ~torch.isfinite(sq_a) | ~torch.isfinite(sq_b)
     return torch.where(bad, torch.full_like(cos, float("nan")), cos.clamp(-1.0, 1.0))
 
 
 def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None = None, *,
                 pre_gain: torch.Tensor | None = None, pre_centre: bool = False,
                 post_gain: torch.Tensor | None = None, post_centre: bool = False,
-                raw: bool = False, device: str | torch.device = "cpu", chunk: int = CHUNK) -> NeuronStats:
+                raw: bool = False, device: str | torch.device = "cpu", chunk: int | None = None) -> NeuronStats:
     """Cosines between what each neuron reads and what it writes.
 
     w_in, w_out, w_gate: [n, d] (views are fine). pre_gain/post_gain: [d] effective gains (already 1 + w for
     Gemma-style norms) or None. pre_centre: the pre-MLP norm is a LayerNorm. post_centre: centre write vectors.
+
+    Per slab of rows the folded vectors are written into one buffer ``[m, k, d]`` (k = 2, or 3 with a gate: up,
+    out, gate) and a single batched matmul gives each neuron's k x k Gram matrix: all squared norms and pairwise dot
+    products in one BLAS call, instead of a pass per statistic.
     """
     n, d = w_in.shape
     if w_out.shape != (n, d) or (w_gate is not None and w_gate.shape != (n, d)):
         raise ValueError(f"shape mismatch: in {tuple(w_in.shape)}, out {tuple(w_out.shape)}, gate "
                          f"{None if w_gate is None else tuple(w_gate.shape)}")
     dev = torch.device(device)
+    chunk = chunk or (CHUNK if dev.type == "cpu" else 8192)
     if raw:
         pre_gain = post_gain = None
         pre_centre = post_centre = False
     g_pre = None if pre_gain is None else pre_gain.to(dev, torch.float32)
     g_post = None if post_gain is None else post_gain.to(dev, torch.float32)
-    nan = torch.full((n,), float("nan"))
-    res = {k: torch.empty(n) for k in ("cos", "norm_in", "norm_out", "mismatched")}
-    gres = {k: nan.clone() for k in ("cos_gate_out", "cos_gate_in", "norm_gate")}
+    k = 3 if w_gate is not None else 2
+    buf = torch.empty(min(chunk, n), k, d, device=dev)
+    gram = torch.empty(n, k, k, device=dev)
+    mismatched = torch.full((n,), float("nan"), device=dev)
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
-        r = fold(w_in[j0:j1].to(dev), g_pre, pre_centre)
-        o = fold(w_out[j0:j1].to(dev), g_post, post_centre)
-        nr, no = r.norm(dim=1), o.norm(dim=1)
-        res["cos"][j0:j1] = _cos(r, o, nr, no).cpu()
-        res["norm_in"][j0:j1] = nr.cpu()
-        res["norm_out"][j0:j1] = no.cpu()
-        # Empirical null: pair each read vector with the next neuron's write vector (a cyclic shift in the slab).
-        res["mismatched"][j0:j1] = _cos(r, o.roll(1, 0), nr, no.roll(1, 0)).cpu() if j1 - j0 > 1 else float("nan")
+        b = buf[: j1 - j0]
+        _fill(b[:, 0], w_in[j0:j1], g_pre, pre_centre)
+        _fill(b[:, 1], w_out[j0:j1], g_post, post_centre)
         if w_gate is not None:
-            g = fold(w_gate[j0:j1].to(dev), g_pre, pre_centre)
-            ng = g.norm(dim=1)
-            gate_in = _cos(g, r, ng, nr)
-            gate_out = _cos(g, o, ng, no)
-            if not raw:
-                # Flipping up_j and out_j together leaves the MLP unchanged; choose the sign with cos(gate, up) >= 0.
-                # cos(up, out) is invariant under the joint flip; cos(gate, out) changes sign with it.
-                sign = torch.where(gate_in < 0, -1.0, 1.0)
-                gate_in, gate_out = gate_in * sign, gate_out * sign
-            gres["cos_gate_in"][j0:j1] = gate_in.cpu()
-            gres["cos_gate_out"][j0:j1] = gate_out.cpu()
-            gres["norm_gate"][j0:j1] = ng.cpu()
-    return NeuronStats(cos=res["cos"], cos_gate_out=gres["cos_gate_out"], cos_gate_in=gres["cos_gate_in"],
-                       norm_in=res["norm_in"], norm_out=res["norm_out"], norm_gate=gres["norm_gate"],
-                       mismatched=res["mismatched"])
+            _fill(b[:, 2], w_gate[j0:j1], g_pre, pre_centre)
+        torch.bmm(b, b.transpose(1, 2), out=gram[j0:j1])
+        if j1 - j0 > 1:
+            # Empirical null: each read vector against the next neuron's write vector (Gerstner's mismatched pairs).
+            dots = torch.bmm(b[:-1, 0:1], b[1:, 1:2].transpose(1, 2)).reshape(-1)
+            sq_r, sq_o = gram[j0:j1 - 1, 0, 0], gram[j0 + 1:j1, 1, 1]
+            mismatched[j0:j1 - 1] = _cos(dots, sq_r, sq_o)
+    sq_in, sq_out = gram[:, 0, 0], gram[:, 1, 1]
+    cos = _cos(gram[:, 0, 1], sq_in, sq_out)
+    nan = torch.full((n,), float("nan"), device=dev)
+    gate_in = gate_out = sq_gate = nan
+    if w_gate is not None:
+        sq_gate = gram[:, 2, 2]
+        gate_in = _cos(gram[:, 2, 0], sq_gate, sq_in)
+        gate_out = _cos(gram[:, 2, 1], sq_gate, sq_out)
+        if not raw:
+            # Flipping up_j and out_j together leaves the MLP unchanged; choose the sign with cos(gate, up) >= 0.
+            # cos(up, out) is invariant under the joint flip; cos(gate, out) changes sign with it.
+            sign = torch.where(gate_in < 0, -1.0, 1.0)
+            gate_in, gate_out = gate_in * sign, gate_out * sign
+    return NeuronStats(cos=cos.cpu(), cos_gate_out=gate_out.cpu(), cos_gate_in=gate_in.cpu(),
+                       norm_in=sq_in.sqrt().cpu(), norm_out=sq_out.sqrt().cpu(), norm_gate=sq_gate.sqrt().cpu(),
+                       mismatched=mismatched.cpu())
 
 
 # -- the random baseline -----------------------------------------------------------------------------------------
@@ -163,7 +191,9 @@ def classify(cos: np.ndarray, cos_gate_out: np.ndarray | None = None,
         gout = _round(np.nan_to_num(np.asarray(cos_gate_out, dtype=np.float64)))
         gin = _round(np.nan_to_num(np.asarray(cos_gate_in, dtype=np.float64)))
         typical = ((gin == lin * gout) | ((lin == 0) & (gout == 0))).astype(int)
-        out = np.array([GATED_CLASSES[(int(a), int(abs(b)), int(t))] for a, b, t in zip(lin, gout, typical)],
-                       dtype=object)
+        # Encode each (a(linout), |a(gateout)|, typical) triple as one integer and look the names up in one go.
+        table = np.array([GATED_CLASSES.get((a, b, t), "") for a in (-1, 0, 1) for b in (0, 1) for t in (0, 1)],
+                         dtype=object)
+        out = table[(lin + 1) * 4 + np.abs(gout) * 2 + typical]
     out[dead] = ""
     return out

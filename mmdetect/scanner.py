@@ -147,8 +147,31 @@ def _key(template: str, layer: int, expert: int | None) -> str:
     return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
 
 
-def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
-    """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
+class Arena:
+    """One reusable byte buffer that a block's tensors are read into (new memory costs a page fault per 4 KiB).
+
+    Tensors handed out are views into it, valid until the arena is reset for another block.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.offset = 0
+
+    def reset(self, nbytes: int) -> None:
+        if len(self.buf) < nbytes:
+            self.buf = bytearray(nbytes)  # the old buffer lives on while views of it do
+        self.offset = 0
+
+    def take(self, nbytes: int) -> memoryview | None:
+        if nbytes == 0:
+            return None
+        view = memoryview(self.buf)[self.offset:self.offset + nbytes]
+        self.offset += (nbytes + 63) // 64 * 64
+        return view
+
+
+def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
+    """The on-disk key and the rows of its first axis that hold this job's neurons."""
     key = _key(ts.key, job.layer, job.expert)
     if key not in ckpt:
         raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does not "
@@ -157,13 +180,33 @@ def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
     if job.spec.experts == "fused":
         if len(shape) != 3:
             raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects fused 3-D experts")
-        t = ckpt.read(key, job.expert, job.expert + 1)[0]
-        return t if ts.axis == 1 else t.transpose(0, 1)
+        return key, job.expert, job.expert + 1
     if job.spec.experts == "stacked":
         rows = shape[0] // job.n_experts
-        t = ckpt.read(key, job.expert * rows, (job.expert + 1) * rows)
+        return key, job.expert * rows, (job.expert + 1) * rows
+    return key, None, None
+
+
+def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
+    """Bytes of this block's weights that can be read into an Arena (64-byte aligned)."""
+    total = 0
+    for ts in job.spec.tensors().values():
+        total += (ckpt.nbytes(*_tensor_rows(ckpt, ts, job)) + 63) // 64 * 64
+    return total
+
+
+def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job, arena: Arena | None = None) -> torch.Tensor:
+    """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
+    key, start, stop = _tensor_rows(ckpt, ts, job)
+    shape = ckpt.tensors[key].shape
+    into = arena.take(ckpt.nbytes(key, start, stop)) if arena is not None else None
+    if job.spec.experts == "fused":
+        t = ckpt.read(key, start, stop, into=into)[0]
+        return t if ts.axis == 1 else t.transpose(0, 1)
+    if job.spec.experts == "stacked":
+        t = ckpt.read(key, start, stop, into=into)
         return t if ts.axis == 0 else t.transpose(0, 1)
-    t = ckpt.read(key)
+    t = ckpt.read(key, into=into)
     if t.dim() != 2:
         raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects a 2-D weight")
     return t if ts.axis == 0 else t.transpose(0, 1)
@@ -182,19 +225,22 @@ def _gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.
     return gain
 
 
-def load_block(ckpt: Checkpoint, job: Job) -> Block:
+def load_block(ckpt: Checkpoint, job: Job, arena: Arena | None = None) -> Block:
+    """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains."""
     spec = job.spec
+    if arena is not None:
+        arena.reset(block_nbytes(ckpt, job))
     if spec.gate_up is not None:
-        both = _read_canonical(ckpt, spec.gate_up, job)
+        both = _read_canonical(ckpt, spec.gate_up, job, arena)
         half = both.shape[0] // 2
         if spec.gate_up.split == "interleave":
             w_gate, w_in = both[0::2], both[1::2]
         else:
             w_gate, w_in = both[:half], both[half:]
     else:
-        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job)
-        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
-    w_out = _read_canonical(ckpt, spec.out, job)
+        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job, arena)
+        w_gate = _read_canonical(ckpt, spec.gate, job, arena) if spec.gate is not None else None
+    w_out = _read_canonical(ckpt, spec.out, job, arena)
     if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
         where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
         raise MMDetectError(f"{where}: input {list(w_in.shape)} and output {list(w_out.shape)} weights disagree "
@@ -232,16 +278,32 @@ def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[
     return jobs
 
 
+READ_AHEAD_BYTES = 640 << 20  # read the next block during compute while both fit in this much memory
+
+
 def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
-    """Yield each job's block, reading the next one on a background thread while the caller computes."""
+    """Yield each job's block, reading the next one on a background thread while the caller computes.
+
+    Two arenas alternate, so steady state allocates nothing. A yielded block is valid until the next one is
+    requested. When two blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized MLPs) the read is not overlapped,
+    which keeps peak memory at about one block whatever the model size.
+    """
     if not jobs:
         return
+    arenas = (Arena(), Arena())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdetect-read") as pool:
-        pending = pool.submit(load_block, ckpt, jobs[0])
-        for nxt in jobs[1:] + [None]:
+        pending = pool.submit(load_block, ckpt, jobs[0], arenas[0])
+        for k, job in enumerate(jobs):
             block = pending.result()
-            pending = pool.submit(load_block, ckpt, nxt) if nxt is not None else None
+            nxt = jobs[k + 1] if k + 1 < len(jobs) else None
+            ahead = nxt is not None and \
+                block_nbytes(ckpt, job) + block_nbytes(ckpt, nxt) <= READ_AHEAD_BYTES
+            if ahead:
+                pending = pool.submit(load_block, ckpt, nxt, arenas[(k + 1) % 2])
             yield block
+            del block
+            if nxt is not None and not ahead:
+                pending = pool.submit(load_block, ckpt, nxt, arenas[(k + 1) % 2])
 
 
 # -- the scan -------------------------------------------------------------------------------------------------------
@@ -277,24 +339,45 @@ def pick_device(device: str | None) -> str:
     return device
 
 
-def _block_rows(block: Block, stats: NeuronStats, threshold: float) -> dict[str, np.ndarray]:
+def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
     n, d = block.w_in.shape
-    cos = stats.cos.numpy().astype(np.float64)
-    gated = block.w_gate is not None
-    gate_out = stats.cos_gate_out.numpy().astype(np.float64)
-    gate_in = stats.cos_gate_in.numpy().astype(np.float64)
-    with np.errstate(invalid="ignore"):
-        flagged = np.isfinite(cos) & (cos <= threshold)
     return {
         "layer": np.full(n, block.job.layer, dtype=np.int64),
         "expert": np.full(n, block.expert_label, dtype=object),
         "neuron": np.arange(n, dtype=np.int64),
-        "cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in, "flagged": flagged,
-        "class": classify(cos, gate_out if gated else None, gate_in if gated else None),
-        "z": null_z(cos, d), "p": null_p(cos, d),
+        "cos": stats.cos.numpy().astype(np.float64),
+        "cos_gate_out": stats.cos_gate_out.numpy().astype(np.float64),
+        "cos_gate_in": stats.cos_gate_in.numpy().astype(np.float64),
         "norm_in": stats.norm_in.numpy().astype(np.float64), "norm_out": stats.norm_out.numpy().astype(np.float64),
         "norm_gate": stats.norm_gate.numpy().astype(np.float64),
+        "_gated": np.full(n, block.w_gate is not None), "_d": np.full(n, d, dtype=np.int64),
     }
+
+
+def _finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    """Flag, classify and add the null z and p for all rows at once (vectorised, after the last block)."""
+    cos, gated, dims = rows.pop("cos"), rows.pop("_gated"), rows.pop("_d")
+    with np.errstate(invalid="ignore"):
+        rows["flagged"] = np.isfinite(cos) & (cos <= threshold)
+    cls = classify(cos)
+    if gated.any():
+        cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
+    z, p = np.empty_like(cos), np.empty_like(cos)
+    for d in np.unique(dims):
+        sel = dims == d
+        z[sel], p[sel] = null_z(cos[sel], int(d)), null_p(cos[sel], int(d))
+    return {**rows, "cos": cos, "class": cls, "z": z, "p": p}
+
+
+def _warm_imports() -> None:
+    """Import pandas and scipy.special on a background thread while the first blocks are read and computed."""
+    import threading
+
+    def target() -> None:
+        import pandas  # noqa: F401
+        import scipy.special  # noqa: F401
+
+    threading.Thread(target=target, name="mmdetect-imports", daemon=True).start()
 
 
 def layer_summary(df: "Any", mismatched: dict[int, list[np.ndarray]], d_model: dict[int, int],
@@ -326,8 +409,6 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
                     device: str = "cpu", progress: bool | None = None,
                     on_block: Callable[[Block], None] | None = None) -> "Any":
     """Scan an open checkpoint; see ``scan``."""
-    import pandas as pd
-
     if not -1.0 <= threshold <= 1.0:
         raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
     wanted = parse_layers(layers) if isinstance(layers, str) or layers is None else set(map(int, layers))
@@ -340,6 +421,7 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
         raise MMDetectError(f"--layers selects none of this model's layers (0-{max(located)})")
     dev = pick_device(device)
     jobs = plan_jobs(ckpt, located, wanted)
+    _warm_imports()
     parts: list[dict[str, np.ndarray]] = []
     mismatched: dict[int, list[np.ndarray]] = {}
     d_model: dict[int, int] = {}
@@ -349,14 +431,16 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
                                 pre_centre=bool(block.job.spec.pre_norm and block.job.spec.pre_norm.centres),
                                 post_gain=block.post_gain, post_centre=block.job.spec.centre_writes, raw=raw,
                                 device=dev)
-            parts.append(_block_rows(block, stats, threshold))
+            parts.append(_block_rows(block, stats))
             mismatched.setdefault(block.job.layer, []).append(stats.mismatched.numpy())
             d_model[block.job.layer] = int(block.w_in.shape[1])
             if on_block is not None:
                 on_block(block)
             del block
             advance(1)
-    df = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    import pandas as pd
+
+    df = pd.DataFrame(_finish_rows({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, threshold))
     df = df.sort_values(["cos", "layer", "neuron"], ascending=True, na_position="last", kind="stable")
     df = df.reset_index(drop=True)
     ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
