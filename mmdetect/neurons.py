@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+NULL_PAIRS = 1024  # mismatched (read_i, write_i+1) pairs per MLP for the empirical null
 CHUNK = 256  # rows per slab: ~7x faster than whole-matrix strided conversion on a 2-core CPU, see bench/
 
 
@@ -28,7 +29,8 @@ CHUNK = 256  # rows per slab: ~7x faster than whole-matrix strided conversion on
 class NeuronStats:
     """Per-neuron results, float32 tensors of shape [n]. cos_gate_* and norm_gate are NaN for non-gated MLPs.
 
-    ``mismatched`` holds cos(r_i, o_k) for a different neuron k of the same MLP (Gerstner's empirical null).
+    ``mismatched`` holds cos(r_i, o_i+1) for the first NULL_PAIRS neurons (Gerstner's empirical null from
+    mismatched pairs of the same MLP), NaN elsewhere.
     """
 
     cos: torch.Tensor
@@ -50,15 +52,19 @@ def fold(w: torch.Tensor, gain: torch.Tensor | None, centre: bool) -> torch.Tens
     return out
 
 
+TILE = 64  # columns of d per transposing copy: a [m, 64] tile of a column-major chunk stays in L1/L2
+
+
 def _fill(slot: torch.Tensor, w: torch.Tensor, gain: torch.Tensor | None, centre: bool) -> None:
     """slot[m, d] (float32, a view into the work buffer) <- fold(w[m, d]) without intermediate copies.
 
     A row-major chunk converts and scales in one pass. A column-major chunk (an ``out`` weight stored [d, n], seen
-    through a transposed view) is first converted as the [d, m] block it is on disk, whose rows are contiguous, and
-    then transposed in cache: about 2x faster than converting the strided view directly.
+    through a transposed view) is converted and transposed in [m, TILE] tiles, which keeps both sides of the copy in
+    cache: about 3x faster than one strided copy of the whole chunk.
     """
-    if w.stride(-1) != 1 and w.stride(0) == 1:
-        slot.copy_(w.t().to(slot.device, torch.float32).t())
+    if w.stride(-1) != 1 and w.stride(0) == 1 and w.device == slot.device:
+        for k0 in range(0, w.shape[1], TILE):
+            slot[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
         if gain is not None:
             slot.mul_(gain)
     elif gain is not None:
@@ -112,8 +118,9 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
         if w_gate is not None:
             _fill(b[:, 2], w_gate[j0:j1], g_pre, pre_centre)
         torch.bmm(b, b.transpose(1, 2), out=gram[j0:j1])
-        if j1 - j0 > 1:
-            # Empirical null: each read vector against the next neuron's write vector (Gerstner's mismatched pairs).
+        if j1 - j0 > 1 and j0 < NULL_PAIRS:
+            # Empirical null: each read vector against the next neuron's write vector (Gerstner's mismatched pairs),
+            # for the first NULL_PAIRS neurons of the MLP: plenty for a 95% band, and a tenth of a slab's cost.
             dots = torch.bmm(b[:-1, 0:1], b[1:, 1:2].transpose(1, 2)).reshape(-1)
             sq_r, sq_o = gram[j0:j1 - 1, 0, 0], gram[j0 + 1:j1, 1, 1]
             mismatched[j0:j1 - 1] = _cos(dots, sq_r, sq_o)
