@@ -223,8 +223,9 @@ class Checkpoint:
 
 # -- resolving a model reference ---------------------------------------------------------------------------------
 
-def open_checkpoint(ref: str, revision: str | None = None) -> Checkpoint:
+def open_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> Checkpoint:
     """Resolve ``ref`` (folder, .gguf file, or hub id) and index its tensors. Raises MMDetectError on bad input."""
+    ref = os.fspath(ref)  # a Path from the Python API: provenance records the reference as text
     path = Path(ref).expanduser()
     if path.suffix.lower() == ".gguf" or (path.is_file() and _is_gguf(path)):
         if not path.exists():

@@ -11,6 +11,11 @@ from mmdetect.errors import MMDetectError
 from mmdetect.options import debug_option, model_options, output_options, resolve_output
 
 
+def _example(*lines: str) -> str:
+    """A help epilog: click prints it after the options and commands, so every help ends with its examples."""
+    return "\b\nExample:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 class Group(click.Group):
     """Turns user errors into one line on stderr and exit code 2; tracebacks only with --debug."""
 
@@ -35,20 +40,17 @@ class Group(click.Group):
             ctx.exit(1)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             epilog=_example("mmdetect scan ./my-checkpoint", "mmdetect scan gpt2 --format csv -o gpt2.csv"))
 @click.version_option(__version__, prog_name="mmdetect")
 @debug_option
 def main() -> None:
-    """Find memory-management neurons: MLP neurons whose input and output weights point in opposite directions.
-
-    \b
-    Example:
-      mmdetect scan ./my-checkpoint
-      mmdetect scan gpt2 --format csv -o gpt2.csv
-    """
+    """Find memory-management neurons: MLP neurons whose input and output weights point in opposite directions."""
 
 
-@main.command()
+@main.command(epilog=_example("mmdetect scan ./TinyLlama --top 30",
+                              "mmdetect scan gpt2 --layers 0-5 --format csv -o gpt2.csv",
+                              "mmdetect scan model.gguf --raw --format parquet -o raw.parquet"))
 @click.argument("model")
 @model_options
 @output_options
@@ -59,12 +61,6 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
     """Scan every MLP neuron of MODEL and rank them by cos(read, write).
 
     MODEL is a local checkpoint folder, a hub id (cached files are used, HF_HUB_OFFLINE=1 works) or a .gguf file.
-
-    \b
-    Example:
-      mmdetect scan ./TinyLlama --top 30
-      mmdetect scan gpt2 --layers 0-5 --format csv -o gpt2.csv
-      mmdetect scan model.gguf --raw --format parquet -o raw.parquet
     """
     from mmdetect import report
     from mmdetect.scanner import parse_layers, scan as run_scan
@@ -89,18 +85,12 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
         click.echo(f"wrote {len(rows):,} rows to {output}", err=True)
 
 
-@main.command()
+@main.command(epilog=_example("mmdetect archs", "mmdetect archs --gguf --format csv"))
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--gguf", is_flag=True, help="List GGUF architectures instead of Hugging Face model types.")
 @debug_option
 def archs(fmt: str, gguf: bool) -> None:
-    """List the model types the registry supports, with their MLP layout.
-
-    \b
-    Example:
-      mmdetect archs
-      mmdetect archs --gguf --format csv
-    """
+    """List the model types the registry supports, with their MLP layout."""
     from mmdetect.architectures import load_registry
 
     registry = load_registry()

