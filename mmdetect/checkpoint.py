@@ -65,7 +65,8 @@ class Checkpoint:
     revision: str | None = None
     files: list[Path] = field(default_factory=list)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
-    _gguf: Any = field(default=None, repr=False)
+    _gguf: Any = field(default=None, repr=False)      # name -> (GGMLQuantizationType, offset, nbytes)
+    _gguf_map: Any = field(default=None, repr=False)  # numpy memmap of the whole .gguf file
     _bin: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- metadata -------------------------------------------------------------------------------------------------
@@ -194,25 +195,27 @@ class Checkpoint:
     def _read_gguf(self, key: str, rows: slice) -> "torch.Tensor":
         import numpy as np
         import torch
-        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        tensor = self._gguf[key]
-        data = tensor.data[rows]  # a view of the memory-mapped file; quant blocks run along the last axis
-        if tensor.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16,
-                                      GGMLQuantizationType.F64):
-            data = dequantize(data, tensor.tensor_type)
-        out = np.ascontiguousarray(data, dtype=np.float32)
-        if not out.flags.writeable:  # an F32 tensor is a read-only view of the mapped file: torch warns on those
-            out = out.copy()
-        return torch.from_numpy(out)
+        qtype, offset, nbytes = self._gguf[key]
+        shape = self.tensors[key].shape
+        raw = self._gguf_map[offset:offset + nbytes]  # a view of the memory-mapped file
+        name = qtype.name
+        if name in GGUF_PLAIN:
+            data = raw.view(GGUF_PLAIN[name]).reshape(shape)[rows]
+            if name == "BF16":
+                return torch.from_numpy(data.copy()).view(torch.bfloat16).float()
+        else:  # quantised blocks run along the last axis: [..., bytes per row] -> [..., row]
+            row_bytes = nbytes // max(1, int(np.prod(shape[:-1], dtype=np.int64)))
+            data = dequantize(raw.reshape(*shape[:-1], row_bytes)[rows], qtype)
+        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         self._bin.clear()
-        self._gguf = None
+        self._gguf = self._gguf_map = None
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -369,14 +372,83 @@ def _check_tensor_names(tensors: dict[str, TensorInfo], ref: str) -> None:
                                 f"original fp16/bf16/fp32 release instead")
 
 
+GGUF_PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def _gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], int]], int]:
+    """Parse a GGUF header: (scalar metadata, {tensor: (ggml type, numpy-order shape, offset)}, data start).
+
+    gguf-py's GGUFReader also decodes every array field into numpy objects, which takes ~10 s for a 262k-token
+    vocabulary; here arrays are skipped (strings by their length prefixes), so opening a file takes milliseconds.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read(64 << 20)  # the header (vocabulary included) is far smaller than this in practice
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        value = struct.unpack_from(fmt, data, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        length = take("<Q")
+        text = data[pos:pos + length].decode("utf-8", errors="replace")
+        pos += length
+        return text
+
+    def skip_value(vtype: int) -> Any:
+        nonlocal pos
+        if vtype in GGUF_SCALARS:
+            return take(GGUF_SCALARS[vtype])
+        if vtype == GGUF_STRING:
+            return string()
+        if vtype == GGUF_ARRAY:
+            item, count = take("<I"), take("<Q")
+            if item in GGUF_SCALARS:
+                pos += count * struct.calcsize(GGUF_SCALARS[item])
+            else:
+                for _ in range(count):
+                    skip_value(item)
+            return None
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+    if data[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    pos = 4
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (big-endian or unsupported)")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    fields: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = string()
+        value = skip_value(take("<I"))
+        if value is not None:
+            fields[key] = value
+    tensors = {}
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        tensors[name] = (take("<I"), tuple(reversed(dims)), take("<Q"))
+        if pos > len(data):
+            raise ValueError("header runs past the end of the file")
+    align = int(fields.get("general.alignment", 32))
+    return fields, tensors, (pos + align - 1) // align * align
+
+
 def _open_gguf(ref: str, path: Path) -> Checkpoint:
-    from gguf import GGUFReader
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
+        fields, infos, start = _gguf_header(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise MMDetectError(f"{path.name} is not a readable GGUF file ({exc}): download it again") from exc
-    fields = {name: _gguf_field(f) for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
+    size = path.stat().st_size
     arch = str(fields.get("general.architecture", ""))
     config = {
         "model_type": arch,
@@ -385,18 +457,25 @@ def _open_gguf(ref: str, path: Path) -> Checkpoint:
         "intermediate_size": fields.get(f"{arch}.feed_forward_length"),
         "gguf_metadata": {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))},
     }
-    tensors = {t.name: TensorInfo(t.tensor_type.name, tuple(int(x) for x in t.data.shape), str(path))
-               for t in reader.tensors}
+    tensors: dict[str, TensorInfo] = {}
+    index: dict[str, tuple[Any, int, int]] = {}
+    for name, (type_id, shape, offset) in infos.items():
+        try:
+            qtype = GGMLQuantizationType(type_id)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise MMDetectError(f"{path.name}: tensor {name!r} has GGML type {type_id}, which the installed gguf "
+                                f"package cannot dequantise; upgrade it (pip install -U gguf)") from None
+        nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+        if start + offset + nbytes > size:
+            raise MMDetectError(f"{path.name} is truncated: tensor {name!r} ends past the end of the file; download "
+                                f"it again")
+        tensors[name] = TensorInfo(qtype.name, shape, str(path))
+        index[name] = (qtype, start + offset, nbytes)
     ckpt = Checkpoint(ref=ref, path=path, format="gguf", config=config, tensors=tensors, files=[path])
-    ckpt._gguf = {t.name: t for t in reader.tensors}  # the reader memory-maps the file; tensors are views
+    ckpt._gguf = index
+    ckpt._gguf_map = np.memmap(path, dtype=np.uint8, mode="r")
     return ckpt
-
-
-def _gguf_field(f: Any) -> Any:
-    try:
-        return f.contents()
-    except Exception:  # pragma: no cover - malformed or exotic fields are not needed for the scan
-        return None
 
 
 def _open_hub(repo_id: str, revision: str | None) -> Checkpoint:

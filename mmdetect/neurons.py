@@ -104,6 +104,9 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
     if raw:
         pre_gain = post_gain = None
         pre_centre = post_centre = False
+    if dev.type != "cpu":  # one transfer per weight in its stored dtype and layout, then slabs on the device
+        w_in, w_out = w_in.to(dev), w_out.to(dev)
+        w_gate = None if w_gate is None else w_gate.to(dev)
     g_pre = None if pre_gain is None else pre_gain.to(dev, torch.float32)
     g_post = None if post_gain is None else post_gain.to(dev, torch.float32)
     k = 3 if w_gate is not None else 2
