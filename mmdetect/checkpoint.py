@@ -446,7 +446,7 @@ def _open_gguf(ref: str, path: Path) -> Checkpoint:
 
     try:
         fields, infos, start = _gguf_header(path)
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+    except (ValueError, struct.error, UnicodeDecodeError, OverflowError, IndexError, MemoryError) as exc:
         raise MMDetectError(f"{path.name} is not a readable GGUF file ({exc}): download it again") from exc
     size = path.stat().st_size
     arch = str(fields.get("general.architecture", ""))

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import mmdetect
-from builders import Tiny, build_llama
+from builders import Tiny, build_llama, write_gguf
 from mmdetect import report
 from mmdetect.cli import main
 
@@ -163,6 +163,22 @@ def test_corrupt_gguf(tmp_path: Path, output: Callable[[], None]) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     scan_fails(str(path), "is not a readable GGUF file", output)
+
+
+def test_truncated_gguf(tmp_path: Path, output: Callable[[], None]) -> None:
+    path = write_gguf(tmp_path / "cut.gguf").path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    line = scan_fails(str(path), "cut.gguf is truncated", output)
+    assert "download it again" in line
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_garbage_after_the_gguf_magic(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + rng.integers(0, 256, 16 + seed * 40, dtype=np.uint8).tobytes())
+    assert_clean_error(run("scan", str(path)), "garbage.gguf")
 
 
 def test_missing_gguf(tmp_path: Path, output: Callable[[], None]) -> None:
