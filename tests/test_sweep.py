@@ -1,0 +1,682 @@
+"""`mmdetect sweep`, `merge` and `plot`: a zoo of tiny local checkpoints with one broken entry, swept whole and in
+shards, resumed, gated, and drawn.
+
+The zoo (built once per module with transformers config classes and ``save_pretrained``):
+
+* tiny-llama: Llama, hidden 64, 2 layers x 128 neurons; layer 1 neuron 7 is planted at folded cos = -1.
+* tiny-gpt2: GPT-2, n_embd 64, 2 layers x 256 neurons (Conv1D); layer 0 neuron 3 planted at cos = -1.
+* tiny-gpt2-raw: the same GPT-2 in the raw convention, threshold -0.3, layer 1 only (entry overrides).
+* stories260K: a real trained Llama from ../shared/models, by absolute path (skipped when absent).
+* broken: a folder whose model.safetensors is garbage.
+
+Model paths in the config are relative (./models/...): they must resolve against the config's folder, not the
+working directory, which in these tests is the repository.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from mmdetect import sweep as zoo
+from mmdetect.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models"
+HAVE_SHARED = (SHARED / "stories260K" / "model.safetensors").exists()
+
+
+# -- the zoo ----------------------------------------------------------------------------------------------------------
+
+def build_llama(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                         max_position_embeddings=64))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+        mlp, g = model.model.layers[1].mlp, model.model.layers[1].post_attention_layernorm.weight
+        mlp.gate_proj.weight[7] = mlp.up_proj.weight[7]
+        mlp.down_proj.weight[:, 7] = -(g * mlp.up_proj.weight[7])
+    model.save_pretrained(str(path))
+    return path
+
+
+def build_gpt2(path: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.ln_2.weight.uniform_(0.5, 2.0)
+        block = model.transformer.h[0]
+        block.mlp.c_proj.weight[3] = -(block.ln_2.weight * block.mlp.c_fc.weight[:, 3])
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zoo") / "models"
+    build_llama(root / "tiny-llama")
+    build_gpt2(root / "tiny-gpt2")
+    broken = root / "broken"
+    shutil.copytree(root / "tiny-llama", broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a safetensors header")
+    return root
+
+
+def entries(models: Path) -> list[dict]:
+    out = [
+        {"name": "tiny-llama", "model": "./models/tiny-llama"},
+        {"name": "tiny-gpt2", "model": "./models/tiny-gpt2"},
+        {"name": "broken", "model": "./models/broken"},
+        {"name": "tiny-gpt2-raw", "model": "./models/tiny-gpt2", "convention": "raw", "threshold": -0.3,
+         "layers": "1"},
+    ]
+    if HAVE_SHARED:
+        out.append({"name": "stories260K", "model": str(SHARED / "stories260K")})
+    return out
+
+
+def write_config(folder: Path, models: Path, items: list[dict] | None = None, **extra: object) -> Path:
+    """A zoo config in ``folder`` beside a ``models`` link, so ./models/... paths are relative to the config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "models").exists():
+        (folder / "models").symlink_to(models, target_is_directory=True)
+    doc = {"description": "test zoo", "defaults": {"threshold": -0.5, "convention": "folded", "format": "csv"},
+           "models": items if items is not None else entries(models), **extra}
+    path = folder / "zoo.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run(*args: str) -> "object":
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def single_scan(tmp: Path, model: Path, *opts: str) -> bytes:
+    out = tmp / f"single-{len(list(tmp.glob('single-*')))}.csv"
+    result = run("scan", model, *opts, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out.read_bytes()
+
+
+@pytest.fixture(autouse=True)
+def no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def full(models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, "object"]:
+    """(config, output dir, CLI result) of one whole sweep, shared by the read-only checks."""
+    base = tmp_path_factory.mktemp("full")
+    config = write_config(base / "cfg", models)
+    out = base / "out"
+    return config, out, run("sweep", config, "--output-dir", out, "--no-progress")
+
+
+# -- a sweep with a broken entry ------------------------------------------------------------------------------------
+
+def test_failure_exits_1_and_other_models_equal_single_scans(full, models, tmp_path):
+    config, out, result = full
+    assert result.exit_code == 1, result.output
+    names = [e["name"] for e in entries(models)]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["name"].tolist() == names                          # config order
+    status = dict(zip(summary["name"], summary["status"]))
+    assert status.pop("broken") == "failed"
+    assert set(status.values()) == {"ok"}
+    # Every other model's file is byte for byte what `mmdetect scan` writes with that entry's options.
+    assert (out / "tiny-llama.csv").read_bytes() == single_scan(tmp_path, models / "tiny-llama")
+    assert (out / "tiny-gpt2.csv").read_bytes() == single_scan(tmp_path, models / "tiny-gpt2")
+    assert (out / "tiny-gpt2-raw.csv").read_bytes() == single_scan(tmp_path, models / "tiny-gpt2", "--raw",
+                                                                    "--threshold", "-0.3", "--layers", "1")
+    if HAVE_SHARED:
+        assert (out / "stories260K.csv").read_bytes() == single_scan(tmp_path, SHARED / "stories260K")
+    assert not (out / "broken.csv").exists() and not (out / "broken.meta.json").exists()
+    assert not list(out.glob(".*tmp"))                                 # no temporary file left behind
+
+
+def test_summary_csv_reads_as_the_scans_say(full, models):
+    _, out, _ = full
+    summary = pd.read_csv(out / "summary.csv").set_index("name")
+    assert list(summary.columns[:7]) == ["model", "revision", "status", "n_neurons", "n_flagged", "share_flagged",
+                                         "min_cos"]
+    assert list(summary.columns[-3:]) == ["seconds", "drift", "error"]
+    for name in ("tiny-llama", "tiny-gpt2", "tiny-gpt2-raw") + (("stories260K",) if HAVE_SHARED else ()):
+        rows = pd.read_csv(out / f"{name}.csv")
+        row = summary.loc[name]
+        assert row["n_neurons"] == len(rows)
+        assert row["n_flagged"] == int(rows["flagged"].sum())
+        assert row["share_flagged"] == pytest.approx(rows["flagged"].mean(), abs=1e-8)
+        assert row["min_cos"] == pytest.approx(rows["cos"].min(), abs=1e-6)
+        for layer, group in rows.groupby("layer"):
+            assert row[f"share_L{layer}"] == pytest.approx(group["flagged"].mean(), abs=1e-8)
+    # The planted neurons: folded cos exactly -1.
+    assert summary.loc["tiny-llama", "n_neurons"] == 256 and summary.loc["tiny-gpt2", "n_neurons"] == 512
+    assert summary.loc["tiny-llama", "min_cos"] == pytest.approx(-1.0, abs=1e-5)
+    assert summary.loc["tiny-gpt2", "min_cos"] == pytest.approx(-1.0, abs=1e-5)
+    # Entry overrides: layer 1 only, so share_L0 is blank for that row.
+    assert summary.loc["tiny-gpt2-raw", "n_neurons"] == 256
+    assert np.isnan(summary.loc["tiny-gpt2-raw", "share_L0"])
+    broken = summary.loc["broken"]
+    assert pd.isna(broken["n_neurons"]) and pd.isna(broken["share_L0"])
+    assert isinstance(broken["error"], str) and broken["error"]
+    assert summary.loc["tiny-llama", "model"] == "./models/tiny-llama"   # as written in the config
+
+
+def test_summary_md_and_results_json(full, models):
+    config, out, _ = full
+    md = (out / "summary.md").read_text()
+    assert "## mmdetect sweep: test zoo" in md
+    assert "| tiny-llama | `./models/tiny-llama` | ok | 256 |" in md
+    assert "### Failures" in md and "- **broken** (`./models/broken`):" in md
+    assert "### Drift" not in md
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["config"]["entries"] == [e["name"] for e in entries(models)]
+    assert doc["exit_code"] == 1 and doc["counts"]["failed"] == 1
+    by_name = {m["name"]: m for m in doc["models"]}
+    llama = by_name["tiny-llama"]
+    assert llama["path"] == str((config.parent / "models" / "tiny-llama"))       # resolved against the config
+    assert llama["provenance"]["model_type"] == "llama" and llama["provenance"]["convention"] == "folded"
+    assert llama["provenance"]["fingerprint"] and llama["n_layers"] == 2
+    assert [s["d_model"] for s in llama["layers"]] == [64, 64]
+    assert by_name["tiny-gpt2-raw"]["options"] == {"model": "./models/tiny-gpt2", "revision": None,
+                                                   "threshold": -0.3, "convention": "raw", "layers": "1",
+                                                   "format": "csv", "device": "cpu"}
+    assert by_name["broken"]["status"] == "failed" and by_name["broken"]["error"]
+
+
+def test_progress_lines_on_a_pipe(full):
+    _, _, result = full
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("[")]
+    assert lines[0].startswith("[1/") and "tiny-llama: scanning ./models/tiny-llama" in lines[0]
+    assert any("tiny-llama: ok · 256 neurons" in ln for ln in lines)
+    assert any("broken: failed:" in ln for ln in lines)
+
+
+# -- resume ---------------------------------------------------------------------------------------------------------
+
+def per_model_files(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()
+            if p.suffix in (".csv", ".png", ".json") and p.stem.split(".")[0] not in ("summary", "results",
+                                                                                         "overview")}
+
+
+def test_rerun_rescans_nothing_and_force_rescans(models, tmp_path, monkeypatch):
+    import mmdetect.scanner
+
+    calls: list[str] = []
+    real = mmdetect.scanner.scan_checkpoint
+
+    def counting(ckpt, **kw):
+        calls.append(Path(ckpt.ref).name)
+        return real(ckpt, **kw)
+
+    monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", counting)
+    config = write_config(tmp_path / "cfg", models)
+    out = tmp_path / "out"
+    assert run("sweep", config, "-d", out).exit_code == 1
+    n_ok = len(entries(models)) - 1
+    assert len(calls) == n_ok
+    before = per_model_files(out)
+    assert len(before) == 3 * n_ok                                     # csv, meta.json, png per good model
+
+    calls.clear()
+    result = run("sweep", config, "-d", out)
+    assert result.exit_code == 1                                       # the broken entry is retried, and fails
+    assert calls == []                                                 # nothing rescanned
+    assert per_model_files(out) == before                              # not one per-model file rewritten
+    summary = pd.read_csv(out / "summary.csv").set_index("name")
+    assert summary.drop(index="broken")["status"].eq("skipped").all()
+    assert summary.loc["broken", "status"] == "failed"
+    assert summary.loc["tiny-llama", "n_flagged"] >= 1                 # metrics still reported for skipped rows
+    assert "unchanged, not rescanned" in result.output
+
+    # A changed option rescans that entry only; a data file without its record (interrupted) is rescanned.
+    doc = yaml.safe_load(config.read_text())
+    doc["models"][0]["threshold"] = -0.4
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    (out / "tiny-gpt2.meta.json").unlink()
+    calls.clear()
+    run("sweep", config, "-d", out)
+    assert sorted(calls) == ["tiny-gpt2", "tiny-llama"]
+
+    # A damaged data file does not count as complete.
+    with open(out / "tiny-gpt2.csv", "a") as fh:
+        fh.write("garbage\n")
+    calls.clear()
+    run("sweep", config, "-d", out)
+    assert calls == ["tiny-gpt2"]
+
+    calls.clear()
+    stamp = per_model_files(out)
+    assert run("sweep", config, "-d", out, "--force").exit_code == 1
+    assert len(calls) == n_ok
+    after = per_model_files(out)
+    assert all(after[name] > stamp[name] for name in stamp)
+
+
+# -- shards and merge -----------------------------------------------------------------------------------------------
+
+def test_shards_partition_the_zoo_and_merge_equals_the_full_sweep(full, models, tmp_path):
+    config, out, _ = full
+    a, b, merged = tmp_path / "s0", tmp_path / "s1", tmp_path / "merged"
+    assert run("sweep", config, "-d", a, "--shard", "0/2").exit_code == 1      # broken is index 2: shard 0
+    assert run("sweep", config, "-d", b, "--shard", "1/2").exit_code == 0
+    names = [e["name"] for e in entries(models)]
+    got_a = pd.read_csv(a / "summary.csv")["name"].tolist()
+    got_b = pd.read_csv(b / "summary.csv")["name"].tolist()
+    assert got_a == names[0::2] and got_b == names[1::2]
+
+    result = run("merge", b, a, "--output-dir", merged)                # order of folders does not matter
+    assert result.exit_code == 1, result.output
+    full_summary = pd.read_csv(out / "summary.csv").drop(columns="seconds")
+    merged_summary = pd.read_csv(merged / "summary.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(merged_summary, full_summary)
+    for name in names:
+        if name != "broken":
+            assert (merged / f"{name}.csv").read_bytes() == (out / f"{name}.csv").read_bytes()
+            assert (merged / f"{name}.png").is_file() and (merged / f"{name}.meta.json").is_file()
+    assert (merged / "overview.png").is_file()
+    strip = lambda text: [ln.rsplit("|", 2)[0] for ln in text.splitlines() if " models · " not in ln]
+    assert strip((merged / "summary.md").read_text()) == strip((out / "summary.md").read_text())
+
+    # Merging a merged folder with itself, or a shard with itself, is harmless.
+    assert run("merge", merged, merged, "-d", merged).exit_code == 1
+    # One shard alone: the other shard's models are reported missing.
+    alone = tmp_path / "alone"
+    assert run("merge", b, "-d", alone).exit_code == 1
+    missing = pd.read_csv(alone / "summary.csv").set_index("name")
+    assert missing.loc["tiny-llama", "status"] == "failed"
+    assert "shard 0/2" in missing.loc["tiny-llama", "error"]
+    assert missing.loc["tiny-gpt2", "status"] == "ok"
+
+
+def test_merge_refuses_a_different_config(full, models, tmp_path):
+    _, out, _ = full
+    other = write_config(tmp_path / "other", models, items=entries(models)[:2])
+    run("sweep", other, "-d", tmp_path / "o")
+    result = run("merge", out, tmp_path / "o", "-d", tmp_path / "m")
+    assert result.exit_code == 2
+    assert "different config" in result.output and "merge shards of one sweep only" in result.output
+
+
+def test_shard_and_only_errors(full, tmp_path):
+    config, _, _ = full
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        result = run("sweep", config, "-d", tmp_path / "x", "--shard", bad)
+        assert result.exit_code == 2 and f"--shard {bad!r} is not I/N" in result.output
+    result = run("sweep", config, "-d", tmp_path / "x", "--only", "nope*")
+    assert result.exit_code == 2 and "--only 'nope*' matches no entry name" in result.output
+    assert not (tmp_path / "x").exists()
+    result = run("sweep", config, "-d", tmp_path / "y", "--only", "tiny-gpt2*", "--no-plots")
+    assert result.exit_code == 0
+    assert pd.read_csv(tmp_path / "y" / "summary.csv")["name"].tolist() == ["tiny-gpt2", "tiny-gpt2-raw"]
+    assert not list((tmp_path / "y").glob("*.png"))
+
+
+# -- regression gates -----------------------------------------------------------------------------------------------
+
+def test_expect_gates_pass_and_drift(full, models, tmp_path):
+    _, out, _ = full
+    llama = pd.read_csv(out / "tiny-llama.csv")
+    gpt2 = pd.read_csv(out / "tiny-gpt2.csv")
+    llama_shares = [float(g["flagged"].mean()) for _, g in llama.groupby("layer")]
+    gpt2_counts = {int(k): int(g["flagged"].sum()) for k, g in gpt2.groupby("layer")}
+    assert gpt2_counts[0] >= 1                                         # the planted neuron at least
+    items = [
+        {"name": "tiny-llama", "model": "./models/tiny-llama",
+         "expect": {"shares": [round(s, 4) for s in llama_shares], "tolerance": 0.001}},
+        {"name": "tiny-gpt2", "model": "./models/tiny-gpt2",
+         "expect": {"counts": {0: gpt2_counts[0] + 5, 1: gpt2_counts[1]}, "tolerance": 2}},
+    ]
+    config = write_config(tmp_path / "cfg", models, items=items)
+    result = run("sweep", config, "-d", tmp_path / "out")
+    assert result.exit_code == 3, result.output
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("name")
+    assert summary.loc["tiny-llama", "status"] == "ok" and pd.isna(summary.loc["tiny-llama", "drift"])
+    assert summary.loc["tiny-gpt2", "status"] == "drift"
+    assert summary.loc["tiny-gpt2", "drift"] == (f"expect L0 {gpt2_counts[0] + 5} → {gpt2_counts[0]} "
+                                                 f"(±2 neurons)")
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "### Drift" in md and "- **tiny-gpt2**: layers that moved:" in md
+    assert f"  - expect L0 {gpt2_counts[0] + 5} → {gpt2_counts[0]} (±2 neurons)" in md
+    assert "L1" not in md.split("### Drift")[1]                        # only the layer that moved
+
+    # Only the passing gate: exit 0. A failure outranks drift: exit 1.
+    ok = write_config(tmp_path / "ok", models, items=items[:1])
+    assert run("sweep", ok, "-d", tmp_path / "ok-out").exit_code == 0
+    both = write_config(tmp_path / "both", models, items=items + [{"name": "broken", "model": "./models/broken"}])
+    assert run("sweep", both, "-d", tmp_path / "both-out").exit_code == 1
+    assert pd.read_csv(tmp_path / "both-out" / "summary.csv")["status"].tolist() == ["ok", "drift", "failed"]
+
+
+def test_baseline_drift(full, models, tmp_path):
+    config, out, _ = full
+    same = run("sweep", config, "-d", tmp_path / "same", "--baseline", out)
+    assert same.exit_code == 1                                         # only the broken entry: no drift
+    assert "drift" not in pd.read_csv(tmp_path / "same" / "summary.csv")["status"].tolist()
+
+    items = entries(models)[:2]
+    moved = write_config(tmp_path / "moved", models, items=items)
+    result = run("sweep", moved, "-d", tmp_path / "new", "--threshold", "-0.2", "--baseline", out)
+    assert result.exit_code == 3, result.output
+    summary = pd.read_csv(tmp_path / "new" / "summary.csv").set_index("name")
+    old = pd.read_csv(out / "summary.csv").set_index("name")
+    assert summary["status"].tolist() == ["drift", "drift"]
+    for name in ("tiny-llama", "tiny-gpt2"):
+        text = summary.loc[name, "drift"]
+        for layer in (0, 1):
+            was, now = old.loc[name, f"share_L{layer}"], summary.loc[name, f"share_L{layer}"]
+            assert now > was                                          # a looser threshold flags more
+            assert f"baseline L{layer} {100 * was:.1f}% → {100 * now:.1f}% (±1.0 pp)" in text
+    md = (tmp_path / "new" / "summary.md").read_text()
+    assert "- **tiny-llama**: layers that moved:" in md and "  - baseline L1 " in md
+    # A generous tolerance absorbs the move.
+    loose = run("sweep", moved, "-d", tmp_path / "loose", "--threshold", "-0.2", "--baseline", out,
+                "--tolerance", "1")
+    assert loose.exit_code == 0
+
+
+def test_merge_with_a_baseline(full, models, tmp_path):
+    config, out, _ = full
+    items = entries(models)[:2]
+    looser = write_config(tmp_path / "looser", models, items=items)
+    assert run("sweep", looser, "-d", tmp_path / "old", "--threshold", "-0.2").exit_code == 0
+    result = run("merge", out, "-d", tmp_path / "merged", "--baseline", tmp_path / "old")
+    assert result.exit_code == 1                                       # drift, but a failure outranks it
+    status = pd.read_csv(tmp_path / "merged" / "summary.csv").set_index("name")["status"]
+    assert status["tiny-llama"] == status["tiny-gpt2"] == "drift"
+    assert status["tiny-gpt2-raw"] == "ok"                             # not in the baseline: nothing to compare
+    assert status["broken"] == "failed"
+
+
+def test_interrupted_sweep_leaves_complete_files_and_resumes(models, tmp_path, monkeypatch):
+    import mmdetect.scanner
+
+    real = mmdetect.scanner.scan_checkpoint
+    seen: list[str] = []
+
+    def interrupt_second(ckpt, **kw):
+        seen.append(ckpt.ref)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(ckpt, **kw)
+
+    monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", interrupt_second)
+    config = write_config(tmp_path / "cfg", models, items=entries(models)[:2])
+    out = tmp_path / "out"
+    assert run("sweep", config, "-d", out).exit_code == 130
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "summary.csv", "summary.md", "tiny-llama.csv",
+                                                     "tiny-llama.meta.json", "tiny-llama.png"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] is False and [m["name"] for m in doc["models"]] == ["tiny-llama"]
+    monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", real)
+    assert run("sweep", config, "-d", out).exit_code == 0
+    assert pd.read_csv(out / "summary.csv")["status"].tolist() == ["skipped", "ok"]
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
+def test_step_summary_is_appended(full, models, tmp_path, monkeypatch):
+    step = tmp_path / "step.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    config = write_config(tmp_path / "cfg", models, items=entries(models)[:1])
+    assert run("sweep", config, "-d", tmp_path / "out", "--no-plots").exit_code == 0
+    text = step.read_text()
+    assert text.startswith("earlier step\n## mmdetect sweep: test zoo")
+    assert (tmp_path / "out" / "summary.md").read_text() in text
+
+
+# -- config errors ----------------------------------------------------------------------------------------------------
+
+GOOD = {"name": "tiny-llama", "model": "./models/tiny-llama"}
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ({"name": "x", "model": "./m", "thresold": -0.5},
+     "entry 'x' (models[1]): unknown key 'thresold' (did you mean 'threshold'?)"),
+    ({"name": "x", "model": "./m", "threshold": 2}, "entry 'x' (models[1]), key 'threshold': threshold must be"),
+    ({"name": "x", "model": "./m", "threshold": "low"}, "entry 'x' (models[1]), key 'threshold'"),
+    ({"name": "x", "model": "./m", "convention": "tl"}, "entry 'x' (models[1]), key 'convention': convention must"),
+    ({"name": "x", "model": "./m", "layers": "5-2"}, "entry 'x' (models[1]), key 'layers'"),
+    ({"name": "x", "model": "./m", "format": "xlsx"}, "entry 'x' (models[1]), key 'format'"),
+    ({"name": "x", "model": "./m", "device": "tpu"}, "entry 'x' (models[1]), key 'device'"),
+    ({"name": "x", "model": "./m", "raw": True, "convention": "folded"}, "entry 'x' (models[1]), key 'raw'"),
+    ({"name": "x", "model": "./m", "revision": 123}, "entry 'x' (models[1]), key 'revision': revision must be"),
+    ({"name": "x"}, "entry 'x' (models[1]), key 'model'"),
+    ({"name": "a/b", "model": "./m"}, "entry 'a/b' (models[1]), key 'name': name must be a file-safe id"),
+    ({"name": "tiny-llama", "model": "./m"}, "entry 'tiny-llama' (models[1]), key 'name': 'tiny-llama' is already "
+                                             "used by models[0]"),
+    ({"name": "summary", "model": "./m"}, "entry 'summary' (models[1]), key 'name': 'summary' is reserved"),
+    ({"model": "./m"}, "models[1], key 'name'"),
+    ({"name": "x", "model": "./m", "expect": {"share": [0.1]}},
+     "entry 'x' (models[1]), key 'expect'.share: unknown key 'share' (did you mean 'shares'?)"),
+    ({"name": "x", "model": "./m", "expect": {"shares": [1.5]}}, "entry 'x' (models[1]), key 'expect'.shares: "
+                                                                 "layer 0: expected a share in [0, 1]"),
+    ({"name": "x", "model": "./m", "expect": {"counts": {0: 2.5}}}, "key 'expect'.counts: layer 0: expected a "
+                                                                    "whole number"),
+    ({"name": "x", "model": "./m", "expect": {"shares": [0.1], "counts": [1]}}, "give exactly one of shares:"),
+    ({"name": "x", "model": "./m", "expect": {"shares": [0.1], "tolerance": -1}}, "key 'expect'.tolerance"),
+    ({"name": "x", "model": "./m", "layers": "1", "expect": {"shares": [0.1, 0.2]}},
+     "key 'expect'.shares: layers [0] are expected but the entry's layers: '1' leaves them out"),
+])
+def test_config_errors_name_the_entry_and_key_before_scanning(models, tmp_path, monkeypatch, bad, expected):
+    import mmdetect.checkpoint
+
+    def fail(*a, **k):  # pragma: no cover - reaching it is the failure
+        raise AssertionError("a model was opened before the config was validated")
+
+    monkeypatch.setattr(mmdetect.checkpoint, "open_checkpoint", fail)
+    config = write_config(tmp_path / "cfg", models, items=[GOOD, bad])
+    result = run("sweep", config, "-d", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ({"models": [GOOD], "default": {}}, "top level: unknown key 'default' (did you mean 'defaults'?)"),
+    ({"models": [GOOD], "defaults": {"treshold": -0.5}}, "defaults: unknown key 'treshold'"),
+    ({"models": [GOOD], "defaults": {"convention": "both"}}, "defaults, key 'convention'"),
+    ({"models": []}, "models: models must be a non-empty list"),
+    ({"models": [GOOD, "gpt2"]}, "models[1]: each entry must be a mapping"),
+])
+def test_config_errors_at_the_top_level(models, tmp_path, doc, expected):
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(doc))
+    result = run("sweep", tmp_path / "zoo.yaml", "-d", tmp_path / "out")
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_problems_are_counted_and_yaml_errors_located(tmp_path):
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"models": [{"name": "x", "model": "m", "thresold": 1,
+                                                                   "layer": 2}]}))
+    result = run("sweep", tmp_path / "zoo.yaml", "-d", tmp_path / "out")
+    assert result.exit_code == 2 and "(and 1 more problem)" in result.output
+    (tmp_path / "bad.yaml").write_text("models:\n  - name: x\n    model: [unclosed\n")
+    result = run("sweep", tmp_path / "bad.yaml", "-d", tmp_path / "out")
+    assert result.exit_code == 2 and "not valid YAML at line" in result.output
+
+
+def test_command_line_beats_entry_beats_defaults(tmp_path):
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({
+        "defaults": {"threshold": -0.4, "layers": "0"},
+        "models": [{"name": "a", "model": "gpt2"}, {"name": "b", "model": "gpt2", "threshold": -0.6, "raw": True}]}))
+    a, b = zoo.load_config(tmp_path / "zoo.yaml").entries
+    assert (a.threshold, a.convention, a.layers, b.threshold, b.convention) == (-0.4, "folded", "0", -0.6, "raw")
+    a, b = zoo.load_config(tmp_path / "zoo.yaml", {"threshold": -0.3, "raw": False}).entries
+    assert (a.threshold, b.threshold, b.convention, b.layers) == (-0.3, -0.3, "folded", "0")
+    assert a.ref == "gpt2"                                              # not a path: a hub id
+
+
+def test_model_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "here").mkdir()
+    base = tmp_path / "cfg"
+    assert zoo.resolve_model("./m", base) == str(base / "m")
+    assert zoo.resolve_model("../shared/x", base) == str(tmp_path / "shared" / "x")
+    assert zoo.resolve_model("weights/model.gguf", base) == str(base / "weights" / "model.gguf")
+    assert zoo.resolve_model("/abs/m", base) == "/abs/m"
+    assert zoo.resolve_model("EleutherAI/pythia-70m", base) == "EleutherAI/pythia-70m"
+    assert zoo.resolve_model("here", tmp_path) == str(tmp_path / "here")   # an existing folder beside the config
+
+
+def test_a_path_relative_to_the_working_directory_is_used_with_a_warning(tmp_path, monkeypatch, capsys):
+    (tmp_path / "cwd" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert zoo.resolve_model("./m", tmp_path / "cfg") == str(tmp_path / "cwd" / "m")
+    err = capsys.readouterr().err
+    assert "relative paths in a config resolve against its folder: write '../cwd/m'" in err.lower()
+
+
+# -- shipped configs ----------------------------------------------------------------------------------------------
+
+def test_shipped_configs_validate():
+    hub = zoo.load_config(ROOT / "configs" / "hub-small.yaml")
+    names = {e.model for e in hub.entries}
+    assert {"openai-community/gpt2", "EleutherAI/pythia-70m", "facebook/opt-125m", "Qwen/Qwen2.5-0.5B",
+            "google/gemma-2-2b", "allenai/OLMo-1B-hf"} <= names
+    published = zoo.load_config(ROOT / "configs" / "published.yaml")
+    by_name = {e.name: e for e in published.entries}
+    gpt2 = by_name["gpt2-small"]
+    assert gpt2.model == "openai-community/gpt2" and gpt2.expect.kind == "shares"
+    assert gpt2.expect.values[1] == pytest.approx(0.452, abs=5e-4) and len(gpt2.expect.values) == 12
+    assert by_name["Llama-3.1-8B"].expect.values[31] == pytest.approx(0.056, abs=5e-4)
+    assert not any(e.model.startswith(("google-bert/", "google-t5/", "Baidicoot/")) for e in published.entries)
+    assert len(published.entries) == 30
+
+
+PUBLISHED_CSV = ROOT.parent / "shared" / "research" / "published_weakening_by_layer.csv"
+
+
+@pytest.mark.skipif(not PUBLISHED_CSV.exists(), reason="../shared/research not present")
+def test_published_config_copies_the_csv():
+    import csv
+
+    published = {e.model: e for e in zoo.load_config(ROOT / "configs" / "published.yaml").entries}
+    with open(PUBLISHED_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    aliases = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+               "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
+               "distilgpt2": "distilbert/distilgpt2", "EleutherAI/gpt-j-6B": "EleutherAI/gpt-j-6b"}
+    checked = 0
+    for row in rows:
+        entry = published.get(aliases.get(row["model"], row["model"]))
+        if entry is None:
+            continue
+        share = entry.expect.values[int(row["layer"])]
+        assert share == float(row["share"])                            # copied as published
+        assert share == pytest.approx(int(row["weakening"]) / int(row["neurons"]), abs=5.1e-5)
+        checked += 1
+    assert checked == sum(len(e.expect.values) for e in published.values())
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="../shared/models not present")
+def test_tiny_local_example_sweeps_clean(tmp_path):
+    result = run("sweep", ROOT / "configs" / "examples" / "tiny-local.yaml", "-d", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert summary["status"].tolist() == ["ok"] * 4
+    assert summary.set_index("name").loc["stories260K", "n_neurons"] == 5 * 172
+
+
+def test_workflow_example_is_wired_up():
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "zoo-sweep.yml").read_text())
+    assert wf[True]["workflow_dispatch"] is None                       # YAML reads the `on:` key as True
+    jobs = wf["jobs"]
+    sweep_job, merge_job = jobs["sweep"], jobs["merge"]
+    shards = sweep_job["strategy"]["matrix"]["shard"]
+    steps = "\n".join(json.dumps(s) for s in sweep_job["steps"])
+    assert "actions/cache" in steps and "~/.cache/huggingface" in steps and "pip install ." in steps
+    assert f"--shard ${{{{ matrix.shard }}}}/{len(shards)}" in steps and "configs/hub-small.yaml" in steps
+    assert "actions/upload-artifact" in steps
+    assert merge_job["needs"] == "sweep" and "always()" in str(merge_job["if"])
+    merge_steps = "\n".join(json.dumps(s) for s in merge_job["steps"])
+    assert "actions/download-artifact" in merge_steps and "mmdetect merge" in merge_steps
+    assert "actions/upload-artifact" in merge_steps
+    text = (ROOT / ".github" / "workflows" / "zoo-sweep.yml").read_text()
+    assert "appends summary.md to $GITHUB_STEP_SUMMARY" in text
+
+
+# -- plots --------------------------------------------------------------------------------------------------------
+
+def assert_real_png(path: Path, min_width: int = 600, min_height: int = 400) -> None:
+    from PIL import Image
+
+    assert path.stat().st_size > 15_000, path
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        width, height = img.size
+        assert width >= min_width and height >= min_height
+        pixels = np.asarray(img.convert("RGB"), dtype=np.int16)
+    white = (pixels > 245).all(axis=2).mean()
+    assert 0.3 < white < 0.97                                          # mostly background, but drawn on
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 100                                               # lines, fills, text: not a blank canvas
+    reds = ((pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 100)).mean()
+    assert reds > 0.001                                                # the flagged bars / threshold line
+
+
+def test_sweep_draws_one_figure_per_model_and_an_overview(full, models):
+    _, out, _ = full
+    for name in ("tiny-llama", "tiny-gpt2", "tiny-gpt2-raw"):
+        assert_real_png(out / f"{name}.png")
+    assert_real_png(out / "overview.png")
+    assert not (out / "broken.png").exists()
+
+
+def test_plot_command_from_any_scan_output(full, models, tmp_path):
+    _, out, _ = full
+    # A sweep CSV: d_model comes from the sibling meta record, no note.
+    result = run("plot", out / "tiny-gpt2.csv", "-o", tmp_path / "a.png")
+    assert result.exit_code == 0 and "note:" not in result.output
+    assert_real_png(tmp_path / "a.png")
+    # A bare CSV: no band, and a note saying how to get one; --d-model draws it.
+    shutil.copy(out / "tiny-gpt2.csv", tmp_path / "bare.csv")
+    result = run("plot", tmp_path / "bare.csv")
+    assert result.exit_code == 0 and "note: d_model is unknown" in result.output
+    assert_real_png(tmp_path / "bare.png")
+    result = run("plot", tmp_path / "bare.csv", "--d-model", "64", "-o", tmp_path / "band.png")
+    assert result.exit_code == 0 and "note:" not in result.output
+    grey = lambda p: (lambda px: ((abs(px - 224) < 12).all(axis=2)).mean())(
+        np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"), dtype=np.int16))
+    assert grey(tmp_path / "band.png") > grey(tmp_path / "bare.png") + 0.02   # the null band is drawn
+    # Parquet and JSON scan outputs carry their own metadata.
+    for fmt in ("parquet", "json"):
+        scan_out = tmp_path / f"s.{fmt}"
+        assert run("scan", models / "tiny-llama", "-o", scan_out).exit_code == 0
+        result = run("plot", scan_out)
+        assert result.exit_code == 0 and "note:" not in result.output
+        assert_real_png(tmp_path / "s.png")
+    # A sweep folder: the overview.
+    assert run("plot", out, "-o", tmp_path / "ov.png").exit_code == 0
+    assert_real_png(tmp_path / "ov.png")
+    # Bad input: one line, exit 2.
+    (tmp_path / "junk.csv").write_text("a,b\n1,2\n")
+    result = run("plot", tmp_path / "junk.csv")
+    assert result.exit_code == 2 and "has no cos or layer column" in result.output
+    result = run("plot", out / "tiny-gpt2.csv", "-o", tmp_path / "x.jpg")
+    assert result.exit_code == 2 and "must end in .png" in result.output
+
+
+def test_help_texts_end_with_examples():
+    for command in ("sweep", "merge", "plot"):
+        text = run(command, "--help").output
+        assert text.rstrip().splitlines()[-1].startswith("    mmdetect ")
+        assert "Example:" in text
