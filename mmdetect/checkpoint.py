@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import struct
@@ -42,6 +43,8 @@ QUANT_SUFFIXES = {
 WEIGHT_PATTERNS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                    "pytorch_model.bin")
 FP8_BLOCK = 128
+MAP_MIN_BYTES = 1 << 20     # tensors at least this big are memory-mapped instead of copied
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is missing before 3.12
 
 
 @dataclass
@@ -109,20 +112,18 @@ class Checkpoint:
         return begin, end, shape
 
     def nbytes(self, key: str, start: int | None = None, stop: int | None = None) -> int:
-        """Bytes ``read`` can place in a caller's buffer for this tensor (0 where it allocates its own)."""
+        """Bytes of the file that ``read(key, start, stop)`` maps or reads (0 where it dequantises instead)."""
         info = self.tensors[key]
         if self.format != "safetensors" or info.dtype not in SAFETENSORS_DTYPES or info.dtype.startswith("F8"):
             return 0
         begin, end, _ = self._byte_range(info, start, stop)
         return end - begin
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None,
-             into: memoryview | None = None) -> "torch.Tensor":
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> "torch.Tensor":
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
-        Only those bytes are read. ``into`` (``nbytes(key, start, stop)`` bytes) receives them instead of a fresh
-        allocation, so a caller can reuse one buffer across tensors and skip the page faults of new memory.
-        FP8 weights with scales and GGUF tensors come back dequantised to float32 (``into`` is then unused).
+        Only those bytes are touched. Large safetensors tensors are memory-mapped (see ``_map``) rather than copied;
+        small ones are read with pread. FP8 weights with scales and GGUF tensors come back dequantised to float32.
         """
         import torch
 
@@ -143,13 +144,36 @@ class Checkpoint:
         dtype = getattr(torch, name)
         if end <= begin:
             return torch.empty(shape, dtype=dtype)
-        buf = into if into is not None else bytearray(end - begin)
-        if len(buf) != end - begin:
-            raise ValueError(f"buffer of {len(buf)} bytes for {end - begin} bytes of {key!r}")
+        if end - begin >= MAP_MIN_BYTES:
+            return self._map(info.file, begin, end, dtype).reshape(shape)
+        buf = bytearray(end - begin)
         if os.preadv(self._fd(info.file), [buf], begin) != len(buf):
             raise MMDetectError(f"{Path(info.file).name} is truncated: tensor {key!r} ends past the end of the file;"
                                 f" download the checkpoint again")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype") -> "torch.Tensor":
+        """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
+
+        The page tables are filled up front (MADV_POPULATE_READ, Linux 5.14+; elsewhere MADV_WILLNEED starts the
+        read-ahead), so the caller's thread does the I/O and the threads computing on the tensor take no faults.
+        The mapping is private and writable (copy-on-write: nothing is written back), which torch needs, and it is
+        unmapped when the last tensor viewing it is freed.
+        """
+        import torch
+
+        base = begin - begin % mmap.ALLOCATIONGRANULARITY
+        if end > os.fstat(self._fd(file)).st_size:
+            raise MMDetectError(f"{Path(file).name} is truncated: a tensor ends past the end of the file; download "
+                                f"the checkpoint again")
+        mm = mmap.mmap(self._fd(file), end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=base)
+        try:
+            mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
+        except (OSError, ValueError):
+            mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer(mm, dtype=dtype, offset=begin - base, count=(end - begin) // itemsize)
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
