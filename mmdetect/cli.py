@@ -8,7 +8,7 @@ import click
 
 from mmdetect import __version__
 from mmdetect.errors import MMDetectError
-from mmdetect.options import debug_option, model_options, output_options, resolve_output
+from mmdetect.options import debug_option, model_options, output_options, resolve_output, text_options
 
 
 def _example(*lines: str) -> str:
@@ -50,14 +50,21 @@ def main() -> None:
 
 @main.command(epilog=_example("mmdetect scan ./TinyLlama --top 30",
                               "mmdetect scan gpt2 --layers 0-5 --format csv -o gpt2.csv",
-                              "mmdetect scan model.gguf --raw --format parquet -o raw.parquet"))
+                              "mmdetect scan model.gguf --raw --format parquet -o raw.parquet",
+                              "mmdetect scan ./stories260K --verify 10"))
 @click.argument("model")
 @model_options
 @output_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--verify", type=click.IntRange(min=1), is_flag=False, flag_value=20, default=None, metavar="[K]",
+              help="For the top K flagged neurons (20 if K is omitted) add the deletion score on text and the top "
+                   "upstream writer (runs the model with transformers).")
+@text_options
 @debug_option
 def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: str | None, device: str,
-         fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None) -> None:
+         fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None,
+         verify: int | None, text: str | None, dataset: str | None, field_name: str, max_tokens: int,
+         seq_len: int) -> None:
     """Scan every MLP neuron of MODEL and rank them by cos(read, write).
 
     MODEL is a local checkpoint folder, a hub id (cached files are used, HF_HUB_OFFLINE=1 works) or a .gguf file.
@@ -69,6 +76,11 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
     fmt, output = resolve_output(fmt, output)
     df = run_scan(model, revision=revision, threshold=threshold, raw=raw, layers=layers, device=device,
                   progress=progress)
+    if verify:
+        from mmdetect.explain import render_verify, verify as run_verify
+
+        run_verify(df, model, verify, revision=revision, raw=raw, text=text, dataset=dataset, field_name=field_name,
+                   max_tokens=max_tokens, seq_len=seq_len)
     rows = df[df["flagged"]].reset_index(drop=True) if flagged_only else df
     rows.attrs = df.attrs
     if fmt == "table":
@@ -77,8 +89,12 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
                 from rich.console import Console
 
                 report.render(rows, top=top, console=Console(file=fh, width=140))
+                if verify:
+                    render_verify(df, top=top, console=Console(file=fh, width=140))
         else:
             report.render(rows, top=top)
+            if verify:
+                render_verify(df, top=top)
         return
     report.write(rows, fmt, output)
     if output:
@@ -232,6 +248,150 @@ def plot(scan_file: str, output: str | None, d_model: int | None, threshold: flo
     if note:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {png}", err=True)
+
+
+# -- explain, heads, chains: what a candidate deletes, who wrote it, and memory-management heads -------------------
+
+def _expert(value: str | None) -> Any:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def _table_output(fmt: str | None, output: str | None, write: Any, render: Any, key: str) -> None:
+    """Shared tail of heads and chains: a rich table on the terminal or in a file, or every row in a file format."""
+    from mmdetect.tables import render_to, write_rows
+
+    fmt, output = resolve_output(fmt, output)
+    if fmt == "table":
+        render_to(output, render)
+        return
+    write_rows(write, fmt, output, key)
+    if output:
+        click.echo(f"wrote {len(write):,} rows to {output}", err=True)
+
+
+@main.command(epilog=_example("mmdetect explain ./stories260K --layer 0 --neuron 84",
+                              "mmdetect explain gpt2 -l 10 -n 2035 --text story.txt --format json -o n2035.json",
+                              "mmdetect explain ./qwen-moe -l 3 -n 12 --expert shared --no-activations"))
+@click.argument("model")
+@click.option("-l", "--layer", type=click.IntRange(min=0), required=True, help="The neuron's layer.")
+@click.option("-n", "--neuron", type=click.IntRange(min=0), required=True, help="The neuron's index in its MLP.")
+@click.option("--expert", default=None, metavar="E", help="Routed expert index, or a label such as shared (MoE).")
+@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
+@text_options
+@click.option("--activations/--no-activations", default=True, show_default=True,
+              help="Run the model on text for the activation evidence and the deletion score.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Writers and tokens listed per section.")
+@click.option("--contexts", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Top-activating contexts shown.")
+@click.option("--top-tokens", type=click.IntRange(min=1), default=None,
+              help="Tokens the deletion score covers: those with the largest |activation| (default: 2%, at least 20).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
+              help="A panel on the terminal (default), or the JSON document.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file (atomically); a .json name implies --format json.")
+@debug_option
+def explain(model: str, layer: int, neuron: int, expert: str | None, revision: str | None, raw: bool,
+            text: str | None, dataset: str | None, field_name: str, max_tokens: int, seq_len: int, activations: bool,
+            top: int, contexts: int, top_tokens: int | None, fmt: str | None, output: str | None) -> None:
+    """Explain one MLP neuron of MODEL: its upstream writers, its vocabulary view and what it does on text.
+
+    Upstream writers are earlier neurons, heads and embedding tokens that write along the direction the neuron
+    reads, ranked by |cos| (heads: share of output energy). The deletion score is the fraction of the residual's
+    component along that direction which the neuron's own write removes, on the tokens where it fires most.
+    """
+    import json
+
+    from mmdetect import report
+    from mmdetect.explain import explain as run_explain, render_explain
+    from mmdetect.tables import render_to
+
+    if output is not None:
+        report.check_writable(output)
+        fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
+    doc = run_explain(model, layer, neuron, _expert(expert), revision=revision, raw=raw, text=text, dataset=dataset,
+                      field_name=field_name, activations=activations, top=top, top_tokens=top_tokens,
+                      n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
+    if fmt == "json":
+        body = json.dumps(report._clean(doc), indent=1) + "\n"
+        if output is None:
+            click.echo(body, nl=False)
+        else:
+            with report.atomic_open(output) as fh:
+                fh.write(body)
+        return
+    render_to(output, lambda console: render_explain(doc, console))
+
+
+@main.command(epilog=_example("mmdetect heads ./stories260K",
+                              "mmdetect heads gpt2 --flagged-only --format csv -o heads.csv",
+                              "mmdetect heads model.gguf --threshold -0.3 --top 40"))
+@click.argument("model")
+@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--raw", is_flag=True, help="Stored W_V and W_O without norm gains or centring.")
+@click.option("--threshold", type=float, default=-0.5, show_default=True,
+              help="Flag heads whose copying score is <= THRESHOLD.")
+@click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10.")
+@output_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@debug_option
+def heads(model: str, revision: str | None, raw: bool, threshold: float, layers: str | None, fmt: str | None,
+          output: str | None, top: int, flagged_only: bool, progress: bool | None) -> None:
+    """Rank every attention head of MODEL by the copying score of its OV circuit, most anti-copying first.
+
+    copying = sum of Re(eigenvalues) / sum of |eigenvalues| of the d_head x d_head matrix W_V W_O (folded): -1 for a
+    head that writes back exactly the negative of what it reads (copy suppression), +1 for a pure copier.
+    """
+    from mmdetect.heads import render, scan_heads
+    from mmdetect.scanner import parse_layers
+
+    parse_layers(layers)
+    resolve_output(fmt, output)
+    df = scan_heads(model, revision=revision, threshold=threshold, raw=raw, layers=layers, progress=progress)
+    rows = df[df["flagged"]].reset_index(drop=True) if flagged_only else df
+    rows.attrs = df.attrs
+    _table_output(fmt, output, rows, lambda console: render(rows, top=top, console=console), "heads")
+
+
+@main.command(epilog=_example("mmdetect chains ./stories260K",
+                              "mmdetect chains gpt2 --threshold -0.6 --per-deleter 5 --format csv -o chains.csv",
+                              "mmdetect chains ./model --no-heads --format json"))
+@click.argument("model")
+@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
+@click.option("--threshold", type=float, default=-0.5, show_default=True,
+              help="Neuron deleters: cos(read, write) <= THRESHOLD.")
+@click.option("--head-threshold", type=float, default=-0.5, show_default=True,
+              help="Head deleters: copying score <= THRESHOLD.")
+@click.option("--heads/--no-heads", default=True, show_default=True, help="Include flagged heads as deleters.")
+@click.option("--per-deleter", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Writers kept per deleter.")
+@click.option("--max-deleters", type=click.IntRange(min=1), default=200, show_default=True,
+              help="At most this many neuron (and head) deleters, most negative first.")
+@click.option("--layers", default=None, metavar="SPEC", help="Deleters only in these layers, e.g. 3-5.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]),
+              default=None, help="Output format. Default: a table on the terminal, or the --output file's extension.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file (atomically). File formats hold every pair.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown in the table.")
+@debug_option
+def chains(model: str, revision: str | None, raw: bool, threshold: float, head_threshold: float, heads: bool,
+           per_deleter: int, max_deleters: int, layers: str | None, fmt: str | None, output: str | None,
+           top: int) -> None:
+    """List writer -> deleter pairs of MODEL: a component whose write a later flagged neuron or head reads and erases.
+
+    Pairs rank by align x erase (align: how much of the deleter's read the writer feeds; erase: -cos(read, write) of
+    a neuron, or how exactly a head writes back the negative of that writer's direction).
+    """
+    from mmdetect.chains import find_chains, render
+    from mmdetect.scanner import parse_layers
+
+    parse_layers(layers)
+    resolve_output(fmt, output)
+    df = find_chains(model, revision=revision, raw=raw, threshold=threshold, head_threshold=head_threshold,
+                     per_deleter=per_deleter, max_deleters=max_deleters, layers=layers, heads=heads)
+    _table_output(fmt, output, df, lambda console: render(df, top=top, console=console), "chains")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,3 +57,17 @@ def resolve_output(fmt: str | None, output: str | None) -> tuple[str, str | None
         if fmt in (None, "table"):
             fmt = infer_format(output) if fmt is None else "table"
     return fmt or "table", output
+
+text_options = _stack(
+    click.option("--text", "text", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                 help="Plain-text file to run the model on (default: mmdetect's small built-in corpus)."),
+    click.option("--dataset", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+                 help="Local .jsonl (one object per line with a text field, or an 'ids' list) or .txt (documents "
+                      "separated by blank lines)."),
+    click.option("--field", "field_name", default="text", show_default=True, metavar="NAME",
+                 help="The text field of --dataset JSONL records."),
+    click.option("--max-tokens", type=click.IntRange(min=16), default=4096, show_default=True,
+                 help="Run at most this many tokens."),
+    click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True,
+                 help="Tokens per row (capped at the model's context)."),
+)

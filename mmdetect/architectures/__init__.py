@@ -217,6 +217,8 @@ def load_registry(directory: str | None = None) -> Registry:
     refused: dict = {}
     seen: dict[tuple[str, str], str] = {}
     for path in sorted(Path(directory or HERE).glob("*.yaml")):
+        if path.name == "attention.yaml":  # the attention registry: see architectures/attention.py
+            continue
         with open(path) as fh:
             data = yaml.load(fh, Loader=loader)
         if isinstance(data, dict) and "refuse" in data:

@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data) -> bool:  # write shared norms out in full, not as &id001 anchors
         return True
-HAND_WRITTEN = {"ctrl", "longcat_flash"}
+HAND_WRITTEN = {"ctrl", "longcat_flash", "attention"}  # attention.yaml: the attention registry
 # Model types whose MLP input is not a single residual stream, or whose MLP sits outside the layer stack.
 REFUSE = {
     "deepseek_v4": "hyper-connections: the MLP reads a learned mix of several residual streams",

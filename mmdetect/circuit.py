@@ -1,0 +1,344 @@
+"""Every component that reads or writes the residual stream, read from disk in the folded convention.
+
+A :class:`Circuit` wraps an open checkpoint with its two registry entries: the MLP layout (``architectures/*.yaml``,
+through ``scanner``) and the attention layout (``architectures/attention.yaml``). It hands out, one layer at a time:
+
+* MLP neurons: read vectors r_j and write vectors o_j, ``[n, d]``, folded exactly as ``scan`` folds them;
+* attention heads: ``V`` ``[H, d_head, d]`` (row e of head h is what head dimension e reads, pre-norm gain folded in)
+  and ``O`` ``[H, d_head, d]`` (row e is what head dimension e writes, post-norm gain folded in, centred in
+  LayerNorm models), with GQA/MQA key-value heads already expanded to the query heads that use them;
+* the token embedding (rows are what each token writes) and the unembedding (rows are the residual direction that
+  raises each token's logit, final-norm gain folded in), in row chunks so a 150k vocabulary never sits in memory.
+
+Nothing here builds the model; tensors are read one at a time as in ``scan``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Iterator
+
+import torch
+
+from mmdetect.architectures import MLPSpec, NormSpec
+from mmdetect.architectures.attention import AttentionLayout, Proj, load_attention_registry
+from mmdetect.checkpoint import Checkpoint, open_checkpoint
+from mmdetect.errors import MMDetectError
+from mmdetect.neurons import fold
+
+ROW_CHUNK = 8192  # embedding / unembedding rows per slab
+
+
+def _key(template: str, layer: int) -> str:
+    return template.replace("{i}", str(layer))
+
+
+@dataclass
+class Heads:
+    """One layer's attention heads, folded. H query heads, head size dh, d = d_model.
+
+    v: [H, dh, d] read rows (key/value heads repeated for GQA); o: [H, dh, d] write rows; kv: [H] kv-head index.
+    """
+
+    layer: int
+    v: torch.Tensor
+    o: torch.Tensor
+    kv: list[int]
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.v.shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.v.shape[1])
+
+
+@dataclass
+class Neurons:
+    """One MLP (or one expert) of one layer, folded: r and o are [n, d] float32; gated MLPs flip r and o together
+    where cos(gate, up) < 0 so that the flip convention matches ``scan``. w_write is the raw write [n, d] (times the
+    post-norm gain): what the neuron adds to the residual per unit of activation, up to the post-norm's 1/rms.
+    """
+
+    layer: int
+    spec: MLPSpec
+    expert: int | None
+    expert_label: object
+    r: torch.Tensor
+    o: torch.Tensor
+    w_write: torch.Tensor
+    sign: torch.Tensor   # [n] +1 or -1: the canonical flip applied to r and o (activations flip with it)
+
+
+class Circuit:
+    """An open checkpoint with its MLP and attention layouts. Use as a context manager (it closes the checkpoint)."""
+
+    def __init__(self, ckpt: Checkpoint, *, raw: bool = False, need_mlps: bool = True) -> None:
+        from mmdetect.scanner import locate_mlps, resolve_family
+
+        self.ckpt = ckpt
+        self.raw = raw
+        self.family = None
+        self.specs: tuple[MLPSpec, ...] = ()
+        self.located: dict = {}
+        try:
+            self.family = resolve_family(ckpt)
+            self.specs, self.located = locate_mlps(ckpt, self.family.mlps_for(ckpt.config))
+        except MMDetectError:
+            if need_mlps:
+                raise
+        if need_mlps and not self.located:
+            raise MMDetectError(f"no MLP tensors of the {self.family.family!r} layout were found in {ckpt.ref}: the "
+                                f"checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
+        self.attention, self.attention_gap = self._resolve_attention()
+
+    # -- layouts ---------------------------------------------------------------------------------------------------
+    def _resolve_attention(self) -> tuple[AttentionLayout | None, str | None]:
+        registry = load_attention_registry()
+        fmt = self.ckpt.registry_format
+        model_type = self.ckpt.model_type
+        if model_type in registry.refused:
+            return None, f"attention of model type {model_type!r} is not supported: {registry.refused[model_type]}"
+        layout = registry.lookup(model_type, fmt)
+        if layout is None:
+            kind = "GGUF architecture" if fmt == "gguf" else "model type"
+            return None, (f"the attention layout of {kind} {model_type!r} is not yet supported (supported: "
+                          f"{', '.join(registry.model_types(fmt))}); add it to architectures/attention.yaml")
+        layout = self._rebase(layout.for_config(self.ckpt.config))
+        if _key(layout.o.key, self.layers_hint()) not in self.ckpt:
+            return None, (f"no attention tensors of the {layout.family!r} layout (e.g. {_key(layout.o.key, 0)}) are in"
+                          f" {self.ckpt.ref}: the checkpoint does not match the attention registry")
+        if layout.n_heads(self.ckpt.config) is None:
+            return None, (f"config of {self.ckpt.ref} names none of {', '.join(layout.heads)}, so the number of "
+                          f"attention heads is unknown")
+        return layout, None
+
+    def layers_hint(self) -> int:
+        return min(self.located) if self.located else 0
+
+    def _rebase(self, layout: AttentionLayout) -> AttentionLayout:
+        """Move every key under the prefix the checkpoint actually uses (``h.`` for ``transformer.h.``, a multimodal
+        wrapper's ``model.language_model.layers.``), found from the output projection's key."""
+        keys = list(self.ckpt.tensors)
+        probe = layout.o.key
+        head, tail = probe.split("{i}", 1)
+        if any(re.fullmatch(re.escape(head) + r"\d+" + re.escape(tail), k) for k in keys):
+            return layout
+        stack = head.rstrip(".").split(".")[-1]
+        prefixes = {m.group(1) for k in keys
+                    if (m := re.match(rf"^(.*?\b{re.escape(stack)}\.)\d+" + re.escape(tail) + "$", k))}
+        if len(prefixes) != 1:
+            return layout
+        new_head = prefixes.pop()
+        old_root, new_root = head[: len(head) - len(stack) - 1], new_head[: len(new_head) - len(stack) - 1]
+
+        def move(key: str | None) -> str | None:
+            if key is None:
+                return None
+            if key.startswith(head):
+                return new_head + key[len(head):]
+            return new_root + key[len(old_root):] if key.startswith(old_root) else key
+
+        def norm(ns: NormSpec | None) -> NormSpec | None:
+            return None if ns is None else replace(ns, weight=move(ns.weight))
+
+        def proj(p: Proj | None) -> Proj | None:
+            return None if p is None else replace(p, key=move(p.key))
+
+        return replace(layout, q=proj(layout.q), k=proj(layout.k), v=proj(layout.v), qkv=proj(layout.qkv),
+                       o=proj(layout.o), pre_norm=norm(layout.pre_norm), post_norm=norm(layout.post_norm),
+                       embed=move(layout.embed), embed_norm=norm(layout.embed_norm),
+                       unembed=tuple(move(k) for k in layout.unembed),
+                       final_norm=norm(layout.final_norm))
+
+    def require_attention(self) -> AttentionLayout:
+        if self.attention is None:
+            raise MMDetectError(self.attention_gap or "no attention layout")
+        return self.attention
+
+    @property
+    def d_model(self) -> int:
+        if self.attention is not None and self.attention.embed and self.attention.embed in self.ckpt:
+            return int(self.ckpt.tensors[self.attention.embed].shape[-1])
+        from mmdetect.heuristic import _hidden
+
+        d = _hidden(self.ckpt.config)
+        if d is None:
+            raise MMDetectError(f"cannot tell d_model of {self.ckpt.ref}: config.json has no hidden_size")
+        return d
+
+    @property
+    def centres(self) -> bool:
+        """LayerNorm anywhere in front of a reader: every write vector is centred (TransformerLens's convention)."""
+        if self.raw:
+            return False
+        mlp = any(s.centre_writes for s in self.specs)
+        return mlp or bool(self.attention is not None and self.attention.centres)
+
+    @cached_property
+    def attention_layers(self) -> list[int]:
+        if self.attention is None:
+            return []
+        head, tail = self.attention.o.key.split("{i}", 1)
+        rx = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
+        return sorted({int(m.group(1)) for k in self.ckpt.tensors if (m := rx.match(k))})
+
+    @property
+    def n_layers(self) -> int:
+        return max([*self.located, *self.attention_layers, -1]) + 1
+
+    # -- reading -----------------------------------------------------------------------------------------------------
+    def gain(self, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+        if norm is None or norm.weight is None or self.raw:
+            return None
+        key = _key(norm.weight, layer)
+        if key not in self.ckpt:
+            raise MMDetectError(f"norm weight {key!r} is missing from {self.ckpt.ref}: the checkpoint does not match "
+                                f"the registry layout for {self.ckpt.model_type!r}")
+        g = self.ckpt.read(key).float().reshape(-1) + norm.offset
+        if g.numel() != d:
+            raise MMDetectError(f"norm weight {key!r} has {g.numel()} entries but d_model is {d}")
+        return g
+
+    def _canonical(self, proj: Proj, layer: int) -> torch.Tensor:
+        """The projection with heads x head_dim on axis 0: [rows, d] float32."""
+        key = _key(proj.key, layer)
+        if key not in self.ckpt:
+            raise MMDetectError(f"tensor {key!r} is missing from {self.ckpt.ref}: the checkpoint does not match the "
+                                f"attention layout for {self.ckpt.model_type!r}")
+        t = self.ckpt.read(key)
+        if t.dim() != 2:
+            raise MMDetectError(f"tensor {key!r} has shape {list(t.shape)}; the attention registry expects 2-D")
+        return (t if proj.axis == 0 else t.transpose(0, 1)).float()
+
+    def heads(self, layer: int) -> Heads:
+        """Layer ``layer``'s heads: V and O rows [H, dh, d], folded unless raw."""
+        lay = self.require_attention()
+        n_heads = lay.n_heads(self.ckpt.config)
+        o = self._canonical(lay.o, layer)                              # [H*dh, d]
+        rows, d = o.shape
+        if rows % n_heads:
+            raise MMDetectError(f"layer {layer}: the output projection has {rows} input rows, not a multiple of "
+                                f"{n_heads} heads")
+        dh = rows // n_heads
+        if lay.qkv is not None:
+            v = self._split_qkv(lay.qkv, layer, n_heads, dh)            # [KV*dh, d]
+        else:
+            v = self._canonical(lay.v, layer)
+        if v.shape[1] != d or v.shape[0] % dh or n_heads % (v.shape[0] // dh):
+            raise MMDetectError(f"layer {layer}: value rows {list(v.shape)} do not fit {n_heads} heads of size {dh} "
+                                f"and d_model {d}; the attention layout for {self.ckpt.model_type!r} does not fit")
+        n_kv = v.shape[0] // dh
+        kv = [h // (n_heads // n_kv) for h in range(n_heads)]
+        pre = self.gain(lay.pre_norm, layer, d)
+        post = self.gain(lay.post_norm, layer, d)
+        centre_in = bool(lay.pre_norm is not None and lay.pre_norm.centres and not self.raw)
+        v = fold(v, pre, centre_in).reshape(n_kv, dh, d)[kv]            # [H, dh, d]
+        o = fold(o, post, self.centres).reshape(n_heads, dh, d)
+        return Heads(layer, v, o, kv)
+
+    def _split_qkv(self, proj: Proj, layer: int, n_heads: int, dh: int) -> torch.Tensor:
+        """The value rows of a fused projection, [KV*dh, d], in key/value-head order."""
+        t = self._canonical(proj, layer)
+        rows, d = t.shape
+        if rows % dh or (rows // dh - n_heads) % 2 or rows // dh <= n_heads:
+            raise MMDetectError(f"layer {layer}: fused qkv has {rows} rows, which is not (heads + 2 kv_heads) x "
+                                f"{dh} for {n_heads} heads")
+        n_kv = (rows // dh - n_heads) // 2
+        groups = {"heads": n_heads, "kv_heads": n_kv}.get(proj.groups, proj.groups)
+        if n_heads % groups or n_kv % groups:
+            raise MMDetectError(f"layer {layer}: {n_heads} heads and {n_kv} kv heads do not split into {groups} "
+                                f"groups as the attention registry says")
+        sizes = {"q": n_heads // groups * dh, "k": n_kv // groups * dh, "v": n_kv // groups * dh}
+        blocks = t.reshape(groups, rows // groups, d)
+        start = sum(sizes[p] for p in proj.order[: proj.order.index("v")])
+        return blocks[:, start:start + sizes["v"]].reshape(n_kv * dh, d)
+
+    def neurons(self, block: object) -> Neurons:
+        """Fold one scanner Block into read/write vectors, with scan's gate-sign canonicalisation."""
+        spec = block.job.spec
+        pre_c = bool(spec.pre_norm and spec.pre_norm.centres) and not self.raw
+        pre_g = None if self.raw else block.pre_gain
+        post_g = None if self.raw else block.post_gain
+        r = fold(block.w_in, pre_g, pre_c)
+        o = fold(block.w_out, post_g, spec.centre_writes and not self.raw)
+        w_write = block.w_out.float() * (block.post_gain if block.post_gain is not None else 1.0)
+        sign = torch.ones(r.shape[0])
+        if block.w_gate is not None and not self.raw:
+            g = fold(block.w_gate, pre_g, pre_c)
+            sign = torch.where((g * r).sum(dim=1) < 0, -1.0, 1.0)
+            r, o = r * sign[:, None], o * sign[:, None]
+        return Neurons(block.job.layer, spec, block.job.expert, block.expert_label, r, o, w_write, sign)
+
+    def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
+        from mmdetect.scanner import iter_blocks, plan_jobs
+
+        for block in iter_blocks(self.ckpt, plan_jobs(self.ckpt, self.located, layers)):
+            yield self.neurons(block)
+
+    def has_embedding(self) -> bool:
+        return bool(self.attention is not None and self.attention.embed and self.attention.embed in self.ckpt)
+
+    def embedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first token id, [c, d] folded write of each token): gain of an embedding norm and centring applied."""
+        lay = self.require_attention()
+        if not self.has_embedding():
+            raise MMDetectError(f"the token embedding {lay.embed!r} is not in {self.ckpt.ref}")
+        d = self.d_model
+        gain = self.gain(lay.embed_norm, 0, d)
+        centre = self.centres or bool(lay.embed_norm and lay.embed_norm.centres and not self.raw)
+        yield from self._rows(lay.embed, chunk, gain, centre)
+
+    def unembedding_key(self) -> str:
+        lay = self.require_attention()
+        for key in lay.unembed:
+            if key in self.ckpt:
+                return key
+        if self.has_embedding():
+            return lay.embed  # tied
+        raise MMDetectError(f"{self.ckpt.ref} has neither an unembedding ({', '.join(lay.unembed)}) nor a token "
+                            f"embedding to tie it to")
+
+    def unembedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first token id, [c, d]): row t is the residual direction that raises token t's logit (final-norm gain
+        folded in, centred when the final norm is a LayerNorm)."""
+        lay = self.require_attention()
+        key = self.unembedding_key()
+        d = self.d_model
+        if self.ckpt.tensors[key].shape[-1] != d:
+            raise MMDetectError(f"the unembedding {key!r} is {list(self.ckpt.tensors[key].shape)}, not [vocab, "
+                                f"{d}]: models with an output projection (OPT-350m) are not supported here")
+        gain = self.gain(lay.final_norm, 0, d)
+        centre = bool(lay.final_norm and lay.final_norm.centres and not self.raw)
+        yield from self._rows(key, chunk, gain, centre)
+
+    def vocab_size(self) -> int:
+        return int(self.ckpt.tensors[self.unembedding_key()].shape[0])
+
+    def _rows(self, key: str, chunk: int, gain: torch.Tensor | None,
+              centre: bool) -> Iterator[tuple[int, torch.Tensor]]:
+        n = int(self.ckpt.tensors[key].shape[0])
+        for start in range(0, n, chunk):
+            rows = self.ckpt.read(key, start, min(n, start + chunk)).float()
+            yield start, fold(rows, gain, centre)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def __enter__(self) -> "Circuit":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_circuit(model: str, *, revision: str | None = None, raw: bool = False, need_mlps: bool = True) -> Circuit:
+    """Open ``model`` (folder, hub id or .gguf) with its MLP and attention layouts."""
+    ckpt = open_checkpoint(model, revision=revision)
+    try:
+        return Circuit(ckpt, raw=raw, need_mlps=need_mlps)
+    except BaseException:
+        ckpt.close()
+        raise

@@ -1,0 +1,233 @@
+"""Text for activation evidence: where it comes from, and how it becomes rows of token ids.
+
+Sources, in the order ``explain`` and ``scan --verify`` look for them:
+
+* ``--text FILE``: one plain-text file, read as one document;
+* ``--dataset PATH``: a local ``.jsonl`` (one JSON object per line with a text field, ``"text"`` unless
+  ``--field`` says otherwise, or an ``"ids"`` list of token ids) or ``.txt`` (documents separated by blank lines);
+* the default corpus shipped in ``mmdetect/data/corpus.txt``: about 7 KB of plain English written for mmdetect
+  (short children's stories, dialogue, a letter, lists, encyclopedic and practical paragraphs, a few lines of
+  Python). It is not a sample of any dataset; it exists so that evidence works offline, and is small, so
+  numbers from it are a first look rather than a measurement.
+
+A :class:`Vocab` turns text into ids with the checkpoint's own tokenizer, or, when there is none, with the text's UTF-8
+bytes as ids (modulo the vocabulary size when it is smaller than 256). Tokens are then shown as ``#id`` in weight
+views, and contexts are shown as the bytes they were fed as.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmdetect.errors import MMDetectError
+
+DEFAULT = Path(__file__).with_name("data") / "corpus.txt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+
+@dataclass
+class Corpus:
+    name: str
+    description: str
+    documents: list[str] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)  # pre-tokenised documents (JSONL "ids")
+
+
+def _paragraphs(text: str) -> list[str]:
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            docs.append("\n".join(current))
+            current = []
+    if current:
+        docs.append("\n".join(current))
+    return docs
+
+
+def default_corpus() -> Corpus:
+    docs = _paragraphs(DEFAULT.read_text(encoding="utf-8"))
+    return Corpus("default", f"mmdetect's default corpus ({len(docs)} short English texts written for mmdetect, "
+                             f"stories, dialogue, lists, prose and Python)", docs)
+
+
+def load_corpus(text: str | None = None, dataset: str | None = None, field_name: str = "text") -> Corpus:
+    """The corpus for ``--text`` / ``--dataset`` (at most one), or the default corpus."""
+    if text and dataset:
+        raise MMDetectError("give either --text or --dataset, not both")
+    if text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MMDetectError(f"--text {text} is not a file: give a plain-text file")
+        body = path.read_text(encoding="utf-8", errors="replace")
+        if not body.strip():
+            raise MMDetectError(f"--text {text} is empty")
+        return Corpus(str(path), f"text file {path.name}", [body])
+    if dataset:
+        return _dataset(Path(dataset).expanduser(), field_name)
+    return default_corpus()
+
+
+def _dataset(path: Path, field_name: str) -> Corpus:
+    if not path.is_file():
+        raise MMDetectError(f"--dataset {path} is not a file: give a local .jsonl or .txt file")
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".text", ".md"):
+        docs = _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
+        if not docs:
+            raise MMDetectError(f"--dataset {path} holds no text")
+        return Corpus(str(path), f"{path.name} ({len(docs)} documents)", docs)
+    if suffix not in (".jsonl", ".ndjson", ".json"):
+        raise MMDetectError(f"--dataset {path}: use a .jsonl file (one object per line with a {field_name!r} field) "
+                            f"or a .txt file (documents separated by blank lines)")
+    docs: list[str] = []
+    ids: list[list[int]] = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec: Any = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MMDetectError(f"--dataset {path} line {n} is not JSON ({exc.msg}): one JSON object per "
+                                    f"line") from exc
+            if isinstance(rec, str):
+                docs.append(rec)
+            elif isinstance(rec, dict) and isinstance(rec.get(field_name), str):
+                docs.append(rec[field_name])
+            elif isinstance(rec, dict) and isinstance(rec.get("ids"), list) and \
+                    all(isinstance(i, int) for i in rec["ids"]):
+                ids.append([int(i) for i in rec["ids"]])
+            else:
+                raise MMDetectError(f"--dataset {path} line {n} has no {field_name!r} string or 'ids' list: "
+                                    f"use --field NAME for another text field")
+    if not docs and not ids:
+        raise MMDetectError(f"--dataset {path} holds no records")
+    return Corpus(str(path), f"{path.name} ({len(docs) + len(ids)} records)", docs, ids)
+
+
+class Vocab:
+    """Token ids <-> text for one checkpoint: its tokenizer, GGUF token strings, or bare ids."""
+
+    def __init__(self, size: int, tokenizer: Any = None, tokens: list[str] | None = None) -> None:
+        self.size = size
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.kind = "tokenizer" if tokenizer is not None else ("gguf" if tokens else "ids")
+        self.bytes = False  # set once text has been encoded as UTF-8 bytes (no tokenizer)
+        self._labels: dict[int, str] = {}
+
+    @property
+    def bos_id(self) -> int | None:
+        if self.tokenizer is None:
+            return None
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos) if isinstance(bos, int) else None
+
+    def label(self, token_id: int) -> str:
+        """What token ``token_id`` reads as, leading space included: its text, the GGUF token string, or ``#id``."""
+        token_id = int(token_id)
+        if token_id not in self._labels:
+            if self.tokenizer is not None:
+                self._labels[token_id] = self._decode(token_id)
+            elif self.tokens is not None and 0 <= token_id < len(self.tokens):
+                tok = self.tokens[token_id]
+                self._labels[token_id] = tok.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
+            else:
+                self._labels[token_id] = f"#{token_id}"
+        return self._labels[token_id]
+
+    def _decode(self, token_id: int) -> str:
+        # Decoders strip a leading space from the first token (SentencePiece) or merge pieces, so decode the token
+        # after a fixed anchor token and keep what it adds.
+        tok = self.tokenizer
+        try:
+            if token_id in set(getattr(tok, "all_special_ids", []) or []):
+                return str(tok.convert_ids_to_tokens(token_id))
+            if not hasattr(self, "_anchor"):
+                ids = tok.encode("x", add_special_tokens=False)
+                self._anchor = ids[-1] if ids else None
+                self._anchor_text = tok.decode([self._anchor]) if ids else ""
+            if self._anchor is not None:
+                both = tok.decode([self._anchor, token_id])
+                if both.startswith(self._anchor_text) and len(both) > len(self._anchor_text):
+                    return both[len(self._anchor_text):]
+            text = tok.decode([token_id])
+        except Exception:  # ids past the tokenizer's vocabulary (padded embeddings)
+            return f"#{token_id}"
+        return text if text else f"#{token_id}"
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        self.bytes = True
+        raw = text.encode("utf-8")
+        return list(raw) if self.size >= 256 else [b % self.size for b in raw]
+
+    def text(self, ids: list[int]) -> str:
+        """A run of corpus ids as readable text: the tokens' labels, or the bytes decoded when the corpus was fed
+        as UTF-8 bytes."""
+        if self.bytes and self.tokenizer is None and self.size >= 256:
+            return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return "".join(self.label(i) for i in ids)
+
+    def rows(self, corpus: Corpus, seq_len: int, max_tokens: int) -> list[list[int]]:
+        """Rows of at most ``seq_len`` ids, each document cut into pieces that start with BOS (when the tokenizer
+        has one), until ``max_tokens`` ids are collected."""
+        bos = self.bos_id
+        width = seq_len - (1 if bos is not None else 0)
+        if width < 2:
+            raise MMDetectError(f"--seq-len {seq_len} is too short: use at least 8")
+        rows: list[list[int]] = []
+        total = 0
+        docs = [self.encode(d) for d in corpus.documents] + corpus.ids
+        for ids in docs:
+            bad = [i for i in ids if not 0 <= i < self.size]
+            if bad:
+                raise MMDetectError(f"token id {bad[0]} in {corpus.name} is outside this model's vocabulary of "
+                                    f"{self.size}")
+            for start in range(0, len(ids), width):
+                piece = ids[start:start + width]
+                if len(piece) < 2 and start:
+                    continue
+                row = ([bos] if bos is not None else []) + piece
+                rows.append(row[: max(0, max_tokens - total)] if total + len(row) > max_tokens else row)
+                total += len(rows[-1])
+                if total >= max_tokens:
+                    return [r for r in rows if r]
+        return [r for r in rows if r]
+
+
+def load_vocab(ckpt: Any, size: int) -> Vocab:
+    """The checkpoint's tokenizer when it ships one (folder or HF cache), GGUF token strings, else bare ids."""
+    if ckpt.format == "gguf":
+        return Vocab(size, tokens=_gguf_tokens(ckpt.path))
+    path = Path(ckpt.path)
+    candidates = []
+    if any((path / name).exists() for name in TOKENIZER_FILES):
+        candidates.append((str(path), {}))
+    if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
+        candidates.append((ckpt.ref, {"revision": ckpt.revision, "local_files_only": True}))
+    for source, kw in candidates:
+        try:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            return Vocab(size, tokenizer=AutoTokenizer.from_pretrained(source, **kw))
+        except Exception:  # no usable tokenizer there: fall back to ids
+            continue
+    return Vocab(size)
+
+
+def _gguf_tokens(path: Path) -> list[str] | None:
+    try:
+        from gguf import GGUFReader
+
+        f = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+        return [str(t) for t in f.contents()] if f is not None else None
+    except Exception:
+        return None

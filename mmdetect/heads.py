@@ -1,0 +1,195 @@
+"""Memory-management heads: attention heads whose OV circuit writes back the negative of what it reads.
+
+For head h, W_V (``[dh, d]``, pre-norm gain folded in) maps the residual stream to the head's value space and W_O
+(``[d, dh]``, post-norm gain folded in, centred in LayerNorm models) maps it back. The OV circuit M = W_O W_V
+(``[d, d]``, rank dh) has the same nonzero eigenvalues as the small ``[dh, dh]`` matrix W_V W_O, so each head costs one
+dh x dh eigenproblem. Scores, with lambda the eigenvalues:
+
+* ``copying`` = sum Re(lambda) / sum |lambda| in [-1, 1] (Elhage et al.'s summary): +1 a head that copies what it
+  reads, -1 one that writes back exactly its negative (M = -c I on its subspace), ~0 a rotation or random map;
+* ``neg_mass`` = sum over Re(lambda) < 0 of |Re(lambda)| / sum |lambda| in [0, 1];
+* ``min_eig`` = the most negative real part, and ``min_eig_rel`` = min_eig / max |lambda|.
+
+Heads are ranked by ``copying``, most negative first, and flagged when it is at most the threshold. The null band is
+the central 95% of ``copying`` for heads with independent Gaussian W_V and W_O of the same shape (simulated once per
+shape with a fixed seed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdetect import __version__
+from mmdetect.circuit import Circuit, Heads, open_circuit
+from mmdetect.errors import MMDetectError
+
+COLUMNS = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig", "min_eig_rel", "max_abs_eig",
+           "ov_norm", "flagged"]
+NULL_SAMPLES = 256
+
+
+def ov_eigenvalues(v: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Nonzero spectrum of one head's OV circuit: eigenvalues of W_V W_O = v @ o.T. v, o: [dh, d] -> [dh] complex."""
+    return torch.linalg.eigvals(v.double() @ o.double().T)
+
+
+def spectrum_scores(eig: torch.Tensor) -> dict[str, float]:
+    """copying, neg_mass, min_eig, min_eig_rel, max_abs_eig from eigenvalues [dh] (NaN for an all-zero head)."""
+    re, mag = eig.real, eig.abs()
+    total = float(mag.sum())
+    if not math.isfinite(total) or total == 0.0:
+        nan = float("nan")
+        return {"copying": nan, "neg_mass": nan, "min_eig": nan, "min_eig_rel": nan, "max_abs_eig": nan}
+    min_eig = float(re.min())
+    return {"copying": float(re.sum()) / total, "neg_mass": float((-re).clamp(min=0).sum()) / total,
+            "min_eig": min_eig, "min_eig_rel": min_eig / float(mag.max()), "max_abs_eig": float(mag.max())}
+
+
+def ov_norm(v: torch.Tensor, o: torch.Tensor) -> float:
+    """Frobenius norm of M = W_O W_V [d, d], via ||M||_F^2 = tr((V V^T)(O O^T)) on dh x dh matrices."""
+    v, o = v.double(), o.double()
+    return float(torch.sqrt(torch.clamp(((v @ v.T) * (o @ o.T)).sum(), min=0.0)))
+
+
+def score_heads(heads: Heads) -> list[dict[str, Any]]:
+    rows = []
+    for h in range(heads.n_heads):
+        eig = ov_eigenvalues(heads.v[h], heads.o[h])
+        rows.append({"layer": heads.layer, "head": h, "kv_head": heads.kv[h], **spectrum_scores(eig),
+                     "ov_norm": ov_norm(heads.v[h], heads.o[h])})
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def null_copying(d: int, dh: int, level: float = 0.95, samples: int = NULL_SAMPLES) -> tuple[float, float]:
+    """Central ``level`` band of ``copying`` for random heads (independent Gaussian W_V, W_O of shape [dh, d]).
+
+    Small heads (dh <= 32) are simulated outright. For larger ones the numerator, trace(W_V W_O) = sum of dh*d
+    independent products, is normal with variance dh*d, and the denominator sum |eig| concentrates, so a few samples
+    of it give the band: +-z * sqrt(dh * d) / E[sum |eig|].
+    """
+    from scipy.stats import norm
+
+    gen = torch.Generator().manual_seed(1234 + 7919 * d + dh)
+    if dh <= 32:
+        vals = []
+        for _ in range(samples):
+            v, o = torch.randn(dh, d, generator=gen), torch.randn(dh, d, generator=gen)
+            vals.append(spectrum_scores(ov_eigenvalues(v, o))["copying"])
+        lo, hi = np.quantile(np.array(vals), [(1 - level) / 2, (1 + level) / 2])
+        return float(lo), float(hi)
+    mass = [float(ov_eigenvalues(torch.randn(dh, d, generator=gen), torch.randn(dh, d, generator=gen)).abs().sum())
+            for _ in range(4)]
+    half = float(norm.ppf((1 + level) / 2)) * math.sqrt(dh * d) / float(np.mean(mass))
+    return -half, half
+
+
+def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = None,
+                 progress: bool | None = False) -> Any:
+    """Score every head of every (selected) layer; one DataFrame row per head, ranked by copying (ascending)."""
+    import pandas as pd
+
+    from mmdetect.scanner import _progress, parse_layers
+
+    circuit.require_attention()
+    wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else set(int(x) for x in layers)
+    all_layers = circuit.attention_layers
+    chosen = [layer for layer in all_layers if wanted is None or layer in wanted]
+    if not chosen:
+        raise MMDetectError(f"--layers selects none of this model's attention layers (0-{max(all_layers)})"
+                            if all_layers else f"no attention layers found in {circuit.ckpt.ref}")
+    rows: list[dict[str, Any]] = []
+    shapes: dict[int, tuple[int, int]] = {}
+    with _progress(progress, len(chosen), circuit.ckpt.ref) as advance:
+        for layer in chosen:
+            heads = circuit.heads(layer)
+            shapes[layer] = (int(heads.v.shape[2]), heads.head_dim)
+            rows += score_heads(heads)
+            advance(1)
+    df = pd.DataFrame(rows)
+    with np.errstate(invalid="ignore"):
+        df["flagged"] = np.isfinite(df["copying"]) & (df["copying"] <= threshold)
+    df = df.sort_values(["copying", "layer", "head"], na_position="last", kind="stable").reset_index(drop=True)
+    ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
+    ranks[df["copying"].isna().to_numpy()] = pd.NA
+    df.insert(0, "rank", ranks)
+    df = df[COLUMNS]
+    ckpt = circuit.ckpt
+    lay = circuit.attention
+    df.attrs["provenance"] = {
+        "tool": "mmdetect", "command": "heads", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
+        "format": ckpt.format, "model_type": ckpt.model_type, "attention_family": lay.family,
+        "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
+        "convention": "raw" if circuit.raw else "folded", "score": "copying = sum Re(eig) / sum |eig| of W_V W_O",
+        "threshold": threshold, "layers": layers if isinstance(layers, (str, type(None))) else sorted(wanted or []),
+        "torch": torch.__version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    summary = []
+    for layer, group in df.groupby("layer", sort=True):
+        d, dh = shapes[int(layer)]
+        lo, hi = null_copying(d, dh)
+        cop = group["copying"].to_numpy(dtype=np.float64)
+        fin = cop[np.isfinite(cop)]
+        summary.append({"layer": int(layer), "d_model": d, "d_head": dh, "n_heads": int(len(group)),
+                        "n_kv_heads": int(group["kv_head"].nunique()), "n_flagged": int(group["flagged"].sum()),
+                        "min": float(fin.min()) if fin.size else float("nan"),
+                        "median": float(np.median(fin)) if fin.size else float("nan"),
+                        "null_lo": lo, "null_hi": hi})
+    df.attrs["layers"] = summary
+    return df
+
+
+def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0.5, raw: bool = False,
+               layers: Any = None, progress: bool | None = False) -> Any:
+    """Rank every attention head of ``model`` by the copying score of its OV circuit (most anti-copying first).
+
+    Columns: see ``COLUMNS``; ``df.attrs["provenance"]`` and ``df.attrs["layers"]`` (per-layer counts and the null
+    band of the copying score) as for ``scan``. Raises MMDetectError for attention layouts not yet registered.
+    """
+    with open_circuit(model, revision=revision, raw=raw, need_mlps=False) as circuit:
+        return scan_circuit(circuit, threshold=threshold, layers=layers, progress=progress)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:+.{digits}f}" if abs(v) < 1000 else f"{v:.3g}"
+    return str(v)
+
+
+def render(df: Any, top: int = 20, console: Any = None) -> None:
+    """The top ``top`` heads and the per-layer summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    table = Table(title=f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
+                        f"convention · {len(df):,} heads · {n_flagged:,} flagged (copying ≤ "
+                        f"{prov.get('threshold', '?')})", title_justify="left", header_style="bold")
+    cols = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for row in df.head(top).to_dict(orient="records"):
+        cells = [str(row[c]) if c in ("rank", "layer", "head", "kv_head") else
+                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else _fmt(row[c])) for c in cols]
+        table.add_row(*cells, style="bold red" if row["flagged"] else None)
+    console.print(table)
+    layers = df.attrs.get("layers", [])
+    if layers:
+        summary = Table(title="Per layer (copying = Σ Re λ / Σ |λ| of W_V·W_O; null = 95% band of random heads)",
+                        title_justify="left", header_style="bold")
+        for col in ("layer", "heads", "kv heads", "d_head", "flagged", "min", "median", "null band"):
+            summary.add_column(col, justify="right")
+        for s in layers:
+            summary.add_row(str(s["layer"]), str(s["n_heads"]), str(s["n_kv_heads"]), str(s["d_head"]),
+                            str(s["n_flagged"]), _fmt(s["min"]), _fmt(s["median"]),
+                            f"{_fmt(s['null_lo'])}…{_fmt(s['null_hi'])}")
+        console.print(summary)
