@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import re
 import sys
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -76,7 +77,10 @@ def _rebase(spec: MLPSpec, old: str, new: str) -> MLPSpec:
         return None if ts is None else replace(ts, key=ts.key.replace(old, new, 1))
 
     def nm(ns: NormSpec | None) -> NormSpec | None:
-        return None if ns is None or ns.weight is None else replace(ns, weight=ns.weight.replace(old, new, 1))
+        if ns is None or ns.weight is None:
+            return None
+        moved = tuple(w.replace(old, new, 1) for w in ns.weights)
+        return replace(ns, weight=moved[0] if isinstance(ns.weight, str) else moved)
 
     return replace(spec, out=t(spec.out), gate=t(spec.gate), up=t(spec.up), in_=t(spec.in_),
                    gate_up=t(spec.gate_up), pre_norm=nm(spec.pre_norm) if spec.pre_norm else None,
@@ -86,8 +90,9 @@ def _rebase(spec: MLPSpec, old: str, new: str) -> MLPSpec:
 def locate_mlps(ckpt: Checkpoint, specs: tuple[MLPSpec, ...]) -> tuple[tuple[MLPSpec, ...], dict]:
     """Find where each MLP spec occurs: {layer: [(spec, [expert indices] or None)]}.
 
-    A spec is present in a layer when its output tensor is. When no key matches at all, look for the same layout
-    under another prefix (``model.language_model.layers`` instead of ``model.layers``) and rebase the spec.
+    A spec is present in a layer when its output tensor is (and, for a spec with ``layer_types``, when config.json
+    gives the layer one of those types). When no key matches at all, look for the same layout under another prefix
+    (``model.language_model.layers`` instead of ``model.layers``) and rebase the spec.
     """
     keys = list(ckpt.tensors)
     found = _match(keys, specs)
@@ -101,7 +106,27 @@ def locate_mlps(ckpt: Checkpoint, specs: tuple[MLPSpec, ...]) -> tuple[tuple[MLP
             new = prefixes.pop()
             specs = tuple(_rebase(s, head, new) for s in specs)
             found = _match(keys, specs)
-    return specs, found
+    return specs, _by_layer_type(found, ckpt)
+
+
+def _by_layer_type(found: dict, ckpt: Checkpoint) -> dict:
+    """Drop specs from layers whose config.json ``layer_types`` entry they do not list (OLMo-Hybrid's attention and
+    linear-attention layers store the same MLP tensors behind different norms)."""
+    types = ckpt.config.get("layer_types")
+    out = {}
+    for layer, entries in found.items():
+        kept = []
+        for spec, experts in entries:
+            if spec.layer_types is not None:
+                if not isinstance(types, list) or layer >= len(types):
+                    raise MMDetectError(f"{ckpt.ref}: config.json has no layer_types entry for layer {layer}, which "
+                                        f"the {ckpt.model_type!r} layout needs to tell its layer kinds apart")
+                if types[layer] not in spec.layer_types:
+                    continue
+            kept.append((spec, experts))
+        if kept:
+            out[layer] = kept
+    return out
 
 
 def _match(keys: list[str], specs: tuple[MLPSpec, ...]) -> dict[int, list[tuple[MLPSpec, list[int] | None]]]:
@@ -126,6 +151,7 @@ class Job:
     spec: MLPSpec
     expert: int | None        # routed expert index, or None
     n_experts: int = 1        # for stacked 2-D experts
+    part: tuple[int, int] | None = None  # neurons [n0, n1) of a large MLP, which is scanned in parts
 
 
 @dataclass
@@ -149,29 +175,6 @@ def _key(template: str, layer: int, expert: int | None) -> str:
     return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
 
 
-class Arena:
-    """One reusable byte buffer that a block's tensors are read into (new memory costs a page fault per 4 KiB).
-
-    Tensors handed out are views into it, valid until the arena is reset for another block.
-    """
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.offset = 0
-
-    def reset(self, nbytes: int) -> None:
-        if len(self.buf) < nbytes:
-            self.buf = bytearray(nbytes)  # the old buffer lives on while views of it do
-        self.offset = 0
-
-    def take(self, nbytes: int) -> memoryview | None:
-        if nbytes == 0:
-            return None
-        view = memoryview(self.buf)[self.offset:self.offset + nbytes]
-        self.offset += (nbytes + 63) // 64 * 64
-        return view
-
-
 def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
     """The on-disk key and the rows of its first axis that hold this job's neurons."""
     key = _key(ts.key, job.layer, job.expert)
@@ -190,59 +193,103 @@ def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int |
 
 
 def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
-    """Bytes of this block's weights that can be read into an Arena (64-byte aligned)."""
+    """Bytes of this block's weights in the file (about what a block in flight holds mapped)."""
     total = 0
     for ts in job.spec.tensors().values():
-        total += (ckpt.nbytes(*_tensor_rows(ckpt, ts, job)) + 63) // 64 * 64
+        nbytes = ckpt.nbytes(*_tensor_rows(ckpt, ts, job))
+        if job.part is not None and ts.axis == 0:
+            # Only this part's rows are mapped. (A column-major weight counts whole: the kernel's fault-around maps
+            # 64 KiB around every touched page, which covers every row of a typical [d, n] bf16 matrix.)
+            n = ckpt.tensors[_key(ts.key, job.layer, job.expert)].shape[0] // (2 if ts.split else 1)
+            nbytes = nbytes * (job.part[1] - job.part[0]) // max(1, n)
+        total += nbytes
     return total
 
 
-def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job, arena: Arena | None = None) -> torch.Tensor:
+PART_BYTES = 64 << 20  # a 2-D MLP whose row-major weights are bigger than this is scanned in parts of neurons
+
+
+def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
+    """A large dense MLP (or indexed expert) as several jobs over neuron ranges, so memory stays bounded.
+
+    A 16B-parameter model's MLP is ~550 MB; in parts, each maps only its rows of the input weights and touches only
+    its columns' pages of a column-major output weight.
+    """
+    gate_up = job.spec.gate_up
+    if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
+        return [job]
+    out = job.spec.out
+    shape = ckpt.tensors[_key(out.key, job.layer, job.expert)].shape
+    if len(shape) != 2:
+        return [job]
+    n = shape[out.axis]
+    biggest = max(ckpt.nbytes(_key(ts.key, job.layer, job.expert)) // (2 if ts.split else 1)
+                  for ts in job.spec.tensors().values())
+    parts = -(-biggest // PART_BYTES)
+    if parts <= 1:
+        return [job]
+    step = -(-n // parts)
+    return [replace(job, part=(n0, min(n, n0 + step))) for n0 in range(0, n, step)]
+
+
+def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
     """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
     key, start, stop = _tensor_rows(ckpt, ts, job)
     shape = ckpt.tensors[key].shape
-    into = arena.take(ckpt.nbytes(key, start, stop)) if arena is not None else None
     if job.spec.experts == "fused":
-        t = ckpt.read(key, start, stop, into=into)[0]
+        t = ckpt.read(key, start, stop)[0]
         return t if ts.axis == 1 else t.transpose(0, 1)
     if job.spec.experts == "stacked":
-        t = ckpt.read(key, start, stop, into=into)
+        t = ckpt.read(key, start, stop)
         return t if ts.axis == 0 else t.transpose(0, 1)
-    t = ckpt.read(key, into=into)
-    if t.dim() != 2:
+    if len(shape) != 2:
         raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects a 2-D weight")
-    return t if ts.axis == 0 else t.transpose(0, 1)
+    if job.part is None:
+        t = ckpt.read(key)
+        return t if ts.axis == 0 else t.transpose(0, 1)
+    n0, n1 = job.part
+    if ts.axis == 0:  # neuron rows are one contiguous byte range: read only those
+        if ts.split is None:
+            return ckpt.read(key, n0, n1)
+        if ts.split == "interleave":
+            return ckpt.read(key, 2 * n0, 2 * n1)
+        half = shape[0] // 2  # halves: this part's gate rows, then its up rows
+        return torch.cat([ckpt.read(key, n0, n1), ckpt.read(key, half + n0, half + n1)])
+    # Neuron columns: map the whole tensor without touching it; only the pages of these columns are faulted in.
+    return ckpt.read(key, populate=False)[:, n0:n1].transpose(0, 1)
 
 
 def _gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+    """The norm's effective gain [d]; for norms applied one after another, the product of their gains."""
     if norm is None or norm.weight is None:
         return None
-    key = _key(norm.weight, layer, None)
-    if key not in ckpt:
-        raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
-                            f"registry layout for {ckpt.model_type!r}")
-    gain = ckpt.read(key).float().reshape(-1) + norm.offset
-    if gain.numel() != d:
-        raise MMDetectError(f"norm weight {key!r} has {gain.numel()} entries but d_model is {d}")
-    return gain
+    total = None
+    for template in norm.weights:
+        key = _key(template, layer, None)
+        if key not in ckpt:
+            raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
+                                f"registry layout for {ckpt.model_type!r}")
+        gain = ckpt.read(key).float().reshape(-1) + norm.offset
+        if gain.numel() != d:
+            raise MMDetectError(f"norm weight {key!r} has {gain.numel()} entries but d_model is {d}")
+        total = gain if total is None else total * gain
+    return total
 
 
-def load_block(ckpt: Checkpoint, job: Job, arena: Arena | None = None) -> Block:
+def load_block(ckpt: Checkpoint, job: Job) -> Block:
     """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains."""
     spec = job.spec
-    if arena is not None:
-        arena.reset(block_nbytes(ckpt, job))
     if spec.gate_up is not None:
-        both = _read_canonical(ckpt, spec.gate_up, job, arena)
+        both = _read_canonical(ckpt, spec.gate_up, job)
         half = both.shape[0] // 2
         if spec.gate_up.split == "interleave":
             w_gate, w_in = both[0::2], both[1::2]
         else:
             w_gate, w_in = both[:half], both[half:]
     else:
-        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job, arena)
-        w_gate = _read_canonical(ckpt, spec.gate, job, arena) if spec.gate is not None else None
-    w_out = _read_canonical(ckpt, spec.out, job, arena)
+        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job)
+        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
+    w_out = _read_canonical(ckpt, spec.out, job)
     if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
         where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
         raise MMDetectError(f"{where}: input {list(w_in.shape)} and output {list(w_out.shape)} weights disagree "
@@ -277,35 +324,33 @@ def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[
                 jobs += [Job(layer, spec, e, count) for e in range(count)]
             else:
                 jobs.append(Job(layer, spec, None))
-    return jobs
+    return [part for job in jobs for part in split_parts(ckpt, job)]
 
 
-READ_AHEAD_BYTES = 640 << 20  # read the next block during compute while both fit in this much memory
+READ_AHEAD_BYTES = 400 << 20  # blocks in flight (read ahead, or computed side by side) must fit in this much
 
 
 def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
     """Yield each job's block, reading the next one on a background thread while the caller computes.
 
-    Two arenas alternate, so steady state allocates nothing. A yielded block is valid until the next one is
-    requested. When two blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized MLPs) the read is not overlapped,
-    which keeps peak memory at about one block whatever the model size.
+    When two blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized MLPs) the read is not overlapped, which keeps
+    peak memory at about one block whatever the model size.
     """
     if not jobs:
         return
-    arenas = (Arena(), Arena())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdetect-read") as pool:
-        pending = pool.submit(load_block, ckpt, jobs[0], arenas[0])
+        pending = pool.submit(load_block, ckpt, jobs[0])
         for k, job in enumerate(jobs):
             block = pending.result()
             nxt = jobs[k + 1] if k + 1 < len(jobs) else None
             ahead = nxt is not None and \
                 block_nbytes(ckpt, job) + block_nbytes(ckpt, nxt) <= READ_AHEAD_BYTES
             if ahead:
-                pending = pool.submit(load_block, ckpt, nxt, arenas[(k + 1) % 2])
+                pending = pool.submit(load_block, ckpt, nxt)
             yield block
             del block
             if nxt is not None and not ahead:
-                pending = pool.submit(load_block, ckpt, nxt, arenas[(k + 1) % 2])
+                pending = pool.submit(load_block, ckpt, nxt)
 
 
 @dataclass
@@ -325,34 +370,35 @@ def compute_workers() -> int:
 
 def compute_blocks(ckpt: Checkpoint, jobs: list[Job], compute: Callable[[Block], BlockResult],
                    workers: int | None = None) -> Iterator[BlockResult]:
-    """Read blocks in order on one thread and compute them on ``workers`` threads; yield results in job order.
+    """Read and compute blocks on ``workers`` threads; yield the results in job order.
 
+    Each worker reads a block (one at a time, under a lock, so the disk sees one sequential stream), computes it and
+    releases it, so one worker's read overlaps another's compute, and at most ``workers`` blocks are mapped at once.
     Torch runs single-threaded inside each worker: per-slab kernels are too small for its intra-op thread pool,
-    which spins against the reader and, on a busy machine, made one layer 25x slower. Parallelism comes from
-    computing whole blocks side by side instead. Each block in flight owns an arena, so at most ``workers + 1``
-    blocks are in memory, fewer when they would not fit in READ_AHEAD_BYTES (then down to one block, unoverlapped).
+    which spins against the other threads and, on a busy machine, made one layer 25x slower; parallelism comes from
+    whole blocks side by side instead. When that many blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized
+    MLPs), fewer workers run, down to one block at a time.
     """
     if not jobs:
         return
-    workers = workers or compute_workers()
     biggest = max(block_nbytes(ckpt, job) for job in jobs)
-    slots = max(1, min(workers + 1, READ_AHEAD_BYTES // max(1, biggest)))
-    workers = min(workers, slots)
-    arenas = [Arena() for _ in range(slots)]
+    workers = max(1, min(workers or compute_workers(), READ_AHEAD_BYTES // max(1, biggest)))
+    read_lock = threading.Lock()
+
+    def run(job: Job) -> BlockResult:
+        with read_lock:
+            block = load_block(ckpt, job)
+        return compute(block)  # the block (and its mapped pages) is released when this returns
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mmdetect-scan")
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="mmdetect-read") as reader, \
-                ThreadPoolExecutor(workers, thread_name_prefix="mmdetect-compute") as pool:
-            inflight: deque = deque()
-            for k, job in enumerate(jobs):
-                if len(inflight) == slots:      # the oldest block must finish before its arena is reused
-                    yield inflight.popleft().result()
-                read = reader.submit(load_block, ckpt, job, arenas[k % slots])
-                inflight.append(pool.submit(lambda read=read: compute(read.result())))
-            while inflight:
-                yield inflight.popleft().result()
+        futures: deque = deque(pool.submit(run, job) for job in jobs)
+        while futures:
+            yield futures.popleft().result()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
 
 
@@ -394,7 +440,7 @@ def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
     return {
         "layer": np.full(n, block.job.layer, dtype=np.int64),
         "expert": np.full(n, block.expert_label, dtype=object),
-        "neuron": np.arange(n, dtype=np.int64),
+        "neuron": np.arange(n, dtype=np.int64) + (block.job.part[0] if block.job.part else 0),
         "cos": stats.cos.numpy().astype(np.float64),
         "cos_gate_out": stats.cos_gate_out.numpy().astype(np.float64),
         "cos_gate_in": stats.cos_gate_in.numpy().astype(np.float64),

@@ -10,6 +10,7 @@ templates of on-disk tensor names, ``{i}`` for the layer and ``{e}`` for the exp
     - name: mlp                    # a label for messages; several MLPs per layer are allowed
       experts: none                # none | indexed ({e} in keys) | fused (3-D [E, ...]) | stacked (2-D [E*I, d])
       label: shared                # optional: what the `expert` column says for a non-routed MLP (e.g. shared)
+      layer_types: [full_attention]  # optional: only in layers whose config.json `layer_types[i]` is listed
       pre_norm: {weight: model.layers.{i}.post_attention_layernorm.weight, kind: rms}
       post_norm: null              # a norm applied to the MLP's output (Gemma 2/3, OLMo 2)
       gate: {key: model.layers.{i}.mlp.gate_proj.weight, axis: 0}
@@ -20,7 +21,9 @@ templates of on-disk tensor names, ``{i}`` for the layer and ``{e}`` for the exp
       mlps: [...]
 
 Norm kinds: ``rms`` (gain w), ``rms1p`` (gain 1 + w), ``layernorm`` (gain w, centres its input), ``layernorm1p``.
-``weight: null`` means a norm without parameters. ``pre_norm: null`` means the MLP reads the raw residual stream.
+``weight: null`` means a norm without parameters; a list of weights means norms of that kind applied one after another
+(Gemma 4's MoE layers normalise each branch's output and then their sum), whose gains multiply. ``pre_norm: null``
+means the MLP reads the raw residual stream.
 Tensors: ``in`` (non-gated), ``gate`` + ``up``, or ``gate_up`` (fused, ``split: halves`` gate first, or
 ``interleave`` gate on even rows); ``out`` always. ``axis`` is the neuron axis of the stored tensor (for fused 3-D
 experts, counted on the full tensor, whose axis 0 is the expert).
@@ -54,8 +57,12 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class NormSpec:
-    weight: str | None
+    weight: str | tuple[str, ...] | None  # several: norms applied one after another, whose gains multiply
     kind: str
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        return () if self.weight is None else (self.weight,) if isinstance(self.weight, str) else self.weight
 
     @property
     def offset(self) -> float:
@@ -74,6 +81,7 @@ class MLPSpec:
     out: TensorSpec
     experts: str = "none"
     label: str | None = None
+    layer_types: tuple[str, ...] | None = None  # scan only in layers whose config layer_types[i] is one of these
     pre_norm: NormSpec | None = None
     post_norm: NormSpec | None = None
     gate: TensorSpec | None = None
@@ -145,12 +153,24 @@ def _normspec(where: str, data: Any) -> NormSpec | None:
     _check_keys(where, data, {"weight", "kind"}, {"weight", "kind"})
     if data["kind"] not in NORM_KINDS:
         raise RegistryError(f"{where}.kind: must be one of {', '.join(NORM_KINDS)}, got {data['kind']!r}")
-    return NormSpec(data["weight"], data["kind"])
+    weight = data["weight"]
+    if isinstance(weight, list):
+        if len(weight) < 2 or not all(isinstance(w, str) for w in weight):
+            raise RegistryError(f"{where}.weight: a list must name two or more weights")
+        weight = tuple(weight)
+    elif weight is not None and not isinstance(weight, str):
+        raise RegistryError(f"{where}.weight: must be a tensor name, a list of them, or null")
+    return NormSpec(weight, data["kind"])
 
 
 def _mlp(where: str, data: Any) -> MLPSpec:
     roles = {"gate", "up", "in", "gate_up", "out"}
-    _check_keys(where, data, {"name", "experts", "label", "pre_norm", "post_norm"} | roles, {"name", "out"})
+    _check_keys(where, data, {"name", "experts", "label", "layer_types", "pre_norm", "post_norm"} | roles,
+                {"name", "out"})
+    layer_types = data.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or not layer_types
+                                    or not all(isinstance(t, str) for t in layer_types)):
+        raise RegistryError(f"{where}.layer_types: must be a non-empty list of layer type names")
     experts = data.get("experts", "none")
     if experts not in EXPERT_KINDS:
         raise RegistryError(f"{where}.experts: must be one of {', '.join(EXPERT_KINDS)}, got {experts!r}")
@@ -162,6 +182,7 @@ def _mlp(where: str, data: Any) -> MLPSpec:
     if experts == "indexed" and "{e}" not in tensors["out"].key:
         raise RegistryError(f"{where}: experts: indexed needs {{e}} in the tensor keys")
     return MLPSpec(name=str(data["name"]), experts=experts, label=data.get("label"),
+                   layer_types=None if layer_types is None else tuple(layer_types),
                    pre_norm=_normspec(f"{where}.pre_norm", data.get("pre_norm")),
                    post_norm=_normspec(f"{where}.post_norm", data.get("post_norm")),
                    gate=tensors.get("gate"), up=tensors.get("up"), in_=tensors.get("in"),
