@@ -219,12 +219,14 @@ def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
     if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
         return [job]
     out = job.spec.out
+    keys = [_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
+    if not all(key in ckpt for key in keys):
+        return [job]  # load_block reports the missing tensor
     shape = ckpt.tensors[_key(out.key, job.layer, job.expert)].shape
     if len(shape) != 2:
         return [job]
     n = shape[out.axis]
-    biggest = max(ckpt.nbytes(_key(ts.key, job.layer, job.expert)) // (2 if ts.split else 1)
-                  for ts in job.spec.tensors().values())
+    biggest = max(ckpt.nbytes(key) // (2 if ts.split else 1) for key, ts in zip(keys, job.spec.tensors().values()))
     parts = -(-biggest // PART_BYTES)
     if parts <= 1:
         return [job]
