@@ -8,7 +8,8 @@ import click
 
 from mmdetect import __version__
 from mmdetect.errors import MMDetectError
-from mmdetect.options import debug_option, model_options, output_options, resolve_output, text_options
+from mmdetect.options import (debug_option, layers_option, model_options, output_options, progress_option,
+                              resolve_output, revision_option, text_options)
 
 
 def _example(*lines: str) -> str:
@@ -55,7 +56,7 @@ def main() -> None:
 @click.argument("model")
 @model_options
 @output_options
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@progress_option
 @click.option("--verify", type=click.IntRange(min=1), is_flag=False, flag_value=20, default=None, metavar="[K]",
               help="For the top K flagged neurons (20 if K is omitted) add the deletion score on text and the top "
                    "upstream writer (runs the model with transformers).")
@@ -276,7 +277,7 @@ def _table_output(fmt: str | None, output: str | None, write: Any, render: Any, 
 @click.option("-l", "--layer", type=click.IntRange(min=0), required=True, help="The neuron's layer.")
 @click.option("-n", "--neuron", type=click.IntRange(min=0), required=True, help="The neuron's index in its MLP.")
 @click.option("--expert", default=None, metavar="E", help="Routed expert index, or a label such as shared (MoE).")
-@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@revision_option
 @click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
 @text_options
 @click.option("--activations/--no-activations", default=True, show_default=True,
@@ -328,13 +329,13 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
                               "mmdetect heads gpt2 --flagged-only --format csv -o heads.csv",
                               "mmdetect heads model.gguf --threshold -0.3 --top 40"))
 @click.argument("model")
-@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@revision_option
 @click.option("--raw", is_flag=True, help="Stored W_V and W_O without norm gains or centring.")
 @click.option("--threshold", type=float, default=-0.5, show_default=True,
               help="Flag heads whose copying score is <= THRESHOLD.")
-@click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10.")
+@layers_option
 @output_options
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@progress_option
 @debug_option
 def heads(model: str, revision: str | None, raw: bool, threshold: float, layers: str | None, fmt: str | None,
           output: str | None, top: int, flagged_only: bool, progress: bool | None) -> None:
@@ -358,7 +359,7 @@ def heads(model: str, revision: str | None, raw: bool, threshold: float, layers:
                               "mmdetect chains gpt2 --threshold -0.6 --per-deleter 5 --format csv -o chains.csv",
                               "mmdetect chains ./model --no-heads --format json"))
 @click.argument("model")
-@click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only).")
+@revision_option
 @click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
 @click.option("--threshold", type=float, default=-0.5, show_default=True,
               help="Neuron deleters: cos(read, write) <= THRESHOLD.")

@@ -27,6 +27,7 @@ import torch
 from mmdetect import __version__
 from mmdetect.circuit import Circuit, Heads, open_circuit
 from mmdetect.errors import MMDetectError
+from mmdetect.report import fmt_cell
 
 COLUMNS = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig", "min_eig_rel", "max_abs_eig",
            "ov_norm", "flagged"]
@@ -155,14 +156,6 @@ def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0
         return scan_circuit(circuit, threshold=threshold, layers=layers, progress=progress)
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    if isinstance(v, float):
-        return f"{v:+.{digits}f}" if abs(v) < 1000 else f"{v:.3g}"
-    return str(v)
-
-
 def render(df: Any, top: int = 20, console: Any = None) -> None:
     """The top ``top`` heads and the per-layer summary as rich tables."""
     from rich.console import Console
@@ -179,7 +172,7 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
         table.add_column(col, justify="right")
     for row in df.head(top).to_dict(orient="records"):
         cells = [str(row[c]) if c in ("rank", "layer", "head", "kv_head") else
-                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else _fmt(row[c])) for c in cols]
+                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else fmt_cell(row[c])) for c in cols]
         table.add_row(*cells, style="bold red" if row["flagged"] else None)
     console.print(table)
     layers = df.attrs.get("layers", [])
@@ -190,6 +183,6 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
             summary.add_column(col, justify="right")
         for s in layers:
             summary.add_row(str(s["layer"]), str(s["n_heads"]), str(s["n_kv_heads"]), str(s["d_head"]),
-                            str(s["n_flagged"]), _fmt(s["min"]), _fmt(s["median"]),
-                            f"{_fmt(s['null_lo'])}…{_fmt(s['null_hi'])}")
+                            str(s["n_flagged"]), fmt_cell(s["min"]), fmt_cell(s["median"]),
+                            f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}")
         console.print(summary)

@@ -25,13 +25,19 @@ def debug_option(fn: Callable) -> Callable:
                         help="Show full tracebacks for errors.")(fn)
 
 
+revision_option = click.option("--revision", default=None, metavar="REV",
+                               help="Hub branch, tag or commit (hub ids only).")
+layers_option = click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10.")
+progress_option = click.option("--progress/--no-progress", default=None,
+                               help="Progress bar on stderr (default: when a terminal).")
+
 model_options = _stack(
-    click.option("--revision", default=None, metavar="REV", help="Hub branch, tag or commit (hub ids only)."),
+    revision_option,
     click.option("--raw", is_flag=True, help="Plain cos(w_in, w_out) of the stored weights: no norm folding, "
                                              "centring or sign canonicalisation."),
     click.option("--threshold", type=float, default=-0.5, show_default=True,
                  help="Flag neurons with cos <= THRESHOLD."),
-    click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10."),
+    layers_option,
     click.option("--device", default="cpu", show_default=True, metavar="DEV",
                  help="Where to compute: cpu, cuda, cuda:N or mps (falls back to cpu with a warning)."),
 )
@@ -57,6 +63,7 @@ def resolve_output(fmt: str | None, output: str | None) -> tuple[str, str | None
         if fmt in (None, "table"):
             fmt = infer_format(output) if fmt is None else "table"
     return fmt or "table", output
+
 
 text_options = _stack(
     click.option("--text", "text", type=click.Path(dir_okay=False), default=None, metavar="FILE",

@@ -195,8 +195,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 # -- the terminal view ----------------------------------------------------------------------------------------------
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def fmt_cell(v: Any, digits: int = 3) -> str:
+    """A terminal-table cell: signed fixed-point floats, blank for missing values."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return ""
     if isinstance(v, float):
         return f"{v:+.{digits}f}" if abs(v) < 1000 else f"{v:.3g}"
@@ -222,7 +223,7 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
         table.add_column(col, justify="left" if col in ("class", "expert") else "right")
     for row in df.head(top).to_dict(orient="records"):
         style = "bold red" if row["flagged"] else None
-        table.add_row(*[_fmt(row[c], 2 if c == "z" else 3) if c not in ("rank", "layer", "neuron") else
+        table.add_row(*[fmt_cell(row[c], 2 if c == "z" else 3) if c not in ("rank", "layer", "neuron") else
                         ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
     console.print(table)
     layers = df.attrs.get("layers", [])
@@ -233,6 +234,6 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
             summary.add_column(col, justify="right")
         for s in layers:
             summary.add_row(str(s["layer"]), f"{s['n_neurons']:,}", f"{s['n_flagged']:,}",
-                            f"{100 * s['share_flagged']:.1f}%", _fmt(s["min"]), _fmt(s["q05"]), _fmt(s["median"]),
-                            f"±{s['null_hi']:.3f}", f"{_fmt(s['emp_null_lo'])}…{_fmt(s['emp_null_hi'])}")
+                            f"{100 * s['share_flagged']:.1f}%", fmt_cell(s["min"]), fmt_cell(s["q05"]), fmt_cell(s["median"]),
+                            f"±{s['null_hi']:.3f}", f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
         console.print(summary)
