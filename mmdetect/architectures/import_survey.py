@@ -26,6 +26,31 @@ class _NoAliasDumper(yaml.SafeDumper):
     def ignore_aliases(self, data) -> bool:  # write shared norms out in full, not as &id001 anchors
         return True
 HAND_WRITTEN = {"ctrl", "longcat_flash", "attention"}  # attention.yaml: the attention registry
+# Layouts the survey's two-layer models could not show (see each file's header): a norm inside the MoE block,
+# MoE layers only after layer 2, two layer kinds sharing tensor names. tests/test_families.py checks them.
+HAND_WRITTEN |= {"axk1", "flint", "olmo_hybrid"}
+# Norms over the sum of several MLP branches, which the survey's trace (a norm whose input is one MLP's output) missed:
+# Gemma 4's MoE layers normalise the dense MLP's and the experts' outputs, then their sum.
+OUTER_POST_NORMS = {"gemma4_text[enable_moe_block=True]": "model.layers.{i}.post_feedforward_layernorm.weight"}
+# MoE model types whose configs can make some layers dense (mlp_only_layers, mlp_layer_types,
+# interleave_moe_layer_step: Llama 4 Maverick), which the survey's default configs never did: where the dense MLP
+# keeps its weights, and whether gate and up are fused (halves, gate first). It reads the experts' norm.
+# tests/test_families.py builds each with a dense layer and checks it against the full model.
+DENSE_LAYERS = {
+    "cohere2_moe": ("model.layers.{i}.mlp", False), "inkling_text": ("model.layers.{i}.mlp", False),
+    "llama4_text": ("model.layers.{i}.feed_forward", False), "mellum": ("model.layers.{i}.mlp", False),
+    "minimax_m3_vl_text": ("model.layers.{i}.mlp", True), "qwen2_moe": ("model.layers.{i}.mlp", False),
+    "qwen3_moe": ("model.layers.{i}.mlp", False), "qwen3_next": ("model.layers.{i}.mlp", False),
+}
+
+
+def _dense(model_type: str, norms_from: dict) -> dict:
+    prefix, fused = DENSE_LAYERS[model_type]
+    tensors = ({"gate_up": {"key": f"{prefix}.gate_up_proj.weight", "axis": 0, "split": "halves"}} if fused else
+               {"gate": {"key": f"{prefix}.gate_proj.weight", "axis": 0},
+                "up": {"key": f"{prefix}.up_proj.weight", "axis": 0}})
+    return {"name": "mlp", "pre_norm": norms_from["pre_norm"], "post_norm": norms_from["post_norm"],
+            "out": {"key": f"{prefix}.down_proj.weight", "axis": 1}, **tensors}
 # Model types whose MLP input is not a single residual stream, or whose MLP sits outside the layer stack.
 REFUSE = {
     "deepseek_v4": "hyper-connections: the MLP reads a learned mix of several residual streams",
@@ -139,6 +164,12 @@ def main(path: str) -> None:
             for spec in _mlps(group):
                 if spec not in mlps:
                     mlps.append(spec)
+        if model_type in DENSE_LAYERS:
+            mlps.insert(0, _dense(model_type, mlps[0]))
+        if model_type in OUTER_POST_NORMS:
+            for spec in mlps:
+                spec["post_norm"] = {**spec["post_norm"],
+                                     "weight": [spec["post_norm"]["weight"], OUTER_POST_NORMS[model_type]]}
         if cond:
             key, _, value = cond.rstrip("]").partition("=")
             variants[root].append({"when": {key: _value(value)}, "mlps": mlps})
