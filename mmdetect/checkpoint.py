@@ -119,11 +119,14 @@ class Checkpoint:
         begin, end, _ = self._byte_range(info, start, stop)
         return end - begin
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> "torch.Tensor":
+    def read(self, key: str, start: int | None = None, stop: int | None = None,
+             populate: bool = True) -> "torch.Tensor":
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
         Only those bytes are touched. Large safetensors tensors are memory-mapped (see ``_map``) rather than copied;
-        small ones are read with pread. FP8 weights with scales and GGUF tensors come back dequantised to float32.
+        small ones are read with pread. ``populate=False`` maps without reading ahead, for a caller that will touch
+        only some of the pages (a few columns of a row-major matrix). FP8 weights with scales and GGUF tensors come
+        back dequantised to float32.
         """
         import torch
 
@@ -145,14 +148,14 @@ class Checkpoint:
         if end <= begin:
             return torch.empty(shape, dtype=dtype)
         if end - begin >= MAP_MIN_BYTES:
-            return self._map(info.file, begin, end, dtype).reshape(shape)
+            return self._map(info.file, begin, end, dtype, populate).reshape(shape)
         buf = bytearray(end - begin)
         if os.preadv(self._fd(info.file), [buf], begin) != len(buf):
             raise MMDetectError(f"{Path(info.file).name} is truncated: tensor {key!r} ends past the end of the file;"
                                 f" download the checkpoint again")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype") -> "torch.Tensor":
+    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype", populate: bool = True) -> "torch.Tensor":
         """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
 
         The page tables are filled up front (MADV_POPULATE_READ, Linux 5.14+; elsewhere MADV_WILLNEED starts the
@@ -168,10 +171,11 @@ class Checkpoint:
                                 f"the checkpoint again")
         mm = mmap.mmap(self._fd(file), end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=base)
-        try:
-            mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
-        except (OSError, ValueError):
-            mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
+        if populate:
+            try:
+                mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
+            except (OSError, ValueError):
+                mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
         itemsize = torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, offset=begin - base, count=(end - begin) // itemsize)
 

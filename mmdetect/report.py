@@ -107,18 +107,74 @@ def _markdown(df: Any) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _arrow_table(df: Any, float32: bool = False) -> Any:
-    """A pyarrow Table of ``df``. The expert column mixes indices and labels ("shared"), so it becomes strings."""
+def _expert_strings(values: Any) -> list:
+    """The expert column mixes indices and labels ("shared"); as text it is one type: None, "3", "shared"."""
+    return [None if v is None or v != v else str(v) for v in values]
+
+
+def _arrow_table(data: Any, float32: bool = False) -> Any:
+    """A pyarrow Table of a DataFrame or of a scan's numpy columns (``scanner.ScanResult``), in column order."""
+    import numpy as np
     import pyarrow as pa
 
-    frame = df.copy()
-    frame.attrs = {}
-    if "expert" in frame:
-        frame["expert"] = frame["expert"].map(lambda v: None if v is None or v != v else str(v)).astype("string")
-    if float32:
-        floats = frame.select_dtypes("float64").columns
-        frame[floats] = frame[floats].astype("float32")
-    return pa.Table.from_pandas(frame, preserve_index=False)
+    if not hasattr(data, "to_frame") or hasattr(data, "iloc"):  # a DataFrame
+        import pandas as pd
+
+        frame = data.copy()
+        frame.attrs = {}
+        if "expert" in frame:
+            frame["expert"] = pd.array(_expert_strings(frame["expert"]), dtype="string")
+        if float32:
+            floats = frame.select_dtypes("float64").columns
+            frame[floats] = frame[floats].astype("float32")
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    dead = ~np.isfinite(data.columns["cos"])
+    names, arrays = [], []
+    for name, col in data.columns.items():
+        if col.dtype == object:  # class, and expert (None, an index, or a label such as "shared")
+            arr = _string_array(col)
+        elif name == "rank":
+            arr = _buffers_array(col, ~dead)
+        else:
+            if float32 and col.dtype == np.float64:
+                col = col.astype(np.float32)
+            arr = _buffers_array(col, ~np.isnan(col) if col.dtype.kind == "f" else None)
+        names.append(name)
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+# Arrow arrays built from raw buffers: pa.array() on numpy data imports pandas (to recognise its types), which would
+# cost the command line a quarter of a second for nothing. NaN becomes null, as in pandas' own conversion.
+
+def _validity(valid: Any) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    return None if valid is None or valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+
+
+def _buffers_array(col: Any, valid: Any) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    types = {"f4": pa.float32(), "f8": pa.float64(), "i8": pa.int64(), "i4": pa.int32(), "b1": pa.bool_()}
+    col = np.ascontiguousarray(col)
+    kind = f"{col.dtype.kind}{col.dtype.itemsize}"
+    data = np.packbits(col, bitorder="little") if kind == "b1" else col
+    return pa.Array.from_buffers(types[kind], len(col), [_validity(valid), pa.py_buffer(data)])
+
+
+def _string_array(values: Any) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    encoded = [b"" if v is None else str(v).encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded)), out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(encoded))
+    return pa.Array.from_buffers(pa.string(), len(encoded), [_validity(valid), pa.py_buffer(offsets),
+                                                              pa.py_buffer(b"".join(encoded))])
 
 
 def _writers() -> dict[str, tuple[bool, Callable[[Any, IO[Any]], None]]]:
@@ -154,11 +210,17 @@ def _writers() -> dict[str, tuple[bool, Callable[[Any, IO[Any]], None]]]:
 
 
 def write(df: Any, fmt: str, path: str | os.PathLike | None = None) -> None:
-    """Write ``df`` (all its rows) in ``fmt`` to ``path`` atomically, or to stdout when ``path`` is None."""
+    """Write ``df`` (all its rows) in ``fmt`` to ``path`` atomically, or to stdout when ``path`` is None.
+
+    ``df`` is a DataFrame, or a ``scanner.ScanResult``: CSV and TSV are then written from its numpy columns without
+    pandas (the same bytes); the other formats convert it to a DataFrame first.
+    """
     writers = _writers()
     if fmt not in writers:
         raise MMDetectError(f"unknown format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
     binary, writer = writers[fmt]
+    if fmt not in ("csv", "tsv") and hasattr(df, "to_frame") and not hasattr(df, "iloc"):
+        df = df.to_frame()
     if path is None:
         if fmt == "parquet":
             raise MMDetectError(f"--format {fmt} is binary: give --output PATH")

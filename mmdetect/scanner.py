@@ -461,51 +461,85 @@ def _finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.
     if gated.any():
         cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
     z, p = np.empty_like(cos), np.empty_like(cos)
-    for d in np.unique(dims):
+    # The distinct widths, from where the (block-ordered) column changes: np.unique would import numpy.ma (60 ms).
+    for d in set(dims[np.r_[True, dims[1:] != dims[:-1]]].tolist()):
         sel = dims == d
         z[sel], p[sel] = null_z(cos[sel], int(d)), null_p(cos[sel], int(d))
     return {**rows, "cos": cos, "class": cls, "z": z, "p": p}
 
 
-def _warm_imports() -> None:
-    """Import pandas and scipy.special on a background thread while the first blocks are read and computed."""
-    import threading
-
-    def target() -> None:
-        import pandas  # noqa: F401
-        import scipy.special  # noqa: F401
-
-    threading.Thread(target=target, name="mmdetect-imports", daemon=True).start()
+def _quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """numpy's default (linear) quantiles; np.quantile itself imports numpy.ma, 60 ms of a scan's start-up."""
+    if not values.size:
+        return [float("nan")] * len(qs)
+    ordered = np.sort(values)
+    return [float(np.interp(q * (ordered.size - 1), np.arange(ordered.size), ordered)) for q in qs]
 
 
-def layer_summary(df: "Any", mismatched: dict[int, list[np.ndarray]], d_model: dict[int, int],
+def layer_summary(columns: dict[str, np.ndarray], mismatched: dict[int, list[np.ndarray]], d_model: dict[int, int],
                   threshold: float) -> list[dict[str, Any]]:
     """Per layer: counts, flagged share, min and quantiles of cos, the Beta null band and the empirical null band."""
     out = []
-    for layer, group in df.groupby("layer", sort=True):
-        cos = group["cos"].to_numpy(dtype=np.float64)
+    layer_col, cos_col, flagged_col = columns["layer"], columns["cos"], columns["flagged"]
+    for layer in sorted(d_model):
+        sel = layer_col == layer
+        cos = cos_col[sel]
         finite = cos[np.isfinite(cos)]
         d = d_model[int(layer)]
         lo, hi = null_band(d)
         mm = np.concatenate(mismatched.get(int(layer), [np.array([])]))
         mm = mm[np.isfinite(mm)]
-        q = np.quantile(finite, [0.01, 0.05, 0.25, 0.5]) if finite.size else [np.nan] * 4
+        q = _quantiles(finite, (0.01, 0.05, 0.25, 0.5))
+        n_flagged = int(flagged_col[sel].sum())
         out.append({
             "layer": int(layer), "d_model": d, "n_neurons": int(len(cos)), "n_dead": int(len(cos) - finite.size),
-            "n_flagged": int(group["flagged"].sum()),
-            "share_flagged": float(group["flagged"].sum() / max(1, len(cos))),
+            "n_flagged": n_flagged, "share_flagged": n_flagged / max(1, len(cos)),
             "min": float(finite.min()) if finite.size else float("nan"),
             "q01": float(q[0]), "q05": float(q[1]), "q25": float(q[2]), "median": float(q[3]),
             "null_lo": lo, "null_hi": hi,
-            "emp_null_lo": float(np.quantile(mm, 0.025)) if mm.size else float("nan"),
-            "emp_null_hi": float(np.quantile(mm, 0.975)) if mm.size else float("nan"),
+            "emp_null_lo": _quantiles(mm, (0.025,))[0], "emp_null_hi": _quantiles(mm, (0.975,))[0],
         })
     return out
 
 
-def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False, layers: Any = None,
-                    device: str = "cpu", progress: bool | None = None,
-                    on_block: Callable[[BlockResult], None] | None = None) -> "Any":
+@dataclass
+class ScanResult:
+    """A scan's rows as numpy columns (``COLUMNS``, ranked by cos) plus ``attrs`` (provenance, layers).
+
+    The command line writes CSV, TSV and Parquet straight from these columns, so it never imports pandas (a quarter
+    of a second); ``to_frame`` gives the DataFrame that the Python API returns.
+    """
+
+    columns: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.columns["cos"])
+
+    def select(self, mask: np.ndarray) -> "ScanResult":
+        """The rows where ``mask`` is true (ranks are kept), with the same attrs."""
+        return ScanResult({k: v[mask] for k, v in self.columns.items()}, self.attrs)
+
+    def to_frame(self) -> "Any":
+        import pandas as pd
+
+        cols = dict(self.columns)
+        ranks = pd.array(cols["rank"], dtype="Int64")
+        ranks[~np.isfinite(cols["cos"])] = pd.NA
+        cols["rank"] = ranks
+        df = pd.DataFrame(cols, columns=COLUMNS)
+        df.attrs = self.attrs
+        return df
+
+
+def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
+    """Scan an open checkpoint into a DataFrame; see ``scan`` and ``scan_result``."""
+    return scan_result(ckpt, **options).to_frame()
+
+
+def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False, layers: Any = None,
+                device: str = "cpu", progress: bool | None = None,
+                on_block: Callable[[BlockResult], None] | None = None) -> ScanResult:
     """Scan an open checkpoint; see ``scan``."""
     if not -1.0 <= threshold <= 1.0:
         raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
@@ -519,7 +553,6 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
         raise MMDetectError(f"--layers selects none of this model's layers (0-{max(located)})")
     dev = pick_device(device)
     jobs = plan_jobs(ckpt, located, wanted)
-    _warm_imports()
     parts: list[dict[str, np.ndarray]] = []
     mismatched: dict[int, list[np.ndarray]] = {}
     d_model: dict[int, int] = {}
@@ -539,16 +572,12 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
             if on_block is not None:
                 on_block(result)
             advance(1)
-    import pandas as pd
-
-    df = pd.DataFrame(_finish_rows({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, threshold))
-    df = df.sort_values(["cos", "layer", "neuron"], ascending=True, na_position="last", kind="stable")
-    df = df.reset_index(drop=True)
-    ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
-    ranks[df["cos"].isna().to_numpy()] = pd.NA
-    df.insert(0, "rank", ranks)
-    df = df[COLUMNS]
-    df.attrs["provenance"] = {
+    rows = _finish_rows({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, threshold)
+    # Rank by cos (dead neurons last), ties by layer then neuron: lexsort's last key is the primary one.
+    order = np.lexsort((rows["neuron"], rows["layer"], np.where(np.isfinite(rows["cos"]), rows["cos"], np.inf)))
+    columns = {"rank": np.arange(1, len(order) + 1, dtype=np.int64),
+               **{k: rows[k][order] for k in COLUMNS if k != "rank"}}
+    attrs = {"provenance": {
         "tool": "mmdetect", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
         "format": ckpt.format, "model_type": ckpt.model_type, "family": family.family,
         "heuristic": family.heuristic, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
@@ -556,23 +585,24 @@ def scan_checkpoint(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = Fa
         "layers": layers if isinstance(layers, str) or layers is None else sorted(wanted or []),
         "device": dev, "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    df.attrs["layers"] = layer_summary(df, mismatched, d_model, threshold)
-    return df
+    }}
+    attrs["layers"] = layer_summary(columns, mismatched, d_model, threshold)
+    return ScanResult(columns, attrs)
 
 
 def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, raw: bool = False,
-         layers: Any = None, device: str = "cpu", progress: bool | None = False) -> "Any":
+         layers: Any = None, device: str = "cpu", progress: bool | None = False, as_frame: bool = True) -> "Any":
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
 
     model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
     threshold: a neuron is flagged when cos <= threshold. raw: plain cos(w_in, w_out) of the stored weights instead of
     the folded convention. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
-    the per-layer summary (counts, quantiles, null bands).
+    the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.
     """
     with open_checkpoint(model, revision=revision) as ckpt:
-        return scan_checkpoint(ckpt, threshold=threshold, raw=raw, layers=layers, device=device, progress=progress)
+        result = scan_result(ckpt, threshold=threshold, raw=raw, layers=layers, device=device, progress=progress)
+    return result.to_frame() if as_frame else result
 
 
 class _progress:

@@ -277,3 +277,19 @@ def test_plain_classes_and_thresholds() -> None:
 
 def test_gated_nan_cos_has_no_class() -> None:
     assert classify(np.array([np.nan]), np.array([0.9]), np.array([0.9]))[0] == ""
+
+
+@pytest.mark.parametrize("d", [3, 16, 64, 768, 2048, 5120, 16384, 1_000_000])
+def test_null_p_matches_scipy_betainc(d: int) -> None:
+    """The tabulated null CDF equals the regularized incomplete beta function to 1e-5 relative, tails included."""
+    from scipy.special import betainc, betaincinv
+
+    a = (d - 1) / 2
+    x = np.concatenate([np.linspace(-1, 0, 2001), np.linspace(-8 / np.sqrt(d), 0, 2001)])
+    ref = betainc(a, a, (x + 1) / 2)
+    got = null_p(x, d)
+    keep = ref > 1e-280
+    np.testing.assert_allclose(got[keep], ref[keep], rtol=1e-5)
+    wide = ref > 1e-6  # below that, 1 - P(X <= -x) is lost to rounding in float64 anyway
+    np.testing.assert_allclose(1 - null_p(-x[wide], d), ref[wide], rtol=1e-5)  # the upper half mirrors the lower
+    assert null_band(d)[0] == pytest.approx(2 * betaincinv(a, a, 0.025) - 1, abs=1e-8)
