@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--big", action="store_true", help="also scan a 32 GB checkpoint (bigger than RAM)")
     parser.add_argument("--keep", action="store_true", help="keep generated checkpoints in bench/data")
     args = parser.parse_args(argv)
-    lines = [f"# mmdetect benchmark\n", f"Machine: {machine()}.  ",
+    lines = ["# mmdetect benchmark\n", f"Machine: {machine()}.  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians of {args.repeat} runs; "
              f"peak RSS from wait4. Reproduce: `make bench` (`python -m bench.run {' '.join(argv or sys.argv[1:])}`)."
              .rstrip() + "\n"]

@@ -191,16 +191,10 @@ class Circuit:
 
     # -- reading -----------------------------------------------------------------------------------------------------
     def gain(self, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
-        if norm is None or norm.weight is None or self.raw:
-            return None
-        key = _key(norm.weight, layer)
-        if key not in self.ckpt:
-            raise MMDetectError(f"norm weight {key!r} is missing from {self.ckpt.ref}: the checkpoint does not match "
-                                f"the registry layout for {self.ckpt.model_type!r}")
-        g = self.ckpt.read(key).float().reshape(-1) + norm.offset
-        if g.numel() != d:
-            raise MMDetectError(f"norm weight {key!r} has {g.numel()} entries but d_model is {d}")
-        return g
+        """The norm's effective gain [d] (None in the raw convention), read exactly as the MLP scan reads it."""
+        from mmdetect.scanner import _gain
+
+        return None if self.raw else _gain(self.ckpt, norm, layer, d)
 
     def _canonical(self, proj: Proj, layer: int) -> torch.Tensor:
         """The projection with heads x head_dim on axis 0: [rows, d] float32."""

@@ -228,7 +228,6 @@ def write_gguf(path: Path, arch: str = "llama", *, d: int = 64, n_mlp: int = 96,
     from gguf.quants import dequantize, quantize
 
     q8 = gguf.GGMLQuantizationType.Q8_0
-    f16 = gguf.GGMLQuantizationType.F16
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(n_layers)
