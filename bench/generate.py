@@ -133,3 +133,9 @@ SHAPES = {
     "big-16b": Shape("big-16b", hidden=5120, mlp=17920, layers=46, vocab=32000, heads=40, kv_heads=8,
                      shard_bytes=4 << 30),
 }
+
+
+if __name__ == "__main__":  # python -m bench.generate NAME FOLDER (run.py calls it so its own RSS stays small)
+    import sys
+
+    write_checkpoint(SHAPES[sys.argv[1]], Path(sys.argv[2]))

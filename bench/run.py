@@ -77,12 +77,12 @@ def median_run(cmd: list[str], repeat: int, folder: Path, cold: bool) -> Run:
 
 
 def ensure(name: str) -> Path:
-    from bench.generate import SHAPES, write_checkpoint
-
+    """Generate the checkpoint in a child process. This process must stay small: a child's peak RSS as wait4
+    reports it starts from its parent's RSS at fork, so a parent that had held tensors would inflate every number."""
     folder = DATA / name
     if not (folder / "config.json").exists():
-        print(f"generating {name} ({SHAPES[name].n_params() / 1e9:.1f}B parameters) in {folder} ...", flush=True)
-        write_checkpoint(SHAPES[name], folder)
+        print(f"generating {name} in {folder} ...", flush=True)
+        subprocess.run([PY, "-m", "bench.generate", name, str(folder)], check=True, cwd=ROOT)
     return folder
 
 
@@ -102,10 +102,10 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
+    from importlib.metadata import version
 
     return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB memory, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+            f"{platform.python_version()}, torch {version('torch')}")
 
 
 def bench_shape(name: str, repeat: int, cold: bool, peer: bool) -> list[dict]:
@@ -130,7 +130,8 @@ def bench_shape(name: str, repeat: int, cold: bool, peer: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="tinyllama", help="comma-separated: tinyllama, llama3-8b-2l, mixtral-2l")
+    parser.add_argument("--shapes", default="tinyllama,llama3-8b-2l,mixtral-2l",
+                        help="comma-separated, from: tinyllama, llama3-8b-2l, mixtral-2l")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--big", action="store_true", help="also scan a 32 GB checkpoint (bigger than RAM)")

@@ -42,7 +42,7 @@ QUANT_SUFFIXES = {
 }
 WEIGHT_PATTERNS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                    "pytorch_model.bin")
-FP8_BLOCK = 128
+FP8_BLOCK = 128             # DeepSeek-V3's weight_block_size, when the config does not give one
 MAP_MIN_BYTES = 1 << 20     # tensors at least this big are memory-mapped instead of copied
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is missing before 3.12
 
@@ -147,12 +147,19 @@ class Checkpoint:
         dtype = getattr(torch, name)
         if end <= begin:
             return torch.empty(shape, dtype=dtype)
+        return self._read_bytes(info.file, begin, end, shape, dtype, populate)
+
+    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: "torch.dtype",
+                    populate: bool) -> "torch.Tensor":
+        """Bytes [begin, end) of ``file`` as a tensor: mapped when large, read with pread when small."""
+        import torch
+
         if end - begin >= MAP_MIN_BYTES:
-            return self._map(info.file, begin, end, dtype, populate).reshape(shape)
+            return self._map(file, begin, end, dtype, populate).reshape(shape)
         buf = bytearray(end - begin)
-        if os.preadv(self._fd(info.file), [buf], begin) != len(buf):
-            raise MMDetectError(f"{Path(info.file).name} is truncated: tensor {key!r} ends past the end of the file;"
-                                f" download the checkpoint again")
+        if os.preadv(self._fd(file), [buf], begin) != len(buf):
+            raise MMDetectError(f"{Path(file).name} is truncated: a tensor ends past the end of the file; download "
+                                f"the checkpoint again")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype", populate: bool = True) -> "torch.Tensor":
@@ -186,27 +193,28 @@ class Checkpoint:
         return fd
 
     def _read_fp8(self, key: str, info: TensorInfo) -> "torch.Tensor":
+        """An FP8 weight times its scales: one scalar, one per output row, or (block-wise, DeepSeek-V3 style) one per
+        tile of ``quantization_config.weight_block_size`` (default 128 x 128) over the last two axes."""
         import torch
 
         scale_key = next((k for k in (f"{key}_scale_inv", f"{key}_scale") if k in self.tensors), None)
         if scale_key is None:
             raise MMDetectError(f"tensor {key!r} is FP8 without a scale tensor, so it cannot be dequantised: use the "
                                 f"bf16/fp16 release of this model")
-        raw_info = TensorInfo("U8", info.shape, info.file, info.start, info.end)
-        self.tensors[key] = raw_info
-        try:
-            raw = self.read(key)
-        finally:
-            self.tensors[key] = info
+        raw = self._read_bytes(info.file, info.start, info.end, list(info.shape), torch.uint8, populate=True)
         weight = raw.view(getattr(torch, SAFETENSORS_DTYPES[info.dtype][0])).float()
         scale = self.read(scale_key).float()
         if scale.numel() == 1:
             return weight * scale.reshape(())
         if scale.dim() == 1:  # per output channel
             return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-        # Block-wise (DeepSeek-V3 style): one scale per FP8_BLOCK x FP8_BLOCK tile of the last two axes.
+        quant = self.config.get("quantization_config") or {}
+        block_rows, block_cols = quant.get("weight_block_size") or (FP8_BLOCK, FP8_BLOCK)
         rows, cols = weight.shape[-2:]
-        full = scale.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(FP8_BLOCK, -1)[..., :rows, :cols]
+        full = scale.repeat_interleave(block_rows, -2).repeat_interleave(block_cols, -1)[..., :rows, :cols]
+        if full.shape[-2:] != (rows, cols):
+            raise MMDetectError(f"tensor {scale_key!r} has shape {list(scale.shape)}, which does not tile "
+                                f"{key!r} {list(weight.shape)} in {block_rows}x{block_cols} blocks")
         return weight * full
 
     def _bin_state(self, file: str) -> dict[str, Any]:

@@ -329,7 +329,7 @@ def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[
     return [part for job in jobs for part in split_parts(ckpt, job)]
 
 
-READ_AHEAD_BYTES = 400 << 20  # blocks in flight (read ahead, or computed side by side) must fit in this much
+READ_AHEAD_BYTES = 512 << 20  # blocks in flight (read ahead, or computed side by side) must fit in this much
 
 
 def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
