@@ -335,6 +335,9 @@ READ_AHEAD_BYTES = 512 << 20  # blocks in flight (read ahead, or computed side b
 def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
     """Yield each job's block, reading the next one on a background thread while the caller computes.
 
+    For callers that do their own work on every block (``circuit``): lazy, at most two blocks alive. The scan itself
+    uses ``compute_blocks``, which computes several blocks side by side and keeps only their small results.
+
     When two blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized MLPs) the read is not overlapped, which keeps
     peak memory at about one block whatever the model size.
     """
@@ -366,8 +369,9 @@ class BlockResult:
 
 
 def compute_workers() -> int:
-    """CPU compute threads: one per core but one (the reader's), at least one, at most four."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1)) if (os.cpu_count() or 1) > 2 else 2
+    """Threads that read and compute blocks: one per core, at most four (beyond that the disk and memory bandwidth,
+    not the cores, set the pace)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def compute_blocks(ckpt: Checkpoint, jobs: list[Job], compute: Callable[[Block], BlockResult],
