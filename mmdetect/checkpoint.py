@@ -119,11 +119,14 @@ class Checkpoint:
         begin, end, _ = self._byte_range(info, start, stop)
         return end - begin
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> "torch.Tensor":
+    def read(self, key: str, start: int | None = None, stop: int | None = None,
+             populate: bool = True) -> "torch.Tensor":
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
         Only those bytes are touched. Large safetensors tensors are memory-mapped (see ``_map``) rather than copied;
-        small ones are read with pread. FP8 weights with scales and GGUF tensors come back dequantised to float32.
+        small ones are read with pread. ``populate=False`` maps without reading ahead, for a caller that will touch
+        only some of the pages (a few columns of a row-major matrix). FP8 weights with scales and GGUF tensors come
+        back dequantised to float32.
         """
         import torch
 
@@ -144,44 +147,22 @@ class Checkpoint:
         dtype = getattr(torch, name)
         if end <= begin:
             return torch.empty(shape, dtype=dtype)
-        return self._read_bytes(info.file, begin, end, shape, dtype)
+        return self._read_bytes(info.file, begin, end, shape, dtype, populate)
 
-    def read_columns(self, key: str, start: int, stop: int) -> "torch.Tensor":
-        """Columns ``start:stop`` of a 2-D tensor, [rows, stop - start], reading only those bytes of each row.
-
-        For the output weight of a large MLP scanned in parts: its neurons are columns, spread over every row. A
-        mapping would not do, since the kernel maps 64 KiB around every touched page, i.e. the whole matrix.
-        """
-        import torch
-
-        info = self.tensors[key]
-        if self.format != "safetensors" or info.dtype not in SAFETENSORS_DTYPES or info.dtype.startswith("F8") \
-                or len(info.shape) != 2:
-            return self.read(key)[:, start:stop]
-        name, itemsize = SAFETENSORS_DTYPES[info.dtype]
-        rows, cols = info.shape
-        width = (stop - start) * itemsize
-        buf = bytearray(rows * width)
-        view, fd = memoryview(buf), self._fd(info.file)
-        for r in range(rows):
-            if os.preadv(fd, [view[r * width:(r + 1) * width]], info.start + (r * cols + start) * itemsize) != width:
-                raise MMDetectError(f"{Path(info.file).name} is truncated: tensor {key!r} ends past the end of the "
-                                    f"file; download the checkpoint again")
-        return torch.frombuffer(buf, dtype=getattr(torch, name)).reshape(rows, stop - start)
-
-    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: "torch.dtype") -> "torch.Tensor":
+    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: "torch.dtype",
+                    populate: bool) -> "torch.Tensor":
         """Bytes [begin, end) of ``file`` as a tensor: mapped when large, read with pread when small."""
         import torch
 
         if end - begin >= MAP_MIN_BYTES:
-            return self._map(file, begin, end, dtype).reshape(shape)
+            return self._map(file, begin, end, dtype, populate).reshape(shape)
         buf = bytearray(end - begin)
         if os.preadv(self._fd(file), [buf], begin) != len(buf):
             raise MMDetectError(f"{Path(file).name} is truncated: a tensor ends past the end of the file; download "
                                 f"the checkpoint again")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype") -> "torch.Tensor":
+    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype", populate: bool = True) -> "torch.Tensor":
         """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
 
         The page tables are filled up front (MADV_POPULATE_READ, Linux 5.14+; elsewhere MADV_WILLNEED starts the
@@ -197,10 +178,11 @@ class Checkpoint:
                                 f"the checkpoint again")
         mm = mmap.mmap(self._fd(file), end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=base)
-        try:
-            mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
-        except (OSError, ValueError):
-            mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
+        if populate:
+            try:
+                mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
+            except (OSError, ValueError):
+                mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
         itemsize = torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, offset=begin - base, count=(end - begin) // itemsize)
 
@@ -219,7 +201,7 @@ class Checkpoint:
         if scale_key is None:
             raise MMDetectError(f"tensor {key!r} is FP8 without a scale tensor, so it cannot be dequantised: use the "
                                 f"bf16/fp16 release of this model")
-        raw = self._read_bytes(info.file, info.start, info.end, list(info.shape), torch.uint8)
+        raw = self._read_bytes(info.file, info.start, info.end, list(info.shape), torch.uint8, populate=True)
         weight = raw.view(getattr(torch, SAFETENSORS_DTYPES[info.dtype][0])).float()
         scale = self.read(scale_key).float()
         if scale.numel() == 1:

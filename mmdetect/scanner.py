@@ -197,14 +197,16 @@ def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
     total = 0
     for ts in job.spec.tensors().values():
         nbytes = ckpt.nbytes(*_tensor_rows(ckpt, ts, job))
-        if job.part is not None:  # only this part's rows (or columns) are read
-            n = ckpt.tensors[_key(ts.key, job.layer, job.expert)].shape[ts.axis] // (2 if ts.split else 1)
+        if job.part is not None and ts.axis == 0:
+            # Only this part's rows are mapped. (A column-major weight counts whole: the kernel's fault-around maps
+            # 64 KiB around every touched page, which covers every row of a typical [d, n] bf16 matrix.)
+            n = ckpt.tensors[_key(ts.key, job.layer, job.expert)].shape[0] // (2 if ts.split else 1)
             nbytes = nbytes * (job.part[1] - job.part[0]) // max(1, n)
         total += nbytes
     return total
 
 
-PART_BYTES = 32 << 20  # a 2-D MLP whose row-major weights are bigger than this is scanned in parts of neurons
+PART_BYTES = 64 << 20  # a 2-D MLP whose row-major weights are bigger than this is scanned in parts of neurons
 
 
 def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
@@ -255,7 +257,8 @@ def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
             return ckpt.read(key, 2 * n0, 2 * n1)
         half = shape[0] // 2  # halves: this part's gate rows, then its up rows
         return torch.cat([ckpt.read(key, n0, n1), ckpt.read(key, half + n0, half + n1)])
-    return ckpt.read_columns(key, n0, n1).transpose(0, 1)  # neuron columns: only their bytes of each row
+    # Neuron columns: map the whole tensor without touching it; only the pages of these columns are faulted in.
+    return ckpt.read(key, populate=False)[:, n0:n1].transpose(0, 1)
 
 
 def _gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
