@@ -253,7 +253,7 @@ class Circuit:
     def neurons(self, block: object) -> Neurons:
         """Fold one scanner Block into read/write vectors, with scan's gate-sign canonicalisation."""
         spec = block.job.spec
-        pre_c = bool(spec.pre_norm and spec.pre_norm.centres) and not self.raw
+        pre_c = spec.centre_reads and not self.raw
         pre_g = None if self.raw else block.pre_gain
         post_g = None if self.raw else block.post_gain
         r = fold(block.w_in, pre_g, pre_c)

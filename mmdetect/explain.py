@@ -117,7 +117,7 @@ def find_targets(circuit: Circuit, wanted: list[tuple[int, Any, int]]) -> list[T
             gate = None
             if block.w_gate is not None:
                 spec = job.spec
-                pre_c = bool(spec.pre_norm and spec.pre_norm.centres) and not circuit.raw
+                pre_c = spec.centre_reads and not circuit.raw
                 gate = fold(block.w_gate[index:index + 1], None if circuit.raw else block.pre_gain, pre_c)[0]
                 gate = gate * float(nb.sign[index])
             found[k] = Target(layer, label, index, job.spec, nb.r[index].clone(), nb.o[index].clone(),

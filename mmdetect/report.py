@@ -107,6 +107,12 @@ def _markdown(df: Any) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _is_scan_result(data: Any) -> bool:
+    """A ``scanner.ScanResult`` (numpy columns) rather than a DataFrame. Duck-typed: importing scanner here would
+    pull torch into every report."""
+    return hasattr(data, "to_frame") and not hasattr(data, "iloc")
+
+
 def _expert_strings(values: Any) -> list:
     """The expert column mixes indices and labels ("shared"); as text it is one type: None, "3", "shared"."""
     return [None if v is None or v != v else str(v) for v in values]
@@ -117,7 +123,7 @@ def _arrow_table(data: Any, float32: bool = False) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    if not hasattr(data, "to_frame") or hasattr(data, "iloc"):  # a DataFrame
+    if not _is_scan_result(data):  # a DataFrame
         import pandas as pd
 
         frame = data.copy()
@@ -219,7 +225,7 @@ def write(df: Any, fmt: str, path: str | os.PathLike | None = None) -> None:
     if fmt not in writers:
         raise MMDetectError(f"unknown format {fmt!r}: use one of {', '.join(FILE_FORMATS)}")
     binary, writer = writers[fmt]
-    if fmt not in ("csv", "tsv") and hasattr(df, "to_frame") and not hasattr(df, "iloc"):
+    if fmt not in ("csv", "tsv") and _is_scan_result(df):
         df = df.to_frame()
     if path is None:
         if fmt == "parquet":

@@ -461,9 +461,9 @@ def _finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.
     cos, gated, dims = rows.pop("cos"), rows.pop("_gated"), rows.pop("_d")
     with np.errstate(invalid="ignore"):
         rows["flagged"] = np.isfinite(cos) & (cos <= threshold)
-    cls = classify(cos)
-    if gated.any():
-        cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
+    cls = np.empty(len(cos), dtype=object)
+    cls[~gated] = classify(cos[~gated])
+    cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
     z, p = np.empty_like(cos), np.empty_like(cos)
     # The distinct widths, from where the (block-ordered) column changes: np.unique would import numpy.ma (60 ms).
     for d in set(dims[np.r_[True, dims[1:] != dims[:-1]]].tolist()):
@@ -480,8 +480,8 @@ def _quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     return [float(np.interp(q * (ordered.size - 1), np.arange(ordered.size), ordered)) for q in qs]
 
 
-def layer_summary(columns: dict[str, np.ndarray], mismatched: dict[int, list[np.ndarray]], d_model: dict[int, int],
-                  threshold: float) -> list[dict[str, Any]]:
+def layer_summary(columns: dict[str, np.ndarray], mismatched: dict[int, list[np.ndarray]],
+                  d_model: dict[int, int]) -> list[dict[str, Any]]:
     """Per layer: counts, flagged share, min and quantiles of cos, the Beta null band and the empirical null band."""
     out = []
     layer_col, cos_col, flagged_col = columns["layer"], columns["cos"], columns["flagged"]
@@ -564,7 +564,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     def compute(block: Block) -> BlockResult:
         spec = block.job.spec
         stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, pre_gain=block.pre_gain,
-                            pre_centre=bool(spec.pre_norm and spec.pre_norm.centres), post_gain=block.post_gain,
+                            pre_centre=spec.centre_reads, post_gain=block.post_gain,
                             post_centre=spec.centre_writes, raw=raw, device=dev)
         return BlockResult(block.job, _block_rows(block, stats), stats.mismatched.numpy(), int(block.w_in.shape[1]))
 
@@ -590,7 +590,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
         "device": dev, "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }}
-    attrs["layers"] = layer_summary(columns, mismatched, d_model, threshold)
+    attrs["layers"] = layer_summary(columns, mismatched, d_model)
     return ScanResult(columns, attrs)
 
 

@@ -94,6 +94,11 @@ class MLPSpec:
         return self.gate_up is not None or self.gate is not None
 
     @property
+    def centre_reads(self) -> bool:
+        """The pre-MLP norm is a LayerNorm, which centres its input: centre read (and gate) vectors."""
+        return self.pre_norm is not None and self.pre_norm.centres
+
+    @property
     def centre_writes(self) -> bool:
         """Centre write vectors in LayerNorm models: every reader of the residual removes the mean."""
         return any(n is not None and n.centres for n in (self.pre_norm, self.post_norm))
@@ -213,19 +218,26 @@ def parse_family(data: Any, source: str) -> Family:
                   notes=dict(data.get("notes") or {}), source=source)
 
 
+def find_entry(entries: Any, model_type: str, fmt: str) -> Any:
+    """The registry entry (MLP family or attention layout) of ``fmt`` that lists ``model_type``, or None."""
+    return next((e for e in entries if e.format == fmt and model_type in e.model_types), None)
+
+
+def entry_types(entries: Any, fmt: str) -> list[str]:
+    """Every model type the entries of ``fmt`` list, sorted."""
+    return sorted(t for e in entries if e.format == fmt for t in e.model_types)
+
+
 @dataclass(frozen=True)
 class Registry:
     families: tuple[Family, ...]
     refused: dict
 
     def lookup(self, model_type: str, fmt: str = "safetensors") -> Family | None:
-        for fam in self.families:
-            if fam.format == fmt and model_type in fam.model_types:
-                return fam
-        return None
+        return find_entry(self.families, model_type, fmt)
 
     def model_types(self, fmt: str = "safetensors") -> list[str]:
-        return sorted(t for fam in self.families if fam.format == fmt for t in fam.model_types)
+        return entry_types(self.families, fmt)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mmdetect.architectures import FORMATS, NORM_KINDS, NormSpec, RegistryError, _check_keys
+from mmdetect.architectures import (FORMATS, NORM_KINDS, NormSpec, RegistryError, _check_keys, entry_types,
+                                    find_entry)
 
 FILE = Path(__file__).with_name("attention.yaml")
 PARTS = ("q", "k", "v")
@@ -182,13 +183,10 @@ class AttentionRegistry:
     refused: dict
 
     def lookup(self, model_type: str, fmt: str = "safetensors") -> AttentionLayout | None:
-        for layout in self.layouts:
-            if layout.format == fmt and model_type in layout.model_types:
-                return layout
-        return None
+        return find_entry(self.layouts, model_type, fmt)
 
     def model_types(self, fmt: str = "safetensors") -> list[str]:
-        return sorted(t for lay in self.layouts if lay.format == fmt for t in lay.model_types)
+        return entry_types(self.layouts, fmt)
 
 
 @functools.lru_cache(maxsize=None)
