@@ -81,7 +81,7 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
     df = run_scan(model, revision=revision, threshold=threshold, raw=raw, layers=layers, device=device,
                   progress=progress, as_frame=frame)
     if verify:
-        from mmdetect.explain import render_verify, verify as run_verify
+        from mmdetect.analysis.explain import render_verify, verify as run_verify
 
         run_verify(df, model, verify, revision=revision, raw=raw, text=text, dataset=dataset, field_name=field_name,
                    max_tokens=max_tokens, seq_len=seq_len)
@@ -116,7 +116,7 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
 @debug_option
 def archs(fmt: str, gguf: bool) -> None:
     """List the model types the registry supports, with their MLP layout."""
-    from mmdetect.architectures import load_registry
+    from mmdetect.registry import load_registry
 
     registry = load_registry()
     want = "gguf" if gguf else "safetensors"
@@ -251,7 +251,7 @@ def plot(scan_file: str, output: str | None, d_model: int | None, threshold: flo
 
     Given a sweep output folder, draw its overview: flagged share against relative depth, one line per model.
     """
-    from mmdetect.plot import plot_file
+    from mmdetect.report.plot import plot_file
 
     png, note = plot_file(scan_file, output, d_model=d_model, threshold=threshold, title=title)
     if note:
@@ -267,7 +267,7 @@ def _expert(value: str | None) -> Any:
 
 def _table_output(fmt: str | None, output: str | None, write: Any, render: Any, key: str) -> None:
     """Shared tail of heads and chains: a rich table on the terminal or in a file, or every row in a file format."""
-    from mmdetect.tables import render_to, write_rows
+    from mmdetect.report.tables import render_to, write_rows
 
     fmt, output = resolve_output(fmt, output)
     if fmt == "table":
@@ -313,8 +313,8 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
     import json
 
     from mmdetect import report
-    from mmdetect.explain import explain as run_explain, render_explain
-    from mmdetect.tables import render_to
+    from mmdetect.analysis.explain import explain as run_explain, render_explain
+    from mmdetect.report.tables import render_to
 
     if output is not None:
         report.check_writable(output)
@@ -323,7 +323,7 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
                       field_name=field_name, activations=activations, top=top, top_tokens=top_tokens,
                       n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
     if fmt == "json":
-        body = json.dumps(report._clean(doc), indent=1) + "\n"
+        body = json.dumps(report.clean(doc), indent=1) + "\n"
         if output is None:
             click.echo(body, nl=False)
         else:
@@ -352,7 +352,7 @@ def heads(model: str, revision: str | None, raw: bool, threshold: float, layers:
     copying = sum of Re(eigenvalues) / sum of |eigenvalues| of the d_head x d_head matrix W_V W_O (folded): -1 for a
     head that writes back exactly the negative of what it reads (copy suppression), +1 for a pure copier.
     """
-    from mmdetect.heads import render, scan_heads
+    from mmdetect.analysis.heads import render, scan_heads
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
@@ -393,7 +393,7 @@ def chains(model: str, revision: str | None, raw: bool, threshold: float, head_t
     Pairs rank by align x erase (align: how much of the deleter's read the writer feeds; erase: -cos(read, write) of
     a neuron, or how exactly a head writes back the negative of that writer's direction).
     """
-    from mmdetect.chains import find_chains, render
+    from mmdetect.analysis.chains import find_chains, render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)

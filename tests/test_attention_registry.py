@@ -23,8 +23,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from mmdetect.architectures.attention import load_attention_registry  # noqa: E402
-from mmdetect.circuit import open_circuit  # noqa: E402
+from mmdetect.registry.attention import load_attention_registry  # noqa: E402
+from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 
 D, HEADS, KV, HEAD_DIM = 64, 4, 2, 16
 SIZES = {
@@ -154,7 +154,7 @@ def test_unknown_attention_layout_is_a_clear_gap(tmp_path) -> None:
     cfg["model_type"] = "deepseek_v3"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     from mmdetect.errors import MMDetectError
-    from mmdetect.heads import scan_heads
+    from mmdetect.analysis.heads import scan_heads
 
     with pytest.raises(MMDetectError, match="deepseek_v3.*not supported: multi-head latent attention"):
         scan_heads(str(tmp_path))

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 import mmdetect
 from mmdetect import report
 from mmdetect.cli import main
-from mmdetect.neurons import null_band
+from mmdetect.scanner.stats import null_band
 from builders import Tiny, reference
 
 FORMATS = ["csv", "tsv", "json", "jsonl", "parquet", "markdown"]

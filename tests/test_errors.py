@@ -334,7 +334,7 @@ def test_a_failure_while_writing_leaves_no_partial_file(llama: Tiny, output: Cal
         fh.write(b"rank,layer\n1,0\n")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "_writers", lambda: {"csv": (True, half_then_fail)})
+    monkeypatch.setattr(report.formats, "_writers", lambda: {"csv": (True, half_then_fail)})
     result = run("scan", str(llama.path), "-o", output.path)  # type: ignore[attr-defined]
     assert result.exit_code == 1
     assert result.stderr.startswith("error: internal error (RuntimeError: disk full)")

@@ -23,13 +23,13 @@ from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from mmdetect.chains import find_chains  # noqa: E402
-from mmdetect.circuit import open_circuit  # noqa: E402
+from mmdetect.analysis.chains import find_chains  # noqa: E402
+from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 from mmdetect.cli import main  # noqa: E402
-from mmdetect.corpus import default_corpus, load_corpus, load_vocab  # noqa: E402
+from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab  # noqa: E402
 from mmdetect.errors import MMDetectError  # noqa: E402
-from mmdetect.explain import evidence, explain, find_targets  # noqa: E402
-from mmdetect.heads import scan_heads, spectrum_scores  # noqa: E402
+from mmdetect.analysis.explain import evidence, explain, find_targets  # noqa: E402
+from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL = ["stories260K", "aidreams260K", "babyllama-tok105"]

@@ -28,7 +28,7 @@ import torch
 import mmdetect
 import slowpath
 import tiny
-from mmdetect.architectures import load_registry
+from mmdetect.registry import load_registry
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
@@ -318,12 +318,12 @@ def test_scanning_in_neuron_parts_gives_the_same_rows(build: Callable[[str], Bui
 
     folder = build(case).folder
     whole = mmdetect.scan(str(folder))
-    monkeypatch.setattr(mmdetect.scanner, "PART_BYTES", 4096)
+    monkeypatch.setattr(mmdetect.scanner.read, "PART_BYTES", 4096)
     parts = mmdetect.scan(str(folder))
-    with mmdetect.checkpoint.open_checkpoint(str(folder)) as ckpt:
-        family = mmdetect.scanner.resolve_family(ckpt)
-        _, located = mmdetect.scanner.locate_mlps(ckpt, family.mlps_for(ckpt.config))
-        jobs = mmdetect.scanner.plan_jobs(ckpt, located, None)
+    with mmdetect.io.checkpoint.open_checkpoint(str(folder)) as ckpt:
+        family = mmdetect.registry.resolve.resolve_family(ckpt)
+        _, located = mmdetect.registry.resolve.locate_mlps(ckpt, family.mlps_for(ckpt.config))
+        jobs = mmdetect.scanner.read.plan_jobs(ckpt, located, None)
     if case not in ("gpt_oss", "dbrx"):  # fused and stacked experts are never split (one expert is small)
         assert any(job.part is not None for job in jobs)
     key = ["layer", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "norm_in", "norm_out"]

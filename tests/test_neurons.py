@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmdetect.architectures import NormSpec
-from mmdetect.neurons import GATED_CLASSES, PLAIN_CLASSES, classify, mlp_cosines, null_band, null_p, null_z
+from mmdetect.registry import NormSpec
+from mmdetect.scanner.neurons import mlp_cosines
+from mmdetect.scanner.stats import GATED_CLASSES, PLAIN_CLASSES, classify, null_band, null_p, null_z
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

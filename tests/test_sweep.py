@@ -476,12 +476,12 @@ GOOD = {"name": "tiny-llama", "model": "./models/tiny-llama"}
      "key 'expect'.shares: layers [0] are expected but the entry's layers: '1' leaves them out"),
 ])
 def test_config_errors_name_the_entry_and_key_before_scanning(models, tmp_path, monkeypatch, bad, expected):
-    import mmdetect.checkpoint
+    import mmdetect.io.checkpoint
 
     def fail(*a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("a model was opened before the config was validated")
 
-    monkeypatch.setattr(mmdetect.checkpoint, "open_checkpoint", fail)
+    monkeypatch.setattr(mmdetect.io.checkpoint, "open_checkpoint", fail)
     config = write_config(tmp_path / "cfg", models, items=[GOOD, bad])
     result = run("sweep", config, "-d", tmp_path / "out")
     assert result.exit_code == 2, result.output

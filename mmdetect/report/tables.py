@@ -11,7 +11,7 @@ from mmdetect import report
 
 def json_document(df: Any, key: str) -> str:
     meta = report.metadata(df)
-    extra = {k: report._clean(v) for k, v in df.attrs.items() if k not in ("provenance", "layers")}
+    extra = {k: report.clean(v) for k, v in df.attrs.items() if k not in ("provenance", "layers")}
     head = '{"provenance": ' + json.dumps(meta["provenance"]) + ',\n "layers": ' + json.dumps(meta["layers"])
     for name, value in extra.items():
         head += f',\n "{name}": ' + json.dumps(value)

@@ -21,11 +21,11 @@ from typing import Iterator
 
 import torch
 
-from mmdetect.architectures import MLPSpec, NormSpec
-from mmdetect.architectures.attention import AttentionLayout, Proj, load_attention_registry
-from mmdetect.checkpoint import Checkpoint, open_checkpoint
+from mmdetect.registry import MLPSpec, NormSpec
+from mmdetect.registry.attention import AttentionLayout, Proj, load_attention_registry
+from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.errors import MMDetectError
-from mmdetect.neurons import fold
+from mmdetect.convention import fold
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
 
@@ -76,7 +76,7 @@ class Circuit:
     """An open checkpoint with its MLP and attention layouts. Use as a context manager (it closes the checkpoint)."""
 
     def __init__(self, ckpt: Checkpoint, *, raw: bool = False, need_mlps: bool = True) -> None:
-        from mmdetect.scanner import locate_mlps, resolve_family
+        from mmdetect.registry.resolve import locate_mlps, resolve_family
 
         self.ckpt = ckpt
         self.raw = raw
@@ -162,9 +162,9 @@ class Circuit:
     def d_model(self) -> int:
         if self.attention is not None and self.attention.embed and self.attention.embed in self.ckpt:
             return int(self.ckpt.tensors[self.attention.embed].shape[-1])
-        from mmdetect.heuristic import _hidden
+        from mmdetect.registry.heuristic import hidden_size
 
-        d = _hidden(self.ckpt.config)
+        d = hidden_size(self.ckpt.config)
         if d is None:
             raise MMDetectError(f"cannot tell d_model of {self.ckpt.ref}: config.json has no hidden_size")
         return d
@@ -192,9 +192,9 @@ class Circuit:
     # -- reading -----------------------------------------------------------------------------------------------------
     def gain(self, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
         """The norm's effective gain [d] (None in the raw convention), read exactly as the MLP scan reads it."""
-        from mmdetect.scanner import _gain
+        from mmdetect.scanner.read import read_gain
 
-        return None if self.raw else _gain(self.ckpt, norm, layer, d)
+        return None if self.raw else read_gain(self.ckpt, norm, layer, d)
 
     def _canonical(self, proj: Proj, layer: int) -> torch.Tensor:
         """The projection with heads x head_dim on axis 0: [rows, d] float32."""
@@ -267,7 +267,8 @@ class Circuit:
         return Neurons(block.job.layer, spec, block.job.expert, block.expert_label, r, o, w_write, sign)
 
     def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
-        from mmdetect.scanner import iter_blocks, plan_jobs
+        from mmdetect.scanner.pipeline import iter_blocks
+        from mmdetect.scanner.read import plan_jobs
 
         for block in iter_blocks(self.ckpt, plan_jobs(self.ckpt, self.located, layers)):
             yield self.neurons(block)

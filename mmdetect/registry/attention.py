@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mmdetect.architectures import (FORMATS, NORM_KINDS, NormSpec, RegistryError, _check_keys, entry_types,
+from mmdetect.registry import (FORMATS, NORM_KINDS, NormSpec, RegistryError, check_keys, entry_types,
                                     find_entry)
 
-FILE = Path(__file__).with_name("attention.yaml")
+FILE = Path(__file__).parent / "families" / "attention.yaml"
 PARTS = ("q", "k", "v")
 FIELDS = {"family", "format", "model_types", "heads", "parallel", "pre_norm", "post_norm", "q", "k", "v", "qkv", "o",
           "embed", "embed_norm", "unembed", "final_norm", "defaults", "variants", "notes"}
@@ -81,7 +81,7 @@ class AttentionLayout:
 def _norm(where: str, data: Any) -> NormSpec | None:
     if data is None:
         return None
-    _check_keys(where, data, {"weight", "kind"}, {"weight", "kind"})
+    check_keys(where, data, {"weight", "kind"}, {"weight", "kind"})
     if data["kind"] not in NORM_KINDS:
         raise RegistryError(f"{where}.kind: must be one of {', '.join(NORM_KINDS)}, got {data['kind']!r}")
     if data["weight"] is not None and not isinstance(data["weight"], str):
@@ -91,7 +91,7 @@ def _norm(where: str, data: Any) -> NormSpec | None:
 
 def _proj(where: str, data: Any, fused: bool) -> Proj:
     allowed = {"key", "axis", "groups", "order"} if fused else {"key", "axis"}
-    _check_keys(where, data, allowed, allowed)
+    check_keys(where, data, allowed, allowed)
     if not isinstance(data["key"], str) or "{i}" not in data["key"]:
         raise RegistryError(f"{where}.key: must be a string containing {{i}}")
     if data["axis"] not in (0, 1):
@@ -147,7 +147,7 @@ def _fields(where: str, data: dict, partial: bool) -> dict[str, Any]:
 
 
 def parse_layout(data: Any, where: str) -> AttentionLayout:
-    _check_keys(where, data, FIELDS, {"family", "model_types", "heads", "o"})
+    check_keys(where, data, FIELDS, {"family", "model_types", "heads", "o"})
     fmt = data.get("format", "safetensors")
     if fmt not in FORMATS:
         raise RegistryError(f"{where}.format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -160,10 +160,10 @@ def parse_layout(data: Any, where: str) -> AttentionLayout:
     variants = []
     for n, var in enumerate(data.get("variants") or []):
         vw = f"{where}.variants[{n}]"
-        _check_keys(vw, var, {"when", "set"}, {"when", "set"})
+        check_keys(vw, var, {"when", "set"}, {"when", "set"})
         if not isinstance(var["when"], dict) or not var["when"]:
             raise RegistryError(f"{vw}.when: must be a non-empty mapping")
-        _check_keys(f"{vw}.set", var["set"], SETTABLE)
+        check_keys(f"{vw}.set", var["set"], SETTABLE)
         changes = _fields(f"{vw}.set", var["set"], partial=True)
         if "qkv" in changes and any(p in changes for p in PARTS):
             raise RegistryError(f"{vw}.set: give either q, k and v or one fused qkv")
@@ -197,7 +197,7 @@ def load_attention_registry(path: str | None = None) -> AttentionRegistry:
     source = Path(path) if path else FILE
     with open(source) as fh:
         data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    _check_keys(source.name, data, {"layouts", "refuse"}, {"layouts"})
+    check_keys(source.name, data, {"layouts", "refuse"}, {"layouts"})
     layouts = tuple(parse_layout(d, f"{source.name}.layouts[{n}]") for n, d in enumerate(data["layouts"]))
     seen: dict[tuple[str, str], str] = {}
     for lay in layouts:

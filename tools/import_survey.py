@@ -7,7 +7,7 @@ families that need a human decision (hyper-connections, weightless-or-unknown no
 with the survey's own note. Hand-written families (``gguf.yaml``, ``ctrl.yaml``, ``longcat_flash.yaml``) are left
 alone.
 
-Usage: python -m mmdetect.architectures.import_survey PATH/TO/mlp_registry.json
+Usage: python -m mmdetect.registry.import_survey PATH/TO/mlp_registry.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "mmdetect" / "registry" / "families"
 
 
 class _NoAliasDumper(yaml.SafeDumper):

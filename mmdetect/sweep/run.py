@@ -381,7 +381,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    from mmdetect.report import _clean, atomic_open
+    from mmdetect.report import atomic_open, clean as _clean
 
     with atomic_open(path) as fh:
         fh.write(json.dumps(_clean(doc), indent=1, allow_nan=False) + "\n")
@@ -502,7 +502,7 @@ def exit_code(records: list[dict]) -> int:
 def _scan_one(entry: Entry, out: Path, plots: bool, on_layer: Callable[[int], None]) -> dict[str, Any]:
     """Scan one entry and write its data file, figure and meta record (in that order). Raises on failure."""
     from mmdetect import report
-    from mmdetect.checkpoint import open_checkpoint
+    from mmdetect.io.checkpoint import open_checkpoint
     from mmdetect.scanner import scan_checkpoint
 
     with open_checkpoint(entry.ref, revision=entry.revision) as ckpt:
@@ -513,7 +513,7 @@ def _scan_one(entry: Entry, out: Path, plots: bool, on_layer: Callable[[int], No
     report.write(df, entry.format, data)
     files = {"data": entry.data_file, "meta": entry.name + META_SUFFIX}
     if plots:
-        from mmdetect.plot import model_figure, save
+        from mmdetect.report.plot import model_figure, save
 
         save(model_figure(df, layers=df.attrs["layers"], threshold=entry.threshold, title=entry.name),
              out / f"{entry.name}.png")
@@ -529,7 +529,7 @@ def _ensure_plot(entry: Entry, record: dict, out: Path) -> None:
     if png.exists():
         record["files"]["plot"] = png.name
         return
-    from mmdetect.plot import model_figure, read_scan, save
+    from mmdetect.report.plot import model_figure, read_scan, save
 
     df, _ = read_scan(out / entry.data_file)
     save(model_figure(df, layers=record["layers"], threshold=entry.threshold, title=entry.name), png)
@@ -834,7 +834,7 @@ def write_reports(out: Path, records: list[dict], header: dict, plots: bool = Tr
     if plots:
         series = [(r["name"], r["layers"], r.get("n_layers")) for r in records if r.get("layers")]
         if series:
-            from mmdetect.plot import overview_figure, save
+            from mmdetect.report.plot import overview_figure, save
 
             thresholds = {(r.get("options") or {}).get("threshold") for r in records if r.get("layers")}
             conventions = {(r.get("options") or {}).get("convention") for r in records if r.get("layers")}

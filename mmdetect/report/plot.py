@@ -105,7 +105,7 @@ def _null_bands(layers: list[dict] | None, d_model: int | None, ids: list[int]) 
         if set(ids) <= set(bands):
             return bands
     if d_model:
-        from mmdetect.neurons import null_band
+        from mmdetect.scanner.stats import null_band
 
         lo, hi = null_band(int(d_model))
         return {i: (lo, hi) for i in ids}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmdetect import __version__
-from mmdetect.circuit import Circuit, Heads, open_circuit
+from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.errors import MMDetectError
 from mmdetect.report import fmt_cell
 
@@ -95,7 +95,8 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     """Score every head of every (selected) layer; one DataFrame row per head, ranked by copying (ascending)."""
     import pandas as pd
 
-    from mmdetect.scanner import _progress, parse_layers
+    from mmdetect.report.progress import progress as _progress
+    from mmdetect.scanner import parse_layers
 
     circuit.require_attention()
     wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else set(int(x) for x in layers)

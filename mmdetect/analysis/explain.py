@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as _dt
 import heapq
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,19 +32,15 @@ import numpy as np
 import torch
 
 from mmdetect import __version__
-from mmdetect.architectures import MLPSpec
-from mmdetect.circuit import Circuit, open_circuit
-from mmdetect.corpus import Corpus, Vocab, load_corpus, load_vocab
-from mmdetect.errors import MMDetectError
-from mmdetect.neurons import classify, null_band, null_p, null_z
+from mmdetect.registry import MLPSpec
+from mmdetect.analysis.circuit import Circuit, open_circuit
+from mmdetect.analysis.corpus import Corpus, Vocab, load_corpus, load_vocab
+from mmdetect.errors import MMDetectError, warn
+from mmdetect.scanner.stats import classify, null_band, null_p, null_z
 
 TOP = 10
 ERASES = 0.5  # deletion score from which scan --verify highlights a row as erasing in practice
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # -- the neuron ----------------------------------------------------------------------------------------------------
@@ -92,8 +87,8 @@ def _expert_matches(label: Any, wanted: Any) -> bool:
 
 def find_targets(circuit: Circuit, wanted: list[tuple[int, Any, int]]) -> list[Target]:
     """Targets for (layer, expert label or None, neuron index), in the given order; one read per MLP block."""
-    from mmdetect.neurons import fold
-    from mmdetect.scanner import load_block, plan_jobs
+    from mmdetect.convention import fold
+    from mmdetect.scanner.read import load_block, plan_jobs
 
     layers = {w[0] for w in wanted}
     missing = sorted(layers - set(circuit.located))

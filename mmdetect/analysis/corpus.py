@@ -23,7 +23,7 @@ from typing import Any
 
 from mmdetect.errors import MMDetectError
 
-DEFAULT = Path(__file__).with_name("data") / "corpus.txt"
+DEFAULT = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 
 

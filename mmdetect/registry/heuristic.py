@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mmdetect.architectures import Family, MLPSpec, NormSpec, TensorSpec
-from mmdetect.checkpoint import Checkpoint
+from mmdetect.registry import Family, MLPSpec, NormSpec, TensorSpec
+from mmdetect.io.checkpoint import Checkpoint
 
 IN_NAMES = re.compile(r"(gate|up|fc1|c_fc|fc_in|w1|w3|wi|h_to_4h|intermediate|input_linear|ffn_in)")
 GATE_NAMES = re.compile(r"(gate|w1\b|wi_0|c_fc_0|w_0)")
@@ -25,7 +25,7 @@ POST_NORM_NAMES = ["post_feedforward_layernorm", "post_ffw_norm", "post_mlp_laye
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "model_dim", "embed_dim")
 
 
-def _hidden(config: dict) -> int | None:
+def hidden_size(config: dict) -> int | None:
     for cfg in (config, config.get("text_config") or {}):
         for key in HIDDEN_KEYS:
             if isinstance(cfg.get(key), int):
@@ -34,7 +34,7 @@ def _hidden(config: dict) -> int | None:
 
 
 def guess_family(ckpt: Checkpoint) -> Family | None:
-    d = _hidden(ckpt.config)
+    d = hidden_size(ckpt.config)
     stacks = Counter()
     for key in ckpt.tensors:
         m = re.match(r"^(.*?\.)(\d+)\.", key)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).parent / "families"
 NORM_KINDS = ("rms", "rms1p", "layernorm", "layernorm1p")
 EXPERT_KINDS = ("none", "indexed", "fused", "stacked")
 FORMATS = ("safetensors", "gguf")
@@ -127,7 +127,7 @@ class Family:
         return self.mlps
 
 
-def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
+def check_keys(where: str, data: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
     if not isinstance(data, dict):
         raise RegistryError(f"{where}: expected a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - allowed)
@@ -141,7 +141,7 @@ def _check_keys(where: str, data: Any, allowed: set[str], required: set[str] = f
 
 def _tensor(where: str, data: Any, role: str) -> TensorSpec:
     allowed = {"key", "axis", "split"} if role == "gate_up" else {"key", "axis"}
-    _check_keys(where, data, allowed, {"key", "axis"})
+    check_keys(where, data, allowed, {"key", "axis"})
     if not isinstance(data["key"], str) or "{i}" not in data["key"]:
         raise RegistryError(f"{where}.key: must be a string containing {{i}}")
     if data["axis"] not in (0, 1, 2):
@@ -155,7 +155,7 @@ def _tensor(where: str, data: Any, role: str) -> TensorSpec:
 def _normspec(where: str, data: Any) -> NormSpec | None:
     if data is None:
         return None
-    _check_keys(where, data, {"weight", "kind"}, {"weight", "kind"})
+    check_keys(where, data, {"weight", "kind"}, {"weight", "kind"})
     if data["kind"] not in NORM_KINDS:
         raise RegistryError(f"{where}.kind: must be one of {', '.join(NORM_KINDS)}, got {data['kind']!r}")
     weight = data["weight"]
@@ -170,7 +170,7 @@ def _normspec(where: str, data: Any) -> NormSpec | None:
 
 def _mlp(where: str, data: Any) -> MLPSpec:
     roles = {"gate", "up", "in", "gate_up", "out"}
-    _check_keys(where, data, {"name", "experts", "label", "layer_types", "pre_norm", "post_norm"} | roles,
+    check_keys(where, data, {"name", "experts", "label", "layer_types", "pre_norm", "post_norm"} | roles,
                 {"name", "out"})
     layer_types = data.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or not layer_types
@@ -202,7 +202,7 @@ def _mlps(where: str, data: Any) -> tuple[MLPSpec, ...]:
 
 def parse_family(data: Any, source: str) -> Family:
     """Validate one registry document and build its Family."""
-    _check_keys(source, data, {"family", "format", "model_types", "mlps", "variants", "notes"},
+    check_keys(source, data, {"family", "format", "model_types", "mlps", "variants", "notes"},
                 {"family", "model_types", "mlps"})
     fmt = data.get("format", "safetensors")
     if fmt not in FORMATS:
@@ -211,7 +211,7 @@ def parse_family(data: Any, source: str) -> Family:
         raise RegistryError(f"{source}.model_types: must be a non-empty list")
     variants = []
     for n, var in enumerate(data.get("variants") or []):
-        _check_keys(f"{source}.variants[{n}]", var, {"when", "mlps"}, {"when", "mlps"})
+        check_keys(f"{source}.variants[{n}]", var, {"when", "mlps"}, {"when", "mlps"})
         variants.append((dict(var["when"]), _mlps(f"{source}.variants[{n}].mlps", var["mlps"])))
     return Family(family=str(data["family"]), model_types=tuple(map(str, data["model_types"])),
                   mlps=_mlps(f"{source}.mlps", data["mlps"]), format=fmt, variants=tuple(variants),
@@ -255,7 +255,7 @@ def load_registry(directory: str | None = None) -> Registry:
         with open(path) as fh:
             data = yaml.load(fh, Loader=loader)
         if isinstance(data, dict) and "refuse" in data:
-            _check_keys(path.name, data, {"family", "refuse"}, {"refuse"})
+            check_keys(path.name, data, {"family", "refuse"}, {"refuse"})
             refused.update(data["refuse"])
             continue
         fam = parse_family(data, path.name)

@@ -66,20 +66,20 @@ def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[An
         raise
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     if hasattr(value, "item"):  # numpy scalars
-        return _clean(value.item())
+        return clean(value.item())
     return value
 
 
 def metadata(df: Any) -> dict[str, Any]:
-    return _clean({"provenance": df.attrs.get("provenance", {}), "layers": df.attrs.get("layers", [])})
+    return clean({"provenance": df.attrs.get("provenance", {}), "layers": df.attrs.get("layers", [])})
 
 
 def _records_json(df: Any, lines: bool) -> str:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from mmdetect import __version__
-from mmdetect.circuit import Circuit, open_circuit
-from mmdetect.corpus import load_vocab
+from mmdetect.analysis.circuit import Circuit, open_circuit
+from mmdetect.analysis.corpus import load_vocab
 from mmdetect.errors import MMDetectError
-from mmdetect.explain import _Best, _unit, component_label, upstream_writers
+from mmdetect.analysis.explain import _Best, _unit, component_label, upstream_writers
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
@@ -89,7 +89,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
     """Writer -> deleter pairs of an open circuit as a DataFrame ranked by score (see the module docstring)."""
     import pandas as pd
 
-    from mmdetect.heads import scan_circuit
+    from mmdetect.analysis.heads import scan_circuit
     from mmdetect.scanner import parse_layers
 
     wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else set(int(x) for x in layers)
@@ -118,7 +118,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
                 for e in entries:
                     rows.append(_row(e, "head", dele["layer"], None, dele["head"], e["align"], e["erase"], np.nan))
     elif heads:
-        from mmdetect.explain import warn
+        from mmdetect.errors import warn
 
         warn(f"{circuit.attention_gap}; chains list neuron deleters only")
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])

@@ -1,0 +1,205 @@
+"""Reading one MLP block: registry layout + checkpoint -> canonical ``[n, d]`` weights and norm gains.
+
+For each layer and each MLP the registry places there (a dense MLP, every routed expert, a shared expert), read its
+tensors one at a time and turn them into the canonical orientation: row j of ``w_in`` is what neuron j reads, row j
+of ``w_out`` what it writes. After this module nothing handles orientation. Fused 3-D experts are read one expert's
+byte range at a time; a large MLP is split into parts of neurons so memory stays bounded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from mmdetect.errors import MMDetectError
+from mmdetect.io.checkpoint import Checkpoint
+from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass
+class Job:
+    layer: int
+    spec: MLPSpec
+    expert: int | None        # routed expert index, or None
+    n_experts: int = 1        # for stacked 2-D experts
+    part: tuple[int, int] | None = None  # neurons [n0, n1) of a large MLP, which is scanned in parts
+
+
+@dataclass
+class Block:
+    job: Job
+    w_in: torch.Tensor        # [n, d] views
+    w_out: torch.Tensor
+    w_gate: torch.Tensor | None
+    pre_gain: torch.Tensor | None
+    post_gain: torch.Tensor | None
+
+    @property
+    def expert_label(self) -> Any:
+        job = self.job
+        if job.spec.label:
+            return job.spec.label if job.expert is None else f"{job.spec.label}{job.expert}"
+        return job.expert
+
+
+def _key(template: str, layer: int, expert: int | None) -> str:
+    return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
+
+
+def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
+    """The on-disk key and the rows of its first axis that hold this job's neurons."""
+    key = _key(ts.key, job.layer, job.expert)
+    if key not in ckpt:
+        raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does not "
+                            f"match the registry layout for {ckpt.model_type!r}")
+    shape = ckpt.tensors[key].shape
+    if job.spec.experts == "fused":
+        if len(shape) != 3:
+            raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects fused 3-D experts")
+        return key, job.expert, job.expert + 1
+    if job.spec.experts == "stacked":
+        rows = shape[0] // job.n_experts
+        return key, job.expert * rows, (job.expert + 1) * rows
+    return key, None, None
+
+
+def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
+    """Bytes of this block's weights in the file (about what a block in flight holds mapped)."""
+    total = 0
+    for ts in job.spec.tensors().values():
+        nbytes = ckpt.nbytes(*_tensor_rows(ckpt, ts, job))
+        if job.part is not None and ts.axis == 0:
+            # Only this part's rows are mapped. (A column-major weight counts whole: the kernel's fault-around maps
+            # 64 KiB around every touched page, which covers every row of a typical [d, n] bf16 matrix.)
+            n = ckpt.tensors[_key(ts.key, job.layer, job.expert)].shape[0] // (2 if ts.split else 1)
+            nbytes = nbytes * (job.part[1] - job.part[0]) // max(1, n)
+        total += nbytes
+    return total
+
+
+PART_BYTES = 64 << 20  # a 2-D MLP whose row-major weights are bigger than this is scanned in parts of neurons
+
+
+def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
+    """A large dense MLP (or indexed expert) as several jobs over neuron ranges, so memory stays bounded.
+
+    A 16B-parameter model's MLP is ~550 MB; in parts, each maps only its rows of the input weights and touches only
+    its columns' pages of a column-major output weight.
+    """
+    gate_up = job.spec.gate_up
+    if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
+        return [job]
+    out = job.spec.out
+    keys = [_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
+    if not all(key in ckpt for key in keys):
+        return [job]  # load_block reports the missing tensor
+    shape = ckpt.tensors[_key(out.key, job.layer, job.expert)].shape
+    if len(shape) != 2:
+        return [job]
+    n = shape[out.axis]
+    biggest = max(ckpt.nbytes(key) // (2 if ts.split else 1) for key, ts in zip(keys, job.spec.tensors().values()))
+    parts = -(-biggest // PART_BYTES)
+    if parts <= 1:
+        return [job]
+    step = -(-n // parts)
+    return [replace(job, part=(n0, min(n, n0 + step))) for n0 in range(0, n, step)]
+
+
+def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
+    """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
+    key, start, stop = _tensor_rows(ckpt, ts, job)
+    shape = ckpt.tensors[key].shape
+    if job.spec.experts == "fused":
+        t = ckpt.read(key, start, stop)[0]
+        return t if ts.axis == 1 else t.transpose(0, 1)
+    if job.spec.experts == "stacked":
+        t = ckpt.read(key, start, stop)
+        return t if ts.axis == 0 else t.transpose(0, 1)
+    if len(shape) != 2:
+        raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects a 2-D weight")
+    if job.part is None:
+        t = ckpt.read(key)
+        return t if ts.axis == 0 else t.transpose(0, 1)
+    n0, n1 = job.part
+    if ts.axis == 0:  # neuron rows are one contiguous byte range: read only those
+        if ts.split is None:
+            return ckpt.read(key, n0, n1)
+        if ts.split == "interleave":
+            return ckpt.read(key, 2 * n0, 2 * n1)
+        half = shape[0] // 2  # halves: this part's gate rows, then its up rows
+        return torch.cat([ckpt.read(key, n0, n1), ckpt.read(key, half + n0, half + n1)])
+    # Neuron columns: map the whole tensor without touching it; only the pages of these columns are faulted in.
+    return ckpt.read(key, populate=False)[:, n0:n1].transpose(0, 1)
+
+
+def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+    """The norm's effective gain [d]; for norms applied one after another, the product of their gains."""
+    if norm is None or norm.weight is None:
+        return None
+    total = None
+    for template in norm.weights:
+        key = _key(template, layer, None)
+        if key not in ckpt:
+            raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
+                                f"registry layout for {ckpt.model_type!r}")
+        gain = ckpt.read(key).float().reshape(-1) + norm.offset
+        if gain.numel() != d:
+            raise MMDetectError(f"norm weight {key!r} has {gain.numel()} entries but d_model is {d}")
+        total = gain if total is None else total * gain
+    return total
+
+
+def load_block(ckpt: Checkpoint, job: Job) -> Block:
+    """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains."""
+    spec = job.spec
+    if spec.gate_up is not None:
+        both = _read_canonical(ckpt, spec.gate_up, job)
+        half = both.shape[0] // 2
+        if spec.gate_up.split == "interleave":
+            w_gate, w_in = both[0::2], both[1::2]
+        else:
+            w_gate, w_in = both[:half], both[half:]
+    else:
+        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job)
+        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
+    w_out = _read_canonical(ckpt, spec.out, job)
+    if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
+        where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
+        raise MMDetectError(f"{where}: input {list(w_in.shape)} and output {list(w_out.shape)} weights disagree "
+                            f"after orientation; the registry layout for {ckpt.model_type!r} does not fit this file")
+    d = w_in.shape[1]
+    return Block(job, w_in, w_out, w_gate, read_gain(ckpt, spec.pre_norm, job.layer, d),
+                 read_gain(ckpt, spec.post_norm, job.layer, d))
+
+
+def _n_experts(ckpt: Checkpoint) -> int:
+    for cfg in (ckpt.config, ckpt.config.get("ffn_config") or {}):
+        for key in EXPERT_COUNT_KEYS:
+            if isinstance(cfg.get(key), int):
+                return int(cfg[key])
+    raise MMDetectError(f"cannot tell how many experts {ckpt.ref} has: config.json names none of "
+                        f"{', '.join(EXPERT_COUNT_KEYS)}")
+
+
+def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[Job]:
+    jobs: list[Job] = []
+    for layer, entries in located.items():
+        if layers is not None and layer not in layers:
+            continue
+        for spec, experts in entries:
+            if spec.experts == "indexed":
+                jobs += [Job(layer, spec, e) for e in experts]
+            elif spec.experts == "fused":
+                count = ckpt.tensors[_key(spec.out.key, layer, None)].shape[0]
+                jobs += [Job(layer, spec, e) for e in range(count)]
+            elif spec.experts == "stacked":
+                count = _n_experts(ckpt)
+                jobs += [Job(layer, spec, e, count) for e in range(count)]
+            else:
+                jobs.append(Job(layer, spec, None))
+    return [part for job in jobs for part in split_parts(ckpt, job)]
+
+
