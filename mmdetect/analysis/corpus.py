@@ -10,9 +10,11 @@ Sources, in the order ``explain`` and ``scan --verify`` look for them:
   Python). It is not a sample of any dataset; it exists so that evidence works offline, and is small, so
   numbers from it are a first look rather than a measurement.
 
-A :class:`Vocab` turns text into ids with the checkpoint's own tokenizer, or, when there is none, with the text's UTF-8
-bytes as ids (modulo the vocabulary size when it is smaller than 256). Tokens are then shown as ``#id`` in weight
-views, and contexts are shown as the bytes they were fed as.
+A :class:`Vocab` turns text into ids with the checkpoint's own tokenizer (transformers', else its ``tokenizer.json``
+through the ``tokenizers`` package), or, when there is none, with the text's UTF-8 bytes as ids (modulo the vocabulary
+size when it is smaller than 256). Token ids read as the tokenizer means them (``mmdetect.tokens``: byte-level BPE,
+SentencePiece ``▁`` and ``<0x0A>`` byte tokens, a GGUF's own token list); with no vocabulary at all they are shown as
+``#id`` in weight views, and contexts are shown as the bytes they were fed as.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmdetect import tokens as tok_text
 from mmdetect.errors import MMDetectError
 
 DEFAULT = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
@@ -112,13 +115,17 @@ def _dataset(path: Path, field_name: str) -> Corpus:
 class Vocab:
     """Token ids <-> text for one checkpoint: its tokenizer, GGUF token strings, or bare ids."""
 
-    def __init__(self, size: int, tokenizer: Any = None, tokens: list[str] | None = None) -> None:
+    def __init__(self, size: int, tokenizer: Any = None, tokens: tok_text.TokenTable | list[str] | None = None) -> None:
         self.size = size
         self.tokenizer = tokenizer
-        self.tokens = tokens
+        if tokens is not None and not isinstance(tokens, tok_text.TokenTable):
+            tokens = tok_text.TokenTable(list(tokens), tok_text.guess_scheme(tokens))
+        self.table: tok_text.TokenTable | None = tokens if tokens else None
+        self.tokens = list(tokens.pieces) if tokens else None
         self.kind = "tokenizer" if tokenizer is not None else ("gguf" if tokens else "ids")
         self.bytes = False  # set once text has been encoded as UTF-8 bytes (no tokenizer)
         self._labels: dict[int, str] = {}
+        self._table_done = tokenizer is None
 
     @property
     def bos_id(self) -> int | None:
@@ -127,17 +134,23 @@ class Vocab:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return int(bos) if isinstance(bos, int) else None
 
+    def _token_table(self) -> tok_text.TokenTable | None:
+        """The tokenizer's token strings and scheme, read once (None when its scheme cannot be told)."""
+        if not self._table_done:
+            self._table_done = True
+            self.table = getattr(self.tokenizer, "table", None) or tok_text.table_from_transformers(self.tokenizer)
+        return self.table
+
     def label(self, token_id: int) -> str:
-        """What token ``token_id`` reads as, leading space included: its text, the GGUF token string, or ``#id``."""
+        """What token ``token_id`` reads as, leading space included: its text (a :class:`mmdetect.tokens.TokenText`,
+        whose ``repr`` shows control characters and partial UTF-8 as escapes), or ``#id``."""
         token_id = int(token_id)
         if token_id not in self._labels:
-            if self.tokenizer is not None:
-                self._labels[token_id] = self._decode(token_id)
-            elif self.tokens is not None and 0 <= token_id < len(self.tokens):
-                tok = self.tokens[token_id]
-                self._labels[token_id] = tok.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
-            else:
-                self._labels[token_id] = f"#{token_id}"
+            table = self._token_table()
+            text: str | None = table.label(token_id) if table is not None else None
+            if text is None and self.tokenizer is not None and table is None:
+                text = self._decode(token_id)
+            self._labels[token_id] = text if text is not None else f"#{token_id}"
         return self._labels[token_id]
 
     def _decode(self, token_id: int) -> str:
@@ -172,6 +185,9 @@ class Vocab:
         as UTF-8 bytes."""
         if self.bytes and self.tokenizer is None and self.size >= 256:
             return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        table = self._token_table()
+        if table is not None:
+            return table.text(ids)
         return "".join(self.label(i) for i in ids)
 
     def rows(self, corpus: Corpus, seq_len: int, max_tokens: int) -> list[list[int]]:
@@ -201,8 +217,10 @@ class Vocab:
         return [r for r in rows if r]
 
 
-def load_vocab(ckpt: Any, size: int) -> Vocab:
-    """The checkpoint's tokenizer when it ships one (folder or HF cache), GGUF token strings, else bare ids."""
+def load_vocab(ckpt: Any, size: int, *, transformers: bool = True) -> Vocab:
+    """The checkpoint's tokenizer when it ships one (folder or HF cache): transformers' ``AutoTokenizer``, else (or
+    with ``transformers=False``) its ``tokenizer.json`` through the ``tokenizers`` package; a GGUF's own token list;
+    else bare ids."""
     if ckpt.format == "gguf":
         return Vocab(size, tokens=_gguf_tokens(ckpt.path))
     path = Path(ckpt.path)
@@ -211,23 +229,37 @@ def load_vocab(ckpt: Any, size: int) -> Vocab:
         candidates.append((str(path), {}))
     if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
         candidates.append((ckpt.ref, {"revision": ckpt.revision, "local_files_only": True}))
-    for source, kw in candidates:
+    for source, kw in candidates if transformers else []:
         try:
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
             return Vocab(size, tokenizer=AutoTokenizer.from_pretrained(source, **kw))
-        except Exception:  # no usable tokenizer there: fall back to ids
+        except Exception:  # no usable tokenizer there (or no transformers): try tokenizer.json, then ids
             continue
+    for folder in _tokenizer_folders(ckpt, path):
+        json_tok = tok_text.load_tokenizer_json(folder)
+        if json_tok is not None:
+            return Vocab(size, tokenizer=json_tok)
     return Vocab(size)
 
 
-def _gguf_tokens(path: Path) -> list[str] | None:
-    try:
-        from gguf import GGUFReader
+def _tokenizer_folders(ckpt: Any, path: Path) -> list[Path]:
+    """Where a tokenizer.json may be: the checkpoint folder, or the HF cache snapshot of a hub id."""
+    folders = [path] if (path / "tokenizer.json").is_file() else []
+    if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
 
-        f = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
-        return [str(t) for t in f.contents()] if f is not None else None
-    except Exception:
-        return None
+            hit = try_to_load_from_cache(ckpt.ref, "tokenizer.json", revision=ckpt.revision)
+            if isinstance(hit, str):
+                folders.append(Path(hit).parent)
+        except Exception:
+            pass
+    return folders
+
+
+def _gguf_tokens(path: Path) -> tok_text.TokenTable | None:
+    """The GGUF's own token list and its scheme (``tokenizer.ggml.model``)."""
+    return tok_text.read_gguf_vocab(path)
