@@ -1,4 +1,4 @@
-"""Token strings as the tokenizer means them (``mmdetect.tokens``), on real vocabularies.
+"""Token strings as the tokenizer means them (``mmdetect.analysis.tokens``), on real vocabularies.
 
 * a byte-level BPE ``tokenizer.json`` trained here with the ``tokenizers`` package on mmdetect's default corpus plus a
   few strings with tabs, ``\\r``, Cyrillic, accented Latin and CJK; expected strings come from the tokenizer's own
@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmdetect import tokens as T
-from mmdetect.corpus import DEFAULT, Vocab, load_vocab
+from mmdetect.analysis import tokens as T
+from mmdetect.analysis.corpus import DEFAULT, Vocab, load_vocab
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -281,7 +281,7 @@ def gemma_gguf() -> Path:
 
 
 def test_gemma3_gguf_token_list(gemma_gguf: Path) -> None:
-    from mmdetect.checkpoint import _gguf_header, open_checkpoint
+    from mmdetect.io.checkpoint import _gguf_header, open_checkpoint
 
     start = time.perf_counter()
     table = T.read_gguf_vocab(gemma_gguf)
