@@ -292,23 +292,23 @@ def reference_gguf(model: GGUFModel, layer: int, raw: bool = False) -> dict[str,
 # -- peer checkpoints (TransformerLens comparison) -------------------------------------------------------------------
 
 # Model types whose norms scale by 1 + w (Gemma style): their stored w is drawn so that 1 + w lies in [0.3, 3].
-OFFSET_NORM_TYPES = {"gemma", "gemma2", "gemma3_text"}
+OFFSET_NORM_TYPES = {"gemma", "gemma2", "gemma3_text", "nemotron"}
 PEER_EXTRA: dict[str, dict] = {"opt": {"word_embed_proj_dim": D_MODEL}}
 
 
-def build_peer(model_type: str, path: Path, *, seed: int = 0, vocab: int = 128) -> Path:
+def build_peer(model_type: str, path: Path, *, seed: int = 0, vocab: int = 128, extra: dict | None = None) -> Path:
     """A tiny random ``model_type`` checkpoint in which folding and centring change every cosine.
 
     d_model 64, 2 layers (``tiny.tiny_config``). Matrices (each matrix of a stacked 3-D tensor) are N(0, 1/fan_in)
     plus a random offset per row and per column, so every read and write vector has a nonzero mean, which centring
     removes; 1-D ``*.weight`` tensors (norm gains) are uniform in [0.3, 3] (the stored w in [-0.7, 2] for 1 + w
-    norms); biases N(0, 0.5).
+    norms); biases N(0, 0.5). ``extra``: config overrides.
     """
     import warnings
 
     from tiny import build_model  # (importing tiny sets HF_HUB_OFFLINE)
 
-    extra = {"vocab_size": vocab, **PEER_EXTRA.get(model_type, {})}
+    extra = {"vocab_size": vocab, **PEER_EXTRA.get(model_type, {}), **(extra or {})}
     model = build_model(model_type, extra, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
 

@@ -8,8 +8,9 @@ Checked:
 * ``tl_peer.tl_convention``, computed from the raw stored tensors, reproduces TransformerLens's cos, cos_gate_out
   and cos_gate_in to 1e-5 (NaN where TransformerLens gives NaN);
 * mmdetect's folded convention equals TransformerLens wherever the two conventions coincide, and differs where they
-  are known not to: Gemma 2 (TransformerLens does not fold the post-MLP norm gain into W_out) and LayerNorm gated
-  models, OLMo-1 (TransformerLens centres W_in but not W_gate);
+  are known not to: Gemma 2 (TransformerLens does not fold the post-MLP norm gain into W_out), LayerNorm gated
+  models, OLMo-1 (TransformerLens centres W_in but not W_gate), and the model types whose TransformerLens adapter
+  folds or centres nothing (glm, glm4: no pre-norm fold; xglm: no write centring; nemotron, post-LN OPT: neither);
 * each rule of ``tl_convention`` matters: changing any one of them moves some architecture's numbers off
   TransformerLens's;
 * an exact tie (gate . up = 0) zeroes the neuron in Gerstner's flip, so all three cosines are NaN there.
@@ -18,27 +19,32 @@ The real Llama checkpoints in ``../shared/models`` are included when present.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 pytest.importorskip("transformer_lens")
 
-import mmdetect  # noqa: E402
-import tl_peer  # noqa: E402
-from builders import build_peer, plant_orthogonal_gate  # noqa: E402
+import tl_peer
+from builders import build_peer, plant_orthogonal_gate
+from tiny import VARIANTS
+
+import mmdetect
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL = ("stories260K", "aidreams260K", "babyllama-tok105")
 ARCHS = ("gpt2", "gpt_neox", "llama", "gemma2", "opt", "qwen2", "mistral", "gptj", "bloom", "olmo", "phi3")
-GATED = {"llama", "gemma2", "qwen2", "mistral", "olmo", "phi3"}
-# Where the folded convention is not TransformerLens's: column -> model types.
-DIFFER = {"cos": {"gemma2"}, "cos_gate_out": {"gemma2", "olmo"}, "cos_gate_in": {"olmo"}}
-CASES = ARCHS + REAL
+# Model types for which TransformerLens folds or centres less than usual (tl_peer.tl_processing).
+EXCEPTIONS = ("glm", "glm4", "xglm", "nemotron", "opt+do_layer_norm_before=False")
+GATED = {"llama", "gemma2", "qwen2", "mistral", "olmo", "phi3", "glm", "glm4"}
+# Where the folded convention is not TransformerLens's: column -> cases.
+DIFFER = {"cos": {"gemma2", *EXCEPTIONS}, "cos_gate_out": {"gemma2", "olmo", "glm", "glm4"},
+          "cos_gate_in": {"olmo", "glm", "glm4"}}
+CASES = ARCHS + EXCEPTIONS + REAL
 
 Cosines = dict[int, dict[str, np.ndarray]]
 
@@ -63,10 +69,13 @@ class Peers:
             if not (folder / "config.json").exists():
                 pytest.skip(f"{folder} is not present")
             return folder
-        return self._get("folder", case, lambda: build_peer(case, self.root / case))  # type: ignore[return-value]
+        model_type, extra = VARIANTS.get(case, (case, None))
+        return self._get("folder", case,  # type: ignore[return-value]
+                         lambda: build_peer(model_type, self.root / case, extra=extra))
 
     @staticmethod
     def model_type(case: str) -> str:
+        """The key of tl_peer.LAYOUTS."""
         return "llama" if case in REAL else case
 
     def tl(self, case: str) -> Cosines:
@@ -110,7 +119,8 @@ def test_prototype_reproduces_transformerlens(peers: Peers, case: str) -> None:
     for column in COLUMNS:
         assert max_diff(tl, proto, column) <= TOL, column
     gated = peers.model_type(case) in GATED
-    assert not np.isnan(tl[0]["cos_gate_in"]).all() == gated
+    has_gate = not np.isnan(tl[0]["cos_gate_in"]).all()
+    assert has_gate == gated
     if gated:  # Gerstner's flip: cos(gate, up) >= 0 after it
         assert all((v["cos_gate_in"] >= 0).all() for v in tl.values())
 
@@ -146,8 +156,12 @@ def _centred(w, gain):  # type: ignore[no-untyped-def]
     return w - w.mean(-1, keepdim=True)
 
 
-# rule -> (a convention that breaks only that rule, a model type whose TransformerLens numbers it then misses)
+# rule -> (a convention that breaks only that rule, a case whose TransformerLens numbers it then misses[, False: do not
+# apply tl_processing's per-type exceptions])
 ABLATIONS = {
+    "TL_NO_PRE_FOLD: glm's pre-norm is not folded": (tl_peer.tl_convention, "glm", False),
+    "TL_NO_WRITE_CENTRING: xglm's writes are not centred": (tl_peer.tl_convention, "xglm", False),
+    "post-LN OPT: neither": (tl_peer.tl_convention, "opt+do_layer_norm_before=False", False),
     "pre-norm gain folded into read and gate": (_with(pre_gain=lambda a: None), "llama"),
     "Gemma pre-norm gain is 1 + w": (_with(pre_gain=lambda a: a["pre_gain"] - 1.0), "gemma2"),
     "LayerNorm read centred": (_with(pre_centre=lambda a: False), "gpt2"),
@@ -162,8 +176,8 @@ ABLATIONS = {
 
 @pytest.mark.parametrize("rule", ABLATIONS)
 def test_every_rule_of_the_prototype_is_needed(peers: Peers, rule: str) -> None:
-    convention, case = ABLATIONS[rule]
-    broken = tl_peer.raw_cosines(peers.folder(case), case, convention)
+    convention, case, *per_type = ABLATIONS[rule]
+    broken = tl_peer.raw_cosines(peers.folder(case), case, convention, *per_type)
     tl = peers.tl(case)
     assert max(float(np.nanmax(np.abs(tl[layer][c] - broken[layer][c]))) for layer in tl for c in COLUMNS
                if not np.isnan(tl[layer][c]).all()) > 1e-2

@@ -10,6 +10,11 @@ W_in, "d n, d n -> n"))`` multiplies W_in, b_in and W_out, after all the other p
 linout = cos(W_in[:, n], W_out[n, :]), gateout = cos(W_gate[:, n], W_out[n, :]), gatelin = cos(W_gate[:, n],
 W_in[:, n]) (``utils.cos``: each vector divided by its norm, then the dot product).
 
+Stock TransformerLens 4.3's ``enable_compatibility_mode`` has no ``refactor_glu`` argument (it is the fork's), and
+the fork's ``refactor_glu`` at a709aee cannot run as committed (a staticmethod that reads ``self.cfg``, an undefined
+``layer``); Gerstner's pinned submodule commit (db33f60) is not public. So the flip is applied here, after stock
+processing, as that function is written: torch.sign of the per-neuron dot product of the processed W_gate and W_in.
+
 ``tl_convention`` is the same computation from the raw stored tensors (the rule list is in its docstring);
 ``raw_mlp`` reads those tensors from a checkpoint folder with the safetensors library, independently of mmdetect.
 """
@@ -118,6 +123,17 @@ LAYOUTS: dict[str, Layout] = {
                    layernorm=True),
     "phi3": Layout("model.layers.{i}.", "mlp.gate_up_proj.weight", "mlp.down_proj.weight", gate_up=True,
                    pre="post_attention_layernorm.weight"),
+    # model types where TransformerLens departs further from folded (TL_NO_PRE_FOLD, TL_NO_WRITE_CENTRING)
+    "glm": Layout("model.layers.{i}.", "mlp.gate_up_proj.weight", "mlp.down_proj.weight", gate_up=True,
+                  pre="post_attention_layernorm.weight"),
+    "glm4": Layout("model.layers.{i}.", "mlp.gate_up_proj.weight", "mlp.down_proj.weight", gate_up=True,
+                   pre="post_attention_layernorm.weight", post="post_mlp_layernorm.weight"),
+    "xglm": Layout("model.layers.{i}.", "fc1.weight", "fc2.weight", pre="final_layer_norm.weight", layernorm=True),
+    "nemotron": Layout("model.layers.{i}.", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                       pre="post_attention_layernorm.weight", layernorm=True, offset=1.0),
+    # post-LN OPT (opt-350m): the MLP reads self_attn_layer_norm's output; final_layer_norm comes after the MLP
+    "opt+do_layer_norm_before=False": Layout("model.decoder.layers.{i}.", "fc1.weight", "fc2.weight",
+                                             pre="self_attn_layer_norm.weight", layernorm=True),
 }
 
 
@@ -149,26 +165,33 @@ def raw_mlp(folder: Path, model_type: str) -> dict[int, RawMLP]:
     out = {}
     for i in range(n_layers):
         p = lay.prefix.format(i=i)
-        get = lambda k: state[p + k].float()  # noqa: E731
-        w_in, w_out = get(lay.in_), get(lay.out)
+        w_in, w_out = state[p + lay.in_].float(), state[p + lay.out].float()
         w_in = w_in.T if lay.in_t else w_in
         w_out = w_out.T if lay.out_t else w_out
-        w_gate = get(lay.gate) if lay.gate else None
+        w_gate = state[p + lay.gate].float() if lay.gate else None
         if lay.gate_up:
             half = w_in.shape[0] // 2
             w_gate, w_in = w_in[:half], w_in[half:]
-        pre = get(lay.pre) + lay.offset if lay.pre else None
-        post = get(lay.post) + lay.offset if lay.post else None
+        pre = state[p + lay.pre].float() + lay.offset if lay.pre else None
+        post = state[p + lay.post].float() + lay.offset if lay.post else None
         out[i] = RawMLP(w_in.contiguous(), w_out.contiguous(), w_gate, pre, lay.layernorm, post, lay.layernorm)
     return out
 
 
-def raw_cosines(folder: Path, model_type: str, convention=None) -> dict[int, dict[str, np.ndarray]]:
-    """``tl_convention`` (or another function of the same signature) applied to every layer of the folder."""
+def raw_cosines(folder: Path, model_type: str, convention=None,
+                per_type: bool = True) -> dict[int, dict[str, np.ndarray]]:
+    """``tl_convention`` (or another function of the same signature) applied to every layer of the folder, with
+    the inputs changed as ``tl_processing`` says for this model type (unless ``per_type`` is False)."""
+    import json
+
     fn = convention or tl_convention
+    config = json.loads((Path(folder) / "config.json").read_text())
+    fold_pre, centre_writes = tl_processing(config["model_type"], config) if per_type else (True, True)
     res = {}
     for i, m in raw_mlp(folder, model_type).items():
-        cos, gate_out, gate_in = fn(m.w_in, m.w_out, m.w_gate, m.pre_gain, m.pre_centre, m.post_gain, m.post_centre)
+        pre_gain, pre_centre = (m.pre_gain, m.pre_centre) if fold_pre else (None, False)
+        post_centre = m.post_centre and centre_writes
+        cos, gate_out, gate_in = fn(m.w_in, m.w_out, m.w_gate, pre_gain, pre_centre, m.post_gain, post_centre)
         res[i] = {"cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in}
     return res
 
@@ -181,17 +204,20 @@ def tl_convention(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor 
     """(cos, cos_gate_out, cos_gate_in) as TransformerLens processing + Gerstner's sign flip gives them.
 
     Arguments as ``mmdetect.neurons.mlp_cosines`` takes them: [n, d] stored vectors, ``pre_gain`` the effective
-    pre-MLP gain (1 + w already added for Gemma-style norms), ``pre_centre`` the pre-MLP norm is a LayerNorm,
-    ``post_gain`` the post-MLP norm gain, ``post_centre`` mmdetect's centre_writes (a LayerNorm model). The rules:
+    pre-MLP gain (1 + w already added for Gemma-style norms, None without one), ``pre_centre`` the pre-MLP norm is a
+    LayerNorm, ``post_gain`` the post-MLP norm gain, ``post_centre`` mmdetect's centre_writes (a LayerNorm model).
+    For the model types in TL_NO_PRE_FOLD / TL_NO_WRITE_CENTRING the caller passes pre_gain=None, pre_centre=False /
+    post_centre=False (``tl_processing``). The rules, against folded:
 
-    1. read  r = pre_gain * w_in, then minus its mean over d_model if pre_centre   (= folded)
-    2. gate  g = pre_gain * w_gate, never centred                                  (folded also centres it)
-    3. write o = w_out, post_gain ignored (TL keeps a post-MLP norm as a norm), minus its mean if post_centre
-       (folded multiplies by post_gain first)
-    4. s = sign(g . r) per neuron, torch.sign: s = 0 when the dot is exactly 0;
-       r, o *= s. Then cos = cos(r, o), cos_gate_out = cos(g, o), cos_gate_in = cos(g, r);
-       s = 0 zeroes r and o, so all three are NaN (folded: the tie keeps +1 and the three are finite).
-    Without a gate, cos = cos(r, o) and the gate columns are NaN.
+    1. read  r = pre_gain * w_in, minus its mean over d_model if pre_centre            (same as folded)
+    2. gate  g = pre_gain * w_gate, never centred                  (folded centres it like the read when pre_centre)
+    3. write o = w_out minus its mean over d_model if post_centre; post_gain is NOT folded in
+       (TransformerLens keeps a post-MLP norm as a separate norm; folded uses post_gain * w_out)
+    4. sign s = torch.sign(g . r) per neuron, computed on the vectors of 1-3 (so in LayerNorm gated models on the
+       uncentred gate against the centred read); r and o are multiplied by s. s = 0 on an exact tie zeroes r and o,
+       and all three cosines are NaN (folded: a tie keeps the sign, cos_gate_in = 0 and the others finite).
+    5. cos = cos(r, o), cos_gate_out = cos(g, o), cos_gate_in = cos(g, r) (>= 0 by 4); without a gate, cos(r, o)
+       and NaN gate columns.
     """
     d = torch.float64
     r = w_in.to(d) * (pre_gain.to(d) if pre_gain is not None else 1.0)
@@ -207,3 +233,30 @@ def tl_convention(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor 
     s = torch.sign((g * r).sum(-1, keepdim=True))
     r, o = r * s, o * s
     return _cos(r, o).numpy(), _cos(g, o).numpy(), _cos(g, r).numpy()
+
+
+# -- per model type: where TransformerLens 4.3 folds and centres less ------------------------------------------------
+# Measured on tiny checkpoints of every mmdetect registry type that TransformerLens 4.3.0 loads (each case matched
+# TransformerLens to 1e-5 with exactly one of the four (fold_pre, centre_writes) settings, or with several when the
+# setting cannot matter, e.g. no pre-MLP norm). Their adapters set ``supports_fold_ln = False`` /
+# ``supports_center_writing_weights = False`` (phi3 also sets supports_fold_ln = False but folds in its own
+# ``preprocess_weights``, so it is NOT here).
+
+# The pre-MLP norm is not folded at all: read and gate are the stored vectors, and the read is not centred.
+TL_NO_PRE_FOLD = frozenset({
+    "afmoe", "bamba", "bert", "bitnet", "deepseek_v2", "deepseek_v3", "gemma4_text", "glm", "glm4", "glm4_moe_lite",
+    "glm_moe_dsa", "jamba", "laguna", "nemotron", "olmo_hybrid", "openai-gpt", "qwen3_5_text", "sarvam_mla", "youtu",
+    # no gain in front of the MLP to fold, so it makes no difference: "olmo2", "olmo3", "exaone4", "nanochat"
+})
+# LayerNorm models whose write vectors TransformerLens does not centre.
+TL_NO_WRITE_CENTRING = frozenset({"nemotron", "openai-gpt", "xglm"})
+
+
+def tl_processing(model_type: str, config: dict) -> tuple[bool, bool]:
+    """(fold the pre-MLP norm into read and gate, centre writes where a LayerNorm model would) for TransformerLens.
+
+    OPT with ``do_layer_norm_before: false`` (post-LN, opt-350m) gets neither.
+    """
+    post_ln_opt = model_type == "opt" and config.get("do_layer_norm_before", True) is False
+    return (model_type not in TL_NO_PRE_FOLD and not post_ln_opt,
+            model_type not in TL_NO_WRITE_CENTRING and not post_ln_opt)
