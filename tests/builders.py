@@ -287,3 +287,78 @@ def reference_gguf(model: GGUFModel, layer: int, raw: bool = False) -> dict[str,
         sign = np.where(gate_in < 0, -1.0, 1.0)
         gate_out, gate_in = gate_out * sign, gate_in * sign
     return {"cos": cos, "cos_gate_out": gate_out, "cos_gate_in": gate_in}
+
+
+# -- peer checkpoints (TransformerLens comparison) -------------------------------------------------------------------
+
+# Model types whose norms scale by 1 + w (Gemma style): their stored w is drawn so that 1 + w lies in [0.3, 3].
+OFFSET_NORM_TYPES = {"gemma", "gemma2", "gemma3_text", "nemotron"}
+PEER_EXTRA: dict[str, dict] = {"opt": {"word_embed_proj_dim": D_MODEL}}
+
+
+def build_peer(model_type: str, path: Path, *, seed: int = 0, vocab: int = 128, extra: dict | None = None) -> Path:
+    """A tiny random ``model_type`` checkpoint in which folding and centring change every cosine.
+
+    d_model 64, 2 layers (``tiny.tiny_config``). Matrices (each matrix of a stacked 3-D tensor) are N(0, 1/fan_in)
+    plus a random offset per row and per column, so every read and write vector has a nonzero mean, which centring
+    removes; 1-D ``*.weight`` tensors (norm gains) are uniform in [0.3, 3] (the stored w in [-0.7, 2] for 1 + w
+    norms); biases N(0, 0.5). ``extra``: config overrides.
+    """
+    import warnings
+
+    from tiny import build_model  # (importing tiny sets HF_HUB_OFFLINE)
+
+    extra = {"vocab_size": vocab, **PEER_EXTRA.get(model_type, {}), **(extra or {})}
+    model = build_model(model_type, extra, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    offset = 1.0 if model_type in OFFSET_NORM_TYPES else 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            if p.dim() >= 2:
+                std = p.shape[-1] ** -0.5
+                *lead, rows, cols = p.shape
+                w = rand(*p.shape) + rand(*lead, rows, 1) + rand(*lead, 1, cols)
+                p.copy_(w * std)
+            elif name.endswith("bias"):
+                p.copy_(rand(*p.shape) * 0.5)
+            else:
+                p.copy_(torch.rand(p.shape, generator=gen) * 2.7 + 0.3 - offset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(path))
+    write_tokenizer(path, vocab)
+    return path
+
+
+def write_tokenizer(path: Path, vocab: int) -> None:
+    """A word-level ``tokenizer.json`` of ``vocab`` tokens, so that loaders that insist on a tokenizer (TransformerLens
+    loads one from the model folder; for some model types transformers has no fallback) find one offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(path))
+
+
+def plant_orthogonal_gate(path: Path, layer: int, neuron: int) -> Path:
+    """In a Llama-layout checkpoint, give one neuron a gate and an up row with disjoint supports (gate on the first
+    half of d_model, up on the second), so that gate . up is exactly 0 before and after an RMSNorm gain is folded in."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    state = load_file(str(file))
+    p = f"model.layers.{layer}.mlp."
+    half = state[p + "gate_proj.weight"].shape[1] // 2
+    state[p + "gate_proj.weight"][neuron, half:] = 0.0
+    state[p + "up_proj.weight"][neuron, :half] = 0.0
+    save_file(state, str(file), metadata={"format": "pt"})
+    return path
