@@ -405,7 +405,9 @@ def sweep_page(summary: Any, per_model: Mapping[str, Any] | None = None, *, titl
                        "seconds": cell("seconds"), "provenance": prov, "layers": layers, "n_layers": int(n_layers),
                        "convention": conv, "threshold": prov.get("threshold"),
                        "convention_note": CONVENTIONS.get(str(conv), UNKNOWN_CONVENTION)})
-    table_cols = {c: v for c, v in cols.items() if c not in share_cols}
+    # status and drift next to the name, so they are read first; the per-layer shares are drawn, not tabled
+    first = [c for c in ("name", "status", "drift") if c in cols]
+    table_cols = {c: cols[c] for c in first + [c for c in cols if c not in share_cols and c not in first]}
     spec = table_spec(table_cols, hide_empty=False)
     statuses = [m["status"] for m in models]
     versions = sorted({str(m["provenance"].get("version")) for m in models if m["provenance"].get("version")})

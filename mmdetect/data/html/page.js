@@ -192,7 +192,7 @@
       var w = c.length + 1;
       for (var i = 0; i < self.n; i += step) w = Math.max(w, self.cell(j, i).length);
       for (var k = 0; k < Math.min(self.n, 200); k++) w = Math.max(w, self.cell(j, k).length);
-      return clamp(w, 4, 36);
+      return clamp(w, 4, self.kinds[j] === "str" ? 30 : 16);
     });
   };
   Table.prototype.mounted = function () {
@@ -306,6 +306,10 @@
         return;
       }
       var needle = term.toLowerCase();
+      if (self.opt.label && /^l\d+(\/e\S+)?[nh]\d+$/.test(needle)) {  // a label such as L3N7 matches exactly
+        tests.push(function (i) { return String(self.opt.label(self, i)).toLowerCase() === needle; });
+        return;
+      }
       tests.push(function (i) { return self.rowText(i).indexOf(needle) >= 0; });
     });
     if (this.layer !== null && this.ci.layer !== undefined) {
@@ -628,6 +632,9 @@
       });
       if (dA) svg.append(s("path", {class: "hist", d: dA}));
       if (dF) svg.append(s("path", {class: "hist-flag", d: dF}));
+      if (isNum(L.emp_null_lo)) [L.emp_null_lo, L.emp_null_hi].forEach(function (v) {  // its edges, over the bars
+        svg.append(s("line", {class: "emp-edge", x1: x(v), x2: x(v), y1: y0 + 2, y2: y0 + rh - 1}));
+      });
       svg.append(s("text", {x: M.l - 6, y: y0 + rh / 2 + 4, "text-anchor": "end"}, "L" + L.layer));
       var hit = s("rect", {class: "hit", x: 0, y: y0, width: W, height: rh, "data-layer": L.layer});
       hit.addEventListener("mousemove", function (ev) {
@@ -841,7 +848,7 @@
     return function (box, W) {
       var layers = m.layers.slice().sort(function (a, b) { return a.layer - b.layer; }), n = layers.length;
       var thr = isNum(m.threshold) ? m.threshold : null, hasQ = layers.some(function (L) { return isNum(L.median); });
-      var M = {l: 50, r: 12, t: 8}, qH = hasQ ? 170 : 0, gap = hasQ ? 26 : 0, sH = 80, H = M.t + qH + gap + sH + 30;
+      var M = {l: 50, r: 12, t: 18}, qH = hasQ ? 170 : 0, gap = hasQ ? 26 : 0, sH = 80, H = M.t + qH + gap + sH + 30;
       var pw = W - M.l - M.r, bw = pw / Math.max(1, n);
       function x(k) { return M.l + k * bw; }
       var svg = s("svg", {class: "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
@@ -876,7 +883,7 @@
           if (isNum(L.min)) svg.append(s("circle", {class: "q-min", cx: x(k) + bw / 2, cy: y(L.min), r: 2.4}));
         });
         if (thr !== null) svg.append(s("line", {class: "thr", x1: M.l, x2: M.l + pw, y1: y(thr), y2: y(thr)}));
-        svg.append(s("text", {x: 4, y: M.t + 10}, "cos"));
+        svg.append(s("text", {x: 4, y: M.t - 6}, "cos by layer"));
       }
       var sTop = M.t + qH + gap, peak = Math.max.apply(null, layers.map(function (L) { return isNum(L.share_flagged) ? L.share_flagged : 0; }).concat([0]));
       var stop = peak > 0 ? peak : 0.01;
