@@ -95,9 +95,7 @@ def _columns(data: Any) -> dict[str, np.ndarray]:
             if dtype in ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float32",
                          "Float64"):
                 out[str(name)] = col.to_numpy(dtype="float64", na_value=np.nan)
-            elif dtype == "boolean":
-                out[str(name)] = col.to_numpy(dtype=object, na_value=None)
-            elif dtype in ("string", "str") or dtype.startswith("string"):
+            elif dtype in ("boolean", "str") or dtype.startswith("string"):
                 out[str(name)] = col.to_numpy(dtype=object, na_value=None)
             else:
                 out[str(name)] = col.to_numpy()
@@ -331,8 +329,7 @@ def _scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str,
     convention = prov.get("convention")
     totals = {"n_neurons": n_neurons, "n_flagged": n_flagged, "n_dead": n_dead, "n_layers": len(summary),
               "share_flagged": n_flagged / max(1, n_neurons), "min_cos": float(finite.min()) if finite.size else None,
-              "rows_given": n_rows, "rows_in_table": int(len(idx)), "top_rows": int(top_rows),
-              "gated": bool("cos_gate_in" in cols and np.isfinite(np.asarray(cols["cos_gate_in"], float)).any())}
+              "rows_given": n_rows, "rows_in_table": len(idx), "top_rows": int(top_rows)}
     return {
         "kind": "scan",
         "provenance": prov,
@@ -344,7 +341,6 @@ def _scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str,
                  "layers": histograms(layer, cos, layer_ids)},
         "tables": {"neurons": table, "heads": frame_spec(heads, max_rows, "heads"),
                    "chains": frame_spec(chains, max_rows, "chains")},
-        "heads_layers": _clean(getattr(heads, "attrs", {}).get("layers")) if heads is not None else None,
         "panels": _panels(explain),
     }
 
@@ -393,7 +389,7 @@ def sweep_page(summary: Any, per_model: Mapping[str, Any] | None = None, *, titl
         if n_layers is None:
             n_layers = max((int(s["layer"]) + 1 for s in layers), default=0)
 
-        def cell(c: str) -> Any:
+        def cell(c: str, i: int = i) -> Any:
             return _clean(cols[c][i]) if c in cols and not _missing(cols[c][i]) else None
 
         prov = _clean(dict(prov))
@@ -467,8 +463,8 @@ def render_page(data: Mapping[str, Any], title: str) -> str:
         "<meta name=\"generator\" content=\"mmdetect\">\n",
         f"<title>{html.escape(title, quote=True)}</title>\n",
         f"<style>{css}</style>\n</head>\n<body>\n",
-        "<noscript><p>This page draws its charts and tables with JavaScript, which is turned off. The data is in "
-        "the page (the script element with id mmdetect-data) and in the scan's CSV.</p></noscript>\n",
+        ("<noscript><p>This page draws its charts and tables with JavaScript, which is turned off. The data is in "
+         "the page (the script element with id mmdetect-data) and in the scan's CSV.</p></noscript>\n"),
         f"<main id=\"app\" data-kind=\"{html.escape(str(data.get('kind')), quote=True)}\"></main>\n",
         f"<script type=\"application/json\" id=\"mmdetect-data\">{json_for_script(data)}</script>\n",
         f"<script>{js}</script>\n</body>\n</html>\n",

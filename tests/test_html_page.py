@@ -32,7 +32,7 @@ CLASSES = np.array(["weakening", "conditional weakening", "orthogonal output", "
                     "strengthening"], dtype=object)
 
 
-# -- synthetic data -----------------------------------------------------------------------------------------------------
+# -- synthetic data ----------------------------------------------------------------------------------------------------
 
 def synthetic_scan(n_layers: int = 6, per_layer: int = 512, d: int = 256, *, tail: float = 0.01, seed: int = 0,
                    threshold: float = -0.5, model: str = "org/tiny-llama") -> tuple[dict, list, dict]:
@@ -136,7 +136,7 @@ def expected_rows(cols: dict, top_rows: int = 2000) -> int:
     return flagged + min(top_rows, int(finite.sum()) - flagged)
 
 
-# -- the browser --------------------------------------------------------------------------------------------------------
+# -- the browser -------------------------------------------------------------------------------------------------------
 
 def find_chromium() -> str | None:
     for cand in (os.environ.get("MMDETECT_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -249,19 +249,19 @@ def search(page: Any, table: str, text: str) -> int:
     return shown(page, table)
 
 
-# -- without a browser --------------------------------------------------------------------------------------------------
+# -- without a browser -------------------------------------------------------------------------------------------------
 
 def test_page_is_one_file_with_no_external_reference_and_escaped_data() -> None:
     cols, layers, prov = synthetic_scan(model=HOSTILE)
     page = htmlpage.scan_page(cols, layers, prov, explain=[explain_doc(*PLANT)])
     assert page.count("</script>") == 2 and page.count("<script") == 2      # the data block and the code
-    block = re.search(r'<script type="application/json" id="mmdetect-data">(.*?)</script>', page, re.S)
+    block = re.search(r'<script type="application/json" id="mmdetect-data">(.*?)</script>', page, re.DOTALL)
     assert "<" not in block.group(1) and ">" not in block.group(1) and "&" not in block.group(1)
     title = re.search(r"<title>(.*?)</title>", page).group(1)
     assert title == "mmdetect · &lt;/script&gt;&lt;img src=x onerror=alert(1)&gt;"
     markup = page.replace(block.group(1), "").replace(title, "")
-    assert not re.search(r"<(link|iframe|object|embed|img|a)\b|\b(src|href)=|@import|url\(|https?://(?!www\.w3\.org/2000/svg)",
-                         markup)
+    external = r"<(link|iframe|object|embed|img|a)\b|\b(src|href)=|@import|url\(|https?://(?!www\.w3\.org/2000/svg)"
+    assert not re.search(external, markup)
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     data = json.loads(block.group(1))
     assert data["provenance"]["model"] == HOSTILE
@@ -299,7 +299,7 @@ def test_page_of_a_llama3_8b_sized_scan_is_small(tmp_path: Path) -> None:
     write_page(tmp_path, page)
 
 
-# -- in Chromium ----------------------------------------------------------------------------------------------------------
+# -- in Chromium -------------------------------------------------------------------------------------------------------
 
 def test_scan_page_loads_offline_and_shows_the_planted_neuron(scan_html, opened, tmp_path: Path) -> None:
     path, cols = scan_html
@@ -364,7 +364,8 @@ def test_search_box_filters(scan_html, opened, tmp_path: Path) -> None:
     assert search(p, "neurons", "flagged=true") == int(cols["flagged"].sum())
     n_weak = int(sum(c == "conditional weakening" for c in cols["class"][in_table]))
     assert search(p, "neurons", "conditional") == n_weak
-    assert search(p, "neurons", "layer=2 cos<-0.6") == int(((cols["layer"] == 2) & (cols["cos"] < -0.6))[in_table].sum())
+    both = (cols["layer"] == 2) & (cols["cos"] < -0.6)
+    assert search(p, "neurons", "layer=2 cos<-0.6") == int(both[in_table].sum())
     assert search(p, "neurons", "no-such-thing") == 0
     assert "no row matches" in p.text_content("#neurons tbody")
     o.shot(tmp_path / "search.png", full=False)
@@ -483,6 +484,53 @@ def test_fifty_thousand_rows_stay_responsive(opened, tmp_path: Path) -> None:
     o.check_clean()
 
 
+def moe_frame_from_csv(tmp_path: Path) -> tuple[Any, list, dict]:
+    """A mixture-of-experts scan (experts 0, 1 and "shared" in each layer) written to CSV and read back with
+    pandas, as a user's file would be: ``expert`` comes back as text, ``rank`` as integers."""
+    import pandas as pd
+
+    parts = []
+    for k, expert in enumerate([0, 1, "shared"]):
+        cols, layers, prov = synthetic_scan(n_layers=4, per_layer=128, d=128, seed=k, tail=0.02)
+        frame = pd.DataFrame(cols)
+        frame["expert"] = expert
+        if expert != 1:   # the planted neuron: layer 3, expert 1, neuron 7
+            frame.loc[(frame.layer == PLANT[0]) & (frame.neuron == PLANT[1]), "cos"] = -0.01
+        parts.append(frame)
+    frame = pd.concat(parts).sort_values("cos", kind="stable").reset_index(drop=True)
+    frame["rank"] = np.arange(1, len(frame) + 1)
+    frame["flagged"] = frame["cos"] <= -0.5
+    for s in layers:
+        sel = frame.layer == s["layer"]
+        s.update(n_neurons=int(sel.sum()), n_flagged=int(frame.flagged[sel].sum()),
+                 share_flagged=float(frame.flagged[sel].mean()))
+    frame.to_csv(tmp_path / "moe.csv", index=False)
+    return pd.read_csv(tmp_path / "moe.csv"), layers, prov
+
+
+def test_moe_scan_read_from_csv(opened, tmp_path: Path) -> None:
+    frame, layers, prov = moe_frame_from_csv(tmp_path)
+    assert frame["expert"].dtype.kind not in "iuf"            # text: "0", "1", "shared"
+    doc = explain_doc(*PLANT)
+    doc["neuron"]["expert"] = 1
+    frame.attrs = {"layers": layers, "provenance": prov}
+    o = opened(write_page(tmp_path, htmlpage.scan_page(frame, explain=[doc]), "moe.html"))  # layers from attrs
+    p = o.page
+    assert "expert" in p.eval_on_selector_all("#neurons thead th", "ths => ths.map(t => t.textContent)")
+    total = expected_rows({"cos": frame["cos"].to_numpy(), "flagged": frame["flagged"].to_numpy()})
+    assert shown(p, "neurons") == total
+    assert search(p, "neurons", "expert=shared") == int((frame["expert"][:total] == "shared").sum())
+    assert search(p, "neurons", "L3/E1N7") == 1
+    p.locator("#neurons tbody tr.r.has-panel").click()
+    p.locator("#panel").wait_for(state="visible")
+    assert p.text_content("#panel h2") == "L3/E1N7"
+    assert "expert 1" in p.text_content("#panel p")
+    p.locator("#neurons th[data-col='expert']").click()
+    assert column(p, "neurons", "expert") == ["1"]
+    o.shot(tmp_path / "moe.png", full=False)
+    o.check_clean()
+
+
 # -- a real scan -------------------------------------------------------------------------------------------------------
 
 def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path) -> None:
@@ -494,6 +542,8 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
     layer, neuron = llama.plant
     doc = explain(str(llama.path), layer, neuron, activations=False)
     page = htmlpage.scan_page(result.columns, result.attrs["layers"], result.attrs["provenance"], explain=[doc])
+    # the same page from the DataFrame that mmdetect.scan returns (layers and provenance from its attrs)
+    assert page == htmlpage.scan_page(result.to_frame(), explain=[doc])
     o = opened(write_page(tmp_path, page))
     p = o.page
     assert shown(p, "neurons") == len(result)                  # 256 neurons: all in the table
@@ -507,7 +557,7 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
     o.check_clean()
 
 
-# -- the sweep page -----------------------------------------------------------------------------------------------------
+# -- the sweep page ----------------------------------------------------------------------------------------------------
 
 def sweep_folder(out: Path) -> list[dict]:
     """A sweep output folder written by sweep.write_reports: three scanned models (one drifted), one failed."""

@@ -551,14 +551,16 @@
 
   // -- scan page: per-layer charts --------------------------------------------------------------------------------------
 
-  var layerSel = {cur: null, marks: [], listeners: []};
+  var layerSel = {cur: null, marks: {}, listeners: []};  // marks: per chart, the row backgrounds to highlight
   function pickLayer(layer) {
     layerSel.cur = layerSel.cur === layer ? null : layer;
     layerSel.listeners.forEach(function (f) { f(layerSel.cur); });
     markLayers();
   }
   function markLayers() {
-    layerSel.marks.forEach(function (m) { m.el.classList.toggle("sel", m.layer === layerSel.cur); });
+    Object.keys(layerSel.marks).forEach(function (k) {
+      layerSel.marks[k].forEach(function (m) { m.el.classList.toggle("sel", m.layer === layerSel.cur); });
+    });
   }
 
   function layerGeometry(n) {
@@ -599,7 +601,7 @@
     // merge bins so that each drawn bin is at least 2 px wide
     var f = Math.max(1, Math.ceil(2 / (pw * bw / (hi - lo))));
     var svg = s("svg", {class: "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
-      "aria-label": "cos distribution per layer"});
+      "aria-label": "cos distribution per layer"}), marks = layerSel.marks.dist = [];
     niceTicks(lo, hi, Math.max(3, Math.floor(pw / 80))).forEach(function (v) {
       svg.append(s("line", {class: "grid", x1: x(v), x2: x(v), y1: G.top, y2: G.top + n * G.rowH}));
       svg.append(s("text", {x: x(v), y: G.top + n * G.rowH + 14, "text-anchor": "middle"}, sg(v, v === 0 ? 0 : 2)));
@@ -609,7 +611,7 @@
       var y0 = G.top + k * G.rowH, rh = G.rowH, r = hist.layers[k] || {first: 0, counts: []};
       var bg = s("rect", {class: "rowbg" + (k % 2 ? " alt" : ""), x: 0, y: y0, width: W, height: rh});
       svg.append(bg);
-      layerSel.marks.push({el: bg, layer: L.layer});
+      marks.push({el: bg, layer: L.layer});
       if (isNum(L.null_lo)) svg.append(s("rect", {class: "band-null", x: x(L.null_lo), y: y0 + 1,
         width: Math.max(1, x(L.null_hi) - x(L.null_lo)), height: rh - 2}));
       if (isNum(L.emp_null_lo)) svg.append(s("rect", {class: "band-emp", x: x(L.emp_null_lo), y: y0 + rh * 0.3,
@@ -664,7 +666,7 @@
     var pw = W - M.l - M.r;
     function x(v) { return M.l + v / top * pw; }
     var svg = s("svg", {class: "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
-      "aria-label": "flagged share by layer"});
+      "aria-label": "flagged share by layer"}), marks = layerSel.marks.share = [];
     niceTicks(0, top, Math.max(2, Math.floor(pw / 70))).forEach(function (v) {
       svg.append(s("line", {class: "grid", x1: x(v), x2: x(v), y1: G.top, y2: G.top + n * G.rowH}));
       svg.append(s("text", {x: x(v), y: G.top + n * G.rowH + 14, "text-anchor": "middle"}, pct(v, top < 0.05 ? 1 : 0)));
@@ -675,7 +677,7 @@
       var y0 = G.top + k * G.rowH, rh = G.rowH;
       var bg = s("rect", {class: "rowbg" + (k % 2 ? " alt" : ""), x: 0, y: y0, width: W, height: rh});
       svg.append(bg);
-      layerSel.marks.push({el: bg, layer: L.layer});
+      marks.push({el: bg, layer: L.layer});
       var v = isNum(L.share_flagged) ? L.share_flagged : 0;
       svg.append(s("rect", {class: "bar" + (v > 0 ? " on" : ""), x: M.l, y: y0 + 2, width: Math.max(v > 0 ? 1.5 : 0, x(v) - M.l),
         height: Math.max(1, rh - 4)}));
