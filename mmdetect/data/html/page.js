@@ -715,9 +715,9 @@
     var t = D.totals, tables = D.tables;
     app.append(scanHeader());
     var per = h("section", {id: "layers-section"}, h("h2", null, "Per layer"));
-    per.append(h("p", {class: "note"}, "Left: the distribution of cos in each layer (bin counts on a log scale, each " +
-      "layer scaled to its own peak; red bins are at or below the threshold). Right: the share of each layer's neurons " +
-      "that are flagged. Hover for the numbers; click a layer to show only its neurons in the table."));
+    per.append(h("p", {class: "note"}, "The distribution of cos in each layer (bin counts on a log scale, each layer " +
+      "scaled to its own peak; red bins are at or below the threshold), and beside or below it the share of each " +
+      "layer's neurons that are flagged. Hover for the numbers; click a layer to show only its neurons in the table."));
     per.append(h("div", {class: "legend"},
       h("span", null, h("span", {class: "sw hist"}), "neurons (log scale)"),
       h("span", null, h("span", {class: "sw flag"}), "flagged"),
