@@ -535,7 +535,7 @@ def test_moe_scan_read_from_csv(opened, tmp_path: Path) -> None:
 
 def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path) -> None:
     """The tiny Llama checkpoint of the other tests (layer 1 neuron 7 planted at cos -1), scanned and explained."""
-    from mmdetect.explain import explain
+    from mmdetect.analysis.explain import explain
     from mmdetect.scanner import scan
 
     result = scan(str(llama.path), as_frame=False)
