@@ -561,7 +561,7 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
 
 def sweep_folder(out: Path) -> list[dict]:
     """A sweep output folder written by sweep.write_reports: three scanned models (one drifted), one failed."""
-    from mmdetect.sweep import write_reports
+    from mmdetect.sweep.run import write_reports
 
     records = []
     specs = [("gpt2-ish", 12, 0.0, "ok"), ("pythia-like", 6, 0.05, "drift"), (HOSTILE, 0, 0.0, "failed"),
