@@ -320,3 +320,13 @@ def test_spearman_and_jaccard_against_definitions() -> None:
 
 def test_api_is_exported() -> None:
     assert callable(mmdetect.track.track)
+
+
+def test_pythia_revisions_file_lists_the_154_published_checkpoints_in_order() -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "pythia-revisions.txt"
+    revisions = parse_revisions(None, str(path))
+    units = plan_units(["EleutherAI/pythia-70m"], revisions, None)
+    steps = [u.step for u in units]
+    assert len(steps) == 154
+    assert steps[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert steps[-1] == 143000 and all(b - a == 1000 for a, b in zip(steps[11:], steps[12:]))
