@@ -235,6 +235,64 @@ def merge(ctx: click.Context, folders: tuple[str, ...], output_dir: str, baselin
     ctx.exit(result.exit_code)
 
 
+@main.command(epilog=_example(
+    "mmdetect track EleutherAI/pythia-70m --revisions 'step{0..143000..1000}' -d pythia70m",
+    "mmdetect track runs/checkpoint-500 runs/checkpoint-1000 runs/checkpoint-2000 -d dyn --format csv",
+    "mmdetect track org/model --revisions-from revs.txt -d out --shard 0/4      # one CI job of four"))
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--revisions", default=None, metavar="LIST",
+              help="Hub revisions of the one MODEL, in training order: step0,step1000 or 'step{0..143000..1000}'.")
+@click.option("--revisions-from", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A text file with one revision a line (# comments allowed).")
+@click.option("--steps", default=None, metavar="LIST",
+              help="The training step of each checkpoint, e.g. 0,500,1000 (default: from names like step500).")
+@click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for checkpoints/, track.parquet (or .csv), layers.csv, emergence.csv, stability.csv.")
+@click.option("--convention", type=click.Choice(["folded", "raw"]), default="folded", show_default=True,
+              help="How read and write vectors are formed (see README: Conventions).")
+@click.option("--threshold", type=float, default=-0.5, show_default=True, help="Flag neurons with cos <= THRESHOLD.")
+@layers_option
+@click.option("--device", default="cpu", show_default=True, metavar="DEV", help="cpu, cuda, cuda:N or mps.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
+              help="The long table: track.parquet or track.csv.")
+@click.option("--all", "everything", is_flag=True,
+              help="emergence.csv lists every neuron ever flagged, not only those flagged at the last step.")
+@click.option("--shard", default=None, metavar="I/N", help="Scan only checkpoints I, I+N, ... (CI matrices).")
+@click.option("--force", is_flag=True, help="Rescan checkpoints even when their output is complete.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Trajectories drawn for the most negative final candidates.")
+@click.option("--plots/--no-plots", default=True, help="Draw track-shares.png and track-top.png (default: on).")
+@progress_option
+@debug_option
+@click.pass_context
+def track(ctx: click.Context, sources: tuple[str, ...], revisions: str | None, revisions_from: str | None,
+          steps: str | None, output_dir: str, convention: str, threshold: float, layers: str | None, device: str,
+          fmt: str, everything: bool, shard: str | None, force: bool, top: int, plots: bool,
+          progress: bool | None) -> None:
+    """Scan the checkpoints of one training run and report when memory-management neurons appear.
+
+    SOURCES is one hub id with --revisions/--revisions-from, or local checkpoint folders / .gguf files in training
+    order. Each checkpoint is scanned once (a rerun resumes); with --shard, the run that finds every checkpoint
+    scanned writes the track. Exit code: 0 ok, 1 a checkpoint failed, 2 a usage error.
+    """
+    from mmdetect import sweep as zoo
+    from mmdetect.track import parse_revisions, parse_steps, track as run_track
+
+    result = run_track(list(sources), output_dir=output_dir, revisions=parse_revisions(revisions, revisions_from),
+                       steps=parse_steps(steps), convention=convention, threshold=threshold, layers=layers,
+                       device=device, fmt=fmt, everything=everything, shard=zoo.parse_shard(shard), force=force,
+                       top=top, plots=plots, progress=progress)
+    for name, error in result.failed:
+        click.echo(f"failed: {name}: {error}", err=True)
+    if result.complete:
+        click.echo(f"tracked {len(result.units)} checkpoints · wrote {output_dir}/{', '.join(result.files)}", err=True)
+    elif not result.failed:
+        click.echo(f"scanned this shard; {len(result.missing)} checkpoint(s) still to scan "
+                   f"({', '.join(result.missing[:5])}{', ...' if len(result.missing) > 5 else ''}); rerun without "
+                   f"--shard once every shard has finished to write the track", err=True)
+    ctx.exit(result.exit_code)
+
+
 @main.command(epilog=_example("mmdetect plot gpt2.csv", "mmdetect plot scan.csv --d-model 768 -o figure.png",
                               "mmdetect plot sweep-out            # the overview of a sweep"))
 @click.argument("scan_file", type=click.Path(exists=True))

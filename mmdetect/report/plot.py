@@ -21,7 +21,7 @@ RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsiz
       "savefig.dpi": 150}
 
 
-def _figure(width: float, height: float) -> Any:
+def figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -140,8 +140,8 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
     gated = "cos_gate_in" in df and bool(df["cos_gate_in"].notna().any())
 
     n = len(ids)
-    with _rc():
-        fig = _figure(min(13.0, max(6.4, 1.6 + 0.26 * n)), 4.8)
+    with style():
+        fig = figure(min(13.0, max(6.4, 1.6 + 0.26 * n)), 4.8)
         top, ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 3.2]})
         x = np.arange(n)
 
@@ -227,7 +227,7 @@ def _num(v: float) -> str:
     return f"{v:g}".replace("-", "\u2212")
 
 
-class _rc:
+class style:
     """matplotlib rc settings for the figures, scoped so a user's own settings are untouched afterwards."""
 
     def __enter__(self) -> None:
@@ -254,9 +254,9 @@ def overview_figure(series: list[tuple[str, list[dict], int | None]], *, thresho
 
     if not series:
         raise MMDetectError("no model has results to plot")
-    with _rc():
+    with style():
         many = len(series) > 8
-        fig = _figure(8.6 if many else 6.8, 4.4)
+        fig = figure(8.6 if many else 6.8, 4.4)
         ax = fig.subplots()
         import matplotlib
 

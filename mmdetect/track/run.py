@@ -1,0 +1,224 @@
+"""``mmdetect track``: scan a sequence of checkpoints of one model and report how each neuron's cosine evolves.
+
+Each checkpoint is one unit of the sweep machinery: ``DIR/checkpoints/<stepNNNNNN>.csv`` holds exactly the bytes of
+``mmdetect scan CKPT --format csv``, with its ``.meta.json`` beside it, so an interrupted track resumes and
+``--shard I/N`` splits the checkpoints across CI jobs. Once every unit is there, the track is aggregated one step at a
+time (memory: one step's rows plus per-neuron state) into:
+
+* ``track.parquet`` (or ``track.csv``): long format, one row per (step, layer, expert, neuron) with the scan columns;
+* ``layers.csv``: per step and layer, the scan's per-layer summary (flagged share, quantiles, null bands);
+* ``emergence.csv``: per neuron flagged at the last step (``--all``: ever flagged), when it emerged;
+* ``stability.csv``: per layer and consecutive pair of steps, Spearman's rank correlation of cos and the Jaccard
+  overlap of the flagged sets;
+* figures: flagged share by layer against step (heatmap and lines) and the trajectories of the top final candidates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mmdetect import __version__
+from mmdetect.errors import MMDetectError
+from mmdetect.track.accumulate import NO_STEP, Tracker
+from mmdetect.track.inputs import Unit, plan_units
+
+CHECKPOINTS = "checkpoints"
+TRACK_FILES = {"parquet": "track.parquet", "csv": "track.csv"}
+
+
+@dataclass
+class TrackResult:
+    out: Path
+    units: list[Unit]
+    complete: bool                   # every unit scanned and the track aggregated
+    missing: list[str]               # units not (yet) scanned, e.g. other shards'
+    failed: list[tuple[str, str]]    # (unit name, error)
+    files: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def _ref(source: str) -> str:
+    """A local path as an absolute path (so the unit means the same from any folder); anything else is a hub id."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() or source.endswith(".gguf") or source.startswith((".", "/", "~")) \
+        else source
+
+
+def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[str] | None = None,
+          steps: list[int] | None = None, convention: str = "folded", threshold: float = -0.5,
+          layers: str | None = None, device: str = "cpu", fmt: str = "parquet", everything: bool = False,
+          shard: tuple[int, int] | None = None, force: bool = False, top: int = 10, plots: bool = True,
+          progress: bool | None = None) -> TrackResult:
+    """Track ``sources`` (one hub id with ``revisions``, or local checkpoints in training order) into ``output_dir``.
+
+    With ``shard`` only that shard's checkpoints are scanned; the track is aggregated by the run that finds every
+    checkpoint scanned (a later run without ``shard`` resumes them all and aggregates).
+    """
+    from mmdetect import sweep as zoo
+
+    if fmt not in TRACK_FILES:
+        raise MMDetectError(f"--format {fmt!r}: a track is written as {' or '.join(TRACK_FILES)}")
+    if not -1.0 <= threshold <= 1.0:
+        raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
+    units = plan_units(list(sources), list(revisions or []), steps)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise MMDetectError(f"--output-dir {out} is a file: give a folder")
+    entries = [zoo.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision,
+                         threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
+               for i, u in enumerate(units)]
+    digest = hashlib.sha256(json.dumps([[u.ref, u.revision, u.step] for u in units]).encode()).hexdigest()
+    plan = zoo.Zoo(path=out / "track.json", description=f"track of {len(units)} checkpoints", entries=entries,
+                   sha256=digest)
+    result = zoo.run_sweep(plan, out / CHECKPOINTS, shard=shard, force=force, plots=False, progress=progress)
+    failed = [(r["name"], r["error"]) for r in result.records if r.get("error")]
+    done = {e.name for e in entries if (out / CHECKPOINTS / e.data_file).is_file()
+            and (out / CHECKPOINTS / (e.name + ".meta.json")).is_file()}
+    missing = [u.name for u in units if u.name not in done]
+    if failed or missing:
+        return TrackResult(out, units, False, missing, failed, [])
+    files = aggregate(out, units, threshold=threshold, fmt=fmt, everything=everything, top=top, plots=plots,
+                      options={"convention": convention, "threshold": threshold, "layers": layers})
+    return TrackResult(out, units, True, [], [], files)
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------------
+
+def _read_unit(out: Path, unit: Unit) -> tuple[Any, dict[str, Any]]:
+    """(pyarrow table of the unit's CSV, its meta record)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    from mmdetect.scanner import COLUMNS
+
+    meta = json.loads((out / CHECKPOINTS / f"{unit.name}.meta.json").read_text(encoding="utf-8"))
+    types = {c: pa.float64() for c in COLUMNS if c.startswith(("cos", "norm_")) or c in ("z", "p")}
+    types.update({"rank": pa.int64(), "layer": pa.int64(), "neuron": pa.int64(), "expert": pa.string(),
+                  "class": pa.string(), "flagged": pa.bool_()})
+    table = pa_csv.read_csv(out / CHECKPOINTS / f"{unit.name}.csv",
+                            convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True))
+    return table, meta
+
+
+def _columns(table: Any) -> dict[str, np.ndarray]:
+    return {"layer": table["layer"].to_numpy(), "neuron": table["neuron"].to_numpy(),
+            "expert": np.array(table["expert"].to_pylist(), dtype=object),
+            "cos": table["cos"].to_numpy(zero_copy_only=False)}
+
+
+def _steps(out: Path, units: list[Unit]) -> Iterator[tuple[Unit, Any, dict[str, Any]]]:
+    for unit in units:
+        table, meta = _read_unit(out, unit)
+        yield unit, table, meta
+
+
+def _append_csv(fh: Any, path: Path, step: int, header: bool) -> None:
+    """The scan's own CSV bytes with each line prefixed by its step: the last step's rows are the scan's CSV."""
+    prefix = f"{step},".encode()
+    with open(path, "rb") as src:
+        first = src.readline()
+        if header:
+            fh.write(b"step," + first)
+        for line in src:
+            fh.write(prefix + line)
+
+
+def aggregate(out: Path, units: list[Unit], *, threshold: float, fmt: str, everything: bool, top: int,
+              plots: bool, options: dict[str, Any]) -> list[str]:
+    """Write the track's outputs from its units' CSVs, one step in memory at a time. Returns the files written."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdetect import report
+
+    tracker = Tracker(threshold)
+    layer_rows: list[dict[str, Any]] = []
+    model_types: set[str] = set()
+    track_path = out / TRACK_FILES[fmt]
+    with report.atomic_open(track_path, binary=True) as fh:
+        writer: Any = None
+        try:
+            for unit, table, meta in _steps(out, units):
+                prov = meta.get("provenance") or {}
+                label = f"{unit.ref}{'@' + unit.revision if unit.revision else ''}"
+                model_types.add(str(prov.get("model_type")))
+                if len(model_types) > 1:
+                    raise MMDetectError(f"{label} is a {prov.get('model_type')!r} model, unlike the checkpoints "
+                                        f"before it: every checkpoint of a track must share the architecture")
+                tracker.add(unit.step, _columns(table), label)
+                layer_rows += [{"step": unit.step, **s} for s in meta.get("layers", [])]
+                if fmt == "csv":
+                    _append_csv(fh, out / CHECKPOINTS / f"{unit.name}.csv", unit.step, header=writer is None)
+                    writer = True
+                else:
+                    stepped = table.add_column(0, "step", pa.array(np.full(table.num_rows, unit.step,
+                                                                           dtype=np.int64)))
+                    if writer is None:
+                        writer = pq.ParquetWriter(fh, stepped.schema)
+                    writer.write_table(stepped.cast(writer.schema))
+        finally:
+            if isinstance(writer, pq.ParquetWriter):
+                writer.close()
+    written = [track_path.name]
+
+    layers_df = pd.DataFrame(layer_rows)
+    report.write(layers_df, "csv", out / "layers.csv")
+    emergence = tracker.emergence(everything)
+    em = pd.DataFrame(emergence)
+    for col in ("emerged_step", "first_flagged_step", "min_cos_step"):
+        em[col] = pd.array(np.where(em[col] == NO_STEP, None, em[col]), dtype="Int64")
+    em["expert"] = em["expert"].replace("", None)
+    report.write(em, "csv", out / "emergence.csv")
+    report.write(pd.DataFrame(tracker.stability, columns=["layer", "step_from", "step_to", "spearman", "jaccard",
+                                                          "n_flagged_from", "n_flagged_to"]),
+                 "csv", out / "stability.csv")
+    written += ["layers.csv", "emergence.csv", "stability.csv"]
+    if plots:
+        written += _figures(out, units, layers_df, emergence, top, threshold)
+    doc = {"tool": "mmdetect", "command": "track", "version": __version__, "options": options,
+           "steps": [u.step for u in units],
+           "checkpoints": [{"name": u.name, "model": u.ref, "revision": u.revision, "step": u.step} for u in units],
+           "n_neurons": int(len(tracker.keys) if tracker.keys is not None else 0),
+           "n_final_flagged": int(np.sum(emergence["emerged_step"] != NO_STEP)), "files": written}
+    with report.atomic_open(out / "track.json") as fh:
+        fh.write(json.dumps(report.clean(doc), indent=1) + "\n")
+    return written + ["track.json"]
+
+
+def _figures(out: Path, units: list[Unit], layers_df: Any, emergence: dict[str, np.ndarray], top: int,
+             threshold: float) -> list[str]:
+    """Share heatmap and lines by layer against step; cos trajectories of the top ``top`` final candidates."""
+    from mmdetect.report.plot import save
+    from mmdetect.report.trackplot import share_figure, trajectory_figure
+
+    save(share_figure(layers_df, threshold=threshold), out / "track-shares.png")
+    from mmdetect.track.accumulate import neuron_keys
+
+    # The most negative neurons flagged at the last step; when there are none (and --all listed others), the
+    # neurons ever flagged, so the figure still shows what happened during training.
+    final = np.flatnonzero(emergence["emerged_step"] != NO_STEP)
+    pick = final[:top] if len(final) else np.arange(min(top, len(emergence["layer"])))
+    what = "flagged at the last step" if len(final) else "ever flagged (none is flagged at the last step)"
+    wanted = [f"{emergence['layer'][i]}/{emergence['expert'][i]}/{emergence['neuron'][i]}" for i in pick]
+    series: dict[str, list[float]] = {k: [] for k in wanted}
+    if wanted:
+        for _, table, _ in _steps(out, units):
+            cols = _columns(table)
+            order, keys = neuron_keys(cols)
+            cos = cols["cos"][order]
+            hit = np.flatnonzero(np.isin(keys, wanted))
+            for i in hit:
+                series[str(keys[i])].append(float(cos[i]))
+    save(trajectory_figure([u.step for u in units], series, threshold=threshold, what=what),
+         out / "track-top.png")
+    return ["track-shares.png", "track-top.png"]
