@@ -364,7 +364,7 @@ def test_debug_shows_a_traceback(tmp_path: Path, where: str) -> None:
     proc = _cli(*(args + ["--debug"] if where == "after" else ["--debug"] + args))
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "MMDetectError" in proc.stderr and "does not exist" in proc.stderr
+    assert "NotFoundError" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_debug_in_the_runner_reraises(tmp_path: Path) -> None:
