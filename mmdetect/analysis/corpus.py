@@ -258,7 +258,8 @@ def load_vocab(ckpt: Any, size: int) -> Vocab:
     if ckpt.format == "gguf":
         return Vocab(size, tokens=_gguf_tokens(ckpt.path))
     path = Path(ckpt.path)
-    candidates = []
+    _no_special_files(path)
+    candidates: list[tuple[str, dict[str, Any]]] = []
     if any((path / name).exists() for name in TOKENIZER_FILES):
         candidates.append((str(path), {}))
     if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
@@ -273,6 +274,22 @@ def load_vocab(ckpt: Any, size: int) -> Vocab:
         except Exception:  # no usable tokenizer there: fall back to ids
             continue
     return Vocab(size)
+
+
+def _no_special_files(folder: Path) -> None:
+    """transformers opens the tokenizer's files (and others) by name: a FIFO among them would block it forever."""
+    import stat
+
+    from mmdetect.io.paths import kind
+
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError:  # a dangling link: transformers reports it, or skips it
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsupportedError(f"{entry} is a {kind(mode)}, not a regular file: the tokenizer would block reading "
+                                   f"it; remove it from the model folder")
 
 
 def _gguf_tokens(path: Path) -> list[str] | None:

@@ -26,10 +26,15 @@ def _load(file: Path, **kwargs: Any) -> dict[str, Any]:
         state = torch.load(file, weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
         wants = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" (it asks for {quoted(wants.group(1))})" if wants else ""
-        raise UnsupportedError(f"cannot read {file.name}: it is a pickle that needs more than tensors to load{what}, "
-                               f"and mmdetect loads .bin files only with weights_only=True, which never runs code "
-                               f"from a file: use a safetensors checkpoint") from exc
+        if wants is None:  # not a refused global: a broken pickle
+            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+            why = quoted(detail.group(1).strip() if detail else str(exc).strip().split("\n")[0], 120)
+            raise CorruptInputError(f"cannot read {file.name} (a broken pickle: {why}): download it again or use "
+                                    f"safetensors weights") from exc
+        raise UnsupportedError(f"cannot read {file.name}: it is a pickle that needs more than tensors to load (it "
+                               f"asks for {quoted(wants.group(1))}), and mmdetect loads .bin files only with "
+                               f"weights_only=True, which never runs code from a file: use a safetensors "
+                               f"checkpoint") from exc
     except Exception as exc:  # truncated zips, legacy formats that cannot be mapped, corrupt records
         lines = str(exc).strip().splitlines()
         why = quoted(lines[0], 200) if lines else type(exc).__name__
