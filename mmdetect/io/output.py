@@ -5,8 +5,8 @@ The contract, for ``-o`` and every file a sweep, merge, plot or explain writes:
 * Only a regular file is created or replaced. A device node, FIFO, socket or other special file at the target (or at
   the end of a symlink there) is refused with one line and left alone; a directory too.
 * No file that the run reads is overwritten. ``open_checkpoint`` records the checkpoint's files (weights, config.json,
-  index) with :func:`protect`; a target that is one of them, by path or by inode (a hard link, a symlink into the HF
-  cache's ``blobs/``), is refused.
+  index) with :func:`protect`, for the life of the process; a target that is one of them, by path or by inode (a hard
+  link, a symlink into the HF cache's ``blobs/``), is refused.
 * The data goes to a temporary file beside the target, which is renamed over the target only when complete. Any
   OSError on the way (no space, quota, permission, read-only file system) is an :class:`OutputError` that says what
   happened; the temporary file is removed and the old target is unchanged.
@@ -37,7 +37,7 @@ from mmdetect.io.paths import kind
 
 STALE_SECONDS = 24 * 3600   # a temporary of another host (or of a reused pid) untouched this long is abandoned
 HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-TEMP_NAME = re.compile(r"\..*\.mmdetect-(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>\d{1,10})-[a-z0-9_]{8}\.tmp")
+TEMP_NAME = re.compile(r"\..*\.mmdetect-(?P<host>[A-Za-z0-9]{1,32})-(?P<pid>\d{1,10})-[a-z0-9_]{8}\.tmp", re.DOTALL)
 REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted",
            errno.EFBIG: "file too large", errno.EIO: "input/output error", errno.ENAMETOOLONG: "name too long"}

@@ -10,7 +10,6 @@ and the tensor. Validation is O(tensors log tensors) on the parsed header and re
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from pathlib import Path
@@ -29,14 +28,20 @@ DTYPES: dict[str, tuple[str, int]] = {
     "I64": ("int64", 64), "I32": ("int32", 32), "I16": ("int16", 16), "I8": ("int8", 8),
     "U64": ("uint64", 64), "U32": ("uint32", 32), "U16": ("uint16", 16), "U8": ("uint8", 8), "BOOL": ("bool", 8),
 }
+BITS = {name: bits for name, (_, bits) in DTYPES.items()}
 FLOATS = ("F64", "F32", "F16", "BF16")
 FP8 = ("F8_E4M3", "F8_E5M2")      # weights dequantised with their scale tensor
 MAX_HEADER_BYTES = 100 << 20       # the safetensors library's own limit
 
 
-def _count(value: Any) -> bool:
-    """A JSON non-negative integer (not a bool, not a float such as 3.0)."""
-    return type(value) is int and value >= 0
+def _counts(values: Any) -> bool:
+    """A JSON list of non-negative integers (not bools, not floats such as 3.0)."""
+    if type(values) is not list:
+        return False
+    for value in values:
+        if type(value) is not int or value < 0:
+            return False
+    return True
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -69,35 +74,42 @@ def validate(header: dict[str, Any], file: Path, base: int, size: int) -> dict[s
     data_size = size - base
     out: dict[str, TensorInfo] = {}
     ranges: list[tuple[int, int, str]] = []
+    path = str(file)
     for name, meta in header.items():
         if name == "__metadata__":
             if not isinstance(meta, dict):
                 raise CorruptInputError(f"{file.name}: __metadata__ is not a JSON object: download it again")
             continue
-        where = f"{file.name}, tensor {quoted(name)}"
         if not isinstance(meta, dict):
-            raise CorruptInputError(f"{where}: the header entry is not a JSON object: download it again")
-        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CorruptInputError(f"{where}: dtype {quoted(dtype)} is not a safetensors dtype: download it again")
-        if not isinstance(shape, list) or not all(_count(n) for n in shape):
-            raise CorruptInputError(f"{where}: shape {quoted(shape)} is not a list of non-negative integers: "
+            raise CorruptInputError(f"{_where(file, name)}: the header entry is not a JSON object: download it again")
+        dtype: Any = meta.get("dtype")
+        shape: Any = meta.get("shape")
+        offsets: Any = meta.get("data_offsets")
+        bits = BITS.get(dtype, 0) if type(dtype) is str else 0
+        if not bits:
+            raise CorruptInputError(f"{_where(file, name)}: dtype {quoted(dtype)} is not a safetensors dtype: "
                                     f"download it again")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(n) for n in offsets):
-            raise CorruptInputError(f"{where}: data_offsets {quoted(offsets)} is not a pair of non-negative "
+        if not _counts(shape):
+            raise CorruptInputError(f"{_where(file, name)}: shape {quoted(shape)} is not a list of non-negative "
                                     f"integers: download it again")
+        if type(offsets) is not list or len(offsets) != 2 or not _counts(offsets):
+            raise CorruptInputError(f"{_where(file, name)}: data_offsets {quoted(offsets)} is not a pair of "
+                                    f"non-negative integers: download it again")
         begin, end = offsets
         if begin > end:
-            raise CorruptInputError(f"{where}: data_offsets [{begin}, {end}] end before they begin: download it "
-                                    f"again")
+            raise CorruptInputError(f"{_where(file, name)}: data_offsets [{begin}, {end}] end before they begin: "
+                                    f"download it again")
         if end > data_size:
             raise CorruptInputError(f"{file.name} is truncated ({size} bytes, its header needs {base + end} for "
                                     f"tensor {quoted(name)}): download it again")
-        bits = math.prod(shape) * DTYPES[dtype][1]
-        if bits != (end - begin) * 8:
-            raise CorruptInputError(f"{where}: shape {quoted(shape)} of {dtype} is {bits / 8:g} bytes but its "
-                                    f"data_offsets hold {end - begin}: download it again")
-        out[name] = TensorInfo(dtype, tuple(shape), str(file), base + begin, base + end)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * bits != (end - begin) * 8:
+            raise CorruptInputError(f"{_where(file, name)}: shape {quoted(shape)} of {dtype} is "
+                                    f"{numel * bits / 8:g} bytes but its data_offsets hold {end - begin}: download "
+                                    f"it again")
+        out[name] = TensorInfo(dtype, tuple(shape), path, base + begin, base + end)
         if end > begin:
             ranges.append((begin, end, name))
     ranges.sort()
@@ -106,3 +118,7 @@ def validate(header: dict[str, Any], file: Path, base: int, size: int) -> dict[s
             raise CorruptInputError(f"{file.name}: tensors {quoted(first)} and {quoted(second)} overlap (byte "
                                     f"{begin} of the data belongs to both): download it again")
     return out
+
+
+def _where(file: Path, name: str) -> str:
+    return f"{file.name}, tensor {quoted(name)}"

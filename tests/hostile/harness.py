@@ -184,7 +184,7 @@ def split_safetensors(path: Path) -> tuple[dict[str, Any], bytes]:
 # -- GGUF, byte by byte -------------------------------------------------------------------------------------------
 
 GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-U32, I32, STRING, ARRAY, U64 = 4, 5, 8, 9, 10
+U32, STRING, ARRAY, U64 = 4, 8, 9, 10
 F32_TYPE = 0
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-from harness import (ARRAY, D, I32, N, STRING, U32, U64, api_error, assert_process_error, assert_user_error, cli,
+from harness import (ARRAY, D, N, STRING, U32, U64, api_error, assert_process_error, assert_user_error, cli,
                      gguf_bytes, llama_config, llama_kvs, llama_tensors, run_limited, safetensors_bytes,
                      split_safetensors, tiny_llama, unchanged)
 
@@ -114,10 +114,6 @@ def test_safetensors_framing(tmp_path: Path, case: str, raw: bytes, phrase: str)
 
 
 # -- GGUF headers -----------------------------------------------------------------------------------------------
-
-class Raw(bytes):
-    """A value written as these bytes, not encoded (for counts that lie)."""
-
 
 def _gguf(tmp_path: Path, data: bytes, name: str = "m.gguf") -> Path:
     path = tmp_path / "in" / name
