@@ -151,8 +151,10 @@ def clean_stale(folder: Path, now: float | None = None) -> list[str]:
 # -- writing ------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[Callable[[], bool]]:
-    """While the block runs, SIGINT only sets a flag (in the main thread; other threads never receive it)."""
+def sigint_deferred() -> Iterator[Callable[[], bool]]:
+    """While the block runs, SIGINT only sets a flag (in the main thread; other threads never receive it). The block
+    polls the flag it is given and stops at a point of its choosing: KeyboardInterrupt raised inside a C serialiser
+    (pandas' to_json) can crash the interpreter."""
     hits: list[int] = []
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -203,7 +205,7 @@ def atomic_write(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[A
     if folder not in _swept:
         _swept.add(folder)
         clean_stale(target.parent)
-    with _sigint_deferred() as interrupted:
+    with sigint_deferred() as interrupted:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.mmdetect-{HOST}-{os.getpid()}-", suffix=".tmp",
