@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from mmdetect import __version__
-from mmdetect.errors import MMDetectError
-from mmdetect.options import (debug_option, layers_option, model_options, output_options, progress_option,
-                              resolve_output, revision_option, text_options)
+from mmdetect.errors import MMDetectError, one_line
+from mmdetect.options import (check_threshold, debug_option, layers_option, model_options, output_options,
+                              progress_option, resolve_output, revision_option, text_options)
 
 
 def _example(*lines: str) -> str:
@@ -27,18 +27,26 @@ class Group(click.Group):
         except MMDetectError as exc:
             if ctx.meta.get("mmdetect.debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except OSError as exc:  # the disk, a permission, a pipe: the machine's state, not a bug in mmdetect
+            if ctx.meta.get("mmdetect.debug"):
+                raise
+            from mmdetect.io.output import reason
+
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            click.echo(f"error: {one_line(reason(exc))}{where}", err=True)
+            ctx.exit(2)
         except Exception as exc:
             if ctx.meta.get("mmdetect.debug"):
                 raise
-            click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback "
-                       f"and please report it", err=True)
+            click.echo(f"error: internal error ({type(exc).__name__}: {one_line(exc)}); rerun with --debug for the "
+                       f"traceback and please report it", err=True)
             ctx.exit(1)
 
 
@@ -397,7 +405,7 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
 @click.argument("model")
 @revision_option
 @click.option("--raw", is_flag=True, help="Stored W_V and W_O without norm gains or centring.")
-@click.option("--threshold", type=float, default=-0.5, show_default=True,
+@click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
               help="Flag heads whose copying score is <= THRESHOLD.")
 @layers_option
 @output_options
@@ -427,9 +435,9 @@ def heads(model: str, revision: str | None, raw: bool, threshold: float, layers:
 @click.argument("model")
 @revision_option
 @click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
-@click.option("--threshold", type=float, default=-0.5, show_default=True,
+@click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
               help="Neuron deleters: cos(read, write) <= THRESHOLD.")
-@click.option("--head-threshold", type=float, default=-0.5, show_default=True,
+@click.option("--head-threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
               help="Head deleters: copying score <= THRESHOLD.")
 @click.option("--heads/--no-heads", default=True, show_default=True, help="Include flagged heads as deleters.")
 @click.option("--per-deleter", type=click.IntRange(min=1), default=3, show_default=True,

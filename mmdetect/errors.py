@@ -14,7 +14,7 @@ class MMDetectError(Exception):
 
 
 class NotFoundError(MMDetectError):
-    """A model, file, tensor, revision or config entry that was asked for does not exist."""
+    """A model, file, tensor, revision or config entry that was asked for does not exist or cannot be opened."""
 
 
 class UnsupportedError(MMDetectError):
@@ -27,6 +27,20 @@ class CorruptInputError(MMDetectError):
 
 class OutputError(MMDetectError):
     """An output path cannot be written: not a regular file, an input of the scan, no space, no permission."""
+
+
+def quoted(value: object, limit: int = 80) -> str:
+    """A name taken from a file (a tensor, a shard, a key) for a message: repr, so control characters cannot reach the
+    terminal, and cut to ``limit`` characters, so a hostile header cannot flood it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3] + "..."
+
+
+def one_line(message: object) -> str:
+    """A message as one line: a library's multi-line text (torch, json) joined with spaces."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def warn(message: str) -> None:

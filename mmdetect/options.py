@@ -25,6 +25,16 @@ def debug_option(fn: Callable) -> Callable:
                         help="Show full tracebacks for errors.")(fn)
 
 
+def check_threshold(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--threshold and --head-threshold: cosines and copying scores lie in [-1, 1], so NaN or 1.5 flags nothing."""
+    from mmdetect.errors import CorruptInputError
+
+    if value is not None and not -1.0 <= value <= 1.0:
+        what = "copying scores" if param.name == "head_threshold" or ctx.info_name == "heads" else "cosines"
+        raise CorruptInputError(f"{param.opts[0]} {value} is outside [-1, 1]: {what} lie in [-1, 1]")
+    return value
+
+
 revision_option = click.option("--revision", default=None, metavar="REV",
                                help="Hub branch, tag or commit (hub ids only).")
 layers_option = click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10.")
@@ -35,7 +45,7 @@ model_options = _stack(
     revision_option,
     click.option("--raw", is_flag=True, help="Plain cos(w_in, w_out) of the stored weights: no norm folding, "
                                              "centring or sign canonicalisation."),
-    click.option("--threshold", type=float, default=-0.5, show_default=True,
+    click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
                  help="Flag neurons with cos <= THRESHOLD."),
     layers_option,
     click.option("--device", default="cpu", show_default=True, metavar="DEV",

@@ -364,7 +364,7 @@ def test_debug_shows_a_traceback(tmp_path: Path, where: str) -> None:
     proc = _cli(*(args + ["--debug"] if where == "after" else ["--debug"] + args))
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
-    assert "MMDetectError" in proc.stderr and "does not exist" in proc.stderr
+    assert "NotFoundError" in proc.stderr and "does not exist" in proc.stderr
 
 
 def test_debug_in_the_runner_reraises(tmp_path: Path) -> None:
@@ -398,3 +398,46 @@ def test_nan_and_zero_neurons_do_not_crash_and_are_never_flagged(tmp_path: Path)
     assert dead_line.split(",")[4] == ""    # cos is an empty cell, not "nan"
     summary = mmdetect.scan(str(folder)).attrs["layers"]
     assert [s["n_dead"] for s in summary] == [2, 0]
+
+
+# -- the error hierarchy and how the command line maps it -------------------------------------------------------
+
+def test_each_kind_of_user_error_is_its_own_class(llama_copy: Path, tmp_path: Path) -> None:
+    from mmdetect.errors import CorruptInputError, NotFoundError, OutputError, UnsupportedError
+
+    for kind in (NotFoundError, UnsupportedError, CorruptInputError, OutputError):
+        assert issubclass(kind, mmdetect.MMDetectError)
+    with pytest.raises(NotFoundError):
+        mmdetect.scan(str(tmp_path / "absent"))
+    with pytest.raises(CorruptInputError):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text("{")
+        mmdetect.scan(str(tmp_path / "bad"))
+    config = json.loads((llama_copy / "config.json").read_text())
+    (llama_copy / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(UnsupportedError):
+        mmdetect.scan(str(llama_copy))
+    with pytest.raises(OutputError):
+        report.check_writable(tmp_path)
+
+
+@pytest.mark.parametrize("raised, code, phrase", [
+    (OSError(28, "No space left on device"), 2, "error: no space left on the device"),
+    (PermissionError(13, "Permission denied", "/some/file"), 2, "error: permission denied (/some/file)"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (ValueError("a bug"), 1, "error: internal error (ValueError: a bug); rerun with --debug for the traceback and "
+                             "please report it"),
+    (mmdetect.MMDetectError("two\nlines"), 2, "error: two lines"),
+])
+def test_the_command_line_maps_errors_to_one_line(llama: Tiny, monkeypatch: pytest.MonkeyPatch,
+                                                  raised: BaseException, code: int, phrase: str) -> None:
+    import mmdetect.scanner
+
+    def scan(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(mmdetect.scanner, "scan", scan)
+    result = run("scan", str(llama.path))
+    assert result.exit_code == code, result.output
+    assert result.stderr == phrase + "\n"
+    assert result.stdout == ""

@@ -19,14 +19,17 @@ SentencePiece ``▁`` and ``<0x0A>`` byte tokens, a GGUF's own token list); with
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmdetect.analysis import tokens as tok_text
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError
 
 DEFAULT = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+CHARS_PER_TOKEN = 64             # more characters than any tokenizer's tokens average (see _budget)
+MAX_RECORD_CHARS = 64 << 20      # one JSONL record (a line) at most
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 
 
@@ -57,59 +60,108 @@ def default_corpus() -> Corpus:
                              f"stories, dialogue, lists, prose and Python)", docs)
 
 
-def load_corpus(text: str | None = None, dataset: str | None = None, field_name: str = "text") -> Corpus:
-    """The corpus for ``--text`` / ``--dataset`` (at most one), or the default corpus."""
+def _budget(max_tokens: int | None) -> int | None:
+    """Characters of a source that can hold ``max_tokens`` tokens: no tokenizer's tokens average anywhere near
+    ``CHARS_PER_TOKEN`` characters (bytes as ids take one each), so the first ``max_tokens`` ids are the same as
+    from the whole file, and a 300 MB file with --max-tokens 256 costs 16 KB."""
+    return None if max_tokens is None else max_tokens * CHARS_PER_TOKEN + 4096
+
+
+def _read_prefix(path: Path, limit: int | None, option: str) -> tuple[str, bool]:
+    """(A text file's first ``limit`` characters, cut back to a whitespace, whether the file goes on): all of it when
+    ``limit`` is None."""
+    from mmdetect.io.paths import open_regular
+
+    try:
+        fd = open_regular(path)
+    except MMDetectError as exc:
+        raise type(exc)(f"{option} {exc}") from None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
+        body = fh.read(-1 if limit is None else limit)
+        more = limit is not None and len(body) == limit and fh.read(1) != ""
+    if more:
+        cut = max(body.rfind(" "), body.rfind("\n"))
+        body = body[:cut] if cut > len(body) // 2 else body
+    return body, more
+
+
+def load_corpus(text: str | None = None, dataset: str | None = None, field_name: str = "text",
+                max_tokens: int | None = None) -> Corpus:
+    """The corpus for ``--text`` / ``--dataset`` (at most one), or the default corpus.
+
+    With ``max_tokens`` only what can hold that many tokens is read (``_budget``): memory and time stay bounded
+    whatever the file's size.
+    """
     if text and dataset:
-        raise MMDetectError("give either --text or --dataset, not both")
+        raise CorruptInputError("give either --text or --dataset, not both")
     if text:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise MMDetectError(f"--text {text} is not a file: give a plain-text file")
-        body = path.read_text(encoding="utf-8", errors="replace")
+            raise NotFoundError(f"--text {text} is not a file: give a plain-text file")
+        body, _ = _read_prefix(path, _budget(max_tokens), "--text")
         if not body.strip():
-            raise MMDetectError(f"--text {text} is empty")
+            raise CorruptInputError(f"--text {text} is empty")
         return Corpus(str(path), f"text file {path.name}", [body])
     if dataset:
-        return _dataset(Path(dataset).expanduser(), field_name)
+        return _dataset(Path(dataset).expanduser(), field_name, _budget(max_tokens))
     return default_corpus()
 
 
-def _dataset(path: Path, field_name: str) -> Corpus:
+def _dataset(path: Path, field_name: str, budget: int | None = None) -> Corpus:
+    """Documents of a .txt or .jsonl file, read until ``budget`` characters (or ids) are collected."""
     if not path.is_file():
-        raise MMDetectError(f"--dataset {path} is not a file: give a local .jsonl or .txt file")
+        raise NotFoundError(f"--dataset {path} is not a file: give a local .jsonl or .txt file")
     suffix = path.suffix.lower()
     if suffix in (".txt", ".text", ".md"):
-        docs = _paragraphs(path.read_text(encoding="utf-8", errors="replace"))
-        if not docs:
-            raise MMDetectError(f"--dataset {path} holds no text")
-        return Corpus(str(path), f"{path.name} ({len(docs)} documents)", docs)
+        body, more = _read_prefix(path, budget, "--dataset")
+        paragraphs = _paragraphs(body)
+        if not paragraphs:
+            raise CorruptInputError(f"--dataset {path} holds no text")
+        return Corpus(str(path), f"{path.name} ({'first ' if more else ''}{len(paragraphs)} documents)", paragraphs)
     if suffix not in (".jsonl", ".ndjson", ".json"):
-        raise MMDetectError(f"--dataset {path}: use a .jsonl file (one object per line with a {field_name!r} field) "
-                            f"or a .txt file (documents separated by blank lines)")
+        raise UnsupportedError(f"--dataset {path}: use a .jsonl file (one object per line with a {field_name!r} "
+                               f"field) or a .txt file (documents separated by blank lines)")
+    from mmdetect.io.paths import open_regular
+
+    # Rows take every text record before any "ids" record (Vocab.rows), so reading stops once the text alone fills
+    # the budget; ids records past the budget are parsed but not kept.
     docs: list[str] = []
     ids: list[list[int]] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    chars = n_ids = n_records = 0
+    more = False
+    longest = MAX_RECORD_CHARS if budget is None else max(budget, MAX_RECORD_CHARS)
+    with os.fdopen(open_regular(path), encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(iter(lambda: fh.readline(longest + 1), ""), 1):
+            if len(line) > longest:
+                raise CorruptInputError(f"--dataset {path} line {n} is longer than {longest:,} characters: one "
+                                        f"record per line")
             if not line.strip():
                 continue
             try:
                 rec: Any = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MMDetectError(f"--dataset {path} line {n} is not JSON ({exc.msg}): one JSON object per "
-                                    f"line") from exc
+            except (ValueError, RecursionError) as exc:
+                raise CorruptInputError(f"--dataset {path} line {n} is not JSON ({getattr(exc, 'msg', exc)}): one "
+                                        f"JSON object per line") from exc
+            n_records += 1
+            if isinstance(rec, dict) and isinstance(rec.get(field_name), str):
+                rec = rec[field_name]
             if isinstance(rec, str):
                 docs.append(rec)
-            elif isinstance(rec, dict) and isinstance(rec.get(field_name), str):
-                docs.append(rec[field_name])
+                chars += len(rec)
             elif isinstance(rec, dict) and isinstance(rec.get("ids"), list) and \
                     all(isinstance(i, int) for i in rec["ids"]):
-                ids.append([int(i) for i in rec["ids"]])
+                if budget is None or n_ids * CHARS_PER_TOKEN < budget:
+                    ids.append([int(i) for i in rec["ids"]])
+                    n_ids += len(rec["ids"])
             else:
-                raise MMDetectError(f"--dataset {path} line {n} has no {field_name!r} string or 'ids' list: "
-                                    f"use --field NAME for another text field")
+                raise CorruptInputError(f"--dataset {path} line {n} has no {field_name!r} string or 'ids' list: "
+                                        f"use --field NAME for another text field")
+            if budget is not None and chars >= budget:
+                more = fh.read(1) != ""
+                break
     if not docs and not ids:
-        raise MMDetectError(f"--dataset {path} holds no records")
-    return Corpus(str(path), f"{path.name} ({len(docs) + len(ids)} records)", docs, ids)
+        raise CorruptInputError(f"--dataset {path} holds no records")
+    return Corpus(str(path), f"{path.name} ({'first ' if more else ''}{n_records} records)", docs, ids)
 
 
 class Vocab:
@@ -224,7 +276,8 @@ def load_vocab(ckpt: Any, size: int, *, transformers: bool = True) -> Vocab:
     if ckpt.format == "gguf":
         return Vocab(size, tokens=_gguf_tokens(ckpt.path))
     path = Path(ckpt.path)
-    candidates = []
+    _no_special_files(path)
+    candidates: list[tuple[str, dict[str, Any]]] = []
     if any((path / name).exists() for name in TOKENIZER_FILES):
         candidates.append((str(path), {}))
     if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
@@ -243,6 +296,22 @@ def load_vocab(ckpt: Any, size: int, *, transformers: bool = True) -> Vocab:
         if json_tok is not None:
             return Vocab(size, tokenizer=json_tok)
     return Vocab(size)
+
+
+def _no_special_files(folder: Path) -> None:
+    """transformers opens the tokenizer's files (and others) by name: a FIFO among them would block it forever."""
+    import stat
+
+    from mmdetect.io.paths import kind
+
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError:  # a dangling link: transformers reports it, or skips it
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsupportedError(f"{entry} is a {kind(mode)}, not a regular file: the tokenizer would block reading "
+                                   f"it; remove it from the model folder")
 
 
 def _tokenizer_folders(ckpt: Any, path: Path) -> list[Path]:

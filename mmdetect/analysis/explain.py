@@ -524,7 +524,7 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
             activations: bool = True, top: int = TOP, top_tokens: int | None = None, n_contexts: int = 8,
             max_tokens: int = 4096, seq_len: int = 128) -> dict[str, Any]:
     """Everything mmdetect can say about one MLP neuron, as a JSON-ready dict (see the module docstring)."""
-    corpus = load_corpus(text, dataset, field_name) if activations else None
+    corpus = load_corpus(text, dataset, field_name, max_tokens=max_tokens) if activations else None
     with open_circuit(model, revision=revision, raw=raw) as circuit:
         target = find_targets(circuit, [(layer, expert, neuron)])[0]
         d = circuit.d_model
@@ -593,7 +593,7 @@ def verify(df: Any, model: str, k: int, *, revision: str | None = None, raw: boo
     df["top_writer"] = df["top_writer"].astype(object)
     info: dict[str, Any] = {"k": int(k), "verified": int(len(flagged))}
     if len(flagged):
-        corpus = load_corpus(text, dataset, field_name)
+        corpus = load_corpus(text, dataset, field_name, max_tokens=max_tokens)
         rows = [(int(df.at[i, "layer"]), None if _missing(df.at[i, "expert"]) else df.at[i, "expert"],
                  int(df.at[i, "neuron"])) for i in flagged]
         with open_circuit(model, revision=revision, raw=raw) as circuit:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -33,37 +32,19 @@ def infer_format(path: str | os.PathLike) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any scanning, if ``path`` cannot be written."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise MMDetectError(f"--output {path} is a directory: give a file name")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise MMDetectError(f"cannot write {path}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise MMDetectError(f"cannot write {path}: permission denied; choose another --output")
-    return target
+    """Fail early, before any scanning, if ``path`` cannot be written (see ``io.output``)."""
+    from mmdetect.io.output import check_target
+
+    return check_target(path)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
-    target = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
-            yield fh
-        if target.exists():
-            os.chmod(tmp, target.stat().st_mode & 0o777)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds (``io.output``)."""
+    from mmdetect.io.output import atomic_write
+
+    with atomic_write(path, binary=binary) as fh:
+        yield fh
 
 
 def clean(value: Any) -> Any:

@@ -7,7 +7,6 @@ cosines in the chosen convention, and ``scanner.stats`` flags, classifies and su
 from __future__ import annotations
 
 import datetime as _dt
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -21,25 +20,12 @@ from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.report.progress import progress as _progress_bar
 from mmdetect.scanner.neurons import NeuronStats, mlp_cosines
 from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
+from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, plan_jobs
 from mmdetect.scanner.stats import finish_rows, layer_summary
 
 COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
            "norm_in", "norm_out", "norm_gate"]
-
-
-def parse_layers(text: str | None) -> set[int] | None:
-    """'0-5,10' -> {0, 1, 2, 3, 4, 5, 10}; None or '' -> None (all layers)."""
-    if not text:
-        return None
-    out: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise MMDetectError(f"--layers {text!r} is not a list of layers: use e.g. 0-5,10")
-        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return out
 
 
 def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
@@ -98,14 +84,13 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     """Scan an open checkpoint; see ``scan``."""
     if not -1.0 <= threshold <= 1.0:
         raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
-    wanted = parse_layers(layers) if isinstance(layers, str) or layers is None else set(map(int, layers))
+    selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
     specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
     if not located:
         raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
                             f"{ckpt.ref}: the checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
-    if wanted is not None and not wanted & set(located):
-        raise MMDetectError(f"--layers selects none of this model's layers (0-{max(located)})")
+    wanted = selection.select(located) if selection is not None else None
     dev = pick_device(device)
     jobs = plan_jobs(ckpt, located, wanted)
     parts: list[dict[str, np.ndarray]] = []
