@@ -4,6 +4,8 @@ whole and in shards, resumed, gated, and drawn. The hostile cases (tampered file
 """
 from __future__ import annotations
 
+# ruff: noqa: F811  (the zoo fixtures are imported by name, and pytest passes them back as arguments)
+
 import json
 import shutil
 from pathlib import Path
@@ -348,7 +350,8 @@ GOOD = {"name": "tiny-llama", "model": "./models/tiny-llama"}
      "entry 'x' (models[1]): unknown key 'thresold' (did you mean 'threshold'?)"),
     ({"name": "x", "model": "./m", "threshold": 2}, "entry 'x' (models[1]), key 'threshold': threshold must be"),
     ({"name": "x", "model": "./m", "threshold": "low"}, "entry 'x' (models[1]), key 'threshold'"),
-    ({"name": "x", "model": "./m", "convention": "tl"}, "entry 'x' (models[1]), key 'convention': convention must be one of 'folded', 'raw'"),
+    ({"name": "x", "model": "./m", "convention": "tl"},
+     "entry 'x' (models[1]), key 'convention': convention must be one of 'folded', 'raw'"),
     ({"name": "x", "model": "./m", "layers": "5-2"}, "entry 'x' (models[1]), key 'layers'"),
     ({"name": "x", "model": "./m", "format": "xlsx"}, "entry 'x' (models[1]), key 'format'"),
     ({"name": "x", "model": "./m", "device": "tpu"}, "entry 'x' (models[1]), key 'device'"),
