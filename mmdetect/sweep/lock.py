@@ -2,8 +2,8 @@
 
 The lock is an advisory ``flock`` on that file, which holds the holder's pid and what it is doing ("123 sweep"). The
 kernel drops the lock when its holder exits, however it exits (SIGKILL included), so a lock file left behind by a
-dead run is stale by construction: the next run takes it over, with a warning. A second run while the first is alive refuses with one line naming the holder's pid, so a
-summary can never be written from two runs' CSVs.
+dead run is stale by construction: the next run takes it over, with a warning. A second run while the first is
+alive refuses with one line naming the holder's pid, so a summary can never be written from two runs' CSVs.
 """
 from __future__ import annotations
 
