@@ -9,8 +9,10 @@ import click
 
 from mmdetect import __version__
 from mmdetect.errors import MMDetectError, one_line
-from mmdetect.options import (check_threshold, debug_option, layers_option, model_options, output_options,
-                              progress_option, resolve_output, revision_option, text_options)
+from mmdetect.options import (convention_option, debug_option, device_option, force_option, format_option,
+                              gate_options, layers_option, model_options, output_dir_option, output_option,
+                              output_options, plots_option, progress_option, resolve_output, revision_option,
+                              shard_option, sweep_scan_options, text_options, threshold_option, top_option)
 
 
 def _example(*lines: str) -> str:
@@ -58,6 +60,11 @@ def main() -> None:
     """Find memory-management neurons: MLP neurons whose input and output weights point in opposite directions."""
 
 
+def _wrote(n_rows: int | None, output: str | None) -> None:
+    if n_rows is not None:
+        click.echo(f"wrote {n_rows:,} rows to {output}", err=True)
+
+
 @main.command(epilog=_example("mmdetect scan ./TinyLlama --top 30",
                               "mmdetect scan gpt2 --layers 0-5 --format csv -o gpt2.csv",
                               "mmdetect scan model.gguf --raw --format parquet -o raw.parquet",
@@ -65,13 +72,13 @@ def main() -> None:
 @click.argument("model")
 @model_options
 @output_options
-@progress_option
+@progress_option()
 @click.option("--verify", type=click.IntRange(min=1), is_flag=False, flag_value=20, default=None, metavar="[K]",
               help="For the top K flagged neurons (20 if K is omitted) add the deletion score on text and the top "
                    "upstream writer (runs the model with transformers).")
 @text_options
 @debug_option
-def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: str | None, device: str,
+def scan(model: str, revision: str | None, convention: str, threshold: float, layers: str | None, device: str,
          fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None,
          verify: int | None, text: str | None, dataset: str | None, field_name: str, max_tokens: int,
          seq_len: int) -> None:
@@ -84,38 +91,24 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
-    # CSV and TSV are written from the scan's numpy columns: no pandas import on the path that is benchmarked.
-    frame = bool(verify) or fmt not in ("csv", "tsv")
-    df = run_scan(model, revision=revision, threshold=threshold, raw=raw, layers=layers, device=device,
-                  progress=progress, as_frame=frame)
+    # CSV, TSV, JSON and JSONL are written from the scan's numpy columns: no pandas import on the benchmarked path.
+    frame = bool(verify) or fmt not in ("csv", "tsv", "json", "jsonl")
+    df = run_scan(model, revision=revision, threshold=threshold, raw=convention == "raw", layers=layers,
+                  device=device, progress=progress, as_frame=frame)
+    render_verify: Any = None
     if verify:
         from mmdetect.analysis.explain import render_verify, verify as run_verify
 
-        run_verify(df, model, verify, revision=revision, raw=raw, text=text, dataset=dataset, field_name=field_name,
-                   max_tokens=max_tokens, seq_len=seq_len)
-    if not flagged_only:
-        rows = df
-    elif frame:
-        rows = df[df["flagged"]].reset_index(drop=True)
-        rows.attrs = df.attrs
-    else:
-        rows = df.select(df.columns["flagged"])
-    if fmt == "table":
-        if output:
-            with report.atomic_open(output) as fh:
-                from rich.console import Console
+        run_verify(df, model, verify, revision=revision, raw=convention == "raw", text=text, dataset=dataset,
+                   field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
+    rows = report.flagged_rows(df) if flagged_only else df
 
-                report.render(rows, top=top, console=Console(file=fh, width=140))
-                if verify:
-                    render_verify(df, top=top, console=Console(file=fh, width=140))
-        else:
-            report.render(rows, top=top)
-            if verify:
-                render_verify(df, top=top)
-        return
-    report.write(rows, fmt, output)
-    if output:
-        click.echo(f"wrote {len(rows):,} rows to {output}", err=True)
+    def draw(console: Any) -> None:
+        report.render(rows, top=top, console=console)
+        if render_verify is not None:
+            render_verify(df, top=top, console=console)
+
+    _wrote(report.emit(rows, fmt, output, draw), output)
 
 
 @main.command(epilog=_example("mmdetect archs", "mmdetect archs --gguf --format csv"))
@@ -144,15 +137,13 @@ def archs(fmt: str, gguf: bool) -> None:
                 })
     rows.sort(key=lambda r: (r["model_type"], r["mlp"]))
     if fmt == "json":
-        import json
+        from mmdetect.report import write_document
 
-        click.echo(json.dumps({"supported": rows, "unsupported": registry.refused}, indent=1))
+        write_document({"supported": rows, "unsupported": registry.refused})
     elif fmt == "csv":
-        import csv
+        from mmdetect.report import write
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        write(rows, "csv")
     else:
         from rich.console import Console
         from rich.table import Table
@@ -176,70 +167,58 @@ def archs(fmt: str, gguf: bool) -> None:
                               "mmdetect sweep configs/hub-small.yaml -d out/shard0 --shard 0/4",
                               "mmdetect sweep configs/published.yaml -d out --only 'gpt2-*' --baseline last-run"))
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-@click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for <name>.csv per model, summary.csv/.md, results.json and the figures.")
-@click.option("--shard", default=None, metavar="I/N", help="Scan only entries whose config index is I modulo N.")
+@output_dir_option("Folder for <name>.csv per model, summary.csv/.md, results.json and the figures.")
+@shard_option()
 @click.option("--only", multiple=True, metavar="GLOB", help="Only entries whose name matches (repeatable).")
-@click.option("--force", is_flag=True, help="Rescan models whose output is complete and unchanged.")
-@click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None, metavar="OLD_DIR",
-              help="Compare per-layer flagged shares with an earlier sweep's output folder.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
-              help="How far a layer's flagged share may move from --baseline before it counts as drift.")
-@click.option("--threshold", type=float, default=None, help="Override every entry's threshold.")
-@click.option("--raw/--folded", "raw", default=None, help="Override every entry's convention.")
-@click.option("--layers", default=None, metavar="SPEC", help="Override every entry's layers, e.g. 0-5,10.")
-@click.option("--device", default=None, metavar="DEV", help="Override every entry's device (cpu, cuda, mps).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "tsv", "json", "jsonl", "parquet"]), default=None,
-              help="Override every entry's per-model file format.")
-@click.option("--plots/--no-plots", default=True, help="Draw <name>.png and overview.png (default: on).")
-@click.option("--progress/--no-progress", default=None, help="Live display (default: when stderr is a terminal).")
+@force_option()
+@gate_options
+@sweep_scan_options
+@plots_option("Draw <name>.png and overview.png (default: on).")
+@progress_option("Live display (default: when stderr is a terminal).")
 @debug_option
 @click.pass_context
 def sweep(ctx: click.Context, config: str, output_dir: str, shard: str | None, only: tuple[str, ...], force: bool,
-          baseline: str | None, tolerance: float, threshold: float | None, raw: bool | None, layers: str | None,
-          device: str | None, fmt: str | None, plots: bool, progress: bool | None) -> None:
+          baseline: str | None, tolerance: float, threshold: float | None, convention: str | None,
+          layers: str | None, device: str | None, fmt: str | None, plots: bool, progress: bool | None) -> None:
     """Scan every model of a zoo CONFIG (YAML) and write per-model results, a summary and regression gates.
 
     Options come from the command line, then the entry, then the config's defaults. Relative model paths resolve
-    against the config file's folder. A rerun skips models whose output is complete and unchanged. Exit code: 0 ok,
-    1 a model failed, 3 drift from an expect: gate or --baseline, 2 a config error (nothing scanned).
+    against the config file's folder. A rerun reuses models whose output is complete and unchanged (same options,
+    same weights). Exit code: 0 ok, 1 a model failed, 3 drift from an expect: gate or --baseline, 2 a config error
+    (nothing scanned) or another sweep writing to the same folder.
     """
     from mmdetect import sweep as zoo
 
     parsed = zoo.parse_shard(shard)
-    spec = zoo.load_config(config, {"threshold": threshold, "raw": raw, "layers": layers, "device": device,
-                                    "format": fmt})
+    spec = zoo.load_config(config, {"threshold": threshold, "convention": convention, "layers": layers,
+                                    "device": device, "format": fmt})
     result = zoo.run_sweep(spec, output_dir, shard=parsed, only=only, force=force, baseline=baseline,
                            tolerance=tolerance, plots=plots, progress=progress,
                            debug=bool(ctx.find_root().meta.get("mmdetect.debug")))
-    click.echo(f"{' · '.join(f'{v} {k}' for k, v in result.counts.items() if v)} · wrote {output_dir}/summary.csv, "
-               f"summary.md, results.json" + (", overview.png" if plots else ""), err=True)
+    click.echo(f"{result.describe()} · wrote {output_dir}/summary.csv, summary.md, results.json"
+               + (", overview.png" if plots else ""), err=True)
     ctx.exit(result.exit_code)
 
 
 @main.command(epilog=_example("mmdetect merge out/shard0 out/shard1 out/shard2 out/shard3 --output-dir out/all",
                               "mmdetect merge shards/* -d merged --baseline last-run"))
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for the merged per-model files and reports.")
-@click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None, metavar="OLD_DIR",
-              help="Compare per-layer flagged shares with an earlier sweep's output folder.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
-              help="How far a layer's flagged share may move from --baseline before it counts as drift.")
-@click.option("--plots/--no-plots", default=True, help="Draw overview.png (default: on).")
+@output_dir_option("Folder for the merged per-model files and reports.")
+@gate_options
+@plots_option("Draw overview.png (default: on).")
 @debug_option
 @click.pass_context
 def merge(ctx: click.Context, folders: tuple[str, ...], output_dir: str, baseline: str | None, tolerance: float,
           plots: bool) -> None:
     """Combine the output folders of `mmdetect sweep --shard` runs into one, as if swept unsharded.
 
-    Models are listed in config order; one that no folder has is reported as failed. Exit codes as for sweep.
+    Models are listed in config order; one that no folder has, or whose files do not match their recorded checksums,
+    is reported as failed. Exit codes as for sweep.
     """
     from mmdetect import sweep as zoo
 
     result = zoo.merge(list(folders), output_dir, baseline=baseline, tolerance=tolerance, plots=plots)
-    click.echo(f"merged {len(folders)} folders: {' · '.join(f'{v} {k}' for k, v in result.counts.items() if v)} "
-               f"· wrote {output_dir}/summary.csv", err=True)
+    click.echo(f"merged {len(folders)} folders: {result.describe()} · wrote {output_dir}/summary.csv", err=True)
     ctx.exit(result.exit_code)
 
 
@@ -254,23 +233,21 @@ def merge(ctx: click.Context, folders: tuple[str, ...], output_dir: str, baselin
               help="A text file with one revision a line (# comments allowed).")
 @click.option("--steps", default=None, metavar="LIST",
               help="The training step of each checkpoint, e.g. 0,500,1000 (default: from names like step500).")
-@click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for checkpoints/, track.parquet (or .csv), layers.csv, emergence.csv, stability.csv.")
-@click.option("--convention", type=click.Choice(["folded", "raw"]), default="folded", show_default=True,
-              help="How read and write vectors are formed (see README: Conventions).")
-@click.option("--threshold", type=float, default=-0.5, show_default=True, help="Flag neurons with cos <= THRESHOLD.")
-@layers_option
-@click.option("--device", default="cpu", show_default=True, metavar="DEV", help="cpu, cuda, cuda:N or mps.")
+@output_dir_option("Folder for checkpoints/, track.parquet (or .csv), layers.csv, emergence.csv, stability.csv.")
+@convention_option()
+@threshold_option("neurons with cos <= T")
+@layers_option()
+@device_option()
 @click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
               help="The long table: track.parquet or track.csv.")
 @click.option("--all", "everything", is_flag=True,
               help="emergence.csv lists every neuron ever flagged, not only those flagged at the last step.")
-@click.option("--shard", default=None, metavar="I/N", help="Scan only checkpoints I, I+N, ... (CI matrices).")
-@click.option("--force", is_flag=True, help="Rescan checkpoints even when their output is complete.")
+@shard_option("checkpoints I, I+N, I+2N, ... of the track")
+@force_option("checkpoints")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Trajectories drawn for the most negative final candidates.")
-@click.option("--plots/--no-plots", default=True, help="Draw track-shares.png and track-top.png (default: on).")
-@progress_option
+@plots_option("Draw track-shares.png and track-top.png (default: on).")
+@progress_option()
 @debug_option
 @click.pass_context
 def track(ctx: click.Context, sources: tuple[str, ...], revisions: str | None, revisions_from: str | None,
@@ -304,11 +281,10 @@ def track(ctx: click.Context, sources: tuple[str, ...], revisions: str | None, r
 @main.command(epilog=_example("mmdetect plot gpt2.csv", "mmdetect plot scan.csv --d-model 768 -o figure.png",
                               "mmdetect plot sweep-out            # the overview of a sweep"))
 @click.argument("scan_file", type=click.Path(exists=True))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="PNG to write. Default: SCAN_FILE with .png (overview.png for a sweep folder).")
+@output_option("PNG to write. Default: SCAN_FILE with .png (overview.png for a sweep folder).")
 @click.option("--d-model", type=click.IntRange(min=2), default=None,
               help="Residual width for the random-direction band when no sibling .json/.parquet/.meta.json has it.")
-@click.option("--threshold", type=float, default=None, help="Threshold line (default: the scan's).")
+@click.option("--threshold", type=float, default=None, metavar="T", help="Threshold line (default: the scan's).")
 @click.option("--title", default=None, help="Figure title (default: the model).")
 @debug_option
 def plot(scan_file: str, output: str | None, d_model: int | None, threshold: float | None,
@@ -327,21 +303,9 @@ def plot(scan_file: str, output: str | None, d_model: int | None, threshold: flo
 
 # -- explain, heads, chains: what a candidate deletes, who wrote it, and memory-management heads -------------------
 
-def _expert(value: str | None) -> Any:
+def _expert(_ctx: click.Context, _param: Any, value: str | None) -> int | str | None:
+    """--expert 3 is a routed expert's index; --expert shared (or mlps.1) a label."""
     return int(value) if value is not None and value.isdigit() else value
-
-
-def _table_output(fmt: str | None, output: str | None, write: Any, render: Any, key: str) -> None:
-    """Shared tail of heads and chains: a rich table on the terminal or in a file, or every row in a file format."""
-    from mmdetect.report.tables import render_to, write_rows
-
-    fmt, output = resolve_output(fmt, output)
-    if fmt == "table":
-        render_to(output, render)
-        return
-    write_rows(write, fmt, output, key)
-    if output:
-        click.echo(f"wrote {len(write):,} rows to {output}", err=True)
 
 
 @main.command(epilog=_example("mmdetect explain ./stories260K --layer 0 --neuron 84",
@@ -350,24 +314,22 @@ def _table_output(fmt: str | None, output: str | None, write: Any, render: Any, 
 @click.argument("model")
 @click.option("-l", "--layer", type=click.IntRange(min=0), required=True, help="The neuron's layer.")
 @click.option("-n", "--neuron", type=click.IntRange(min=0), required=True, help="The neuron's index in its MLP.")
-@click.option("--expert", default=None, metavar="E", help="Routed expert index, or a label such as shared (MoE).")
+@click.option("--expert", default=None, metavar="E", callback=_expert,
+              help="Routed expert index, or a label such as shared (MoE).")
 @revision_option
-@click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
+@convention_option()
 @text_options
 @click.option("--activations/--no-activations", default=True, show_default=True,
               help="Run the model on text for the activation evidence and the deletion score.")
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Writers and tokens listed per section.")
+@top_option(10, "Writers and tokens listed per section.")
 @click.option("--contexts", type=click.IntRange(min=0), default=8, show_default=True,
               help="Top-activating contexts shown.")
 @click.option("--top-tokens", type=click.IntRange(min=1), default=None,
               help="Tokens the deletion score covers: those with the largest |activation| (default: 2%, at least 20).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
-              help="A panel on the terminal (default), or the JSON document.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write to this file (atomically); a .json name implies --format json.")
+@format_option(["table", "json"], "A panel on the terminal (default), or the JSON document.")
+@output_option("Write to this file (atomically); a .json name implies --format json.")
 @debug_option
-def explain(model: str, layer: int, neuron: int, expert: str | None, revision: str | None, raw: bool,
+def explain(model: str, layer: int, neuron: int, expert: int | str | None, revision: str | None, convention: str,
             text: str | None, dataset: str | None, field_name: str, max_tokens: int, seq_len: int, activations: bool,
             top: int, contexts: int, top_tokens: int | None, fmt: str | None, output: str | None) -> None:
     """Explain one MLP neuron of MODEL: its upstream writers, its vocabulary view and what it does on text.
@@ -376,27 +338,19 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
     reads, ranked by |cos| (heads: share of output energy). The deletion score is the fraction of the residual's
     component along that direction which the neuron's own write removes, on the tokens where it fires most.
     """
-    import json
-
     from mmdetect import report
     from mmdetect.analysis.explain import explain as run_explain, render_explain
-    from mmdetect.report.tables import render_to
 
     if output is not None:
         report.check_writable(output)
         fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
-    doc = run_explain(model, layer, neuron, _expert(expert), revision=revision, raw=raw, text=text, dataset=dataset,
-                      field_name=field_name, activations=activations, top=top, top_tokens=top_tokens,
-                      n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
+    doc = run_explain(model, layer, neuron, expert, revision=revision, raw=convention == "raw", text=text,
+                      dataset=dataset, field_name=field_name, activations=activations, top=top,
+                      top_tokens=top_tokens, n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
     if fmt == "json":
-        body = json.dumps(report.clean(doc), indent=1) + "\n"
-        if output is None:
-            click.echo(body, nl=False)
-        else:
-            with report.atomic_open(output) as fh:
-                fh.write(body)
+        report.write_document(doc, output)
         return
-    render_to(output, lambda console: render_explain(doc, console))
+    report.render_to(output, lambda console: render_explain(doc, console))
 
 
 @main.command(epilog=_example("mmdetect heads ./stories260K",
@@ -404,29 +358,30 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
                               "mmdetect heads model.gguf --threshold -0.3 --top 40"))
 @click.argument("model")
 @revision_option
-@click.option("--raw", is_flag=True, help="Stored W_V and W_O without norm gains or centring.")
-@click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
-              help="Flag heads whose copying score is <= THRESHOLD.")
-@layers_option
+@convention_option()
+@threshold_option("heads whose copying score is <= T")
+@layers_option()
 @output_options
-@progress_option
+@progress_option()
 @debug_option
-def heads(model: str, revision: str | None, raw: bool, threshold: float, layers: str | None, fmt: str | None,
-          output: str | None, top: int, flagged_only: bool, progress: bool | None) -> None:
+def heads(model: str, revision: str | None, convention: str, threshold: float, layers: str | None,
+          fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None) -> None:
     """Rank every attention head of MODEL by the copying score of its OV circuit, most anti-copying first.
 
     copying = sum of Re(eigenvalues) / sum of |eigenvalues| of the d_head x d_head matrix W_V W_O (folded): -1 for a
     head that writes back exactly the negative of what it reads (copy suppression), +1 for a pure copier.
     """
+    from mmdetect import report
     from mmdetect.analysis.heads import render, scan_heads
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
-    resolve_output(fmt, output)
-    df = scan_heads(model, revision=revision, threshold=threshold, raw=raw, layers=layers, progress=progress)
-    rows = df[df["flagged"]].reset_index(drop=True) if flagged_only else df
-    rows.attrs = df.attrs
-    _table_output(fmt, output, rows, lambda console: render(rows, top=top, console=console), "heads")
+    fmt, output = resolve_output(fmt, output)
+    df = scan_heads(model, revision=revision, threshold=threshold, raw=convention == "raw", layers=layers,
+                    progress=progress)
+    rows = report.flagged_rows(df) if flagged_only else df
+    _wrote(report.emit(rows, fmt, output, lambda console: render(rows, top=top, console=console), key="heads"),
+           output)
 
 
 @main.command(epilog=_example("mmdetect chains ./stories260K",
@@ -434,24 +389,20 @@ def heads(model: str, revision: str | None, raw: bool, threshold: float, layers:
                               "mmdetect chains ./model --no-heads --format json"))
 @click.argument("model")
 @revision_option
-@click.option("--raw", is_flag=True, help="Stored weights without norm folding, centring or sign canonicalisation.")
-@click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
-              help="Neuron deleters: cos(read, write) <= THRESHOLD.")
-@click.option("--head-threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
-              help="Head deleters: copying score <= THRESHOLD.")
+@convention_option()
+@threshold_option("neurons as deleters when cos(read, write) <= T")
+@threshold_option("heads as deleters when their copying score is <= T", name="--head-threshold")
 @click.option("--heads/--no-heads", default=True, show_default=True, help="Include flagged heads as deleters.")
 @click.option("--per-deleter", type=click.IntRange(min=1), default=3, show_default=True,
               help="Writers kept per deleter.")
 @click.option("--max-deleters", type=click.IntRange(min=1), default=200, show_default=True,
               help="At most this many neuron (and head) deleters, most negative first.")
-@click.option("--layers", default=None, metavar="SPEC", help="Deleters only in these layers, e.g. 3-5.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]),
-              default=None, help="Output format. Default: a table on the terminal, or the --output file's extension.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Write to this file (atomically). File formats hold every pair.")
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, help="Rows shown in the table.")
+@layers_option("Deleters only in these layers, e.g. 3-5.")
+@format_option()
+@output_option("Write to this file (atomically). File formats hold every pair.")
+@top_option()
 @debug_option
-def chains(model: str, revision: str | None, raw: bool, threshold: float, head_threshold: float, heads: bool,
+def chains(model: str, revision: str | None, convention: str, threshold: float, head_threshold: float, heads: bool,
            per_deleter: int, max_deleters: int, layers: str | None, fmt: str | None, output: str | None,
            top: int) -> None:
     """List writer -> deleter pairs of MODEL: a component whose write a later flagged neuron or head reads and erases.
@@ -459,14 +410,16 @@ def chains(model: str, revision: str | None, raw: bool, threshold: float, head_t
     Pairs rank by align x erase (align: how much of the deleter's read the writer feeds; erase: -cos(read, write) of
     a neuron, or how exactly a head writes back the negative of that writer's direction).
     """
+    from mmdetect import report
     from mmdetect.analysis.chains import find_chains, render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
-    resolve_output(fmt, output)
-    df = find_chains(model, revision=revision, raw=raw, threshold=threshold, head_threshold=head_threshold,
-                     per_deleter=per_deleter, max_deleters=max_deleters, layers=layers, heads=heads)
-    _table_output(fmt, output, df, lambda console: render(df, top=top, console=console), "chains")
+    fmt, output = resolve_output(fmt, output)
+    df = find_chains(model, revision=revision, raw=convention == "raw", threshold=threshold,
+                     head_threshold=head_threshold, per_deleter=per_deleter, max_deleters=max_deleters,
+                     layers=layers, heads=heads)
+    _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console), key="chains"), output)
 
 
 def entry() -> None:  # pragma: no cover - exercised by the installed `mmdetect` command, not by CliRunner

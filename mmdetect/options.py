@@ -1,22 +1,31 @@
-"""Shared click option decorators, defined once and reused by every command (as sqlite-utils does)."""
+"""Shared click options, declared once and reused by every command (as sqlite-utils does).
+
+Each ``*_option`` is a decorator; the factories take the few words that differ between commands (what a threshold
+flags, which layers a spec selects). A sweep's options override its config, so there they default to None.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, TypeVar
 
 import click
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]
+SWEEP_FORMATS = ["csv", "tsv", "json", "jsonl", "parquet"]
 
 
-def _stack(*decorators: Callable) -> Callable:
-    def apply(fn: Callable) -> Callable:
+def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several option decorators as one, applied in the order they are listed (so --help lists them that way)."""
+    def apply(fn: F) -> F:
         for deco in reversed(decorators):
             fn = deco(fn)
         return fn
     return apply
 
 
-def debug_option(fn: Callable) -> Callable:
+def debug_option(fn: F) -> F:
     def callback(ctx: click.Context, _param: Any, value: bool) -> bool:
         if value:
             ctx.find_root().meta["mmdetect.debug"] = True
@@ -35,33 +44,105 @@ def check_threshold(ctx: click.Context, param: click.Parameter, value: float | N
     return value
 
 
+# -- what to read ---------------------------------------------------------------------------------------------------
+
 revision_option = click.option("--revision", default=None, metavar="REV",
                                help="Hub branch, tag or commit (hub ids only).")
-layers_option = click.option("--layers", default=None, metavar="SPEC", help="Only these layers, e.g. 0-5,10.")
-progress_option = click.option("--progress/--no-progress", default=None,
-                               help="Progress bar on stderr (default: when a terminal).")
 
-model_options = _stack(
-    revision_option,
-    click.option("--raw", is_flag=True, help="Plain cos(w_in, w_out) of the stored weights: no norm folding, "
-                                             "centring or sign canonicalisation."),
-    click.option("--threshold", type=float, default=-0.5, show_default=True, callback=check_threshold,
-                 help="Flag neurons with cos <= THRESHOLD."),
-    layers_option,
-    click.option("--device", default="cpu", show_default=True, metavar="DEV",
-                 help="Where to compute: cpu, cuda, cuda:N or mps (falls back to cpu with a warning)."),
-)
 
-output_options = _stack(
-    click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default=None,
-                 help="Output format. Default: a table on the terminal, or the --output file's extension."),
+def convention_names() -> list[str]:
+    """The conventions ``--convention`` accepts: the keys of ``convention.CONVENTIONS``.
+
+    Read when an option is parsed or its help shown, never at import: the convention module imports torch.
+    """
+    from mmdetect import convention
+
+    # Until convention.CONVENTIONS lands (the convention module is being rebuilt alongside), today's two.
+    return list(getattr(convention, "CONVENTIONS", None) or ("folded", "raw"))
+
+
+class ConventionChoice(click.Choice):
+    """``click.Choice`` over ``convention_names()``, looked up on first use."""
+
+    def __init__(self) -> None:
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(convention_names())
+
+    @choices.setter
+    def choices(self, _value: Any) -> None:  # click.Choice.__init__ assigns it
+        pass
+
+
+def convention_option(override: bool = False) -> Callable[[F], F]:
+    """``--convention NAME`` and its alias ``--raw`` (= ``--convention raw``), passed on as ``convention: str``.
+
+    ``override``: for a sweep, where the option overrides the config; then ``convention`` is None unless given.
+    """
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def command(*args: Any, convention: str | None, raw_alias: bool, **kwargs: Any) -> Any:
+            if raw_alias and convention not in (None, "raw"):
+                raise click.UsageError(f"--raw means --convention raw; it contradicts --convention {convention}: "
+                                       f"give only one")
+            chosen = "raw" if raw_alias else convention
+            return fn(*args, convention=chosen if override or chosen else "folded", **kwargs)
+
+        what = "Override every entry's convention" if override else "How a neuron's read and write vectors are " \
+            "taken from the weights (default: folded)"
+        command = click.option("--raw", "raw_alias", is_flag=True,
+                               help="Same as --convention raw: plain cos(w_in, w_out) of the stored weights, no "
+                                    "norm folding, centring or sign canonicalisation.")(command)
+        return click.option("--convention", type=ConventionChoice(), default=None,
+                            help=f"{what}; see the README's Conventions.")(command)  # type: ignore[return-value]
+    return decorate
+
+
+def threshold_option(what: str, default: float | None = -0.5, name: str = "--threshold") -> Callable[[F], F]:
+    """``--threshold T`` (or ``name``): ``what`` completes the help's "Flag ..." (e.g. "neurons with cos <= T")."""
+    return click.option(name, type=float, default=default, show_default=default is not None, metavar="T",
+                        callback=check_threshold, help=f"Flag {what}.")
+
+
+def layers_option(help: str = "Only these layers, e.g. 0-5,10.") -> Callable[[F], F]:
+    return click.option("--layers", default=None, metavar="SPEC", help=help)
+
+
+def device_option(default: str | None = "cpu") -> Callable[[F], F]:
+    what = "Where to compute" if default else "Override every entry's device"
+    return click.option("--device", default=default, show_default=default is not None, metavar="DEV",
+                        help=f"{what}: cpu, cuda, cuda:N or mps (falls back to cpu with a warning).")
+
+
+model_options = stack(revision_option, convention_option(), threshold_option("neurons with cos <= T"),
+                      layers_option(), device_option())
+
+
+# -- where the rows go -----------------------------------------------------------------------------------------------
+
+def format_option(choices: list[str] = FORMAT_CHOICES, help: str | None = None) -> Callable[[F], F]:
+    return click.option("--format", "fmt", type=click.Choice(choices), default=None,
+                        help=help or "Output format. Default: a table on the terminal, or the --output file's "
+                                     "extension.")
+
+
+def output_option(help: str = "Write to this file (atomically). File formats hold every row.") -> Callable[[F], F]:
     # A plain Path: report.check_writable explains a directory or a missing folder in one line, before the scan.
-    click.option("-o", "--output", type=click.Path(), default=None,
-                 help="Write to this file (atomically). File formats hold every row."),
-    click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
-                 help="Rows shown in the terminal table."),
-    click.option("--flagged-only", is_flag=True, help="Only flagged rows in file output."),
-)
+    return click.option("-o", "--output", type=click.Path(), default=None, help=help)
+
+
+def top_option(default: int = 20, help: str = "Rows shown in the terminal table.") -> Callable[[F], F]:
+    return click.option("--top", type=click.IntRange(min=1), default=default, show_default=True, help=help)
+
+
+flagged_only_option = click.option("--flagged-only", is_flag=True, help="Only flagged rows in file output.")
+output_options = stack(format_option(), output_option(), top_option(), flagged_only_option)
+
+
+def progress_option(help: str = "Progress bar on stderr (default: when a terminal).") -> Callable[[F], F]:
+    return click.option("--progress/--no-progress", default=None, help=help)
 
 
 def resolve_output(fmt: str | None, output: str | None) -> tuple[str, str | None]:
@@ -75,7 +156,9 @@ def resolve_output(fmt: str | None, output: str | None) -> tuple[str, str | None
     return fmt or "table", output
 
 
-text_options = _stack(
+# -- text to run the model on (explain, scan --verify) --------------------------------------------------------------
+
+text_options = stack(
     click.option("--text", "text", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                  help="Plain-text file to run the model on (default: mmdetect's small built-in corpus)."),
     click.option("--dataset", type=click.Path(dir_okay=False), default=None, metavar="PATH",
@@ -87,4 +170,39 @@ text_options = _stack(
                  help="Run at most this many tokens."),
     click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True,
                  help="Tokens per row (capped at the model's context)."),
+)
+
+
+# -- sweeps and merges ------------------------------------------------------------------------------------------------
+
+def output_dir_option(help: str) -> Callable[[F], F]:
+    return click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False), help=help)
+
+
+gate_options = stack(
+    click.option("--baseline", type=click.Path(exists=True, file_okay=False), default=None, metavar="OLD_DIR",
+                 help="Compare per-layer flagged shares with an earlier sweep's output folder."),
+    click.option("--tolerance", type=click.FloatRange(min=0), default=0.01, show_default=True,
+                 help="How far a layer's flagged share may move from --baseline before it counts as drift."),
+)
+
+
+def shard_option(what: str = "entries whose config index is I modulo N") -> Callable[[F], F]:
+    return click.option("--shard", default=None, metavar="I/N", help=f"Scan only {what} (CI matrices).")
+
+
+def force_option(what: str = "models") -> Callable[[F], F]:
+    return click.option("--force", is_flag=True, help=f"Rescan {what} whose output is complete and unchanged.")
+
+
+def plots_option(help: str) -> Callable[[F], F]:
+    return click.option("--plots/--no-plots", default=True, help=help)
+
+
+sweep_scan_options = stack(
+    threshold_option("neurons with cos <= T in every entry (overrides the config)", default=None),
+    convention_option(override=True),
+    layers_option("Override every entry's layers, e.g. 0-5,10."),
+    device_option(default=None),
+    format_option(SWEEP_FORMATS, help="Override every entry's per-model file format."),
 )

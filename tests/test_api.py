@@ -70,6 +70,24 @@ def test_attrs_provenance_and_layers(df: pd.DataFrame, llama: Tiny) -> None:
     json.dumps(prov)  # plain data, ready for any metadata store
 
 
+def test_provenance_has_one_schema_and_reads_older_files(df: pd.DataFrame) -> None:
+    import dataclasses
+
+    from mmdetect.report import Provenance
+
+    prov = df.attrs["provenance"]
+    assert list(prov) == [f.name for f in dataclasses.fields(Provenance)]
+    assert prov["command"] == "scan" and prov["options"] == {}
+    assert Provenance.from_dict(prov).to_dict() == prov
+    # A chains provenance as 0.1 wrote it: its own settings at the top level, no device, no options.
+    old = {"tool": "mmdetect", "command": "chains", "version": "0.1.0", "model": "gpt2", "convention": "folded",
+           "threshold": -0.5, "head_threshold": -0.4, "per_deleter": 3, "score": "align * erase", "layers": None}
+    read = Provenance.from_dict(old)
+    assert (read.command, read.threshold, read.device, read.fingerprint) == ("chains", -0.5, None, None)
+    assert read.options == {"head_threshold": -0.4, "per_deleter": 3, "score": "align * erase"}
+    assert list(read.to_dict()) == list(prov)
+
+
 def test_path_objects_are_accepted(llama: Tiny, df: pd.DataFrame) -> None:
     by_path = mmdetect.scan(Path(llama.path))
     assert by_path.attrs["provenance"]["model"] == str(llama.path)

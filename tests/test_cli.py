@@ -311,6 +311,70 @@ def test_format_jsonl_to_stdout(llama: Tiny) -> None:
     assert all(json.loads(line)["layer"] == 0 for line in lines)
 
 
+# -- one output layer -----------------------------------------------------------------------------------------
+
+def test_json_rows_hold_the_values_earlier_versions_wrote(outputs: dict[str, Path], llama: Tiny) -> None:
+    """JSON and JSONL rows go through the json module now; they parse to what pandas' encoder wrote before."""
+    expected = json.loads(mmdetect.scan(str(llama.path)).to_json(orient="records", double_precision=10))
+    assert json.loads(outputs["json"].read_text())["neurons"] == expected
+    assert [json.loads(line) for line in outputs["jsonl"].read_text().splitlines()] == expected
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "markdown"])
+def test_numpy_rows_and_their_frame_write_the_same_bytes(llama: Tiny, tmp_path: Path, fmt: str) -> None:
+    from mmdetect.scanner import scan
+
+    rows = scan(str(llama.path), as_frame=False)
+    assert isinstance(rows, report.ScanResult) and not isinstance(rows.to_frame(), report.ScanResult)
+    report.write(rows, fmt, tmp_path / "a")
+    report.write(rows.to_frame(), fmt, tmp_path / "b")
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_every_command_writes_one_provenance_schema(llama: Tiny, tmp_path: Path) -> None:
+    import dataclasses
+
+    keys = [f.name for f in dataclasses.fields(report.Provenance)]
+    docs = {}
+    for command, extra in (("scan", []), ("heads", []), ("chains", []),
+                           ("explain", ["-l", "1", "-n", "7", "--no-activations"])):
+        path = tmp_path / f"{command}.json"
+        invoke(command, str(llama.path), *extra, "-o", str(path))
+        docs[command] = json.loads(path.read_text())["provenance"]
+        assert list(docs[command]) == keys, command
+        assert docs[command]["command"] == command
+        assert report.Provenance.from_dict(docs[command]).to_dict() == docs[command]
+    assert len({d["fingerprint"] for d in docs.values()}) == 1 and docs["scan"]["fingerprint"]
+    assert {d["model_type"] for d in docs.values()} == {"llama"}
+    assert docs["chains"]["options"] == {"head_threshold": -0.5, "per_deleter": 3, "max_deleters": 200,
+                                         "score": "align * erase"}
+    assert docs["scan"]["options"] == {} and docs["scan"]["device"] == "cpu"
+
+
+def test_raw_is_an_alias_of_convention_raw(llama: Tiny, tmp_path: Path) -> None:
+    invoke("scan", str(llama.path), "--raw", "-o", str(tmp_path / "a.csv"))
+    invoke("scan", str(llama.path), "--convention", "raw", "-o", str(tmp_path / "b.csv"))
+    invoke("scan", str(llama.path), "-o", str(tmp_path / "c.csv"))
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert (tmp_path / "a.csv").read_bytes() != (tmp_path / "c.csv").read_bytes()
+    for command in ("scan", "heads", "chains", "explain"):
+        result = CliRunner().invoke(main, [command, str(llama.path), "--raw", "--convention", "folded", "-l", "0",
+                                           "-n", "0"][:None if command == "explain" else 5])
+        assert result.exit_code == 2, command
+        assert "--raw means --convention raw; it contradicts --convention folded: give only one" in result.output
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_convention_choices_come_from_the_convention_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmdetect import convention
+
+    monkeypatch.setattr(convention, "CONVENTIONS", {"folded": None, "raw": None, "transformerlens": None},
+                        raising=False)
+    assert "[folded|raw|transformerlens]" in invoke("scan", "--help").stdout
+    result = CliRunner().invoke(main, ["heads", "m", "--convention", "tl"])
+    assert result.exit_code == 2 and "'tl' is not one of 'folded', 'raw', 'transformerlens'" in result.output
+
+
 # -- archs and help ---------------------------------------------------------------------------------------------
 
 def test_archs_lists_the_main_families() -> None:
@@ -338,7 +402,8 @@ def test_archs_csv_and_gguf() -> None:
     assert not set(gguf["model_type"]) & {"gpt_neox", "mixtral"}
 
 
-@pytest.mark.parametrize("args", [[], ["scan"], ["archs"]])
+@pytest.mark.parametrize("args", [[], ["scan"], ["archs"], ["sweep"], ["merge"], ["plot"], ["explain"], ["heads"],
+                                  ["chains"]])
 def test_help_ends_with_an_example_block(args: list[str]) -> None:
     text = invoke(*args, "--help").stdout.rstrip()
     last_block = text.split("\n\n")[-1]

@@ -226,7 +226,7 @@ def test_cli_scan_verify_adds_columns(planted: str, tmp_path: Path) -> None:
     assert row["writer_score"] > 0.99
     unverified = [r for r in doc["neurons"] if not r["flagged"]]
     assert all(r["deletion"] is None and r["top_writer"] is None for r in unverified)
-    assert doc["provenance"]["verify"]["verified"] == 1
+    assert doc["provenance"]["options"]["verify"]["verified"] == 1
     res = CliRunner().invoke(main, ["scan", planted, "--verify"])
     assert res.exit_code == 0 and "Verified" in res.output and f"L0N{A}" in res.output
 

@@ -1,18 +1,10 @@
-"""`mmdetect sweep`, `merge` and `plot`: a zoo of tiny local checkpoints with one broken entry, swept whole and in
-shards, resumed, gated, and drawn.
-
-The zoo (built once per module with transformers config classes and ``save_pretrained``):
-
-* tiny-llama: Llama, hidden 64, 2 layers x 128 neurons; layer 1 neuron 7 is planted at folded cos = -1.
-* tiny-gpt2: GPT-2, n_embd 64, 2 layers x 256 neurons (Conv1D); layer 0 neuron 3 planted at cos = -1.
-* tiny-gpt2-raw: the same GPT-2 in the raw convention, threshold -0.3, layer 1 only (entry overrides).
-* stories260K: a real trained Llama from ../shared/models, by absolute path (skipped when absent).
-* broken: a folder whose model.safetensors is garbage.
-
-Model paths in the config are relative (./models/...): they must resolve against the config's folder, not the
-working directory, which in these tests is the repository.
+"""`mmdetect sweep`, `merge` and `plot`: a zoo of tiny local checkpoints with one broken entry (see ``zoo``), swept
+whole and in shards, resumed, gated, and drawn. The hostile cases (tampered files, locks, a bad step summary) are in
+``test_sweep_safety``.
 """
 from __future__ import annotations
+
+# ruff: noqa: F811  (the zoo fixtures are imported by name, and pytest passes them back as arguments)
 
 import json
 import shutil
@@ -21,90 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
-from click.testing import CliRunner
 
+from builders import Tiny, reference
 from mmdetect import sweep as zoo
-from mmdetect.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
-HAVE_SHARED = (SHARED / "stories260K" / "model.safetensors").exists()
-
-
-# -- the zoo ----------------------------------------------------------------------------------------------------------
-
-def build_llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         max_position_embeddings=64))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
-        mlp, g = model.model.layers[1].mlp, model.model.layers[1].post_attention_layernorm.weight
-        mlp.gate_proj.weight[7] = mlp.up_proj.weight[7]
-        mlp.down_proj.weight[:, 7] = -(g * mlp.up_proj.weight[7])
-    model.save_pretrained(str(path))
-    return path
-
-
-def build_gpt2(path: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32))
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.ln_2.weight.uniform_(0.5, 2.0)
-        block = model.transformer.h[0]
-        block.mlp.c_proj.weight[3] = -(block.ln_2.weight * block.mlp.c_fc.weight[:, 3])
-    model.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("zoo") / "models"
-    build_llama(root / "tiny-llama")
-    build_gpt2(root / "tiny-gpt2")
-    broken = root / "broken"
-    shutil.copytree(root / "tiny-llama", broken)
-    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a safetensors header")
-    return root
-
-
-def entries(models: Path) -> list[dict]:
-    out = [
-        {"name": "tiny-llama", "model": "./models/tiny-llama"},
-        {"name": "tiny-gpt2", "model": "./models/tiny-gpt2"},
-        {"name": "broken", "model": "./models/broken"},
-        {"name": "tiny-gpt2-raw", "model": "./models/tiny-gpt2", "convention": "raw", "threshold": -0.3,
-         "layers": "1"},
-    ]
-    if HAVE_SHARED:
-        out.append({"name": "stories260K", "model": str(SHARED / "stories260K")})
-    return out
-
-
-def write_config(folder: Path, models: Path, items: list[dict] | None = None, **extra: object) -> Path:
-    """A zoo config in ``folder`` beside a ``models`` link, so ./models/... paths are relative to the config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / "models").exists():
-        (folder / "models").symlink_to(models, target_is_directory=True)
-    doc = {"description": "test zoo", "defaults": {"threshold": -0.5, "convention": "folded", "format": "csv"},
-           "models": items if items is not None else entries(models), **extra}
-    path = folder / "zoo.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def run(*args: str) -> "object":
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return result
+from zoo import (HAVE_SHARED, ROOT, SHARED, entries, full, models, no_step_summary, rewritten, run, scans,  # noqa: F401
+                 write_config)
 
 
 def single_scan(tmp: Path, model: Path, *opts: str) -> bytes:
@@ -114,31 +28,18 @@ def single_scan(tmp: Path, model: Path, *opts: str) -> bytes:
     return out.read_bytes()
 
 
-@pytest.fixture(autouse=True)
-def no_step_summary(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-
-
-@pytest.fixture(scope="module")
-def full(models: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, "object"]:
-    """(config, output dir, CLI result) of one whole sweep, shared by the read-only checks."""
-    base = tmp_path_factory.mktemp("full")
-    config = write_config(base / "cfg", models)
-    out = base / "out"
-    return config, out, run("sweep", config, "--output-dir", out, "--no-progress")
-
-
 # -- a sweep with a broken entry ------------------------------------------------------------------------------------
 
 def test_failure_exits_1_and_other_models_equal_single_scans(full, models, tmp_path):
     config, out, result = full
     assert result.exit_code == 1, result.output
-    names = [e["name"] for e in entries(models)]
+    names = [e["name"] for e in entries()]
     summary = pd.read_csv(out / "summary.csv")
     assert summary["name"].tolist() == names                          # config order
     status = dict(zip(summary["name"], summary["status"]))
     assert status.pop("broken") == "failed"
     assert set(status.values()) == {"ok"}
+    assert summary["rescanned"].all()                                 # a fresh run scans (or tries) every model
     # Every other model's file is byte for byte what `mmdetect scan` writes with that entry's options.
     assert (out / "tiny-llama.csv").read_bytes() == single_scan(tmp_path, models / "tiny-llama")
     assert (out / "tiny-gpt2.csv").read_bytes() == single_scan(tmp_path, models / "tiny-gpt2")
@@ -147,30 +48,32 @@ def test_failure_exits_1_and_other_models_equal_single_scans(full, models, tmp_p
     if HAVE_SHARED:
         assert (out / "stories260K.csv").read_bytes() == single_scan(tmp_path, SHARED / "stories260K")
     assert not (out / "broken.csv").exists() and not (out / "broken.meta.json").exists()
-    assert not list(out.glob(".*tmp"))                                 # no temporary file left behind
+    assert not list(out.glob(".*"))                                    # no temporary file, no lock left behind
 
 
-def test_summary_csv_reads_as_the_scans_say(full, models):
+def test_summary_csv_reads_as_the_scans_say(full, llama: Tiny, gpt2: Tiny):
     _, out, _ = full
     summary = pd.read_csv(out / "summary.csv").set_index("name")
-    assert list(summary.columns[:7]) == ["model", "revision", "status", "n_neurons", "n_flagged", "share_flagged",
-                                         "min_cos"]
+    assert list(summary.columns[:8]) == ["model", "revision", "status", "rescanned", "n_neurons", "n_flagged",
+                                         "share_flagged", "min_cos"]
     assert list(summary.columns[-3:]) == ["seconds", "drift", "error"]
-    for name in ("tiny-llama", "tiny-gpt2", "tiny-gpt2-raw") + (("stories260K",) if HAVE_SHARED else ()):
-        rows = pd.read_csv(out / f"{name}.csv")
+    # The counts and shares against the independent float64 reference of the saved weights (tests/builders.py).
+    for name, model, raw, layers, threshold in (("tiny-llama", llama, False, (0, 1), -0.5),
+                                                ("tiny-gpt2", gpt2, False, (0, 1), -0.5),
+                                                ("tiny-gpt2-raw", gpt2, True, (1,), -0.3)):
+        ref = reference(model, raw=raw)
+        ref = ref[ref["layer"].isin(layers)]
+        flagged = ref["cos"] <= threshold
         row = summary.loc[name]
-        assert row["n_neurons"] == len(rows)
-        assert row["n_flagged"] == int(rows["flagged"].sum())
-        assert row["share_flagged"] == pytest.approx(rows["flagged"].mean(), abs=1e-8)
-        assert row["min_cos"] == pytest.approx(rows["cos"].min(), abs=1e-6)
-        for layer, group in rows.groupby("layer"):
-            assert row[f"share_L{layer}"] == pytest.approx(group["flagged"].mean(), abs=1e-8)
+        assert row["n_neurons"] == len(ref) and row["n_flagged"] == int(flagged.sum())
+        assert row["share_flagged"] == pytest.approx(flagged.mean(), abs=1e-7)
+        assert row["min_cos"] == pytest.approx(ref["cos"].min(), abs=1e-6)
+        for layer in layers:
+            assert row[f"share_L{layer}"] == pytest.approx(flagged[ref["layer"] == layer].mean(), abs=1e-7)
     # The planted neurons: folded cos exactly -1.
-    assert summary.loc["tiny-llama", "n_neurons"] == 256 and summary.loc["tiny-gpt2", "n_neurons"] == 512
     assert summary.loc["tiny-llama", "min_cos"] == pytest.approx(-1.0, abs=1e-5)
     assert summary.loc["tiny-gpt2", "min_cos"] == pytest.approx(-1.0, abs=1e-5)
     # Entry overrides: layer 1 only, so share_L0 is blank for that row.
-    assert summary.loc["tiny-gpt2-raw", "n_neurons"] == 256
     assert np.isnan(summary.loc["tiny-gpt2-raw", "share_L0"])
     broken = summary.loc["broken"]
     assert pd.isna(broken["n_neurons"]) and pd.isna(broken["share_L0"])
@@ -186,18 +89,22 @@ def test_summary_md_and_results_json(full, models):
     assert "### Failures" in md and "- **broken** (`./models/broken`):" in md
     assert "### Drift" not in md
     doc = json.loads((out / "results.json").read_text())
-    assert doc["config"]["entries"] == [e["name"] for e in entries(models)]
-    assert doc["exit_code"] == 1 and doc["counts"]["failed"] == 1
+    assert doc["complete"] is True
+    assert doc["config"]["entries"] == [e["name"] for e in entries()]
+    assert doc["exit_code"] == 1 and doc["counts"]["failed"] == 1 and doc["counts"]["reused"] == 0
     by_name = {m["name"]: m for m in doc["models"]}
     llama = by_name["tiny-llama"]
     assert llama["path"] == str((config.parent / "models" / "tiny-llama"))       # resolved against the config
+    assert llama["status"] == "ok" and llama["rescanned"] is True
     assert llama["provenance"]["model_type"] == "llama" and llama["provenance"]["convention"] == "folded"
-    assert llama["provenance"]["fingerprint"] and llama["n_layers"] == 2
-    assert [s["d_model"] for s in llama["layers"]] == [64, 64]
+    assert llama["provenance"]["command"] == "scan" and llama["provenance"]["fingerprint"]
+    assert llama["n_layers"] == 2 and [s["d_model"] for s in llama["layers"]] == [64, 64]
     assert by_name["tiny-gpt2-raw"]["options"] == {"model": "./models/tiny-gpt2", "revision": None,
                                                    "threshold": -0.3, "convention": "raw", "layers": "1",
                                                    "format": "csv", "device": "cpu"}
     assert by_name["broken"]["status"] == "failed" and by_name["broken"]["error"]
+    # The records read back through their schema, as resume and merge read them.
+    assert [zoo.ModelRecord.from_dict(m).to_dict() for m in doc["models"]] == doc["models"]
 
 
 def test_progress_lines_on_a_pipe(full):
@@ -210,64 +117,47 @@ def test_progress_lines_on_a_pipe(full):
 
 # -- resume ---------------------------------------------------------------------------------------------------------
 
-def per_model_files(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()
-            if p.suffix in (".csv", ".png", ".json") and p.stem.split(".")[0] not in ("summary", "results",
-                                                                                         "overview")}
-
-
-def test_rerun_rescans_nothing_and_force_rescans(models, tmp_path, monkeypatch):
-    import mmdetect.scanner
-
-    calls: list[str] = []
-    real = mmdetect.scanner.scan_checkpoint
-
-    def counting(ckpt, **kw):
-        calls.append(Path(ckpt.ref).name)
-        return real(ckpt, **kw)
-
-    monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", counting)
+def test_rerun_reuses_unchanged_models_and_force_rescans(models, tmp_path, scans):
     config = write_config(tmp_path / "cfg", models)
     out = tmp_path / "out"
     assert run("sweep", config, "-d", out).exit_code == 1
-    n_ok = len(entries(models)) - 1
-    assert len(calls) == n_ok
-    before = per_model_files(out)
+    n_ok = len(entries()) - 1
+    assert len(scans.calls) == n_ok
+    before = rewritten(out)
     assert len(before) == 3 * n_ok                                     # csv, meta.json, png per good model
+    fresh = pd.read_csv(out / "summary.csv")
 
-    calls.clear()
+    scans.calls.clear()
     result = run("sweep", config, "-d", out)
     assert result.exit_code == 1                                       # the broken entry is retried, and fails
-    assert calls == []                                                 # nothing rescanned
-    assert per_model_files(out) == before                              # not one per-model file rewritten
-    summary = pd.read_csv(out / "summary.csv").set_index("name")
-    assert summary.drop(index="broken")["status"].eq("skipped").all()
-    assert summary.loc["broken", "status"] == "failed"
-    assert summary.loc["tiny-llama", "n_flagged"] >= 1                 # metrics still reported for skipped rows
-    assert "unchanged, not rescanned" in result.output
+    assert scans.calls == []                                           # nothing rescanned
+    assert rewritten(out) == before                                    # not one per-model file rewritten
+    summary = pd.read_csv(out / "summary.csv")
+    # The outcome reads as after the fresh run; only `rescanned` (and the timings) say it was reused.
+    assert summary["status"].tolist() == fresh["status"].tolist()
+    assert summary.set_index("name")["rescanned"].to_dict() == {e["name"]: e["name"] == "broken" for e in entries()}
+    pd.testing.assert_frame_equal(summary.drop(columns=["seconds", "rescanned"]),
+                                  fresh.drop(columns=["seconds", "rescanned"]))
+    assert "unchanged, not rescanned" in result.output and f"{n_ok} reused" in result.output
 
     # A changed option rescans that entry only; a data file without its record (interrupted) is rescanned.
     doc = yaml.safe_load(config.read_text())
     doc["models"][0]["threshold"] = -0.4
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     (out / "tiny-gpt2.meta.json").unlink()
-    calls.clear()
-    run("sweep", config, "-d", out)
-    assert sorted(calls) == ["tiny-gpt2", "tiny-llama"]
+    scans.calls.clear()
+    result = run("sweep", config, "-d", out)
+    assert sorted(scans.calls) == ["tiny-gpt2", "tiny-llama"]
+    assert "tiny-llama: scanning ./models/tiny-llama (rescanning: its options changed)" in result.output
+    assert "tiny-gpt2: scanning ./models/tiny-gpt2 (rescanning: tiny-gpt2.meta.json is missing" in result.output
 
-    # A damaged data file does not count as complete.
-    with open(out / "tiny-gpt2.csv", "a") as fh:
-        fh.write("garbage\n")
-    calls.clear()
-    run("sweep", config, "-d", out)
-    assert calls == ["tiny-gpt2"]
-
-    calls.clear()
-    stamp = per_model_files(out)
+    scans.calls.clear()
+    stamp = rewritten(out)
     assert run("sweep", config, "-d", out, "--force").exit_code == 1
-    assert len(calls) == n_ok
-    after = per_model_files(out)
-    assert all(after[name] > stamp[name] for name in stamp)
+    assert len(scans.calls) == n_ok
+    after = rewritten(out)
+    assert all(after[name][0] != stamp[name][0] for name in stamp)    # every per-model file written again
+    assert all(after[name][1] == stamp[name][1] for name in stamp if name.endswith(".csv"))  # the same rows
 
 
 # -- shards and merge -----------------------------------------------------------------------------------------------
@@ -277,7 +167,7 @@ def test_shards_partition_the_zoo_and_merge_equals_the_full_sweep(full, models, 
     a, b, merged = tmp_path / "s0", tmp_path / "s1", tmp_path / "merged"
     assert run("sweep", config, "-d", a, "--shard", "0/2").exit_code == 1      # broken is index 2: shard 0
     assert run("sweep", config, "-d", b, "--shard", "1/2").exit_code == 0
-    names = [e["name"] for e in entries(models)]
+    names = [e["name"] for e in entries()]
     got_a = pd.read_csv(a / "summary.csv")["name"].tolist()
     got_b = pd.read_csv(b / "summary.csv")["name"].tolist()
     assert got_a == names[0::2] and got_b == names[1::2]
@@ -292,7 +182,10 @@ def test_shards_partition_the_zoo_and_merge_equals_the_full_sweep(full, models, 
             assert (merged / f"{name}.csv").read_bytes() == (out / f"{name}.csv").read_bytes()
             assert (merged / f"{name}.png").is_file() and (merged / f"{name}.meta.json").is_file()
     assert (merged / "overview.png").is_file()
-    strip = lambda text: [ln.rsplit("|", 2)[0] for ln in text.splitlines() if " models · " not in ln]
+
+    def strip(text: str) -> list[str]:
+        return [ln.rsplit("|", 2)[0] for ln in text.splitlines() if " models · " not in ln]
+
     assert strip((merged / "summary.md").read_text()) == strip((out / "summary.md").read_text())
 
     # Merging a merged folder with itself, or a shard with itself, is harmless.
@@ -308,11 +201,12 @@ def test_shards_partition_the_zoo_and_merge_equals_the_full_sweep(full, models, 
 
 def test_merge_refuses_a_different_config(full, models, tmp_path):
     _, out, _ = full
-    other = write_config(tmp_path / "other", models, items=entries(models)[:2])
+    other = write_config(tmp_path / "other", models, items=entries()[:2])
     run("sweep", other, "-d", tmp_path / "o")
     result = run("merge", out, tmp_path / "o", "-d", tmp_path / "m")
     assert result.exit_code == 2
     assert "different config" in result.output and "merge shards of one sweep only" in result.output
+    assert not (tmp_path / "m").exists()
 
 
 def test_shard_and_only_errors(full, tmp_path):
@@ -331,12 +225,11 @@ def test_shard_and_only_errors(full, tmp_path):
 
 # -- regression gates -----------------------------------------------------------------------------------------------
 
-def test_expect_gates_pass_and_drift(full, models, tmp_path):
-    _, out, _ = full
-    llama = pd.read_csv(out / "tiny-llama.csv")
-    gpt2 = pd.read_csv(out / "tiny-gpt2.csv")
-    llama_shares = [float(g["flagged"].mean()) for _, g in llama.groupby("layer")]
-    gpt2_counts = {int(k): int(g["flagged"].sum()) for k, g in gpt2.groupby("layer")}
+def test_expect_gates_pass_and_drift(models, tmp_path, llama: Tiny, gpt2: Tiny):
+    # Expected values from the independent float64 reference of the saved weights, not from a sweep.
+    ref_llama, ref_gpt2 = reference(llama), reference(gpt2)
+    llama_shares = [float((g["cos"] <= -0.5).mean()) for _, g in ref_llama.groupby("layer")]
+    gpt2_counts = {int(k): int((g["cos"] <= -0.5).sum()) for k, g in ref_gpt2.groupby("layer")}
     assert gpt2_counts[0] >= 1                                         # the planted neuron at least
     items = [
         {"name": "tiny-llama", "model": "./models/tiny-llama",
@@ -363,6 +256,10 @@ def test_expect_gates_pass_and_drift(full, models, tmp_path):
     both = write_config(tmp_path / "both", models, items=items + [{"name": "broken", "model": "./models/broken"}])
     assert run("sweep", both, "-d", tmp_path / "both-out").exit_code == 1
     assert pd.read_csv(tmp_path / "both-out" / "summary.csv")["status"].tolist() == ["ok", "drift", "failed"]
+    # A resumed model is gated like a scanned one: the drift is still reported, not hidden as "reused".
+    assert run("sweep", config, "-d", tmp_path / "out").exit_code == 3
+    again = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("name")
+    assert again.loc["tiny-gpt2", "status"] == "drift" and not again.loc["tiny-gpt2", "rescanned"]
 
 
 def test_baseline_drift(full, models, tmp_path):
@@ -371,7 +268,7 @@ def test_baseline_drift(full, models, tmp_path):
     assert same.exit_code == 1                                         # only the broken entry: no drift
     assert "drift" not in pd.read_csv(tmp_path / "same" / "summary.csv")["status"].tolist()
 
-    items = entries(models)[:2]
+    items = entries()[:2]
     moved = write_config(tmp_path / "moved", models, items=items)
     result = run("sweep", moved, "-d", tmp_path / "new", "--threshold", "-0.2", "--baseline", out)
     assert result.exit_code == 3, result.output
@@ -394,7 +291,7 @@ def test_baseline_drift(full, models, tmp_path):
 
 def test_merge_with_a_baseline(full, models, tmp_path):
     config, out, _ = full
-    items = entries(models)[:2]
+    items = entries()[:2]
     looser = write_config(tmp_path / "looser", models, items=items)
     assert run("sweep", looser, "-d", tmp_path / "old", "--threshold", "-0.2").exit_code == 0
     result = run("merge", out, "-d", tmp_path / "merged", "--baseline", tmp_path / "old")
@@ -418,24 +315,25 @@ def test_interrupted_sweep_leaves_complete_files_and_resumes(models, tmp_path, m
         return real(ckpt, **kw)
 
     monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", interrupt_second)
-    config = write_config(tmp_path / "cfg", models, items=entries(models)[:2])
+    config = write_config(tmp_path / "cfg", models, items=entries()[:2])
     out = tmp_path / "out"
     assert run("sweep", config, "-d", out).exit_code == 130
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "summary.csv", "summary.md", "tiny-llama.csv",
-                                                     "tiny-llama.meta.json", "tiny-llama.png"]
+                                                     "tiny-llama.meta.json", "tiny-llama.png"]  # no lock left
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is False and [m["name"] for m in doc["models"]] == ["tiny-llama"]
     monkeypatch.setattr(mmdetect.scanner, "scan_checkpoint", real)
     assert run("sweep", config, "-d", out).exit_code == 0
-    assert pd.read_csv(out / "summary.csv")["status"].tolist() == ["skipped", "ok"]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["status"].tolist() == ["ok", "ok"] and summary["rescanned"].tolist() == [False, True]
     assert json.loads((out / "results.json").read_text())["complete"] is True
 
 
-def test_step_summary_is_appended(full, models, tmp_path, monkeypatch):
+def test_step_summary_is_appended(models, tmp_path, monkeypatch):
     step = tmp_path / "step.md"
     step.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
-    config = write_config(tmp_path / "cfg", models, items=entries(models)[:1])
+    config = write_config(tmp_path / "cfg", models, items=entries()[:1])
     assert run("sweep", config, "-d", tmp_path / "out", "--no-plots").exit_code == 0
     text = step.read_text()
     assert text.startswith("earlier step\n## mmdetect sweep: test zoo")
@@ -452,7 +350,8 @@ GOOD = {"name": "tiny-llama", "model": "./models/tiny-llama"}
      "entry 'x' (models[1]): unknown key 'thresold' (did you mean 'threshold'?)"),
     ({"name": "x", "model": "./m", "threshold": 2}, "entry 'x' (models[1]), key 'threshold': threshold must be"),
     ({"name": "x", "model": "./m", "threshold": "low"}, "entry 'x' (models[1]), key 'threshold'"),
-    ({"name": "x", "model": "./m", "convention": "tl"}, "entry 'x' (models[1]), key 'convention': convention must"),
+    ({"name": "x", "model": "./m", "convention": "tl"},
+     "entry 'x' (models[1]), key 'convention': convention must be one of 'folded', 'raw'"),
     ({"name": "x", "model": "./m", "layers": "5-2"}, "entry 'x' (models[1]), key 'layers'"),
     ({"name": "x", "model": "./m", "format": "xlsx"}, "entry 'x' (models[1]), key 'format'"),
     ({"name": "x", "model": "./m", "device": "tpu"}, "entry 'x' (models[1]), key 'device'"),
@@ -505,11 +404,19 @@ def test_config_errors_at_the_top_level(models, tmp_path, doc, expected):
     assert not (tmp_path / "out").exists()
 
 
-def test_config_problems_are_counted_and_yaml_errors_located(tmp_path):
+def test_every_config_problem_is_reported_and_yaml_errors_located(tmp_path):
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({"models": [{"name": "x", "model": "m", "thresold": 1,
-                                                                   "layer": 2}]}))
+                                                                   "layer": 2}, {"name": "y", "model": "m",
+                                                                                 "threshold": 9}]}, sort_keys=False))
     result = run("sweep", tmp_path / "zoo.yaml", "-d", tmp_path / "out")
-    assert result.exit_code == 2 and "(and 1 more problem)" in result.output
+    assert result.exit_code == 2
+    assert result.output == (f"error: {tmp_path / 'zoo.yaml'}: entry 'x' (models[0]): unknown key 'thresold' (did you "
+                             f"mean 'threshold'?); allowed keys: name, model, revision, expect, threshold, convention, "
+                             f"layers, format, device, raw; entry 'x' (models[0]): unknown key 'layer' (did you mean "
+                             f"'layers'?); allowed keys: name, model, revision, expect, threshold, convention, layers, "
+                             f"format, device, raw; entry 'y' (models[1]), key 'threshold': threshold must be a number "
+                             f"in [-1, 1], got 9 (3 problems)\n")
+    assert not (tmp_path / "out").exists()
     (tmp_path / "bad.yaml").write_text("models:\n  - name: x\n    model: [unclosed\n")
     result = run("sweep", tmp_path / "bad.yaml", "-d", tmp_path / "out")
     assert result.exit_code == 2 and "not valid YAML at line" in result.output
@@ -521,7 +428,7 @@ def test_command_line_beats_entry_beats_defaults(tmp_path):
         "models": [{"name": "a", "model": "gpt2"}, {"name": "b", "model": "gpt2", "threshold": -0.6, "raw": True}]}))
     a, b = zoo.load_config(tmp_path / "zoo.yaml").entries
     assert (a.threshold, a.convention, a.layers, b.threshold, b.convention) == (-0.4, "folded", "0", -0.6, "raw")
-    a, b = zoo.load_config(tmp_path / "zoo.yaml", {"threshold": -0.3, "raw": False}).entries
+    a, b = zoo.load_config(tmp_path / "zoo.yaml", {"threshold": -0.3, "convention": "folded"}).entries
     assert (a.threshold, b.threshold, b.convention, b.layers) == (-0.3, -0.3, "folded", "0")
     assert a.ref == "gpt2"                                              # not a path: a hub id
 
@@ -587,18 +494,46 @@ def test_published_config_copies_the_csv():
     assert checked == sum(len(e.expect.values) for e in published.values())
 
 
+def _numpy_counts(folder: Path) -> list[int]:
+    """Flagged neurons per layer (folded cos <= -0.5) of a trained Llama, straight from its safetensors in numpy:
+    cos(g * up_j, down[:, j]), g the RMSNorm gain before the MLP (the gate's sign flip does not change this cos)."""
+    from safetensors.numpy import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    counts = []
+    for i in range(json.loads((folder / "config.json").read_text())["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        read = state[p + "mlp.up_proj.weight"].astype(np.float64) * state[p + "post_attention_layernorm.weight"]
+        write = state[p + "mlp.down_proj.weight"].astype(np.float64).T
+        cos = (read * write).sum(1) / (np.linalg.norm(read, axis=1) * np.linalg.norm(write, axis=1))
+        counts.append(int((cos <= -0.5).sum()))
+    return counts
+
+
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared/models not present")
-def test_tiny_local_example_sweeps_clean(tmp_path):
+def test_tiny_local_expectations_match_the_weights_and_the_sweep_passes_them(tmp_path):
+    """The expect: gates of configs/examples/tiny-local.yaml are what numpy computes from the checkpoints."""
+    config = zoo.load_config(ROOT / "configs" / "examples" / "tiny-local.yaml")
+    by_name = {e.name: e for e in config.entries}
+    stories, aidreams = by_name["stories260K"].expect, by_name["aidreams260K"].expect
+    counts = _numpy_counts(SHARED / "stories260K")
+    assert stories.kind == "shares" and len(stories.values) == len(counts) == 5
+    for layer, share in stories.values.items():
+        assert share == pytest.approx(counts[layer] / 172, abs=5e-5)   # 172 neurons per layer, 4 decimals
+    counts = _numpy_counts(SHARED / "aidreams260K")
+    assert aidreams.kind == "counts" and aidreams.values == {0: float(counts[0]), 3: float(counts[3])}
+
     result = run("sweep", ROOT / "configs" / "examples" / "tiny-local.yaml", "-d", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("name")
     assert summary["status"].tolist() == ["ok"] * 4
-    assert summary.set_index("name").loc["stories260K", "n_neurons"] == 5 * 172
+    assert summary.loc["stories260K", "n_neurons"] == 5 * 172
+    assert summary.loc["stories260K", "n_flagged"] == sum(_numpy_counts(SHARED / "stories260K"))
 
 
 def test_workflow_example_is_wired_up():
     wf = yaml.safe_load((ROOT / ".github" / "workflows" / "zoo-sweep.yml").read_text())
-    assert wf[True]["workflow_dispatch"] is None                       # YAML reads the `on:` key as True
+    assert "workflow_dispatch" in wf[True]                             # YAML reads the `on:` key as True
     jobs = wf["jobs"]
     sweep_job, merge_job = jobs["sweep"], jobs["merge"]
     shards = sweep_job["strategy"]["matrix"]["shard"]
@@ -610,13 +545,11 @@ def test_workflow_example_is_wired_up():
     merge_steps = "\n".join(json.dumps(s) for s in merge_job["steps"])
     assert "actions/download-artifact" in merge_steps and "mmdetect merge" in merge_steps
     assert "actions/upload-artifact" in merge_steps
-    text = (ROOT / ".github" / "workflows" / "zoo-sweep.yml").read_text()
-    assert "appends summary.md to $GITHUB_STEP_SUMMARY" in text
 
 
 # -- plots --------------------------------------------------------------------------------------------------------
 
-def assert_real_png(path: Path, min_width: int = 600, min_height: int = 400) -> None:
+def assert_real_png(path: Path, min_width: int = 600, min_height: int = 400, red: bool = True) -> None:
     from PIL import Image
 
     assert path.stat().st_size > 15_000, path
@@ -630,14 +563,14 @@ def assert_real_png(path: Path, min_width: int = 600, min_height: int = 400) -> 
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     assert colours > 100                                               # lines, fills, text: not a blank canvas
     reds = ((pixels[..., 0] > 150) & (pixels[..., 1] < 100) & (pixels[..., 2] < 100)).mean()
-    assert reds > 0.001                                                # the flagged bars / threshold line
+    assert reds > 0.001 or not red                                     # the flagged bars / threshold line
 
 
 def test_sweep_draws_one_figure_per_model_and_an_overview(full, models):
     _, out, _ = full
     for name in ("tiny-llama", "tiny-gpt2", "tiny-gpt2-raw"):
         assert_real_png(out / f"{name}.png")
-    assert_real_png(out / "overview.png")
+    assert_real_png(out / "overview.png", red=False)                   # one colour per model, no threshold line
     assert not (out / "broken.png").exists()
 
 
@@ -654,8 +587,13 @@ def test_plot_command_from_any_scan_output(full, models, tmp_path):
     assert_real_png(tmp_path / "bare.png")
     result = run("plot", tmp_path / "bare.csv", "--d-model", "64", "-o", tmp_path / "band.png")
     assert result.exit_code == 0 and "note:" not in result.output
-    grey = lambda p: (lambda px: ((abs(px - 224) < 12).all(axis=2)).mean())(
-        np.asarray(__import__("PIL.Image").Image.open(p).convert("RGB"), dtype=np.int16))
+    def grey(png: Path) -> float:
+        from PIL import Image
+
+        with Image.open(png) as img:
+            px = np.asarray(img.convert("RGB"), dtype=np.int16)
+        return float((abs(px - 224) < 12).all(axis=2).mean())
+
     assert grey(tmp_path / "band.png") > grey(tmp_path / "bare.png") + 0.02   # the null band is drawn
     # Parquet and JSON scan outputs carry their own metadata.
     for fmt in ("parquet", "json"):
@@ -666,17 +604,10 @@ def test_plot_command_from_any_scan_output(full, models, tmp_path):
         assert_real_png(tmp_path / "s.png")
     # A sweep folder: the overview.
     assert run("plot", out, "-o", tmp_path / "ov.png").exit_code == 0
-    assert_real_png(tmp_path / "ov.png")
+    assert_real_png(tmp_path / "ov.png", red=False)
     # Bad input: one line, exit 2.
     (tmp_path / "junk.csv").write_text("a,b\n1,2\n")
     result = run("plot", tmp_path / "junk.csv")
     assert result.exit_code == 2 and "has no cos or layer column" in result.output
     result = run("plot", out / "tiny-gpt2.csv", "-o", tmp_path / "x.jpg")
     assert result.exit_code == 2 and "must end in .png" in result.output
-
-
-def test_help_texts_end_with_examples():
-    for command in ("sweep", "merge", "plot"):
-        text = run(command, "--help").output
-        assert text.rstrip().splitlines()[-1].startswith("    mmdetect ")
-        assert "Example:" in text

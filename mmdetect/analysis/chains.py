@@ -15,16 +15,15 @@ Each deleter keeps its ``per_deleter`` best writers; the table ranks all pairs b
 """
 from __future__ import annotations
 
-import datetime as _dt
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmdetect import __version__
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
 from mmdetect.errors import MMDetectError
+from mmdetect.report.provenance import Provenance
 from mmdetect.analysis.explain import _Best, _unit, component_label, upstream_writers
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
@@ -125,19 +124,13 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
     df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
                         kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
-    ckpt = circuit.ckpt
-    df.attrs["provenance"] = {
-        "tool": "mmdetect", "command": "chains", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
-        "format": ckpt.format, "model_type": ckpt.model_type,
-        "family": circuit.family.family if circuit.family else None,
-        "attention_family": circuit.attention.family if circuit.attention else None,
-        "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
-        "convention": "raw" if circuit.raw else "folded", "threshold": threshold, "head_threshold": head_threshold,
-        "per_deleter": per_deleter, "max_deleters": max_deleters,
-        "layers": layers if isinstance(layers, (str, type(None))) else sorted(wanted or []),
-        "score": "align * erase", "torch": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    df.attrs["provenance"] = Provenance.of(
+        circuit.ckpt, "chains", convention="raw" if circuit.raw else "folded", threshold=threshold,
+        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
+        family=circuit.family.family if circuit.family else None,
+        attention_family=circuit.attention.family if circuit.attention else None,
+        heuristic=circuit.family.heuristic if circuit.family else None, head_threshold=head_threshold,
+        per_deleter=per_deleter, max_deleters=max_deleters, score="align * erase").to_dict()
     df.attrs["layers"] = []
     df.attrs["deleters"] = {"neurons_flagged": len(flagged), "neurons_used": len(used),
                             "heads_flagged": n_heads_flagged, "heads_used": len(head_used)}

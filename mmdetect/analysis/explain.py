@@ -22,7 +22,6 @@ the raw residual stream, o_j what it writes. d = d_model.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -31,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdetect import __version__
 from mmdetect.registry import MLPSpec
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Corpus, Vocab, load_corpus, load_vocab
 from mmdetect.errors import MMDetectError, warn
+from mmdetect.report.provenance import Provenance
 from mmdetect.scanner.stats import classify, null_band, null_p, null_z
 
 TOP = 10
@@ -565,14 +564,11 @@ def _vocab_size_from_config(circuit: Circuit) -> int:
 
 
 def _provenance(circuit: Circuit, command: str) -> dict[str, Any]:
-    ckpt = circuit.ckpt
-    return {"tool": "mmdetect", "command": command, "version": __version__, "model": ckpt.ref,
-            "path": str(ckpt.path), "format": ckpt.format, "model_type": ckpt.model_type,
-            "family": circuit.family.family if circuit.family else None,
-            "attention_family": circuit.attention.family if circuit.attention else None,
-            "attention_gap": circuit.attention_gap, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
-            "convention": "raw" if circuit.raw else "folded", "torch": torch.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return Provenance.of(circuit.ckpt, command, convention="raw" if circuit.raw else "folded", device="cpu",
+                         family=circuit.family.family if circuit.family else None,
+                         attention_family=circuit.attention.family if circuit.attention else None,
+                         heuristic=circuit.family.heuristic if circuit.family else None,
+                         attention_gap=circuit.attention_gap).to_dict()
 
 
 # -- scan --verify ---------------------------------------------------------------------------------------------------
@@ -585,7 +581,7 @@ def verify(df: Any, model: str, k: int, *, revision: str | None = None, raw: boo
            top_tokens: int | None = None) -> Any:
     """Add deletion score and top upstream writer for the top ``k`` flagged rows of a scan DataFrame (in place).
 
-    Other rows get NaN / empty. ``df.attrs["provenance"]["verify"]`` records the corpus and how many rows.
+    Other rows get NaN / empty. ``df.attrs["provenance"]["options"]["verify"]`` records the corpus and how many rows.
     """
     flagged = df.index[df["flagged"].to_numpy(dtype=bool)][:k]
     for col in VERIFY_COLUMNS:
@@ -620,7 +616,7 @@ def verify(df: Any, model: str, k: int, *, revision: str | None = None, raw: boo
                 df.at[i, "writer_cos"] = best.get("cos", np.nan)
             if "deletion" in e:
                 df.at[i, "deletion"] = e["deletion"]["score"]
-    df.attrs.setdefault("provenance", {})["verify"] = info
+    df.attrs.setdefault("provenance", {}).setdefault("options", {})["verify"] = info
     return df
 
 
@@ -723,7 +719,7 @@ def render_verify(df: Any, console: Any = None, top: int = 20) -> None:
 
     console = console or Console()
     rows = df[df["top_writer"].notna() | df["deletion"].notna()].head(top)
-    info = df.attrs.get("provenance", {}).get("verify", {})
+    info = df.attrs.get("provenance", {}).get("options", {}).get("verify", {})
     table = Table(title=f"Verified: the top {info.get('verified', len(rows))} flagged neurons", title_justify="left",
                   header_style="bold", caption_justify="left",
                   caption=f"deletion: fraction of the residual's component along r̂ that the neuron's write removes "

@@ -16,7 +16,6 @@ shape with a fixed seed).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import math
 from typing import Any
@@ -24,10 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdetect import __version__
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.errors import MMDetectError
-from mmdetect.report import fmt_cell
+from mmdetect.report import Provenance, fmt_cell
 
 COLUMNS = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig", "min_eig_rel", "max_abs_eig",
            "ov_norm", "flagged"]
@@ -121,16 +119,12 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     ranks[df["copying"].isna().to_numpy()] = pd.NA
     df.insert(0, "rank", ranks)
     df = df[COLUMNS]
-    ckpt = circuit.ckpt
-    lay = circuit.attention
-    df.attrs["provenance"] = {
-        "tool": "mmdetect", "command": "heads", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
-        "format": ckpt.format, "model_type": ckpt.model_type, "attention_family": lay.family,
-        "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
-        "convention": "raw" if circuit.raw else "folded", "score": "copying = sum Re(eig) / sum |eig| of W_V W_O",
-        "threshold": threshold, "layers": layers if isinstance(layers, (str, type(None))) else sorted(wanted or []),
-        "torch": torch.__version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    df.attrs["provenance"] = Provenance.of(
+        circuit.ckpt, "heads", convention="raw" if circuit.raw else "folded", threshold=threshold,
+        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
+        family=circuit.family.family if circuit.family else None, attention_family=circuit.attention.family,
+        heuristic=circuit.family.heuristic if circuit.family else None,
+        score="copying = sum Re(eig) / sum |eig| of W_V W_O").to_dict()
     summary = []
     for layer, group in df.groupby("layer", sort=True):
         d, dh = shapes[int(layer)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mmdetect.errors import MMDetectError
 
@@ -156,7 +156,7 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
         top.set_axisbelow(True)
 
         bands = _null_bands(layers, d_model, ids)
-        handles = []
+        handles: list[Any] = []  # legend entries: patches and lines
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
@@ -233,10 +233,10 @@ class style:
     def __enter__(self) -> None:
         import matplotlib
 
-        self._ctx = matplotlib.rc_context(RC)
+        self._ctx: Any = matplotlib.rc_context(cast(Any, RC))
         self._ctx.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._ctx.__exit__(*exc)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 
 class progress:
@@ -10,7 +10,8 @@ class progress:
 
     def __init__(self, enabled: bool | None, total: int, label: str) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.total, self.label, self.bar = total, label, None
+        self.total, self.label = total, label
+        self.bar: Any = None
 
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:

@@ -1,45 +1,79 @@
-"""Writing the row tables of ``heads`` and ``chains``: every format of ``scan`` (through ``report``), but the JSON
-document names its rows after what they are (``"heads"``, ``"chains"``) instead of ``"neurons"``."""
+"""Terminal views: the scan's rich tables, and drawing any view on the terminal or into a file (``--format table
+-o``); and ``emit``, the one tail every row command shares: a view on the terminal, or every row in a file format."""
 from __future__ import annotations
 
-import json
-import sys
-from typing import Any
+import math
+import os
+from typing import Any, Callable
 
-from mmdetect import report
+from mmdetect.report.formats import atomic_open, write
 
-
-def json_document(df: Any, key: str) -> str:
-    meta = report.metadata(df)
-    extra = {k: report.clean(v) for k, v in df.attrs.items() if k not in ("provenance", "layers")}
-    head = '{"provenance": ' + json.dumps(meta["provenance"]) + ',\n "layers": ' + json.dumps(meta["layers"])
-    for name, value in extra.items():
-        head += f',\n "{name}": ' + json.dumps(value)
-    records = df.to_json(orient="records", double_precision=10) if len(df) else "[]"
-    return head + f',\n "{key}": ' + records + "}\n"
+Draw = Callable[[Any], None]  # draw(console): print a view on a rich Console
 
 
-def write_rows(df: Any, fmt: str, path: str | None, key: str) -> None:
-    """``df`` in ``fmt`` to ``path`` (atomically) or stdout; JSON keeps its rows under ``key``."""
-    if fmt != "json":
-        report.write(df, fmt, path)
-        return
-    text = json_document(df, key)
-    if path is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    with report.atomic_open(path) as fh:
-        fh.write(text)
+def fmt_cell(v: Any, digits: int = 3) -> str:
+    """A terminal-table cell: signed fixed-point floats, blank for missing values."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:+.{digits}f}" if abs(v) < 1000 else f"{v:.3g}"
+    return str(v)
 
 
-def render_to(path: str | None, draw: Any) -> None:
+def render_to(path: str | os.PathLike | None, draw: Draw) -> None:
     """Call ``draw(console)`` on the terminal, or on a 140-column console writing ``path`` atomically."""
     from rich.console import Console
 
     if path is None:
         draw(Console())
         return
-    with report.atomic_open(path) as fh:
+    with atomic_open(path) as fh:
         draw(Console(file=fh, width=140))
 
+
+def emit(rows: Any, fmt: str, output: str | os.PathLike | None, draw: Draw, *, key: str = "neurons") -> int | None:
+    """``draw`` the terminal view (``fmt`` table, to the terminal or ``output``), or write every row in ``fmt``.
+
+    Returns the number of rows written to a file, None otherwise (nothing to report on stderr).
+    """
+    if fmt == "table":
+        render_to(output, draw)
+        return None
+    write(rows, fmt, output, key=key)
+    return len(rows) if output else None
+
+
+def render(df: Any, top: int = 20, console: Any = None) -> None:
+    """The top ``top`` rows of a scan and its per-layer summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    title = (f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} convention · "
+             f"{len(df):,} neurons · {n_flagged:,} flagged (cos ≤ {prov.get('threshold', '?')})")
+    gated = bool(df["cos_gate_in"].notna().any()) if len(df) else False
+    moe = bool(df["expert"].notna().any()) if len(df) else False
+    table = Table(title=title, title_justify="left", header_style="bold")
+    cols = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos"] + \
+        (["cos_gate_out", "cos_gate_in"] if gated else []) + ["z", "class"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("class", "expert") else "right")
+    for row in df.head(top).to_dict(orient="records"):
+        style = "bold red" if row["flagged"] else None
+        table.add_row(*[fmt_cell(row[c], 2 if c == "z" else 3) if c not in ("rank", "layer", "neuron") else
+                        ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
+    console.print(table)
+    layers = df.attrs.get("layers", [])
+    if layers:
+        summary = Table(title="Per layer (cos quantiles; null = 95% band of random directions, empirical = "
+                              "mismatched neuron pairs)", title_justify="left", header_style="bold")
+        for col in ("layer", "neurons", "flagged", "share", "min", "q05", "median", "null band", "empirical"):
+            summary.add_column(col, justify="right")
+        for s in layers:
+            summary.add_row(str(s["layer"]), f"{s['n_neurons']:,}", f"{s['n_flagged']:,}",
+                            f"{100 * s['share_flagged']:.1f}%", fmt_cell(s["min"]), fmt_cell(s["q05"]),
+                            fmt_cell(s["median"]), f"±{s['null_hi']:.3f}",
+                            f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
+        console.print(summary)

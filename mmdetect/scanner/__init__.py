@@ -6,26 +6,21 @@ cosines in the chosen convention, and ``scanner.stats`` flags, classifies and su
 """
 from __future__ import annotations
 
-import datetime as _dt
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from mmdetect import __version__
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.report.progress import progress as _progress_bar
+from mmdetect.report.provenance import Provenance
+from mmdetect.report.rows import COLUMNS, ScanResult
 from mmdetect.scanner.neurons import NeuronStats, mlp_cosines
 from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
 from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, plan_jobs
 from mmdetect.scanner.stats import finish_rows, layer_summary
-
-COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
-           "norm_in", "norm_out", "norm_gate"]
 
 
 def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
@@ -41,36 +36,6 @@ def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
         "norm_gate": stats.norm_gate.numpy().astype(np.float64),
         "_gated": np.full(n, block.w_gate is not None), "_d": np.full(n, d, dtype=np.int64),
     }
-
-
-@dataclass
-class ScanResult:
-    """A scan's rows as numpy columns (``COLUMNS``, ranked by cos) plus ``attrs`` (provenance, layers).
-
-    The command line writes CSV, TSV and Parquet straight from these columns, so it never imports pandas (a quarter
-    of a second); ``to_frame`` gives the DataFrame that the Python API returns.
-    """
-
-    columns: dict[str, np.ndarray]
-    attrs: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.columns["cos"])
-
-    def select(self, mask: np.ndarray) -> "ScanResult":
-        """The rows where ``mask`` is true (ranks are kept), with the same attrs."""
-        return ScanResult({k: v[mask] for k, v in self.columns.items()}, self.attrs)
-
-    def to_frame(self) -> "Any":
-        import pandas as pd
-
-        cols = dict(self.columns)
-        ranks = pd.array(cols["rank"], dtype="Int64")
-        ranks[~np.isfinite(cols["cos"])] = pd.NA
-        cols["rank"] = ranks
-        df = pd.DataFrame(cols, columns=COLUMNS)
-        df.attrs = self.attrs
-        return df
 
 
 def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
@@ -117,15 +82,10 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     order = np.lexsort((rows["neuron"], rows["layer"], np.where(np.isfinite(rows["cos"]), rows["cos"], np.inf)))
     columns = {"rank": np.arange(1, len(order) + 1, dtype=np.int64),
                **{k: rows[k][order] for k in COLUMNS if k != "rank"}}
-    attrs = {"provenance": {
-        "tool": "mmdetect", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
-        "format": ckpt.format, "model_type": ckpt.model_type, "family": family.family,
-        "heuristic": family.heuristic, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
-        "convention": "raw" if raw else "folded", "threshold": threshold,
-        "layers": layers if isinstance(layers, str) or layers is None else sorted(wanted or []),
-        "device": dev, "torch": torch.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }}
+    prov = Provenance.of(ckpt, "scan", convention="raw" if raw else "folded", threshold=threshold,
+                         layers=layers if isinstance(layers, str) or layers is None else wanted,
+                         device=dev, family=family.family, heuristic=family.heuristic)
+    attrs: dict[str, Any] = {"provenance": prov.to_dict()}
     attrs["layers"] = layer_summary(columns, mismatched, d_model)
     return ScanResult(columns, attrs)
 

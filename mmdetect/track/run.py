@@ -73,16 +73,16 @@ def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise MMDetectError(f"--output-dir {out} is a file: give a folder")
-    entries = [zoo.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision,
-                         threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
+    options = zoo.ScanOptions(threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
+    entries = [zoo.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision, scan=options)
                for i, u in enumerate(units)]
     digest = hashlib.sha256(json.dumps([[u.ref, u.revision, u.step] for u in units]).encode()).hexdigest()
     plan = zoo.Zoo(path=out / "track.json", description=f"track of {len(units)} checkpoints", entries=entries,
                    sha256=digest)
     result = zoo.run_sweep(plan, out / CHECKPOINTS, shard=shard, force=force, plots=False, progress=progress)
-    failed = [(r["name"], r["error"]) for r in result.records if r.get("error")]
+    failed = [(r.name, r.error) for r in result.records if r.error]
     done = {e.name for e in entries if (out / CHECKPOINTS / e.data_file).is_file()
-            and (out / CHECKPOINTS / (e.name + ".meta.json")).is_file()}
+            and (out / CHECKPOINTS / e.meta_file).is_file()}
     missing = [u.name for u in units if u.name not in done]
     if failed or missing:
         return TrackResult(out, units, False, missing, failed, [])

@@ -1,0 +1,59 @@
+"""A scan's rows as numpy columns: what the scanner returns and what the writers take without pandas.
+
+numpy only (no torch, no pandas at import), so ``report`` can tell a ``ScanResult`` from a DataFrame with
+``isinstance`` without pulling the scanner's dependencies into every report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import pandas as pd
+
+COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
+           "norm_in", "norm_out", "norm_gate"]
+
+
+@dataclass
+class ScanResult:
+    """A scan's rows as numpy columns (``COLUMNS``, ranked by cos) plus ``attrs`` (provenance, layers).
+
+    The command line writes CSV, TSV and Parquet straight from these columns, so it never imports pandas (a quarter
+    of a second); ``to_frame`` gives the DataFrame that the Python API returns.
+    """
+
+    columns: dict[str, "np.ndarray"]
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.columns["cos"])
+
+    def select(self, mask: "np.ndarray") -> "ScanResult":
+        """The rows where ``mask`` is true (ranks are kept), with the same attrs."""
+        return ScanResult({k: v[mask] for k, v in self.columns.items()}, self.attrs)
+
+    def flagged(self) -> "ScanResult":
+        return self.select(self.columns["flagged"])
+
+    def to_frame(self) -> "pd.DataFrame":
+        import numpy as np
+        import pandas as pd
+
+        cols = dict(self.columns)
+        ranks = pd.array(cols["rank"], dtype="Int64")
+        ranks[~np.isfinite(cols["cos"])] = pd.NA  # dead neurons have no rank
+        cols["rank"] = ranks
+        df = pd.DataFrame(cols, columns=COLUMNS)
+        df.attrs = self.attrs
+        return df
+
+
+def flagged_rows(rows: Any) -> Any:
+    """Only the flagged rows of a ``ScanResult`` or a DataFrame (any table with a ``flagged`` column), same attrs."""
+    if isinstance(rows, ScanResult):
+        return rows.flagged()
+    out = rows[rows["flagged"].to_numpy(dtype=bool)].reset_index(drop=True)
+    out.attrs = rows.attrs
+    return out
