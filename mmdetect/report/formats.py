@@ -158,14 +158,18 @@ def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
                          pa_csv.WriteOptions(delimiter=sep, quoting_style="needed"))
 
     def as_json(rows: Any, fh: IO[Any], key: str = "neurons") -> None:
-        fh.write(_encode(document(rows, key)))  # document() cleans what needs it; the records are clean already
+        # orjson: a scan's rows are hundreds of thousands of records, which the json module encodes 7x slower.
+        # document() cleans what needs it (NaN -> None); the records are clean already.
+        import orjson
+
+        fh.write(orjson.dumps(document(rows, key)) + b"\n")
 
     def jsonl(rows: Any, fh: IO[Any]) -> None:
+        import orjson
+
         from mmdetect.report.records import records
 
-        encode = json.JSONEncoder(separators=COMPACT, allow_nan=False, check_circular=False).encode
-        for record in records(rows):
-            fh.write(encode(record) + "\n")
+        fh.write(b"".join(orjson.dumps(record) + b"\n" for record in records(rows)))
 
     def parquet(rows: Any, fh: IO[Any]) -> None:
         import pyarrow.parquet as pq
@@ -180,8 +184,8 @@ def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
     return {
         "csv": (True, csv),
         "tsv": (True, functools.partial(csv, sep="\t")),
-        "json": (False, as_json),
-        "jsonl": (False, jsonl),
+        "json": (True, as_json),
+        "jsonl": (True, jsonl),
         "markdown": (False, lambda rows, fh: fh.write(_markdown(rows))),
         "parquet": (True, parquet),
     }
@@ -205,8 +209,13 @@ def write(rows: Any, fmt: str, path: str | os.PathLike | None = None, *, key: st
     if path is None:
         if fmt == "parquet":
             raise MMDetectError(f"--format {fmt} is binary: give --output PATH")
+        from mmdetect.io.output import sigint_deferred
+
         buf: Any = io.BytesIO() if binary else io.StringIO()
-        writer(rows, buf)
+        with sigint_deferred() as interrupted:  # Ctrl-C inside a C serialiser can crash the interpreter
+            writer(rows, buf)
+        if interrupted():
+            raise KeyboardInterrupt
         if binary:
             _emit_bytes(buf.getvalue())
         else:

@@ -60,6 +60,17 @@ def _value(v: Any) -> Any:
     return v
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
+def _objects(values: list[Any]) -> list[Any]:
+    """An object column's cells as JSON values. Most columns (class, expert) hold only str, int and None, which
+    pass as they are; anything else (numpy scalars, floats) goes through ``_value``."""
+    if set(map(type, values)) <= _PLAIN:
+        return values
+    return [_value(v) for v in values]
+
+
 def columns(data: Any) -> dict[str, list[Any]]:
     """{column: Python values}: ints, bools and strings as they are, floats as pandas rounds them, missing as None.
 
@@ -73,7 +84,7 @@ def columns(data: Any) -> dict[str, list[Any]]:
             if col.dtype.kind == "f":
                 out[name] = pandas_floats(col)
             elif col.dtype == object:
-                out[name] = [_value(v) for v in col.tolist()]
+                out[name] = _objects(col.tolist())
             else:
                 out[name] = col.tolist()
         dead = (~np.isfinite(data.columns["cos"])).tolist()
@@ -88,7 +99,7 @@ def columns(data: Any) -> dict[str, list[Any]]:
         elif col.dtype.kind in "iub" and not isinstance(col.dtype, pd.api.extensions.ExtensionDtype):
             out[str(name)] = col.to_numpy().tolist()
         else:  # object, string and nullable (Int64, boolean) columns; na_value turns NaN, None and pd.NA into None
-            out[str(name)] = [_value(v) for v in col.to_numpy(dtype=object, na_value=None).tolist()]
+            out[str(name)] = _objects(col.to_numpy(dtype=object, na_value=None).tolist())
     return out
 
 
