@@ -1,6 +1,7 @@
 """The attention registry against transformers' own modelling code, one tiny random model per layout.
 
-For every safetensors model type in ``architectures/attention.yaml`` (and the config variants that change the layout):
+For every safetensors model type with an attention layout in the registry (``mmdetect/registry/families/*.yaml``, and
+the config variants that change the layout):
 build the model from its config class with random weights (norm gains and biases included), save it, and check
 
 * the OV circuit: on one-token inputs (softmax = 1) the attention module's output difference equals
@@ -23,8 +24,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from mmdetect.registry.attention import load_attention_registry  # noqa: E402
 from mmdetect.analysis.circuit import open_circuit  # noqa: E402
+from mmdetect.registry import load_registry, tensor_key  # noqa: E402
+from mmdetect.registry.resolve import registry_has_heads  # noqa: E402
 
 D, HEADS, KV, HEAD_DIM = 64, 4, 2, 16
 SIZES = {
@@ -45,7 +47,8 @@ VARIANTS = [
     ("gpt_neox", {"use_parallel_residual": False}), ("stablelm", {"use_parallel_residual": True}),
     ("opt", {"do_layer_norm_before": False}),
 ]
-CASES = [(t, {}) for t in load_attention_registry().model_types("safetensors")] + VARIANTS
+WITH_HEADS = [t for t in load_registry().model_types("safetensors") if registry_has_heads(load_registry().lookup(t), t)]
+CASES = [(t, {}) for t in WITH_HEADS] + VARIANTS
 
 
 def build(model_type: str, extra: dict) -> torch.nn.Module:
@@ -100,20 +103,20 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
         circuit_folded.close()
         mlp_spec = circuit.located[min(circuit.located)][0][0]
         assert lay.embed in circuit.ckpt and circuit.ckpt.tensors[lay.embed].shape[-1] == D
-    o_module = lay.o.key.replace("{i}", "0").removesuffix(".weight")
+    o_module = tensor_key(lay.o.key, 0).removesuffix(".weight")
     attn = o_module.rsplit(".", 1)[0]
     layer = lay.o.key.split("{i}")[0] + "0"
     store: dict = {}
     hooks = [_capture(modules[attn], store, "attn_in"), _capture(modules[attn], store, "attn_out", output=True),
              _capture(modules[layer], store, "layer_in")]
     if lay.pre_norm is not None and lay.pre_norm.weight is not None:
-        hooks.append(_capture(modules[lay.pre_norm.weight.replace("{i}", "0").removesuffix(".weight")], store,
+        hooks.append(_capture(modules[tensor_key(lay.pre_norm.weight, 0).removesuffix(".weight")], store,
                               "pre_norm_out", output=True))
     if mlp_spec.pre_norm is not None and mlp_spec.pre_norm.weight is not None:
-        hooks.append(_capture(modules[mlp_spec.pre_norm.weight.replace("{i}", "0").removesuffix(".weight")], store,
+        hooks.append(_capture(modules[tensor_key(mlp_spec.pre_norm.weight, 0).removesuffix(".weight")], store,
                               "mlp_in"))
     else:
-        hooks.append(_capture(modules[mlp_spec.out.key.replace("{i}", "0").rsplit(".", 2)[0]], store, "mlp_in"))
+        hooks.append(_capture(modules[tensor_key(mlp_spec.out.key, 0).rsplit(".", 2)[0]], store, "mlp_in"))
     if lay.final_norm is not None and lay.final_norm.weight is not None:
         hooks.append(_capture(modules[lay.final_norm.weight.removesuffix(".weight")], store, "final_out",
                               output=True))
