@@ -98,9 +98,11 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
     with open_circuit(str(tmp_path), raw=True) as circuit:
         lay = circuit.require_attention()
         heads = circuit.heads(0)
-        circuit_folded = open_circuit(str(tmp_path))
-        circuit_folded.heads(0)  # the gains exist and fit
-        circuit_folded.close()
+        with open_circuit(str(tmp_path)) as folded:
+            folded.heads(0)  # the gains exist and fit
+            norms = {name: (norm, folded.gain(norm, 0, D)) for name, norm in
+                     (("pre_norm", lay.pre_norm), ("post_norm", lay.post_norm), ("final_norm", lay.final_norm))
+                     if norm is not None and norm.weight is not None}
         mlp_spec = circuit.located[min(circuit.located)][0][0]
         assert lay.embed in circuit.ckpt and circuit.ckpt.tensors[lay.embed].shape[-1] == D
     o_module = tensor_key(lay.o.key, 0).removesuffix(".weight")
@@ -109,17 +111,15 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
     store: dict = {}
     hooks = [_capture(modules[attn], store, "attn_in"), _capture(modules[attn], store, "attn_out", output=True),
              _capture(modules[layer], store, "layer_in")]
-    if lay.pre_norm is not None and lay.pre_norm.weight is not None:
-        hooks.append(_capture(modules[tensor_key(lay.pre_norm.weight, 0).removesuffix(".weight")], store,
-                              "pre_norm_out", output=True))
+    for name, (norm, _) in norms.items():
+        module = modules[tensor_key(str(norm.weight), 0).removesuffix(".weight")]
+        hooks += [_capture(module, store, f"{name}_in"), _capture(module, store, f"{name}_out", output=True)]
     if mlp_spec.pre_norm is not None and mlp_spec.pre_norm.weight is not None:
         hooks.append(_capture(modules[tensor_key(mlp_spec.pre_norm.weight, 0).removesuffix(".weight")], store,
                               "mlp_in"))
     else:
         hooks.append(_capture(modules[tensor_key(mlp_spec.out.key, 0).rsplit(".", 2)[0]], store, "mlp_in"))
-    if lay.final_norm is not None and lay.final_norm.weight is not None:
-        hooks.append(_capture(modules[lay.final_norm.weight.removesuffix(".weight")], store, "final_out",
-                              output=True))
+    if "final_norm" in norms:
         unembed = next(k for k in (*lay.unembed, "lm_head.weight") if k.removesuffix(".weight") in modules)
         hooks.append(_capture(modules[unembed.removesuffix(".weight")], store, "unembed_in"))
     runs = []
@@ -144,8 +144,27 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
             assert torch.equal(run["layer_in"], run["attn_in"]), "attention does not read the raw residual"
         parallel = torch.equal(run["mlp_in"], run["layer_in"])
         assert parallel == lay.parallel, f"registry says parallel={lay.parallel}, transformers does the opposite"
-        if "final_out" in run:
-            assert torch.equal(run["final_out"], run["unembed_in"]), "final_norm does not feed the unembedding"
+        if "final_norm_out" in run:
+            assert torch.equal(run["final_norm_out"], run["unembed_in"]), "final_norm does not feed the unembedding"
+        if "post_norm_in" in run:
+            assert torch.equal(run["post_norm_in"], run["attn_out"]), "post_norm does not read the attention output"
+        for name, (norm, gain) in norms.items():
+            _check_norm_kind(modules[tensor_key(str(norm.weight), 0).removesuffix(".weight")], norm.kind, gain,
+                             run[f"{name}_in"], run[f"{name}_out"], name)
+
+
+def _check_norm_kind(module: torch.nn.Module, kind: str, gain: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     name: str) -> None:
+    """The norm's output is (its input, centred for a LayerNorm) times the gain the registry's kind gives (w or
+    1 + w, read from the file), up to one positive scale per token and the bias."""
+    bias = getattr(module, "bias", None)
+    z = (y.reshape(-1, D).double() - (bias.detach().double() if isinstance(bias, torch.Tensor) else 0.0))
+    z = z / gain.double()
+    ref = x.reshape(-1, D).double()
+    if kind.startswith("layernorm"):
+        ref = ref - ref.mean(dim=-1, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(z, ref, dim=-1)
+    assert bool((cos > 1 - 1e-6).all()), f"{name} is not a {kind} norm with the stored gain (cos {cos.min():.6f})"
 
 
 def test_unknown_attention_layout_is_a_clear_gap(tmp_path) -> None:
