@@ -144,6 +144,14 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
             assert torch.equal(run["layer_in"], run["attn_in"]), "attention does not read the raw residual"
         parallel = torch.equal(run["mlp_in"], run["layer_in"])
         assert parallel == lay.parallel, f"registry says parallel={lay.parallel}, transformers does the opposite"
+        residual_mid = mlp_spec.pre_norm is None or mlp_spec.pre_norm.weight is not None  # mlp_in is the stream
+        if residual_mid and not lay.parallel:  # what the heads add to it: their output, through post_norm if any
+            write = run["post_norm_out"] if "post_norm_out" in run else run["attn_out"]
+            if "attn_in_residual" in run:
+                write = write - run["attn_in_residual"]
+            added = (run["mlp_in"] - run["layer_in"]).reshape(-1).double()
+            cos = torch.nn.functional.cosine_similarity(added, write.reshape(-1).double(), dim=0)
+            assert cos > 1 - 1e-5, f"the residual stream does not gain the (post-normed) attention output ({cos:.6f})"
         if "final_norm_out" in run:
             assert torch.equal(run["final_norm_out"], run["unembed_in"]), "final_norm does not feed the unembedding"
         if "post_norm_in" in run:
