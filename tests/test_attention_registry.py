@@ -117,8 +117,9 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
     if mlp_spec.pre_norm is not None and mlp_spec.pre_norm.weight is not None:
         hooks.append(_capture(modules[tensor_key(mlp_spec.pre_norm.weight, 0).removesuffix(".weight")], store,
                               "mlp_in"))
-    else:
-        hooks.append(_capture(modules[tensor_key(mlp_spec.out.key, 0).rsplit(".", 2)[0]], store, "mlp_in"))
+    else:  # the layer's child that holds the MLP (``mlp`` also for experts: FlexOlmo's are fused in memory)
+        mlp_module = f"{layer}.{tensor_key(mlp_spec.out.key, 0)[len(layer) + 1:].split('.')[0]}"
+        hooks.append(_capture(modules[mlp_module], store, "mlp_in"))
     if "final_norm" in norms:
         unembed = next(k for k in (*lay.unembed, "lm_head.weight") if k.removesuffix(".weight") in modules)
         hooks.append(_capture(modules[unembed.removesuffix(".weight")], store, "unembed_in"))
