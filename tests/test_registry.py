@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from mmdetect.cli import main
 from mmdetect.io.checkpoint import open_checkpoint
 from mmdetect.registry import HERE, NormSpec, Proj, RegistryError, load_registry, parse_family, tensor_key
+from mmdetect.registry.loader import find_family, refusal
 from mmdetect.registry.resolve import Rebase, resolve_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -103,6 +104,32 @@ def test_the_shipped_files_load_through_the_same_loader(tmp_path: Path) -> None:
     (tmp_path / "gpt2.yaml").write_text(text)
     with pytest.raises(RegistryError, match=r"^gpt2.yaml: attention: unknown key 'qvk'"):
         load_registry.__wrapped__(str(tmp_path))
+
+
+def test_a_lookup_parses_only_the_file_it_needs(tmp_path: Path) -> None:
+    """find_family (the scan's lookup) reads every file's head but validates only the file it returns."""
+    for src in HERE.glob("*.yaml"):
+        (tmp_path / src.name).write_text(src.read_text())
+    text = (tmp_path / "gpt2.yaml").read_text().replace("  qkv:\n", "  qvk:\n", 1)
+    (tmp_path / "gpt2.yaml").write_text(text)
+    toy = doc(model_types=["toy"])
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({k: toy[k] for k in ("mlps", "family", "attention",
+                                                                         "model_types")}, sort_keys=False))
+    llama = find_family("llama", directory=str(tmp_path))
+    assert llama is not None and llama.family == "llama" and "mistral" in llama.model_types
+    found = find_family("toy", directory=str(tmp_path))          # model_types after mlps: the file is read whole
+    assert found is not None and found.family == "toy"
+    assert find_family("no_such_type", directory=str(tmp_path)) is None
+    assert refusal("zamba", directory=str(tmp_path)) == ("the MLPs live in one shared, tied transformer block, not in "
+                                                         "the layer stack")
+    with pytest.raises(RegistryError, match=r"^gpt2.yaml: attention: unknown key 'qvk'"):
+        find_family("gpt2", directory=str(tmp_path))
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    (dup / "llama.yaml").write_text((HERE / "llama.yaml").read_text())
+    (dup / "twice.yaml").write_text("family: twice\nmodel_types: [llama]\nmlps: []\n")
+    with pytest.raises(RegistryError, match="^twice.yaml: model type 'llama' is also in llama.yaml"):
+        find_family("llama", directory=str(dup))
 
 
 # -- the variant rule -------------------------------------------------------------------------------------------------
@@ -285,7 +312,7 @@ def test_import_survey_recomposes_every_generated_file_unchanged() -> None:
     checked = 0
     for path in sorted(HERE.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        if not import_survey._generated(path) or "refuse" in data:
+        if not import_survey.is_generated(path) or "refuse" in data:
             continue
         mlp_variants = [{"when": v["when"], "mlps": v["mlps"]} for v in data.get("variants", []) if "mlps" in v]
         sections = import_survey.compose(data["family"], data["model_types"], import_survey.programs(data),

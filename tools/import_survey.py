@@ -201,7 +201,7 @@ def main(path: str, out: Path = HERE) -> None:
         fam["model_types"].append(model_type)
         if spec["note"]:
             fam["notes"][model_type] = spec["note"]
-    old = {p: yaml.safe_load(p.read_text()) for p in sorted(out.glob("*.yaml")) if _generated(p)}
+    old = {p: yaml.safe_load(p.read_text()) for p in sorted(out.glob("*.yaml")) if is_generated(p)}
     kept: dict[str, dict] = {}
     for doc in old.values():
         if "refuse" not in doc:
@@ -227,7 +227,7 @@ def main(path: str, out: Path = HERE) -> None:
     print(f"{len(families)} families, {len(base)} model types, {len(refused)} refused")
 
 
-def _generated(path: Path) -> bool:
+def is_generated(path: Path) -> bool:
     return path.stem not in HAND_WRITTEN and not path.stem.startswith("gguf_")
 
 

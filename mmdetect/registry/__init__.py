@@ -15,25 +15,11 @@ variant applies, in file order). ``docs/architectures.md`` documents every field
 """
 from __future__ import annotations
 
-from mmdetect.registry.loader import HERE, load_registry, parse_family
-from mmdetect.registry.schema import (
-                                      EXPERT_KINDS,
-                                      FORMATS,
-                                      NORM_KINDS,
-                                      AttentionLayout,
-                                      Family,
-                                      MLPSpec,
-                                      NormSpec,
-                                      Proj,
-                                      Registry,
-                                      RegistryError,
-                                      Resolved,
-                                      TensorSpec,
-                                      Variant,
-                                      key_pattern,
-                                      tensor_key,
-)
+from mmdetect.registry.loader import HERE, find_family, load_registry, parse_family
+from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, AttentionLayout, Family, MLPSpec, NormSpec,
+                                      Proj, Registry, RegistryError, Resolved, TensorSpec, Variant, key_pattern,
+                                      tensor_key)
 
 __all__ = ["EXPERT_KINDS", "FORMATS", "HERE", "NORM_KINDS", "AttentionLayout", "Family", "MLPSpec", "NormSpec", "Proj",
-           "Registry", "RegistryError", "Resolved", "TensorSpec", "Variant", "key_pattern", "load_registry",
-           "parse_family", "tensor_key"]
+           "Registry", "RegistryError", "Resolved", "TensorSpec", "Variant", "find_family", "key_pattern",
+           "load_registry", "parse_family", "tensor_key"]

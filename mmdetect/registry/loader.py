@@ -5,27 +5,19 @@ Every mapping is checked against the keys it may hold, so a typo is an error nam
 parsing, every model type of a file is resolved once with each variant, so a variant that leaves an incomplete
 attention layout fails here, not in the middle of ``mmdetect heads``. The format is described in
 ``docs/architectures.md``.
+
+:func:`load_registry` validates every file (``archs``, tests, the import tool); :func:`find_family`, the lookup a scan
+makes, reads only each file's head and then parses the one file it needs.
 """
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
-from mmdetect.registry.schema import (
-    EXPERT_KINDS,
-    FORMATS,
-    NORM_KINDS,
-    PARTS,
-    Family,
-    MLPSpec,
-    NormSpec,
-    Proj,
-    Registry,
-    RegistryError,
-    TensorSpec,
-    Variant,
-)
+from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, PARTS, Family, MLPSpec, NormSpec, Proj,
+                                      Registry, RegistryError, TensorSpec, Variant)
 
 HERE = Path(__file__).parent / "families"
 TOP = {"family", "format", "model_types", "mlps", "attention", "embedding", "defaults", "variants", "notes"}
@@ -259,21 +251,22 @@ def _check_resolves(family: Family) -> None:
                 raise RegistryError(f"{exc} (model type {model_type!r}, config {config})") from None
 
 
+def _yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 @functools.cache
 def load_registry(directory: str | None = None) -> Registry:
     """Read and validate every family file (cached: the files ship with the package)."""
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     families: list[Family] = []
     refused: dict[str, str] = {}
     seen: dict[tuple[str, str], str] = {}
     for path in sorted(Path(directory or HERE).glob("*.yaml")):
-        with open(path) as fh:
-            data = yaml.load(fh, Loader=loader)
-        if isinstance(data, dict) and "refuse" in data:  # model types whose MLPs are not supported, with the reason
-            _mapping(f"{path.name}:", data, {"family", "refuse"}, {"refuse"})
-            refused.update(data["refuse"])
+        data = _yaml(path.read_text())
+        if isinstance(data, dict) and "refuse" in data:
+            refused.update(_refusals(path.name, data))
             continue
         fam = parse_family(data, path.name)
         for t in fam.model_types:
@@ -282,3 +275,60 @@ def load_registry(directory: str | None = None) -> Registry:
             seen[(fam.format, t)] = path.name
         families.append(fam)
     return Registry(tuple(families), refused)
+
+
+def _refusals(name: str, data: Any) -> dict[str, str]:
+    """Model types whose MLPs are not supported, with the reason (``unsupported.yaml``)."""
+    _mapping(f"{name}:", data, {"family", "refuse"}, {"refuse"})
+    if not isinstance(data["refuse"], dict):
+        raise _fail(f"{name}: refuse", "must map model types to reasons")
+    return {str(k): str(v) for k, v in data["refuse"].items()}
+
+
+# -- one family at a time (what a scan needs) ------------------------------------------------------------------------
+
+# The first top-level key after a file's head (family, format, model_types): mlps, attention, refuse, ...
+HEAD_END = re.compile(r"^(?!(?:family|format|model_types)\s*:)[A-Za-z_][\w-]*\s*:", re.MULTILINE)
+
+
+@functools.cache
+def _index(directory: str) -> tuple[dict[tuple[str, str], Path], dict[str, str]]:
+    """(format, model type) -> its file, read from the head of each file only, and the refusals.
+
+    A scan needs one family: parsing only the heads (and then that one file) keeps start-up from growing with the
+    registry. A file whose head does not list ``model_types`` is read whole.
+    """
+    where: dict[tuple[str, str], Path] = {}
+    refused: dict[str, str] = {}
+    for path in sorted(Path(directory).glob("*.yaml")):
+        text = path.read_text()
+        end = HEAD_END.search(text)
+        head = _yaml(text[: end.start()]) if end else None
+        if not isinstance(head, dict) or "model_types" not in head:
+            head = _yaml(text)
+            if isinstance(head, dict) and "refuse" in head:
+                refused.update(_refusals(path.name, head))
+                continue
+        _mapping(f"{path.name}:", head, TOP, {"model_types"})
+        fmt = str(head.get("format", "safetensors"))
+        for t in _names(f"{path.name}: model_types", head["model_types"], "model types"):
+            if (fmt, t) in where:
+                raise RegistryError(f"{path.name}: model type {t!r} is also in {where[(fmt, t)].name}")
+            where[(fmt, t)] = path
+    return where, refused
+
+
+@functools.cache
+def _load_file(path: Path) -> Family:
+    return parse_family(_yaml(path.read_text()), path.name)
+
+
+def find_family(model_type: str, fmt: str = "safetensors", directory: str | None = None) -> Family | None:
+    """The validated family listing ``model_type`` in format ``fmt``, parsing only that file; None when none does."""
+    path = _index(str(directory or HERE))[0].get((fmt, model_type))
+    return None if path is None else _load_file(path)
+
+
+def refusal(model_type: str, directory: str | None = None) -> str | None:
+    """Why ``model_type``'s MLPs are not supported, or None."""
+    return _index(str(directory or HERE))[1].get(model_type)

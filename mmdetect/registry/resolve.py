@@ -14,17 +14,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mmdetect.errors import MMDetectError, warn
-from mmdetect.registry.loader import load_registry
-from mmdetect.registry.schema import (
-    AttentionLayout,
-    Family,
-    MLPSpec,
-    NormSpec,
-    Proj,
-    TensorSpec,
-    key_pattern,
-    tensor_key,
-)
+from mmdetect.registry.loader import find_family, load_registry, refusal
+from mmdetect.registry.schema import (AttentionLayout, Family, MLPSpec, NormSpec, Proj, TensorSpec, key_pattern,
+                                      tensor_key)
 
 if TYPE_CHECKING:
     from mmdetect.io.checkpoint import Checkpoint
@@ -35,17 +27,17 @@ Located = dict[int, list[tuple[MLPSpec, "list[int] | None"]]]
 
 def resolve_family(ckpt: Checkpoint) -> Family:
     """The registry family for this checkpoint, or a header-based heuristic one (with a warning), or an error."""
-    registry = load_registry()
     fmt = ckpt.registry_format
     types = [ckpt.model_type]
     text_cfg = ckpt.config.get("text_config")
     if isinstance(text_cfg, dict) and text_cfg.get("model_type"):
         types.append(str(text_cfg["model_type"]))
     for model_type in types:
-        if model_type in registry.refused:
-            raise MMDetectError(f"model type {model_type!r} is not supported: {registry.refused[model_type]}")
+        reason = refusal(model_type)
+        if reason is not None:
+            raise MMDetectError(f"model type {model_type!r} is not supported: {reason}")
     for model_type in types:
-        family = registry.lookup(model_type, fmt)
+        family = find_family(model_type, fmt)
         if family is not None:
             if model_type != ckpt.model_type and isinstance(text_cfg, dict):  # multimodal wrapper: its text model
                 ckpt.config = {**ckpt.config, **text_cfg, "model_type": model_type}
@@ -179,13 +171,14 @@ def resolve_attention(ckpt: Checkpoint, layer: int = 0) -> tuple[AttentionLayout
 
     ``layer`` is a layer the checkpoint should hold (the first one with an MLP): its output projection must exist.
     """
-    registry = load_registry()
     fmt, model_type = ckpt.registry_format, ckpt.model_type
     kind = "GGUF architecture" if fmt == "gguf" else "model type"
-    if model_type in registry.refused:
-        return None, f"{kind} {model_type!r} is not supported: {registry.refused[model_type]}"
-    family = registry.lookup(model_type, fmt)
+    reason = refusal(model_type)
+    if reason is not None:
+        return None, f"{kind} {model_type!r} is not supported: {reason}"
+    family = find_family(model_type, fmt)
     if family is None:
+        registry = load_registry()
         with_heads = [t for t in registry.model_types(fmt) if registry_has_heads(registry.lookup(t, fmt), t)]
         return None, (f"the attention layout of {kind} {model_type!r} is not yet supported (supported: "
                       f"{', '.join(with_heads)}); add it to a registry file (docs/architectures.md)")
