@@ -116,30 +116,15 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
 @click.option("--gguf", is_flag=True, help="List GGUF architectures instead of Hugging Face model types.")
 @debug_option
 def archs(fmt: str, gguf: bool) -> None:
-    """List the model types the registry supports, with their MLP layout."""
-    from mmdetect.registry import load_registry
+    """List the model types the registry supports, with their MLP layout and whether attention heads are available."""
+    from mmdetect.registry.catalog import archs_rows, refused
 
-    registry = load_registry()
-    want = "gguf" if gguf else "safetensors"
-    rows = []
-    for fam in registry.families:
-        if fam.format != want:
-            continue
-        for model_type in fam.model_types:
-            for spec in fam.mlps:
-                rows.append({
-                    "model_type": model_type, "family": fam.family, "mlp": spec.name,
-                    "gated": spec.gated, "experts": spec.experts,
-                    "tensors": ", ".join(f"{role}={ts.key.split('{i}.')[-1]}" for role, ts in spec.tensors().items()),
-                    "pre_norm": spec.pre_norm.kind if spec.pre_norm else "none",
-                    "post_norm": spec.post_norm.kind if spec.post_norm else "",
-                    "variants": len(fam.variants),
-                })
-    rows.sort(key=lambda r: (r["model_type"], r["mlp"]))
+    rows = archs_rows("gguf" if gguf else "safetensors")
+    unsupported = refused()
     if fmt == "json":
         from mmdetect.report import write_document
 
-        write_document({"supported": rows, "unsupported": registry.refused})
+        write_document({"supported": rows, "unsupported": unsupported})
     elif fmt == "csv":
         from mmdetect.report import write
 
@@ -149,18 +134,24 @@ def archs(fmt: str, gguf: bool) -> None:
         from rich.table import Table
 
         types = sorted({r["model_type"] for r in rows})
+        with_heads = sorted({r["model_type"] for r in rows if r["heads"]})
         table = Table(title=f"{len(types)} supported {'GGUF architectures' if gguf else 'model types'}",
                       title_justify="left", header_style="bold")
-        for col in ("model_type", "mlp", "gated", "experts", "pre_norm", "post_norm", "tensors"):
+        for col in ("model_type", "mlp", "gated", "experts", "pre_norm", "post_norm", "tensors", "heads"):
             table.add_column(col)
+        shown = set()
         for r in rows:
+            heads = "" if r["model_type"] in shown else "yes" if r["heads"] else f"no: {r['heads_reason']}"
+            shown.add(r["model_type"])
             table.add_row(r["model_type"], r["mlp"], "yes" if r["gated"] else "", r["experts"], r["pre_norm"],
-                          r["post_norm"], r["tensors"])
+                          r["post_norm"], r["tensors"], heads)
         console = Console()
         console.print(table)
-        if not gguf and registry.refused:
+        console.print(f"[bold]Attention heads:[/bold] {len(with_heads)} of {len(types)} have an attention layout; "
+                      f"the heads column gives the reason for the others.")
+        if not gguf and unsupported:
             console.print("[bold]Known but unsupported:[/bold] " + "; ".join(
-                f"{k} ({v})" for k, v in sorted(registry.refused.items())))
+                f"{k} ({v})" for k, v in sorted(unsupported.items())))
 
 
 @main.command(epilog=_example("mmdetect sweep configs/examples/tiny-local.yaml --output-dir sweep-out",

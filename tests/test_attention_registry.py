@@ -1,6 +1,7 @@
 """The attention registry against transformers' own modelling code, one tiny random model per layout.
 
-For every safetensors model type in ``architectures/attention.yaml`` (and the config variants that change the layout):
+For every safetensors model type with an attention layout in the registry (``mmdetect/registry/families/*.yaml``, and
+the config variants that change the layout):
 build the model from its config class with random weights (norm gains and biases included), save it, and check
 
 * the OV circuit: on one-token inputs (softmax = 1) the attention module's output difference equals
@@ -23,8 +24,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from mmdetect.registry.attention import load_attention_registry  # noqa: E402
 from mmdetect.analysis.circuit import open_circuit  # noqa: E402
+from mmdetect.registry import load_registry, tensor_key  # noqa: E402
+from mmdetect.registry.resolve import registry_has_heads  # noqa: E402
 
 D, HEADS, KV, HEAD_DIM = 64, 4, 2, 16
 SIZES = {
@@ -45,7 +47,8 @@ VARIANTS = [
     ("gpt_neox", {"use_parallel_residual": False}), ("stablelm", {"use_parallel_residual": True}),
     ("opt", {"do_layer_norm_before": False}),
 ]
-CASES = [(t, {}) for t in load_attention_registry().model_types("safetensors")] + VARIANTS
+WITH_HEADS = [t for t in load_registry().model_types("safetensors") if registry_has_heads(load_registry().lookup(t), t)]
+CASES = [(t, {}) for t in WITH_HEADS] + VARIANTS
 
 
 def build(model_type: str, extra: dict) -> torch.nn.Module:
@@ -95,28 +98,29 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
     with open_circuit(str(tmp_path), raw=True) as circuit:
         lay = circuit.require_attention()
         heads = circuit.heads(0)
-        circuit_folded = open_circuit(str(tmp_path))
-        circuit_folded.heads(0)  # the gains exist and fit
-        circuit_folded.close()
+        with open_circuit(str(tmp_path)) as folded:
+            folded.heads(0)  # the gains exist and fit
+            norms = {name: (norm, folded.gain(norm, 0, D)) for name, norm in
+                     (("pre_norm", lay.pre_norm), ("post_norm", lay.post_norm), ("final_norm", lay.final_norm))
+                     if norm is not None and norm.weight is not None}
         mlp_spec = circuit.located[min(circuit.located)][0][0]
         assert lay.embed in circuit.ckpt and circuit.ckpt.tensors[lay.embed].shape[-1] == D
-    o_module = lay.o.key.replace("{i}", "0").removesuffix(".weight")
+    o_module = tensor_key(lay.o.key, 0).removesuffix(".weight")
     attn = o_module.rsplit(".", 1)[0]
     layer = lay.o.key.split("{i}")[0] + "0"
     store: dict = {}
     hooks = [_capture(modules[attn], store, "attn_in"), _capture(modules[attn], store, "attn_out", output=True),
              _capture(modules[layer], store, "layer_in")]
-    if lay.pre_norm is not None and lay.pre_norm.weight is not None:
-        hooks.append(_capture(modules[lay.pre_norm.weight.replace("{i}", "0").removesuffix(".weight")], store,
-                              "pre_norm_out", output=True))
+    for name, (norm, _) in norms.items():
+        module = modules[tensor_key(str(norm.weight), 0).removesuffix(".weight")]
+        hooks += [_capture(module, store, f"{name}_in"), _capture(module, store, f"{name}_out", output=True)]
     if mlp_spec.pre_norm is not None and mlp_spec.pre_norm.weight is not None:
-        hooks.append(_capture(modules[mlp_spec.pre_norm.weight.replace("{i}", "0").removesuffix(".weight")], store,
+        hooks.append(_capture(modules[tensor_key(mlp_spec.pre_norm.weight, 0).removesuffix(".weight")], store,
                               "mlp_in"))
-    else:
-        hooks.append(_capture(modules[mlp_spec.out.key.replace("{i}", "0").rsplit(".", 2)[0]], store, "mlp_in"))
-    if lay.final_norm is not None and lay.final_norm.weight is not None:
-        hooks.append(_capture(modules[lay.final_norm.weight.removesuffix(".weight")], store, "final_out",
-                              output=True))
+    else:  # the layer's child that holds the MLP (``mlp`` also for experts: FlexOlmo's are fused in memory)
+        mlp_module = f"{layer}.{tensor_key(mlp_spec.out.key, 0)[len(layer) + 1:].split('.')[0]}"
+        hooks.append(_capture(modules[mlp_module], store, "mlp_in"))
+    if "final_norm" in norms:
         unembed = next(k for k in (*lay.unembed, "lm_head.weight") if k.removesuffix(".weight") in modules)
         hooks.append(_capture(modules[unembed.removesuffix(".weight")], store, "unembed_in"))
     runs = []
@@ -141,8 +145,35 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
             assert torch.equal(run["layer_in"], run["attn_in"]), "attention does not read the raw residual"
         parallel = torch.equal(run["mlp_in"], run["layer_in"])
         assert parallel == lay.parallel, f"registry says parallel={lay.parallel}, transformers does the opposite"
-        if "final_out" in run:
-            assert torch.equal(run["final_out"], run["unembed_in"]), "final_norm does not feed the unembedding"
+        residual_mid = mlp_spec.pre_norm is None or mlp_spec.pre_norm.weight is not None  # mlp_in is the stream
+        if residual_mid and not lay.parallel:  # what the heads add to it: their output, through post_norm if any
+            write = run["post_norm_out"] if "post_norm_out" in run else run["attn_out"]
+            if "attn_in_residual" in run:
+                write = write - run["attn_in_residual"]
+            added = (run["mlp_in"] - run["layer_in"]).reshape(-1).double()
+            cos = torch.nn.functional.cosine_similarity(added, write.reshape(-1).double(), dim=0)
+            assert cos > 1 - 1e-5, f"the residual stream does not gain the (post-normed) attention output ({cos:.6f})"
+        if "final_norm_out" in run:
+            assert torch.equal(run["final_norm_out"], run["unembed_in"]), "final_norm does not feed the unembedding"
+        if "post_norm_in" in run:
+            assert torch.equal(run["post_norm_in"], run["attn_out"]), "post_norm does not read the attention output"
+        for name, (norm, gain) in norms.items():
+            _check_norm_kind(modules[tensor_key(str(norm.weight), 0).removesuffix(".weight")], norm.kind, gain,
+                             run[f"{name}_in"], run[f"{name}_out"], name)
+
+
+def _check_norm_kind(module: torch.nn.Module, kind: str, gain: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     name: str) -> None:
+    """The norm's output is (its input, centred for a LayerNorm) times the gain the registry's kind gives (w or
+    1 + w, read from the file), up to one positive scale per token and the bias."""
+    bias = getattr(module, "bias", None)
+    z = (y.reshape(-1, D).double() - (bias.detach().double() if isinstance(bias, torch.Tensor) else 0.0))
+    z = z / gain.double()
+    ref = x.reshape(-1, D).double()
+    if kind.startswith("layernorm"):
+        ref = ref - ref.mean(dim=-1, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(z, ref, dim=-1)
+    assert bool((cos > 1 - 1e-6).all()), f"{name} is not a {kind} norm with the stored gain (cos {cos.min():.6f})"
 
 
 def test_unknown_attention_layout_is_a_clear_gap(tmp_path) -> None:

@@ -15,23 +15,19 @@ Nothing here builds the model; tensors are read one at a time as in ``scan``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
 import torch
 
-from mmdetect.registry import MLPSpec, NormSpec
-from mmdetect.registry.attention import AttentionLayout, Proj, load_attention_registry
+from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
+from mmdetect.registry.resolve import resolve_attention
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.errors import MMDetectError
 from mmdetect.convention import fold
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
-
-
-def _key(template: str, layer: int) -> str:
-    return template.replace("{i}", str(layer))
 
 
 @dataclass
@@ -96,62 +92,10 @@ class Circuit:
 
     # -- layouts ---------------------------------------------------------------------------------------------------
     def _resolve_attention(self) -> tuple[AttentionLayout | None, str | None]:
-        registry = load_attention_registry()
-        fmt = self.ckpt.registry_format
-        model_type = self.ckpt.model_type
-        if model_type in registry.refused:
-            return None, f"attention of model type {model_type!r} is not supported: {registry.refused[model_type]}"
-        layout = registry.lookup(model_type, fmt)
-        if layout is None:
-            kind = "GGUF architecture" if fmt == "gguf" else "model type"
-            return None, (f"the attention layout of {kind} {model_type!r} is not yet supported (supported: "
-                          f"{', '.join(registry.model_types(fmt))}); add it to architectures/attention.yaml")
-        layout = self._rebase(layout.for_config(self.ckpt.config))
-        if _key(layout.o.key, self.layers_hint()) not in self.ckpt:
-            return None, (f"no attention tensors of the {layout.family!r} layout (e.g. {_key(layout.o.key, 0)}) are in"
-                          f" {self.ckpt.ref}: the checkpoint does not match the attention registry")
-        if layout.n_heads(self.ckpt.config) is None:
-            return None, (f"config of {self.ckpt.ref} names none of {', '.join(layout.heads)}, so the number of "
-                          f"attention heads is unknown")
-        return layout, None
+        return resolve_attention(self.ckpt, self.layers_hint())
 
     def layers_hint(self) -> int:
         return min(self.located) if self.located else 0
-
-    def _rebase(self, layout: AttentionLayout) -> AttentionLayout:
-        """Move every key under the prefix the checkpoint actually uses (``h.`` for ``transformer.h.``, a multimodal
-        wrapper's ``model.language_model.layers.``), found from the output projection's key."""
-        keys = list(self.ckpt.tensors)
-        probe = layout.o.key
-        head, tail = probe.split("{i}", 1)
-        if any(re.fullmatch(re.escape(head) + r"\d+" + re.escape(tail), k) for k in keys):
-            return layout
-        stack = head.rstrip(".").split(".")[-1]
-        prefixes = {m.group(1) for k in keys
-                    if (m := re.match(rf"^(.*?\b{re.escape(stack)}\.)\d+" + re.escape(tail) + "$", k))}
-        if len(prefixes) != 1:
-            return layout
-        new_head = prefixes.pop()
-        old_root, new_root = head[: len(head) - len(stack) - 1], new_head[: len(new_head) - len(stack) - 1]
-
-        def move(key: str | None) -> str | None:
-            if key is None:
-                return None
-            if key.startswith(head):
-                return new_head + key[len(head):]
-            return new_root + key[len(old_root):] if key.startswith(old_root) else key
-
-        def norm(ns: NormSpec | None) -> NormSpec | None:
-            return None if ns is None else replace(ns, weight=move(ns.weight))
-
-        def proj(p: Proj | None) -> Proj | None:
-            return None if p is None else replace(p, key=move(p.key))
-
-        return replace(layout, q=proj(layout.q), k=proj(layout.k), v=proj(layout.v), qkv=proj(layout.qkv),
-                       o=proj(layout.o), pre_norm=norm(layout.pre_norm), post_norm=norm(layout.post_norm),
-                       embed=move(layout.embed), embed_norm=norm(layout.embed_norm),
-                       unembed=tuple(move(k) for k in layout.unembed),
-                       final_norm=norm(layout.final_norm))
 
     def require_attention(self) -> AttentionLayout:
         if self.attention is None:
@@ -198,7 +142,7 @@ class Circuit:
 
     def _canonical(self, proj: Proj, layer: int) -> torch.Tensor:
         """The projection with heads x head_dim on axis 0: [rows, d] float32."""
-        key = _key(proj.key, layer)
+        key = tensor_key(proj.key, layer)
         if key not in self.ckpt:
             raise MMDetectError(f"tensor {key!r} is missing from {self.ckpt.ref}: the checkpoint does not match the "
                                 f"attention layout for {self.ckpt.model_type!r}")

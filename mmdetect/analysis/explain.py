@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdetect.registry import MLPSpec
+from mmdetect.registry import MLPSpec, tensor_key
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Corpus, Vocab, load_corpus, load_vocab
 from mmdetect.errors import MMDetectError, warn
@@ -310,10 +310,6 @@ def _module(modules: dict[str, Any], key: str) -> Any:
     return None
 
 
-def _key(template: str, layer: int, expert: int | None) -> str:
-    return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
-
-
 class Probe:
     """Forward hooks that record, for each target and each token: activation a (canonical sign), the residual's
     component c along r̂ at the MLP input, and the post-norm scale s (1 without a post-norm)."""
@@ -343,17 +339,17 @@ class Probe:
         if spec.experts in ("fused", "stacked") or (spec.experts == "indexed"):
             return ("routed experts run on a router-chosen subset of tokens; activation evidence covers dense MLPs "
                     "and shared experts", None, None, False)
-        down = _module(modules, _key(spec.out.key, target.layer, None))
+        down = _module(modules, tensor_key(spec.out.key, target.layer, None))
         if down is None:
-            return (f"no module holds {_key(spec.out.key, target.layer, None)} in the transformers model", None,
+            return (f"no module holds {tensor_key(spec.out.key, target.layer, None)} in the transformers model", None,
                     None, False)
         if spec.pre_norm is None:
-            resid = _module(modules, _key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight")
+            resid = _module(modules, tensor_key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight")
         elif spec.pre_norm.weight is None:
             return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
                     None, False)
         else:
-            resid = _module(modules, _key(spec.pre_norm.weight, target.layer, None))
+            resid = _module(modules, tensor_key(spec.pre_norm.weight, target.layer, None))
         if resid is None:
             return ("the module feeding this MLP was not found in the transformers model", None, None, False)
         return None, down, resid, spec.post_norm is not None

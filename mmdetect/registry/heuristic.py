@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mmdetect.registry import Family, MLPSpec, NormSpec, TensorSpec
 from mmdetect.io.checkpoint import Checkpoint
+from mmdetect.registry.schema import Family, MLPSpec, NormSpec, TensorSpec, tensor_key
 
 IN_NAMES = re.compile(r"(gate|up|fc1|c_fc|fc_in|w1|w3|wi|h_to_4h|intermediate|input_linear|ffn_in)")
 GATE_NAMES = re.compile(r"(gate|w1\b|wi_0|c_fc_0|w_0)")
@@ -35,16 +35,17 @@ def hidden_size(config: dict) -> int | None:
 
 def guess_family(ckpt: Checkpoint) -> Family | None:
     d = hidden_size(ckpt.config)
-    stacks = Counter()
+    stacks: Counter[str] = Counter()
     for key in ckpt.tensors:
-        m = re.match(r"^(.*?\.)(\d+)\.", key)
-        if m:
-            stacks[m.group(1)] += 1
+        hit = re.match(r"^(.*?\.)(\d+)\.", key)
+        if hit:
+            stacks[hit.group(1)] += 1
     if d is None or not stacks:
         return None
     prefix = stacks.most_common(1)[0][0]
     block = {k[len(prefix) + 2:]: info for k, info in ckpt.tensors.items() if k.startswith(f"{prefix}0.")}
-    ins, outs = [], []
+    ins: list[tuple[str, int, int]] = []   # (name in the block, width of the non-d axis, that axis)
+    outs: list[tuple[str, int, int]] = []
     for name, info in block.items():
         shape = info.shape
         if len(shape) != 2 or shape.count(d) != 1 or SKIP_NAMES.search(name) or not name.endswith("weight"):
@@ -58,7 +59,7 @@ def guess_family(ckpt: Checkpoint) -> Family | None:
     for out_name, m, out_axis in outs:
         same = [t for t in ins if t[1] == m]
         fused = [t for t in ins if t[1] == 2 * m]
-        tensors: dict = {"out": TensorSpec(f"{prefix}{{i}}.{out_name}", out_axis)}
+        tensors: dict[str, TensorSpec] = {"out": TensorSpec(f"{prefix}{{i}}.{out_name}", out_axis)}
         if len(same) == 1:
             tensors["in_"] = TensorSpec(f"{prefix}{{i}}.{same[0][0]}", same[0][2])
             layout = "non-gated"
@@ -75,7 +76,8 @@ def guess_family(ckpt: Checkpoint) -> Family | None:
             continue
         pre = _norm(ckpt, prefix, block, d, PRE_NORM_NAMES) or _norm(ckpt, prefix, block, d, PARALLEL_NORM_NAMES)
         post = _norm(ckpt, prefix, block, d, POST_NORM_NAMES)
-        spec = MLPSpec(name="mlp", pre_norm=pre, post_norm=post, **tensors)
+        spec = MLPSpec(name="mlp", pre_norm=pre, post_norm=post, out=tensors["out"], in_=tensors.get("in_"),
+                       gate=tensors.get("gate"), up=tensors.get("up"), gate_up=tensors.get("gate_up"))
         note = f"{prefix}{{i}}.{out_name}, {layout}, pre-norm {pre.weight if pre else 'none'}"
         return Family(family="heuristic", model_types=(ckpt.model_type,), mlps=(spec,),
                       format=ckpt.registry_format, notes={"heuristic": note}, source="heuristic", heuristic=True)
@@ -88,7 +90,7 @@ def _norm(ckpt: Checkpoint, prefix: str, block: dict, d: int, names: list[str]) 
             if wanted in name and name.endswith("weight") and info.shape == (d,):
                 kind = "layernorm" if name[:-len("weight")] + "bias" in block else "rms"
                 key = f"{prefix}{{i}}.{name}"
-                weight = ckpt.read(key.replace("{i}", "0")).float()
+                weight = ckpt.read(tensor_key(key, 0)).float()
                 # A stored gain centred near 0 with many negative entries is almost certainly used as 1 + w.
                 if kind == "rms" and weight.median().abs() < 0.3 and (weight < 0).float().mean() > 0.2:
                     kind = "rms1p"

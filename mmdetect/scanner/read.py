@@ -14,7 +14,7 @@ import torch
 
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint
-from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
+from mmdetect.registry import MLPSpec, NormSpec, TensorSpec, tensor_key
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -45,13 +45,9 @@ class Block:
         return job.expert
 
 
-def _key(template: str, layer: int, expert: int | None) -> str:
-    return template.replace("{i}", str(layer)).replace("{e}", str(expert if expert is not None else 0))
-
-
 def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
     """The on-disk key and the rows of its first axis that hold this job's neurons."""
-    key = _key(ts.key, job.layer, job.expert)
+    key = tensor_key(ts.key, job.layer, job.expert)
     if key not in ckpt:
         raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does not "
                             f"match the registry layout for {ckpt.model_type!r}")
@@ -74,7 +70,7 @@ def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
         if job.part is not None and ts.axis == 0:
             # Only this part's rows are mapped. (A column-major weight counts whole: the kernel's fault-around maps
             # 64 KiB around every touched page, which covers every row of a typical [d, n] bf16 matrix.)
-            n = ckpt.tensors[_key(ts.key, job.layer, job.expert)].shape[0] // (2 if ts.split else 1)
+            n = ckpt.tensors[tensor_key(ts.key, job.layer, job.expert)].shape[0] // (2 if ts.split else 1)
             nbytes = nbytes * (job.part[1] - job.part[0]) // max(1, n)
         total += nbytes
     return total
@@ -93,10 +89,10 @@ def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
     if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
         return [job]
     out = job.spec.out
-    keys = [_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
+    keys = [tensor_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
     if not all(key in ckpt for key in keys):
         return [job]  # load_block reports the missing tensor
-    shape = ckpt.tensors[_key(out.key, job.layer, job.expert)].shape
+    shape = ckpt.tensors[tensor_key(out.key, job.layer, job.expert)].shape
     if len(shape) != 2:
         return [job]
     n = shape[out.axis]
@@ -141,7 +137,7 @@ def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> to
         return None
     total = None
     for template in norm.weights:
-        key = _key(template, layer, None)
+        key = tensor_key(template, layer, None)
         if key not in ckpt:
             raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
                                 f"registry layout for {ckpt.model_type!r}")
@@ -193,7 +189,7 @@ def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[
             if spec.experts == "indexed":
                 jobs += [Job(layer, spec, e) for e in experts]
             elif spec.experts == "fused":
-                count = ckpt.tensors[_key(spec.out.key, layer, None)].shape[0]
+                count = ckpt.tensors[tensor_key(spec.out.key, layer, None)].shape[0]
                 jobs += [Job(layer, spec, e) for e in range(count)]
             elif spec.experts == "stacked":
                 count = _n_experts(ckpt)
