@@ -81,10 +81,11 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
     df = run_scan(model, revision=revision, threshold=threshold, raw=raw, layers=layers, device=device,
                   progress=progress, as_frame=frame)
     if verify:
-        from mmdetect.analysis.explain import render_verify, verify as run_verify
+        from mmdetect.analysis.verify import verify as run_verify
+        from mmdetect.report.panels import render_verify
 
-        run_verify(df, model, verify, revision=revision, raw=raw, text=text, dataset=dataset, field_name=field_name,
-                   max_tokens=max_tokens, seq_len=seq_len)
+        df = run_verify(df, model, verify, revision=revision, convention="raw" if raw else "folded", text=text,
+                        dataset=dataset, field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
     if not flagged_only:
         rows = df
     elif frame:
@@ -313,13 +314,15 @@ def explain(model: str, layer: int, neuron: int, expert: str | None, revision: s
     import json
 
     from mmdetect import report
-    from mmdetect.analysis.explain import explain as run_explain, render_explain
+    from mmdetect.analysis.explain import explain as run_explain
+    from mmdetect.report.panels import render_explain
     from mmdetect.report.tables import render_to
 
     if output is not None:
         report.check_writable(output)
         fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
-    doc = run_explain(model, layer, neuron, _expert(expert), revision=revision, raw=raw, text=text, dataset=dataset,
+    doc = run_explain(model, layer, neuron, _expert(expert), revision=revision,
+                      convention="raw" if raw else "folded", text=text, dataset=dataset,
                       field_name=field_name, activations=activations, top=top, top_tokens=top_tokens,
                       n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
     if fmt == "json":
@@ -352,12 +355,14 @@ def heads(model: str, revision: str | None, raw: bool, threshold: float, layers:
     copying = sum of Re(eigenvalues) / sum of |eigenvalues| of the d_head x d_head matrix W_V W_O (folded): -1 for a
     head that writes back exactly the negative of what it reads (copy suppression), +1 for a pure copier.
     """
-    from mmdetect.analysis.heads import render, scan_heads
+    from mmdetect.analysis.heads import scan_heads
+    from mmdetect.report.panels import render_heads as render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
     resolve_output(fmt, output)
-    df = scan_heads(model, revision=revision, threshold=threshold, raw=raw, layers=layers, progress=progress)
+    df = scan_heads(model, revision=revision, threshold=threshold, convention="raw" if raw else "folded",
+                    layers=layers, progress=progress)
     rows = df[df["flagged"]].reset_index(drop=True) if flagged_only else df
     rows.attrs = df.attrs
     _table_output(fmt, output, rows, lambda console: render(rows, top=top, console=console), "heads")
@@ -393,12 +398,14 @@ def chains(model: str, revision: str | None, raw: bool, threshold: float, head_t
     Pairs rank by align x erase (align: how much of the deleter's read the writer feeds; erase: -cos(read, write) of
     a neuron, or how exactly a head writes back the negative of that writer's direction).
     """
-    from mmdetect.analysis.chains import find_chains, render
+    from mmdetect.analysis.chains import find_chains
+    from mmdetect.report.panels import render_chains as render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
     resolve_output(fmt, output)
-    df = find_chains(model, revision=revision, raw=raw, threshold=threshold, head_threshold=head_threshold,
+    df = find_chains(model, revision=revision, convention="raw" if raw else "folded", threshold=threshold,
+                     head_threshold=head_threshold,
                      per_deleter=per_deleter, max_deleters=max_deleters, layers=layers, heads=heads)
     _table_output(fmt, output, df, lambda console: render(df, top=top, console=console), "chains")
 

@@ -28,7 +28,9 @@ from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 from mmdetect.cli import main  # noqa: E402
 from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab  # noqa: E402
 from mmdetect.errors import MMDetectError  # noqa: E402
-from mmdetect.analysis.explain import evidence, explain, find_targets  # noqa: E402
+from mmdetect.analysis.evidence import evidence  # noqa: E402
+from mmdetect.analysis.explain import explain  # noqa: E402
+from mmdetect.analysis.targets import find_targets  # noqa: E402
 from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"

@@ -506,7 +506,7 @@ def _scan_one(entry: Entry, out: Path, plots: bool, on_layer: Callable[[int], No
     from mmdetect.scanner import scan_checkpoint
 
     with open_checkpoint(entry.ref, revision=entry.revision) as ckpt:
-        df = scan_checkpoint(ckpt, threshold=entry.threshold, raw=entry.convention == "raw", layers=entry.layers,
+        df = scan_checkpoint(ckpt, threshold=entry.threshold, convention=entry.convention, layers=entry.layers,
                              device=entry.device, progress=False, on_block=lambda b: on_layer(b.job.layer))
         depth = next((ckpt.config[k] for k in LAYER_COUNT_KEYS if isinstance(ckpt.config.get(k), int)), None)
     data = out / entry.data_file
