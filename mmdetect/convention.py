@@ -26,8 +26,9 @@ unembedding           final norm                   the final norm is a LayerNorm
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -203,8 +204,9 @@ def canonical_sign(gate_up: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FoldedMLP:
-    """One MLP's rows in a convention, float32 [n, d]: read r_j, write o_j and gate g_j, already multiplied by
-    ``sign`` [n] (the canonical flip; all +1 when the convention does not flip or the MLP is not gated)."""
+    """One MLP's rows in a convention, float32 [n, d]: read r_j, write o_j and gate g_j. r_j and o_j are already
+    multiplied by ``sign`` [n] (the canonical flip of up and out together; all +1 when the convention does not flip
+    or the MLP is not gated); the gate is never flipped, so g_j . r_j >= 0 after a flip."""
 
     read: torch.Tensor
     write: torch.Tensor
@@ -219,7 +221,7 @@ def fold_mlp(f: MLPFold, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.
     sign = torch.ones(r.shape[0], device=r.device)
     if g is not None and f.flip_sign:
         sign = canonical_sign((g * r).sum(dim=1))
-        r, o, g = r * sign[:, None], o * sign[:, None], g * sign[:, None]
+        r, o = r * sign[:, None], o * sign[:, None]
     return FoldedMLP(r, o, g, sign)
 
 

@@ -24,9 +24,9 @@ import torch
 from mmdetect import __version__
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
-from mmdetect.errors import MMDetectError
 from mmdetect.analysis.writers import TopK, component_label, unit, upstream_writers
 from mmdetect.convention import DEFAULT
+from mmdetect.errors import MMDetectError
 from mmdetect.scanner.neurons import row_cosines
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",

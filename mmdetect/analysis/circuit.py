@@ -18,18 +18,18 @@ the model; tensors are read one at a time as in ``scan``.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Iterator
 
 import torch
 
+from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, embedding_fold, fold,
+                                 fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold, unembedding_fold)
+from mmdetect.errors import MMDetectError
+from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import MLPSpec, NormSpec
 from mmdetect.registry.attention import AttentionLayout, Proj, load_attention_registry
-from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.errors import MMDetectError
-from mmdetect.convention import (DEFAULT, Fold, MLPFold, Rule, actual_write, embedding_fold, fold, fold_mlp, get_convention,
-                                 head_fold, layernorm_model, mlp_fold, unembedding_fold)
 from mmdetect.scanner.read import Block
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
@@ -76,13 +76,13 @@ class Neurons:
     o: torch.Tensor
     g: torch.Tensor | None
     w_write: torch.Tensor
-    sign: torch.Tensor   # [n] +1 or -1: the canonical flip applied to r, o and g (activations flip with it)
+    sign: torch.Tensor   # [n] +1 or -1: the canonical flip applied to r and o (activations flip with it)
 
 
 class Circuit:
     """An open checkpoint with its MLP and attention layouts. Use as a context manager (it closes the checkpoint)."""
 
-    def __init__(self, ckpt: Checkpoint, *, convention: str = DEFAULT, need_mlps: bool = True) -> None:
+    def __init__(self, ckpt: Checkpoint, *, convention: str | Convention = DEFAULT, need_mlps: bool = True) -> None:
         from mmdetect.registry.resolve import locate_mlps, resolve_family
 
         self.ckpt = ckpt
@@ -331,13 +331,14 @@ class Circuit:
         self.close()
 
 
-def open_circuit(model: str, *, revision: str | None = None, convention: str = DEFAULT,
+def open_circuit(model: str, *, revision: str | None = None, convention: str | Convention = DEFAULT,
                  need_mlps: bool = True) -> Circuit:
-    """Open ``model`` (folder, hub id or .gguf) with its MLP and attention layouts, in ``convention``."""
+    """Open ``model`` (folder, hub id or .gguf) with its MLP and attention layouts, in ``convention`` (a name in
+    ``convention.CONVENTIONS``, or a Convention)."""
     conv = get_convention(convention)  # an unknown name fails before the checkpoint is opened
     ckpt = open_checkpoint(model, revision=revision)
     try:
-        return Circuit(ckpt, convention=conv.name, need_mlps=need_mlps)
+        return Circuit(ckpt, convention=conv, need_mlps=need_mlps)
     except BaseException:
         ckpt.close()
         raise

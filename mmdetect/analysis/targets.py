@@ -24,7 +24,7 @@ from mmdetect.scanner.stats import classify, null_band, null_p, null_z
 
 @dataclass
 class Target:
-    """One MLP neuron in the circuit's convention: read r, write o and gate g ([d], canonical sign), actual write
+    """One MLP neuron in the circuit's convention: read r and write o ([d], canonical sign), gate g, actual write
     w_write [d], the canonical flip ``sign`` and the scan kernel's statistics of its row (``stats``, [1] each)."""
 
     layer: int

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mmdetect import __version__
-from mmdetect.convention import DEFAULT, get_convention, mlp_fold
+from mmdetect.convention import DEFAULT, Convention, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
@@ -93,8 +93,8 @@ def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
     return scan_result(ckpt, **options).to_frame()
 
 
-def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str = DEFAULT, layers: Any = None,
-                device: str = "cpu", progress: bool | None = None,
+def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+                layers: Any = None, device: str = "cpu", progress: bool | None = None,
                 on_block: Callable[[BlockResult], None] | None = None) -> ScanResult:
     """Scan an open checkpoint; see ``scan``."""
     if not -1.0 <= threshold <= 1.0:
@@ -145,7 +145,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str = 
     return ScanResult(columns, attrs)
 
 
-def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, convention: str = DEFAULT,
+def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
          raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
          as_frame: bool = True) -> "Any":
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
@@ -157,12 +157,13 @@ def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, co
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
     the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.
     """
+    conv = get_convention(convention)  # an unknown name fails before the checkpoint is opened
     if raw:
-        if get_convention(convention).name not in (DEFAULT, "raw"):
-            raise MMDetectError(f"raw=True contradicts convention={convention!r}: pass one of them")
-        convention = "raw"
+        if conv.name not in (DEFAULT, "raw"):
+            raise MMDetectError(f"raw=True contradicts convention={conv.name!r}: pass one of them")
+        conv = get_convention("raw")
     with open_checkpoint(model, revision=revision) as ckpt:
-        result = scan_result(ckpt, threshold=threshold, convention=convention, layers=layers, device=device,
+        result = scan_result(ckpt, threshold=threshold, convention=conv, layers=layers, device=device,
                              progress=progress)
     return result.to_frame() if as_frame else result
 
