@@ -97,7 +97,8 @@ class Circuit:
             if need_mlps:
                 raise
         if need_mlps and not self.located:
-            raise MMDetectError(f"no MLP tensors of the {self.family.family!r} layout were found in {ckpt.ref}: the "
+            family = self.family.family if self.family is not None else ckpt.model_type
+            raise MMDetectError(f"no MLP tensors of the {family!r} layout were found in {ckpt.ref}: the "
                                 f"checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
         self.attention, self.attention_gap = self._resolve_attention()
 
@@ -220,6 +221,8 @@ class Circuit:
         """Layer ``layer``'s heads: V and O rows [H, dh, d], folded by ``convention.head_fold``."""
         lay = self.require_attention()
         n_heads = lay.n_heads(self.ckpt.config)
+        if n_heads is None:  # _resolve_attention reports this as the attention gap
+            raise MMDetectError(f"the number of attention heads of {self.ckpt.ref} is unknown")
         o = self._canonical(lay.o, layer)                              # [H*dh, d]
         rows, d = o.shape
         if rows % n_heads:
@@ -228,8 +231,10 @@ class Circuit:
         dh = rows // n_heads
         if lay.qkv is not None:
             v = self._split_qkv(lay.qkv, layer, n_heads, dh)            # [KV*dh, d]
-        else:
+        elif lay.v is not None:
             v = self._canonical(lay.v, layer)
+        else:
+            raise MMDetectError(f"the attention layout of {self.ckpt.model_type!r} names neither v nor qkv")
         if v.shape[1] != d or v.shape[0] % dh or n_heads % (v.shape[0] // dh):
             raise MMDetectError(f"layer {layer}: value rows {list(v.shape)} do not fit {n_heads} heads of size {dh} "
                                 f"and d_model {d}; the attention layout for {self.ckpt.model_type!r} does not fit")
@@ -277,26 +282,33 @@ class Circuit:
         for block in iter_blocks(self.ckpt, plan_jobs(self.ckpt, self.located, layers)):
             yield self.neurons(block)
 
+    def embedding_key(self) -> str | None:
+        """The token embedding's tensor name when the checkpoint has it."""
+        lay = self.attention
+        return lay.embed if lay is not None and lay.embed and lay.embed in self.ckpt else None
+
     def has_embedding(self) -> bool:
-        return bool(self.attention is not None and self.attention.embed and self.attention.embed in self.ckpt)
+        return self.embedding_key() is not None
 
     def embedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token id, [c, d] folded write of each token): gain of an embedding norm and centring applied."""
         lay = self.require_attention()
-        if not self.has_embedding():
+        key = self.embedding_key()
+        if key is None:
             raise MMDetectError(f"the token embedding {lay.embed!r} is not in {self.ckpt.ref}")
         conv = self.convention
         f = embedding_fold(conv, lay.embed_norm, self.layernorm_model,
                            self.gain(conv.embed, lay.embed_norm, 0, self.d_model))
-        yield from self._rows(lay.embed, chunk, f)
+        yield from self._rows(key, chunk, f)
 
     def unembedding_key(self) -> str:
         lay = self.require_attention()
         for key in lay.unembed:
             if key in self.ckpt:
                 return key
-        if self.has_embedding():
-            return lay.embed  # tied
+        tied = self.embedding_key()
+        if tied is not None:
+            return tied
         raise MMDetectError(f"{self.ckpt.ref} has neither an unembedding ({', '.join(lay.unembed)}) nor a token "
                             f"embedding to tie it to")
 

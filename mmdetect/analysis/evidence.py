@@ -98,7 +98,7 @@ class Probe:
             return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
                     None, False)
         else:
-            resid = _module(modules, _key(spec.pre_norm.weight, target.layer, None))
+            resid = _module(modules, _key(spec.pre_norm.weights[0], target.layer, None))
         if resid is None:
             return ("the module feeding this MLP was not found in the transformers model", None, None, False)
         return None, down, resid, spec.post_norm is not None
@@ -241,7 +241,7 @@ def evidence(circuit: Circuit, targets: list[Target], corpus: Corpus, vocab: Voc
     probe, where = collect(model, targets, rows)
     bos = vocab.bos_id
     keep = torch.tensor([not (bos is not None and pos == 0 and rows[r][0] == bos) for r, pos in where])
-    out = []
+    out: list[dict[str, Any]] = []
     for t, target in enumerate(targets):
         if t in probe.skipped:
             out.append({"skipped": probe.skipped[t]})

@@ -50,8 +50,9 @@ def vocab_view(circuit: Circuit, target: Target, vocab: Vocab, k: int = TOP) -> 
         return [{"token_id": e["token_id"], "token": vocab.label(e["token_id"]),
                  key: e["value"] - (mean if centre else 0.0)} for e in best.sorted()]
 
+    final_norm = circuit.require_attention().final_norm
     return {"unembedding": circuit.unembedding_key(),
-            "final_norm": circuit.attention.final_norm.weight if circuit.attention.final_norm else None,
+            "final_norm": final_norm.weight if final_norm else None,
             "reads": items(reads, "cos"), "reads_negative": items(against, "cos"),
             "promotes": items(promotes, "logit", True), "suppresses": items(suppresses, "logit", True),
             "logit_mean": mean}
@@ -81,7 +82,7 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
                           "parallel_block": bool(circuit.attention and circuit.attention.parallel), **writers}
         doc["vocab"] = vocab_view(circuit, target, vocab, top) if vocab is not None else None
         doc["tokens"] = vocab.kind if vocab is not None else None
-        if activations:
+        if corpus is not None:  # activations asked for
             try:
                 if vocab is None:
                     vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))

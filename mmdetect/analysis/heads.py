@@ -123,7 +123,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     df.insert(0, "rank", ranks)
     df = df[COLUMNS]
     ckpt = circuit.ckpt
-    lay = circuit.attention
+    lay = circuit.require_attention()
     df.attrs["provenance"] = {
         "tool": "mmdetect", "command": "heads", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
         "format": ckpt.format, "model_type": ckpt.model_type, "attention_family": lay.family,

@@ -132,7 +132,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     order = np.lexsort((rows["neuron"], rows["layer"], np.where(np.isfinite(rows["cos"]), rows["cos"], np.inf)))
     columns = {"rank": np.arange(1, len(order) + 1, dtype=np.int64),
                **{k: rows[k][order] for k in COLUMNS if k != "rank"}}
-    attrs = {"provenance": {
+    attrs: dict[str, Any] = {"provenance": {
         "tool": "mmdetect", "version": __version__, "model": ckpt.ref, "path": str(ckpt.path),
         "format": ckpt.format, "model_type": ckpt.model_type, "family": family.family,
         "heuristic": family.heuristic, "revision": ckpt.revision, "fingerprint": ckpt.fingerprint(),
