@@ -186,10 +186,16 @@ def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
 
 
 def fold(w: torch.Tensor, f: Fold) -> torch.Tensor:
-    """[n, d] (any float dtype, any strides) -> [n, d] float32: times the gain, then centred over d if ``f.centre``."""
-    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    gain = None if f.gain is None else f.gain.to(w.device, torch.float32)
-    fold_into(out, w, Fold(gain, f.centre))
+    """[n, d] (any float dtype, any strides) -> [n, d] float32: times the gain, then centred over d if ``f.centre``.
+
+    The same arithmetic as ``fold_into``, on a new tensor that keeps w's strides (a transposed view stays one), so
+    the mean is reduced in the same order whichever path made it.
+    """
+    out = w.float()
+    if f.gain is not None:
+        out = out * f.gain.to(out.device, torch.float32)
+    if f.centre:
+        out = out - out.mean(dim=1, keepdim=True)
     return out
 
 

@@ -30,6 +30,7 @@ from mmdetect.errors import MMDetectError  # noqa: E402
 from mmdetect.analysis.evidence import evidence  # noqa: E402
 from mmdetect.analysis.explain import explain  # noqa: E402
 from mmdetect.analysis.targets import find_targets  # noqa: E402
+from mmdetect.analysis.verify import VERIFY_COLUMNS, verify  # noqa: E402
 from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -145,6 +146,20 @@ def test_text_and_dataset_sources(planted: str, tmp_path: Path) -> None:
     with pytest.raises(MMDetectError, match="either --text or --dataset"):
         load_corpus(text=str(story), dataset=str(records))
     assert len(default_corpus().documents) > 15
+
+
+def test_verify_returns_a_new_frame_and_leaves_the_scan_alone(planted: str) -> None:
+    import mmdetect
+
+    df = mmdetect.scan(planted)
+    before = df.copy()
+    out = verify(df, planted, 1, max_tokens=512)
+    assert df.equals(before) and list(df.columns) == list(before.columns)
+    assert "verify" not in df.attrs["provenance"]
+    assert list(out.columns) == list(df.columns) + VERIFY_COLUMNS
+    row = out[(out["layer"] == 1) & (out["neuron"] == B)].iloc[0]
+    assert row["deletion"] > 0.8 and row["top_writer"] == f"L0N{A}" and row["writer_score"] > 0.99
+    assert out["top_writer"].notna().sum() == 1 and out.attrs["provenance"]["verify"]["verified"] == 1
 
 
 # -- chains ------------------------------------------------------------------------------------------------------------

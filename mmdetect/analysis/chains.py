@@ -27,7 +27,6 @@ from mmdetect.analysis.corpus import load_vocab
 from mmdetect.analysis.writers import TopK, component_label, unit, upstream_writers
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError
-from mmdetect.scanner.neurons import row_cosines
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
@@ -36,7 +35,7 @@ COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_exp
 def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None) -> list[dict[str, Any]]:
     found = []
     for nb in circuit.iter_neurons(wanted):
-        cos = row_cosines(nb.r, nb.o)                                           # [n], NaN for dead neurons
+        cos = (nb.r * nb.o).sum(1) / (nb.r.norm(dim=1) * nb.o.norm(dim=1))      # [n], NaN for dead neurons
         for j in torch.nonzero(cos <= threshold).flatten().tolist():
             found.append({"layer": nb.layer, "expert": nb.expert_label, "index": j, "cos": float(cos[j]),
                           "r": nb.r[j].clone()})

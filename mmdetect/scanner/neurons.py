@@ -47,12 +47,6 @@ def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Ten
     return torch.where(bad, torch.full_like(cos, float("nan")), cos.clamp(-1.0, 1.0))
 
 
-def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[n, d], [n, d] -> [n] cos(a_j, b_j) in float32, NaN where either row is zero or not finite (as the scan)."""
-    a, b = a.float(), b.float()
-    return _cos((a * b).sum(dim=1), (a * a).sum(dim=1), (b * b).sum(dim=1))
-
-
 def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None = None,
                 fold: MLPFold = PLAIN, *, device: str | torch.device = "cpu",
                 chunk: int | None = None) -> NeuronStats:
