@@ -343,3 +343,22 @@ def test_a_convention_reaches_the_checkpoint_only_through_its_flags(built: dict[
     folded, skew = (scans["llama", c].sort_values(["layer", "neuron"]) for c in ("folded", "skew"))
     np.testing.assert_allclose(np.abs(folded["cos_gate_in"]), np.abs(skew["cos_gate_in"]), atol=1e-7)
     assert (skew["cos_gate_in"] < 0).any() and (folded["cos_gate_in"] >= 0).all()
+
+
+def test_explain_finds_neurons_of_an_mlp_read_in_parts(built: dict[str, Built], scans: dict,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large MLP is read in parts of neurons; a neuron of a later part is found at its own index."""
+    import mmdetect.scanner.read as read
+
+    b = built["llama"]
+    rows = scan_rows(scans["llama", "folded"])
+    monkeypatch.setattr(read, "PART_BYTES", 8 << 10)              # a 160 x 64 float32 MLP in five parts
+    with open_circuit(str(b.folder)) as circuit:
+        jobs = read.plan_jobs(circuit.ckpt, circuit.located, {1})
+        assert len(jobs) > 2 and all(job.part is not None for job in jobs)
+        wanted = [(1, None, j) for j in (0, 50, 159)]
+        stats = [neuron_stats(t) for t in find_targets(circuit, wanted)]
+        with pytest.raises(MMDetectError, match="neuron 160 is out of range: layer 1 has 160 neurons"):
+            find_targets(circuit, [(1, None, 160)])
+    for key, st in zip(wanted, stats):
+        assert_close(np.array([st[c] for c in COLUMNS]), rows[key], f"llama part {key}", 1e-6)
