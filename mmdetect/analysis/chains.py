@@ -22,9 +22,10 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
+from mmdetect.analysis.writers import TopK, component_label, unit, upstream_writers
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError
 from mmdetect.report.provenance import Provenance
-from mmdetect.analysis.explain import _Best, _unit, component_label, upstream_writers
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
@@ -33,7 +34,7 @@ COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_exp
 def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None) -> list[dict[str, Any]]:
     found = []
     for nb in circuit.iter_neurons(wanted):
-        cos = (nb.r * nb.o).sum(1) / (nb.r.norm(dim=1) * nb.o.norm(dim=1))
+        cos = (nb.r * nb.o).sum(1) / (nb.r.norm(dim=1) * nb.o.norm(dim=1))      # [n], NaN for dead neurons
         for j in torch.nonzero(cos <= threshold).flatten().tolist():
             found.append({"layer": nb.layer, "expert": nb.expert_label, "index": j, "cos": float(cos[j]),
                           "r": nb.r[j].clone()})
@@ -43,13 +44,13 @@ def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None
 
 def _head_pairs(circuit: Circuit, deleters: list[dict[str, Any]], k: int, vocab: Any) -> list[list[dict]]:
     """Best writers of each head deleter (dict with layer, head, v [dh, d], o [dh, d])."""
-    best = [_Best(k) for _ in deleters]
+    best = [TopK(k) for _ in deleters]
     lay = torch.tensor([x["layer"] for x in deleters])
 
     def offer(kind: str, layer: int | None, expert: Any, index: list[Any], w: torch.Tensor,
               cos_of: torch.Tensor | None = None) -> None:
         what = lay > layer if layer is not None else torch.ones(len(deleters), dtype=torch.bool)
-        what_hat = _unit(w)                                                     # [n, d]
+        what_hat = unit(w)                                                     # [n, d]
         for t in torch.nonzero(what).flatten().tolist():
             v, o = deleters[t]["v"], deleters[t]["o"]
             p = what_hat @ v.T                                                  # [n, dh]
@@ -125,7 +126,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
                         kind="stable").reset_index(drop=True)
     df.insert(0, "rank", np.arange(1, len(df) + 1))
     df.attrs["provenance"] = Provenance.of(
-        circuit.ckpt, "chains", convention="raw" if circuit.raw else "folded", threshold=threshold,
+        circuit.ckpt, "chains", convention=circuit.convention.name, threshold=threshold,
         layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
         family=circuit.family.family if circuit.family else None,
         attention_family=circuit.attention.family if circuit.attention else None,
@@ -146,35 +147,12 @@ def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, 
             "writer_cos": float(writer_cos)}
 
 
-def find_chains(model: str, *, revision: str | None = None, raw: bool = False, threshold: float = -0.5,
+def find_chains(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = -0.5,
                 head_threshold: float = -0.5, per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
                 heads: bool = True) -> Any:
     """Writer -> deleter pairs of ``model`` ranked by align * erase; one DataFrame row per pair."""
     if per_deleter < 1 or max_deleters < 1:
         raise MMDetectError("--per-deleter and --max-deleters must be at least 1")
-    with open_circuit(model, revision=revision, raw=raw) as circuit:
+    with open_circuit(model, revision=revision, convention=convention) as circuit:
         return chains_circuit(circuit, threshold=threshold, head_threshold=head_threshold, per_deleter=per_deleter,
                               max_deleters=max_deleters, layers=layers, heads=heads)
-
-
-def render(df: Any, top: int = 20, console: Any = None) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = console or Console()
-    prov = df.attrs.get("provenance", {})
-    dl = df.attrs.get("deleters", {})
-    table = Table(title=f"{prov.get('model', '?')} · writer → deleter chains", title_justify="left",
-                  header_style="bold", caption_justify="left",
-                  caption=f"{dl.get('neurons_used', 0)} neuron deleters (cos ≤ {prov.get('threshold')}) and "
-                          f"{dl.get('heads_used', 0)} head deleters (copying ≤ {prov.get('head_threshold')}); "
-                          f"score = align × erase")
-    for col in ("rank", "writer", "→ deleter", "align", "erase", "score"):
-        table.add_column(col, justify="left" if col in ("writer", "→ deleter") else "right")
-    for row in df.head(top).to_dict(orient="records"):
-        table.add_row(str(row["rank"]), escape(str(row["writer"])), escape(str(row["deleter"])),
-                      f"{row['align']:.3f}", f"{row['erase']:+.3f}", f"{row['score']:+.3f}")
-    console.print(table)
-    if not len(df):
-        console.print("No flagged deleters: lower --threshold / --head-threshold to look further.")

@@ -1,31 +1,36 @@
-"""Every component that reads or writes the residual stream, read from disk in the folded convention.
+"""Every component that reads or writes the residual stream, read from disk in one convention.
 
 A :class:`Circuit` wraps an open checkpoint with its two registry entries: the MLP layout (``architectures/*.yaml``,
 through ``scanner``) and the attention layout (``architectures/attention.yaml``). It hands out, one layer at a time:
 
-* MLP neurons: read vectors r_j and write vectors o_j, ``[n, d]``, folded exactly as ``scan`` folds them;
-* attention heads: ``V`` ``[H, d_head, d]`` (row e of head h is what head dimension e reads, pre-norm gain folded in)
-  and ``O`` ``[H, d_head, d]`` (row e is what head dimension e writes, post-norm gain folded in, centred in
-  LayerNorm models), with GQA/MQA key-value heads already expanded to the query heads that use them;
+* MLP neurons: read vectors r_j, write vectors o_j and gate vectors g_j, ``[n, d]``, folded exactly as ``scan``
+  folds them;
+* attention heads: ``V`` ``[H, d_head, d]`` (row e of head h is what head dimension e reads) and ``O``
+  ``[H, d_head, d]`` (row e is what head dimension e writes), with GQA/MQA key-value heads already expanded to the
+  query heads that use them;
 * the token embedding (rows are what each token writes) and the unembedding (rows are the residual direction that
-  raises each token's logit, final-norm gain folded in), in row chunks so a 150k vocabulary never sits in memory.
+  raises each token's logit), in row chunks so a 150k vocabulary never sits in memory.
 
-Nothing here builds the model; tensors are read one at a time as in ``scan``.
+Which gains and centring each of these gets is ``mmdetect.convention``'s decision (``mlp_fold``, ``head_fold``,
+``embedding_fold``, ``unembedding_fold``); this module only reads the tensors and the norm gains. Nothing here builds
+the model; tensors are read one at a time as in ``scan``.
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
 
 import torch
 
+from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, embedding_fold, fold,
+                                 fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold, unembedding_fold)
+from mmdetect.errors import MMDetectError
+from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
 from mmdetect.registry.resolve import resolve_attention
-from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.errors import MMDetectError
-from mmdetect.convention import fold
+from mmdetect.scanner.read import Block
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
 
@@ -53,9 +58,10 @@ class Heads:
 
 @dataclass
 class Neurons:
-    """One MLP (or one expert) of one layer, folded: r and o are [n, d] float32; gated MLPs flip r and o together
-    where cos(gate, up) < 0 so that the flip convention matches ``scan``. w_write is the raw write [n, d] (times the
-    post-norm gain): what the neuron adds to the residual per unit of activation, up to the post-norm's 1/rms.
+    """One MLP (or one expert) of one layer in the circuit's convention: r, o and g (None for non-gated MLPs) are
+    [n, d] float32, folded by ``convention.fold_mlp`` as ``scan`` folds them (signs canonicalised where the convention
+    flips). w_write is the stored write [n, d] times the post-norm gain (``convention.actual_write``): what the
+    neuron adds to the residual per unit of activation, up to the post-norm's 1/rms.
     """
 
     layer: int
@@ -64,6 +70,7 @@ class Neurons:
     expert_label: object
     r: torch.Tensor
     o: torch.Tensor
+    g: torch.Tensor | None
     w_write: torch.Tensor
     sign: torch.Tensor   # [n] +1 or -1: the canonical flip applied to r and o (activations flip with it)
 
@@ -71,11 +78,11 @@ class Neurons:
 class Circuit:
     """An open checkpoint with its MLP and attention layouts. Use as a context manager (it closes the checkpoint)."""
 
-    def __init__(self, ckpt: Checkpoint, *, raw: bool = False, need_mlps: bool = True) -> None:
+    def __init__(self, ckpt: Checkpoint, *, convention: str | Convention = DEFAULT, need_mlps: bool = True) -> None:
         from mmdetect.registry.resolve import locate_mlps, resolve_family
 
         self.ckpt = ckpt
-        self.raw = raw
+        self.convention = get_convention(convention)
         self.family = None
         self.specs: tuple[MLPSpec, ...] = ()
         self.located: dict = {}
@@ -86,7 +93,8 @@ class Circuit:
             if need_mlps:
                 raise
         if need_mlps and not self.located:
-            raise MMDetectError(f"no MLP tensors of the {self.family.family!r} layout were found in {ckpt.ref}: the "
+            family = self.family.family if self.family is not None else ckpt.model_type
+            raise MMDetectError(f"no MLP tensors of the {family!r} layout were found in {ckpt.ref}: the "
                                 f"checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
         self.attention, self.attention_gap = self._resolve_attention()
 
@@ -114,12 +122,13 @@ class Circuit:
         return d
 
     @property
-    def centres(self) -> bool:
-        """LayerNorm anywhere in front of a reader: every write vector is centred (TransformerLens's convention)."""
-        if self.raw:
-            return False
-        mlp = any(s.centre_writes for s in self.specs)
-        return mlp or bool(self.attention is not None and self.attention.centres)
+    def layernorm_model(self) -> bool:
+        """A LayerNorm anywhere in front of a reader (an MLP's norms, the attention's, the final norm)."""
+        lay = self.attention
+        norms = [n for s in self.specs for n in (s.pre_norm, s.post_norm)]
+        if lay is not None:
+            norms += [lay.pre_norm, lay.post_norm, lay.final_norm]
+        return layernorm_model(norms)
 
     @cached_property
     def attention_layers(self) -> list[int]:
@@ -134,11 +143,12 @@ class Circuit:
         return max([*self.located, *self.attention_layers, -1]) + 1
 
     # -- reading -----------------------------------------------------------------------------------------------------
-    def gain(self, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
-        """The norm's effective gain [d] (None in the raw convention), read exactly as the MLP scan reads it."""
+    def gain(self, rule: Rule, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+        """The norm's effective gain [d], read exactly as the MLP scan reads it; None when ``rule`` (the
+        convention's rule for the rows it scales) does not fold it, so an unused norm is never read."""
         from mmdetect.scanner.read import read_gain
 
-        return None if self.raw else read_gain(self.ckpt, norm, layer, d)
+        return read_gain(self.ckpt, norm, layer, d) if rule.gain else None
 
     def _canonical(self, proj: Proj, layer: int) -> torch.Tensor:
         """The projection with heads x head_dim on axis 0: [rows, d] float32."""
@@ -152,9 +162,11 @@ class Circuit:
         return (t if proj.axis == 0 else t.transpose(0, 1)).float()
 
     def heads(self, layer: int) -> Heads:
-        """Layer ``layer``'s heads: V and O rows [H, dh, d], folded unless raw."""
+        """Layer ``layer``'s heads: V and O rows [H, dh, d], folded by ``convention.head_fold``."""
         lay = self.require_attention()
         n_heads = lay.n_heads(self.ckpt.config)
+        if n_heads is None:  # _resolve_attention reports this as the attention gap
+            raise MMDetectError(f"the number of attention heads of {self.ckpt.ref} is unknown")
         o = self._canonical(lay.o, layer)                              # [H*dh, d]
         rows, d = o.shape
         if rows % n_heads:
@@ -163,18 +175,21 @@ class Circuit:
         dh = rows // n_heads
         if lay.qkv is not None:
             v = self._split_qkv(lay.qkv, layer, n_heads, dh)            # [KV*dh, d]
-        else:
+        elif lay.v is not None:
             v = self._canonical(lay.v, layer)
+        else:
+            raise MMDetectError(f"the attention layout of {self.ckpt.model_type!r} names neither v nor qkv")
         if v.shape[1] != d or v.shape[0] % dh or n_heads % (v.shape[0] // dh):
             raise MMDetectError(f"layer {layer}: value rows {list(v.shape)} do not fit {n_heads} heads of size {dh} "
                                 f"and d_model {d}; the attention layout for {self.ckpt.model_type!r} does not fit")
         n_kv = v.shape[0] // dh
         kv = [h // (n_heads // n_kv) for h in range(n_heads)]
-        pre = self.gain(lay.pre_norm, layer, d)
-        post = self.gain(lay.post_norm, layer, d)
-        centre_in = bool(lay.pre_norm is not None and lay.pre_norm.centres and not self.raw)
-        v = fold(v, pre, centre_in).reshape(n_kv, dh, d)[kv]            # [H, dh, d]
-        o = fold(o, post, self.centres).reshape(n_heads, dh, d)
+        conv = self.convention
+        fold_v, fold_o = head_fold(conv, lay.pre_norm, self.layernorm_model,
+                                   self.gain(conv.head_read, lay.pre_norm, layer, d),
+                                   self.gain(conv.head_write, lay.post_norm, layer, d))
+        v = fold(v, fold_v).reshape(n_kv, dh, d)[kv]                    # [H, dh, d]
+        o = fold(o, fold_o).reshape(n_heads, dh, d)
         return Heads(layer, v, o, kv)
 
     def _split_qkv(self, proj: Proj, layer: int, n_heads: int, dh: int) -> torch.Tensor:
@@ -194,21 +209,15 @@ class Circuit:
         start = sum(sizes[p] for p in proj.order[: proj.order.index("v")])
         return blocks[:, start:start + sizes["v"]].reshape(n_kv * dh, d)
 
-    def neurons(self, block: object) -> Neurons:
-        """Fold one scanner Block into read/write vectors, with scan's gate-sign canonicalisation."""
-        spec = block.job.spec
-        pre_c = spec.centre_reads and not self.raw
-        pre_g = None if self.raw else block.pre_gain
-        post_g = None if self.raw else block.post_gain
-        r = fold(block.w_in, pre_g, pre_c)
-        o = fold(block.w_out, post_g, spec.centre_writes and not self.raw)
-        w_write = block.w_out.float() * (block.post_gain if block.post_gain is not None else 1.0)
-        sign = torch.ones(r.shape[0])
-        if block.w_gate is not None and not self.raw:
-            g = fold(block.w_gate, pre_g, pre_c)
-            sign = torch.where((g * r).sum(dim=1) < 0, -1.0, 1.0)
-            r, o = r * sign[:, None], o * sign[:, None]
-        return Neurons(block.job.layer, spec, block.job.expert, block.expert_label, r, o, w_write, sign)
+    def mlp_fold(self, block: Block) -> MLPFold:
+        """How this circuit's convention folds one scanner Block: the scan's own ``convention.mlp_fold``."""
+        return mlp_fold(self.convention, block.job.spec, block.pre_gain, block.post_gain)
+
+    def neurons(self, block: Block) -> Neurons:
+        """One scanner Block's read/write/gate vectors, folded as the scan folds them."""
+        rows = fold_mlp(self.mlp_fold(block), block.w_in, block.w_out, block.w_gate)
+        return Neurons(block.job.layer, block.job.spec, block.job.expert, block.expert_label, rows.read, rows.write,
+                       rows.gate, actual_write(block.w_out, block.post_gain), rows.sign)
 
     def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
         from mmdetect.scanner.pipeline import iter_blocks
@@ -217,51 +226,56 @@ class Circuit:
         for block in iter_blocks(self.ckpt, plan_jobs(self.ckpt, self.located, layers)):
             yield self.neurons(block)
 
+    def embedding_key(self) -> str | None:
+        """The token embedding's tensor name when the checkpoint has it."""
+        lay = self.attention
+        return lay.embed if lay is not None and lay.embed and lay.embed in self.ckpt else None
+
     def has_embedding(self) -> bool:
-        return bool(self.attention is not None and self.attention.embed and self.attention.embed in self.ckpt)
+        return self.embedding_key() is not None
 
     def embedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token id, [c, d] folded write of each token): gain of an embedding norm and centring applied."""
         lay = self.require_attention()
-        if not self.has_embedding():
+        key = self.embedding_key()
+        if key is None:
             raise MMDetectError(f"the token embedding {lay.embed!r} is not in {self.ckpt.ref}")
-        d = self.d_model
-        gain = self.gain(lay.embed_norm, 0, d)
-        centre = self.centres or bool(lay.embed_norm and lay.embed_norm.centres and not self.raw)
-        yield from self._rows(lay.embed, chunk, gain, centre)
+        conv = self.convention
+        f = embedding_fold(conv, lay.embed_norm, self.layernorm_model,
+                           self.gain(conv.embed, lay.embed_norm, 0, self.d_model))
+        yield from self._rows(key, chunk, f)
 
     def unembedding_key(self) -> str:
         lay = self.require_attention()
         for key in lay.unembed:
             if key in self.ckpt:
                 return key
-        if self.has_embedding():
-            return lay.embed  # tied
+        tied = self.embedding_key()
+        if tied is not None:
+            return tied
         raise MMDetectError(f"{self.ckpt.ref} has neither an unembedding ({', '.join(lay.unembed)}) nor a token "
                             f"embedding to tie it to")
 
     def unembedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first token id, [c, d]): row t is the residual direction that raises token t's logit (final-norm gain
-        folded in, centred when the final norm is a LayerNorm)."""
+        """(first token id, [c, d]): row t is the residual direction that raises token t's logit, folded by
+        ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm)."""
         lay = self.require_attention()
         key = self.unembedding_key()
         d = self.d_model
         if self.ckpt.tensors[key].shape[-1] != d:
             raise MMDetectError(f"the unembedding {key!r} is {list(self.ckpt.tensors[key].shape)}, not [vocab, "
                                 f"{d}]: models with an output projection (OPT-350m) are not supported here")
-        gain = self.gain(lay.final_norm, 0, d)
-        centre = bool(lay.final_norm and lay.final_norm.centres and not self.raw)
-        yield from self._rows(key, chunk, gain, centre)
+        conv = self.convention
+        yield from self._rows(key, chunk, unembedding_fold(conv, lay.final_norm,
+                                                           self.gain(conv.unembed, lay.final_norm, 0, d)))
 
     def vocab_size(self) -> int:
         return int(self.ckpt.tensors[self.unembedding_key()].shape[0])
 
-    def _rows(self, key: str, chunk: int, gain: torch.Tensor | None,
-              centre: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    def _rows(self, key: str, chunk: int, f: Fold) -> Iterator[tuple[int, torch.Tensor]]:
         n = int(self.ckpt.tensors[key].shape[0])
         for start in range(0, n, chunk):
-            rows = self.ckpt.read(key, start, min(n, start + chunk)).float()
-            yield start, fold(rows, gain, centre)
+            yield start, fold(self.ckpt.read(key, start, min(n, start + chunk)), f)
 
     def close(self) -> None:
         self.ckpt.close()
@@ -273,11 +287,14 @@ class Circuit:
         self.close()
 
 
-def open_circuit(model: str, *, revision: str | None = None, raw: bool = False, need_mlps: bool = True) -> Circuit:
-    """Open ``model`` (folder, hub id or .gguf) with its MLP and attention layouts."""
+def open_circuit(model: str, *, revision: str | None = None, convention: str | Convention = DEFAULT,
+                 need_mlps: bool = True) -> Circuit:
+    """Open ``model`` (folder, hub id or .gguf) with its MLP and attention layouts, in ``convention`` (a name in
+    ``convention.CONVENTIONS``, or a Convention)."""
+    conv = get_convention(convention)  # an unknown name fails before the checkpoint is opened
     ckpt = open_checkpoint(model, revision=revision)
     try:
-        return Circuit(ckpt, raw=raw, need_mlps=need_mlps)
+        return Circuit(ckpt, convention=conv, need_mlps=need_mlps)
     except BaseException:
         ckpt.close()
         raise

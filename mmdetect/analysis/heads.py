@@ -1,7 +1,8 @@
 """Memory-management heads: attention heads whose OV circuit writes back the negative of what it reads.
 
-For head h, W_V (``[dh, d]``, pre-norm gain folded in) maps the residual stream to the head's value space and W_O
-(``[d, dh]``, post-norm gain folded in, centred in LayerNorm models) maps it back. The OV circuit M = W_O W_V
+For head h, W_V (``[dh, d]``) maps the residual stream to the head's value space and W_O (``[d, dh]``) maps it back,
+both folded by the convention (``convention.head_fold``: in ``folded``, the pre-norm gain into W_V, the post-norm
+gain into W_O, which is centred in LayerNorm models). The OV circuit M = W_O W_V
 (``[d, d]``, rank dh) has the same nonzero eigenvalues as the small ``[dh, dh]`` matrix W_V W_O, so each head costs one
 dh x dh eigenproblem. Scores, with lambda the eigenvalues:
 
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError
-from mmdetect.report import Provenance, fmt_cell
+from mmdetect.report import Provenance
 
 COLUMNS = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig", "min_eig_rel", "max_abs_eig",
            "ov_norm", "flagged"]
@@ -120,7 +122,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     df.insert(0, "rank", ranks)
     df = df[COLUMNS]
     df.attrs["provenance"] = Provenance.of(
-        circuit.ckpt, "heads", convention="raw" if circuit.raw else "folded", threshold=threshold,
+        circuit.ckpt, "heads", convention=circuit.convention.name, threshold=threshold,
         layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
         family=circuit.family.family if circuit.family else None, attention_family=circuit.attention.family,
         heuristic=circuit.family.heuristic if circuit.family else None,
@@ -140,44 +142,12 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     return df
 
 
-def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0.5, raw: bool = False,
-               layers: Any = None, progress: bool | None = False) -> Any:
+def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0.5,
+               convention: str = DEFAULT, layers: Any = None, progress: bool | None = False) -> Any:
     """Rank every attention head of ``model`` by the copying score of its OV circuit (most anti-copying first).
 
     Columns: see ``COLUMNS``; ``df.attrs["provenance"]`` and ``df.attrs["layers"]`` (per-layer counts and the null
     band of the copying score) as for ``scan``. Raises MMDetectError for attention layouts not yet registered.
     """
-    with open_circuit(model, revision=revision, raw=raw, need_mlps=False) as circuit:
+    with open_circuit(model, revision=revision, convention=convention, need_mlps=False) as circuit:
         return scan_circuit(circuit, threshold=threshold, layers=layers, progress=progress)
-
-
-def render(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` heads and the per-layer summary as rich tables."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    prov = df.attrs.get("provenance", {})
-    n_flagged = int(df["flagged"].sum()) if len(df) else 0
-    table = Table(title=f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
-                        f"convention · {len(df):,} heads · {n_flagged:,} flagged (copying ≤ "
-                        f"{prov.get('threshold', '?')})", title_justify="left", header_style="bold")
-    cols = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
-    for col in cols:
-        table.add_column(col, justify="right")
-    for row in df.head(top).to_dict(orient="records"):
-        cells = [str(row[c]) if c in ("rank", "layer", "head", "kv_head") else
-                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else fmt_cell(row[c])) for c in cols]
-        table.add_row(*cells, style="bold red" if row["flagged"] else None)
-    console.print(table)
-    layers = df.attrs.get("layers", [])
-    if layers:
-        summary = Table(title="Per layer (copying = Σ Re λ / Σ |λ| of W_V·W_O; null = 95% band of random heads)",
-                        title_justify="left", header_style="bold")
-        for col in ("layer", "heads", "kv heads", "d_head", "flagged", "min", "median", "null band"):
-            summary.add_column(col, justify="right")
-        for s in layers:
-            summary.add_row(str(s["layer"]), str(s["n_heads"]), str(s["n_kv_heads"]), str(s["d_head"]),
-                            str(s["n_flagged"]), fmt_cell(s["min"]), fmt_cell(s["median"]),
-                            f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}")
-        console.print(summary)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mmdetect.convention import DEFAULT, Convention, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
@@ -43,12 +44,13 @@ def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
     return scan_result(ckpt, **options).to_frame()
 
 
-def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False, layers: Any = None,
-                device: str = "cpu", progress: bool | None = None,
+def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+                layers: Any = None, device: str = "cpu", progress: bool | None = None,
                 on_block: Callable[[BlockResult], None] | None = None) -> ScanResult:
     """Scan an open checkpoint; see ``scan``."""
     if not -1.0 <= threshold <= 1.0:
         raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
+    conv = get_convention(convention)
     selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
     specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
@@ -63,10 +65,8 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     d_model: dict[int, int] = {}
 
     def compute(block: Block) -> BlockResult:
-        spec = block.job.spec
-        stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, pre_gain=block.pre_gain,
-                            pre_centre=spec.centre_reads, post_gain=block.post_gain,
-                            post_centre=spec.centre_writes, raw=raw, device=dev)
+        fold = mlp_fold(conv, block.job.spec, block.pre_gain, block.post_gain)
+        stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, fold, device=dev)
         return BlockResult(block.job, _block_rows(block, stats), stats.mismatched.numpy(), int(block.w_in.shape[1]))
 
     with _progress_bar(progress, len(jobs), ckpt.ref) as advance:
@@ -82,7 +82,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     order = np.lexsort((rows["neuron"], rows["layer"], np.where(np.isfinite(rows["cos"]), rows["cos"], np.inf)))
     columns = {"rank": np.arange(1, len(order) + 1, dtype=np.int64),
                **{k: rows[k][order] for k in COLUMNS if k != "rank"}}
-    prov = Provenance.of(ckpt, "scan", convention="raw" if raw else "folded", threshold=threshold,
+    prov = Provenance.of(ckpt, "scan", convention=conv.name, threshold=threshold,
                          layers=layers if isinstance(layers, str) or layers is None else wanted,
                          device=dev, family=family.family, heuristic=family.heuristic)
     attrs: dict[str, Any] = {"provenance": prov.to_dict()}
@@ -90,18 +90,26 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, raw: bool = False,
     return ScanResult(columns, attrs)
 
 
-def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, raw: bool = False,
-         layers: Any = None, device: str = "cpu", progress: bool | None = False, as_frame: bool = True) -> "Any":
+def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+         raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
+         as_frame: bool = True) -> "Any":
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
 
     model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
-    threshold: a neuron is flagged when cos <= threshold. raw: plain cos(w_in, w_out) of the stored weights instead of
-    the folded convention. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
+    threshold: a neuron is flagged when cos <= threshold. convention: a name in ``mmdetect.convention.CONVENTIONS``
+    (``folded``, or ``raw`` for plain cosines of the stored weights); ``raw=True`` is an alias of
+    ``convention="raw"``. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
     the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.
     """
+    conv = get_convention(convention)  # an unknown name fails before the checkpoint is opened
+    if raw:
+        if conv.name not in (DEFAULT, "raw"):
+            raise MMDetectError(f"raw=True contradicts convention={conv.name!r}: pass one of them")
+        conv = get_convention("raw")
     with open_checkpoint(model, revision=revision) as ckpt:
-        result = scan_result(ckpt, threshold=threshold, raw=raw, layers=layers, device=device, progress=progress)
+        result = scan_result(ckpt, threshold=threshold, convention=conv, layers=layers, device=device,
+                             progress=progress)
     return result.to_frame() if as_frame else result
 
 

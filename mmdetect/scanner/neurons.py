@@ -1,23 +1,20 @@
-"""The maths, in pure torch: fold norms, centre, canonicalise gate signs, cosines, null baselines, classes.
+"""The scan's kernel, in pure torch: per-neuron cosines of folded read, write and gate vectors.
 
 Nothing here does I/O or knows about files, click or rich, so every function can be tested with hand-made tensors.
 Shapes: ``n`` neurons, ``d`` = d_model. Weight matrices arrive in the canonical orientation ``[n, d]``: row j of
 ``w_in`` is what neuron j reads, row j of ``w_out`` what it writes. They may be strided views in any float dtype;
 work is done in float32 on chunks of rows, so a strided view is only ever copied one cache-friendly slab at a time.
 
-Conventions (see the README):
-
-* folded (default): read r_j = C(g_pre * w_in_j), write o_j = C'(g_post * w_out_j), where C subtracts the mean over
-  d_model when the pre-MLP norm is a LayerNorm and C' centres writes in LayerNorm models. For gated MLPs w_in is the
-  up projection; the signs of up_j and out_j flip together when cos(gate_j, up_j) < 0, which leaves the network
-  unchanged and makes cos_gate_in >= 0.
-* raw: the stored w_in, w_out (and gate), with no folding, centring or flip.
+Which gains, which centring and whether gate signs are canonicalised is the convention's decision, made in
+``mmdetect.convention`` (``mlp_fold``) and handed in as an ``MLPFold``; this module only applies it, slab by slab.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from mmdetect.convention import Fold, MLPFold, canonical_sign, fold_into
 
 NULL_PAIRS = 1024  # mismatched (read_i, write_i+1) pairs per MLP for the empirical null
 CHUNK = 512  # rows per slab: small enough to stay in cache, big enough that per-op overhead is small (bench/)
@@ -40,27 +37,7 @@ class NeuronStats:
     mismatched: torch.Tensor
 
 
-TILE = 64  # columns of d per transposing copy: a [m, 64] tile of a column-major chunk stays in L1/L2
-
-
-def _fill(slot: torch.Tensor, w: torch.Tensor, gain: torch.Tensor | None, centre: bool) -> None:
-    """slot[m, d] (float32, a view into the work buffer) <- fold(w[m, d]) without intermediate copies.
-
-    A row-major chunk converts and scales in one pass. A column-major chunk (an ``out`` weight stored [d, n], seen
-    through a transposed view) is converted and transposed in [m, TILE] tiles, which keeps both sides of the copy in
-    cache: about 3x faster than one strided copy of the whole chunk.
-    """
-    if w.stride(-1) != 1 and w.stride(0) == 1 and w.device == slot.device:
-        for k0 in range(0, w.shape[1], TILE):
-            slot[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
-        if gain is not None:
-            slot.mul_(gain)
-    elif gain is not None:
-        torch.mul(w.to(slot.device), gain, out=slot)
-    else:
-        slot.copy_(w)
-    if centre:
-        slot.sub_(slot.mean(dim=1, keepdim=True))
+PLAIN = MLPFold(Fold(), Fold(), Fold(), flip_sign=False)  # the stored rows as they are
 
 
 def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Tensor:
@@ -70,14 +47,13 @@ def _cos(dot: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor) -> torch.Ten
     return torch.where(bad, torch.full_like(cos, float("nan")), cos.clamp(-1.0, 1.0))
 
 
-def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None = None, *,
-                pre_gain: torch.Tensor | None = None, pre_centre: bool = False,
-                post_gain: torch.Tensor | None = None, post_centre: bool = False,
-                raw: bool = False, device: str | torch.device = "cpu", chunk: int | None = None) -> NeuronStats:
-    """Cosines between what each neuron reads and what it writes.
+def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None = None,
+                fold: MLPFold = PLAIN, *, device: str | torch.device = "cpu",
+                chunk: int | None = None) -> NeuronStats:
+    """Cosines between what each neuron reads and what it writes, in the convention ``fold`` encodes.
 
-    w_in, w_out, w_gate: [n, d] (views are fine). pre_gain/post_gain: [d] effective gains (already 1 + w for
-    Gemma-style norms) or None. pre_centre: the pre-MLP norm is a LayerNorm. post_centre: centre write vectors.
+    w_in, w_out, w_gate: [n, d] (views are fine). fold: from ``convention.mlp_fold`` (default: the stored rows, no
+    gains, no centring, no sign flip).
 
     Per slab of rows the folded vectors are written into one buffer ``[m, k, d]`` (k = 2, or 3 with a gate: up,
     out, gate) and a single batched matmul gives each neuron's k x k Gram matrix: all squared norms and pairwise dot
@@ -89,14 +65,11 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
                          f"{None if w_gate is None else tuple(w_gate.shape)}")
     dev = torch.device(device)
     chunk = chunk or (CHUNK if dev.type == "cpu" else 8192)
-    if raw:
-        pre_gain = post_gain = None
-        pre_centre = post_centre = False
     if dev.type != "cpu":  # one transfer per weight in its stored dtype and layout, then slabs on the device
         w_in, w_out = w_in.to(dev), w_out.to(dev)
         w_gate = None if w_gate is None else w_gate.to(dev)
-    g_pre = None if pre_gain is None else pre_gain.to(dev, torch.float32)
-    g_post = None if post_gain is None else post_gain.to(dev, torch.float32)
+    f_in, f_out, f_gate = (Fold(None if f.gain is None else f.gain.to(dev, torch.float32), f.centre)
+                           for f in (fold.read, fold.write, fold.gate))
     k = 3 if w_gate is not None else 2
     buf = torch.empty(min(chunk, n), k, d, device=dev)
     gram = torch.empty(n, k, k, device=dev)
@@ -104,10 +77,10 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
     for j0 in range(0, n, chunk):
         j1 = min(n, j0 + chunk)
         b = buf[: j1 - j0]
-        _fill(b[:, 0], w_in[j0:j1], g_pre, pre_centre)
-        _fill(b[:, 1], w_out[j0:j1], g_post, post_centre)
+        fold_into(b[:, 0], w_in[j0:j1], f_in)
+        fold_into(b[:, 1], w_out[j0:j1], f_out)
         if w_gate is not None:
-            _fill(b[:, 2], w_gate[j0:j1], g_pre, pre_centre)
+            fold_into(b[:, 2], w_gate[j0:j1], f_gate)
         torch.bmm(b, b.transpose(1, 2), out=gram[j0:j1])
         if j1 - j0 > 1 and j0 < NULL_PAIRS:
             # Empirical null: each read vector against the next neuron's write vector (Gerstner's mismatched pairs),
@@ -123,10 +96,10 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
         sq_gate = gram[:, 2, 2]
         gate_in = _cos(gram[:, 2, 0], sq_gate, sq_in)
         gate_out = _cos(gram[:, 2, 1], sq_gate, sq_out)
-        if not raw:
-            # Flipping up_j and out_j together leaves the MLP unchanged; choose the sign with cos(gate, up) >= 0.
-            # cos(up, out) is invariant under the joint flip; cos(gate, out) changes sign with it.
-            sign = torch.where(gate_in < 0, -1.0, 1.0)
+        if fold.flip_sign:
+            # The joint flip of up_j and out_j: cos(up, out) is invariant, cos(gate, up) and cos(gate, out) change
+            # sign with it.
+            sign = canonical_sign(gate_in)
             gate_in, gate_out = gate_in * sign, gate_out * sign
     return NeuronStats(cos=cos.cpu(), cos_gate_out=gate_out.cpu(), cos_gate_in=gate_in.cpu(),
                        norm_in=sq_in.sqrt().cpu(), norm_out=sq_out.sqrt().cpu(), norm_gate=sq_gate.sqrt().cpu(),

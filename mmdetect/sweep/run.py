@@ -98,7 +98,7 @@ def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[i
     """Scan one entry and write its data file and figure. Returns the record's new fields. Raises on failure."""
     from mmdetect import report, scanner
 
-    df = scanner.scan_checkpoint(ckpt, threshold=entry.threshold, raw=entry.convention == "raw",
+    df = scanner.scan_checkpoint(ckpt, threshold=entry.threshold, convention=entry.convention,
                                  layers=entry.layers, device=entry.device, progress=False,
                                  on_block=lambda b: on_layer(b.job.layer))
     depth = next((ckpt.config[k] for k in LAYER_COUNT_KEYS if isinstance(ckpt.config.get(k), int)), None)

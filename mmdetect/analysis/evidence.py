@@ -1,0 +1,266 @@
+"""Activation evidence: run the model with transformers, hook the neuron, and score whether it erases on text.
+
+At each token the neuron's activation a (the hidden value feeding the down projection, sign-canonicalised like r_j),
+the residual stream x at the MLP's input and its component c = x . r̂_j. The neuron removes rem = -a (w_j . r̂_j) s
+along r̂_j, where w_j is its actual write (``Target.w_write``: the stored write times a post-norm gain) and s the
+post-norm's 1/rms (1 without one). The **deletion score** over the K tokens with the largest |a| is
+sum(rem * sign(c)) / sum |c|: the fraction of the residual's component along r̂_j that the neuron's own write removes
+where it fires most (1 = erases it exactly, 0 = leaves it, < 0 = amplifies it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdetect.analysis.circuit import Circuit
+from mmdetect.analysis.corpus import Corpus, Vocab
+from mmdetect.analysis.targets import Target
+from mmdetect.analysis.writers import unit
+from mmdetect.errors import MMDetectError
+from mmdetect.registry import tensor_key
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
+
+
+def load_hf_model(circuit: Circuit) -> Any:
+    """The transformers model of this checkpoint, float32 on the CPU (MMDetectError when it cannot be built)."""
+    if circuit.ckpt.format == "gguf":
+        raise MMDetectError("activation evidence needs a Hugging Face checkpoint folder (config.json + weights); "
+                            "GGUF files are read for weights only")
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        raise MMDetectError("activation evidence needs transformers: pip install 'mmdetect[slow]'") from exc
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(circuit.ckpt.path), dtype=torch.float32)
+    except Exception as exc:
+        raise MMDetectError(f"transformers cannot build {circuit.ckpt.ref} ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}); rerun with --no-activations") from exc
+    return model.eval()
+
+
+def _module(modules: dict[str, Any], key: str) -> Any:
+    """The module whose parameter is stored as ``key`` (on-disk prefixes may differ from in-memory ones)."""
+    name = key.removesuffix(".weight")
+    if name in modules:
+        return modules[name]
+    hits = [n for n in modules if n.endswith("." + name) or name.endswith("." + n)]
+    if len(hits) == 1:
+        return modules[hits[0]]
+    return None
+
+
+class Probe:
+    """Forward hooks that record, for each target and each token: activation a (canonical sign), the residual's
+    component c along r̂ at the MLP input, and the post-norm scale s (1 without a post-norm)."""
+
+    def __init__(self, model: Any, targets: list[Target]) -> None:
+        self.targets = targets
+        self.skipped: dict[int, str] = {}
+        self.records: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.hooks: list[Any] = []
+        modules = dict(model.named_modules())
+        by_module: dict[int, list[int]] = {}
+        mods: dict[int, tuple[Any, Any, bool]] = {}
+        for t, target in enumerate(targets):
+            reason, down, resid, post = self._modules(modules, target)
+            if reason:
+                self.skipped[t] = reason
+                continue
+            by_module.setdefault(id(down), []).append(t)
+            mods[id(down)] = (down, resid, post)
+            self.records[t] = {"a": [], "c": [], "s": []}
+        for key, ts in by_module.items():
+            down, resid, post = mods[key]
+            self._attach(down, resid, post, ts)
+
+    def _modules(self, modules: dict[str, Any], target: Target) -> tuple[str | None, Any, Any, bool]:
+        spec = target.spec
+        if spec.experts in ("fused", "stacked") or (spec.experts == "indexed"):
+            return ("routed experts run on a router-chosen subset of tokens; activation evidence covers dense MLPs "
+                    "and shared experts", None, None, False)
+        down = _module(modules, tensor_key(spec.out.key, target.layer, None))
+        if down is None:
+            return (f"no module holds {tensor_key(spec.out.key, target.layer, None)} in the transformers model", None,
+                    None, False)
+        if spec.pre_norm is None:
+            resid = _module(modules, tensor_key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight")
+        elif spec.pre_norm.weight is None:
+            return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
+                    None, False)
+        else:
+            resid = _module(modules, tensor_key(spec.pre_norm.weights[0], target.layer, None))
+        if resid is None:
+            return ("the module feeding this MLP was not found in the transformers model", None, None, False)
+        return None, down, resid, spec.post_norm is not None
+
+    def _attach(self, down: Any, resid: Any, post: bool, ts: list[int]) -> None:
+        idx = torch.tensor([self.targets[t].index for t in ts])
+        sign = torch.tensor([self.targets[t].sign for t in ts])
+        rhat = torch.stack([unit(self.targets[t].r.float()) for t in ts])       # [k, d]
+        pending: dict[str, torch.Tensor] = {}
+
+        def on_resid(_mod: Any, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            pending["c"] = (x.detach().float() @ rhat.T).reshape(-1, len(ts))  # [B*T, k]
+
+        def on_down(_mod: Any, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else next(iter(kwargs.values()))
+            pending["a"] = h.detach().float().reshape(-1, h.shape[-1])[:, idx] * sign
+
+        def on_down_out(_mod: Any, _args: tuple, _kwargs: dict, out: Any) -> None:
+            y = out[0] if isinstance(out, tuple) else out
+            y = y.detach().float().reshape(-1, y.shape[-1])
+            pending["s"] = 1.0 / y.pow(2).mean(dim=1).add(1e-6).sqrt()
+            a, c = pending.pop("a"), pending.pop("c")
+            s = pending.pop("s") if post else torch.ones(a.shape[0])
+            for col, t in enumerate(ts):
+                rec = self.records[t]
+                rec["a"].append(a[:, col].clone())
+                rec["c"].append(c[:, col].clone())
+                rec["s"].append(s.clone())
+
+        self.hooks += [resid.register_forward_pre_hook(on_resid, with_kwargs=True),
+                       down.register_forward_pre_hook(on_down, with_kwargs=True),
+                       down.register_forward_hook(on_down_out, with_kwargs=True)]
+
+    def result(self, t: int) -> dict[str, torch.Tensor] | None:
+        rec = self.records.get(t)
+        if rec is None or not rec["a"]:
+            return None
+        return {k: torch.cat(v) for k, v in rec.items()}
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def collect(model: Any, targets: list[Target], rows: list[list[int]], batch_tokens: int = 4096) \
+        -> tuple[Probe, list[tuple[int, int]]]:
+    """Run ``rows`` through ``model`` (rows of equal length batched together) with a Probe attached.
+
+    Returns the probe and (row, position) of every token, in the order the probe recorded them.
+    """
+    probe = Probe(model, targets)
+    where: list[tuple[int, int]] = []
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+    try:
+        with torch.inference_mode():
+            k = 0
+            while k < len(order):
+                length = len(rows[order[k]])
+                batch = [order[k]]
+                k += 1
+                while k < len(order) and len(rows[order[k]]) == length and (len(batch) + 1) * length <= batch_tokens:
+                    batch.append(order[k])
+                    k += 1
+                model(input_ids=torch.tensor([rows[i] for i in batch]), use_cache=False)
+                where += [(i, p) for i in batch for p in range(length)]
+    finally:
+        probe.remove()
+    return probe, where
+
+
+def deletion(rec: dict[str, torch.Tensor], target: Target, keep: torch.Tensor, top_tokens: int | None) \
+        -> dict[str, Any]:
+    """Deletion score over the tokens where |a| is largest (``keep`` masks out BOS positions)."""
+    rhat = unit(target.r.double())
+    w_along = float(target.w_write.double() @ rhat) * target.sign   # raw write along r̂, canonical orientation
+    a, c, s = rec["a"].double(), rec["c"].double(), rec["s"].double()
+    rem = -a * w_along * s
+    pool = torch.nonzero(keep).flatten()
+    n = int(pool.numel())
+    k = top_tokens if top_tokens else max(20, n // 50)
+    k = min(k, n)
+    if k == 0:
+        return {"score": float("nan"), "tokens": 0, "rem": rem, "frac": rem / c}
+    top = pool[a[pool].abs().topk(k).indices]
+    denom = float(c[top].abs().sum())
+    score = float((rem[top] * torch.sign(c[top])).sum()) / denom if denom > 0 else float("nan")
+    frac = torch.where(c != 0, rem / c, torch.full_like(c, float("nan")))
+    med = float(frac[top].nanmedian()) if k else float("nan")
+    return {"score": score, "tokens": k, "median_fraction": med, "write_along_read": w_along,
+            "mean_component": float(c[top].abs().mean()), "mean_removed": float((rem[top] * torch.sign(c[top])).mean()),
+            "rem": rem, "frac": frac, "top": top}
+
+
+def activation_summary(a: torch.Tensor) -> dict[str, Any]:
+    a = a.double()
+    qs = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
+    qv = torch.quantile(a, torch.tensor(qs, dtype=torch.float64)).tolist() if a.numel() else [float("nan")] * 7
+    counts, edges = np.histogram(a.numpy(), bins=20) if a.numel() else (np.zeros(20), np.zeros(21))
+    return {"tokens": int(a.numel()), "mean": float(a.mean()), "std": float(a.std()) if a.numel() > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "frac_positive": float((a > 0).double().mean()),
+            "quantiles": {f"q{int(q * 100):02d}": v for q, v in zip(qs, qv)},
+            "histogram": {"counts": [int(x) for x in counts], "edges": [float(x) for x in edges]}}
+
+
+def contexts(rec: dict[str, torch.Tensor], dele: dict[str, Any], where: list[tuple[int, int]], keep: torch.Tensor,
+             rows: list[list[int]], vocab: Vocab, n: int) -> list[dict[str, Any]]:
+    a = rec["a"]
+    pool = torch.nonzero(keep).flatten()
+    order = pool[a[pool].abs().argsort(descending=True)][:n].tolist()
+    out = []
+    for t in order:
+        row, pos = where[t]
+        ids = rows[row]
+        lo, hi = max(0, pos - CONTEXT_BEFORE), min(len(ids), pos + 1 + CONTEXT_AFTER)
+        out.append({"activation": float(a[t]), "fraction_removed": _f(dele["frac"][t]),
+                    "component": float(rec["c"][t]), "removed": float(dele["rem"][t]),
+                    "token_id": ids[pos], "token": vocab.text([ids[pos]]),
+                    "before": vocab.text(ids[lo:pos]), "after": vocab.text(ids[pos + 1:hi]),
+                    "row": row, "position": pos})
+    return out
+
+
+def _f(x: Any) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def evidence(circuit: Circuit, targets: list[Target], corpus: Corpus, vocab: Vocab, *, max_tokens: int = 4096,
+             seq_len: int = 128, top_tokens: int | None = None, n_contexts: int = 8,
+             model: Any = None) -> list[dict[str, Any]]:
+    """Activation evidence for each target: {"skipped": reason} or stats, deletion score and top contexts."""
+    model = model if model is not None else load_hf_model(circuit)
+    ctx = getattr(model.config, "max_position_embeddings", None) or seq_len
+    seq_len = max(8, min(seq_len, int(ctx)))
+    rows = vocab.rows(corpus, seq_len, max_tokens)
+    if not rows:
+        raise MMDetectError(f"{corpus.name} gave no tokens")
+    probe, where = collect(model, targets, rows)
+    bos = vocab.bos_id
+    keep = torch.tensor([not (bos is not None and pos == 0 and rows[r][0] == bos) for r, pos in where])
+    out: list[dict[str, Any]] = []
+    for t, target in enumerate(targets):
+        if t in probe.skipped:
+            out.append({"skipped": probe.skipped[t]})
+            continue
+        rec = probe.result(t)
+        if rec is None or rec["a"].numel() != len(where):
+            out.append({"skipped": "the hooked module did not run once per token (it is not a dense MLP)"})
+            continue
+        dele = deletion(rec, target, keep, top_tokens)
+        out.append({
+            "source": corpus.description, "rows": len(rows), "seq_len": seq_len,
+            "tokens": "bytes" if vocab.bytes and vocab.kind == "ids" else vocab.kind,
+            "distribution": activation_summary(rec["a"][keep]),
+            "deletion": {k: v for k, v in dele.items() if k not in ("rem", "frac", "top")},
+            "contexts": contexts(rec, dele, where, keep, rows, vocab, n_contexts),
+        })
+    return out
+
+
+def vocab_size_from_config(circuit: Circuit) -> int:
+    """config.json's vocab_size (for the byte/id vocabulary when no unembedding layout is known)."""
+    v = circuit.ckpt.config.get("vocab_size")
+    if not isinstance(v, int):
+        raise MMDetectError(f"cannot tell the vocabulary size of {circuit.ckpt.ref}")
+    return v

@@ -1,0 +1,180 @@
+"""Terminal views of explain, scan --verify, heads and chains: their results as rich panels and tables.
+
+Each renderer takes what the analysis returned (explain's JSON-ready dict, or a DataFrame with its attrs) and draws
+it on a rich console; nothing here computes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mmdetect.report.formats import fmt_cell
+
+ERASES = 0.5  # deletion score from which a verified row is highlighted as erasing in practice
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:+.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _spark(counts: list[int]) -> str:
+    bars = " ▁▂▃▄▅▆▇█"
+    top = max(counts) if counts else 0
+    return "".join(bars[0 if c == 0 else max(1, round(8 * math.sqrt(c / top)))] for c in counts) if top else ""
+
+
+def render_explain(doc: dict[str, Any], console: Any = None) -> None:
+    """The explain report as rich panels and tables."""
+    from rich.console import Console, Group
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    prov, nrn = doc["provenance"], doc["neuron"]
+    where = f"layer {nrn['layer']}" + (f" expert {nrn['expert']}" if nrn.get("expert") is not None else "") + \
+        f" neuron {nrn['neuron']}"
+    lines = [f"[bold]{escape(where)}[/bold] of {escape(str(prov['model']))} ({prov['model_type']}, "
+             f"{prov['convention']} convention, d_model {nrn['d_model']})",
+             f"cos(read, write) = [bold]{nrn['cos']:+.3f}[/bold]  z = {nrn['z']:+.1f}  class: {nrn['class'] or '-'}"
+             + (f"  cos(gate, out) = {nrn['cos_gate_out']:+.3f}  cos(gate, in) = {nrn['cos_gate_in']:+.3f}"
+                if "cos_gate_out" in nrn else "")
+             + f"  (random directions: ±{nrn['null_band'][1]:.3f})"]
+    if prov.get("attention_gap"):
+        lines.append(f"[yellow]{escape(prov['attention_gap'])}[/yellow]")
+    parts: list[Any] = [Text.from_markup("\n".join(lines))]
+
+    wr = doc["writers"]
+    table = Table(title="Upstream writers of what it reads", title_justify="left", header_style="bold",
+                  caption=f"score: |cos(write, r̂)| (random directions: < {wr['null_band'][1]:.3f}); heads: share of "
+                          f"output energy along r̂", caption_justify="left")
+    for col in ("#", "writer", "kind", "score", "cos / subspace"):
+        table.add_column(col, justify="right" if col in ("#", "score", "cos / subspace") else "left")
+    for n, e in enumerate(wr["top"], 1):
+        extra = _num(e.get("cos")) if e["kind"] != "head" else f"{e['subspace']:.3f}"
+        table.add_row(str(n), escape(e["label"]), e["kind"], f"{e['score']:.3f}", extra)
+    parts.append(table)
+
+    voc = doc.get("vocab")
+    if voc:
+        vt = Table(title="Vocabulary view (unembedding with the final norm's gain)", title_justify="left",
+                   header_style="bold")
+        for col in ("reads (cos)", "promotes (logit)", "suppresses (logit)"):
+            vt.add_column(col)
+        for a, b, c in zip(voc["reads"], voc["promotes"], voc["suppresses"]):
+            vt.add_row(f"{escape(repr(a['token']))} {a['cos']:+.3f}", f"{escape(repr(b['token']))} {b['logit']:+.3g}",
+                       f"{escape(repr(c['token']))} {c['logit']:+.3g}")
+        parts.append(vt)
+
+    act = doc.get("activations") or {}
+    if "skipped" in act:
+        parts.append(Text(f"Activation evidence: skipped ({act['skipped']})", style="yellow"))
+    elif act:
+        dist, dele = act["distribution"], act["deletion"]
+        q = dist["quantiles"]
+        head = (f"[bold]Activation evidence[/bold] on {escape(act['source'])}: {dist['tokens']:,} tokens · "
+                f"mean {dist['mean']:+.3g} · median {q['q50']:+.3g} · q99 {q['q99']:+.3g} · max {dist['max']:+.3g} · "
+                f"min {dist['min']:+.3g}\n  histogram {dist['histogram']['edges'][0]:+.3g} "
+                f"{_spark(dist['histogram']['counts'])} {dist['histogram']['edges'][-1]:+.3g}\n"
+                f"[bold]Deletion score {_num(dele['score'])}[/bold] over the {dele['tokens']} tokens where |a| is "
+                f"largest: the neuron's own write removes that fraction of the residual's component along r̂ "
+                f"(median per token {_num(dele.get('median_fraction'))})")
+        parts.append(Text.from_markup(head))
+        ct = Table(title="Top-activating contexts" + (" (text shown as the UTF-8 bytes it was fed as)"
+                                                      if act.get("tokens") == "bytes" else ""),
+                   title_justify="left", header_style="bold")
+        for col in ("act", "removed", "context"):
+            ct.add_column(col, justify="right" if col != "context" else "left")
+        for c in act["contexts"]:
+            text = Text()
+            text.append(c["before"].replace("\n", "⏎"))
+            text.append(c["token"].replace("\n", "⏎"), style="bold reverse")
+            text.append(c["after"].replace("\n", "⏎"))
+            ct.add_row(f"{c['activation']:+.3g}", _num(c["fraction_removed"], 2), text)
+        parts.append(ct)
+    console.print(Panel(Group(*parts), title="mmdetect explain", title_align="left"))
+
+
+def render_verify(df: Any, console: Any = None, top: int = 20) -> None:
+    """The verified rows of a scan (after ``verify``) as a table."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    rows = df[df["top_writer"].notna() | df["deletion"].notna()].head(top)
+    info = df.attrs.get("provenance", {}).get("options", {}).get("verify", {})
+    table = Table(title=f"Verified: the top {info.get('verified', len(rows))} flagged neurons", title_justify="left",
+                  header_style="bold", caption_justify="left",
+                  caption=f"deletion: fraction of the residual's component along r̂ that the neuron's write removes "
+                          f"where it fires most (bold: ≥ {ERASES}), on {info.get('corpus', 'no text')}")
+    moe = bool(df["expert"].notna().any())
+    cols = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos", "deletion", "top_writer",
+                                                              "writer_score"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("top_writer", "expert") else "right")
+    for row in rows.to_dict(orient="records"):
+        style = "bold red" if isinstance(row["deletion"], float) and row["deletion"] >= ERASES else None
+        table.add_row(*[escape(_num(row[c])) if isinstance(row[c], float) else escape(str(row[c] if row[c] is not None
+                                                                                          else ""))
+                        for c in cols], style=style)
+    console.print(table)
+
+
+def render_heads(df: Any, top: int = 20, console: Any = None) -> None:
+    """The top ``top`` heads and the per-layer summary as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    table = Table(title=f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
+                        f"convention · {len(df):,} heads · {n_flagged:,} flagged (copying ≤ "
+                        f"{prov.get('threshold', '?')})", title_justify="left", header_style="bold")
+    cols = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for row in df.head(top).to_dict(orient="records"):
+        cells = [str(row[c]) if c in ("rank", "layer", "head", "kv_head") else
+                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else fmt_cell(row[c])) for c in cols]
+        table.add_row(*cells, style="bold red" if row["flagged"] else None)
+    console.print(table)
+    layers = df.attrs.get("layers", [])
+    if layers:
+        summary = Table(title="Per layer (copying = Σ Re λ / Σ |λ| of W_V·W_O; null = 95% band of random heads)",
+                        title_justify="left", header_style="bold")
+        for col in ("layer", "heads", "kv heads", "d_head", "flagged", "min", "median", "null band"):
+            summary.add_column(col, justify="right")
+        for s in layers:
+            summary.add_row(str(s["layer"]), str(s["n_heads"]), str(s["n_kv_heads"]), str(s["d_head"]),
+                            str(s["n_flagged"]), fmt_cell(s["min"]), fmt_cell(s["median"]),
+                            f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}")
+        console.print(summary)
+
+
+def render_chains(df: Any, top: int = 20, console: Any = None) -> None:
+    """The top ``top`` writer -> deleter pairs as a rich table."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    dl = df.attrs.get("deleters", {})
+    table = Table(title=f"{prov.get('model', '?')} · writer → deleter chains", title_justify="left",
+                  header_style="bold", caption_justify="left",
+                  caption=f"{dl.get('neurons_used', 0)} neuron deleters (cos ≤ {prov.get('threshold')}) and "
+                          f"{dl.get('heads_used', 0)} head deleters (copying ≤ {prov.get('head_threshold')}); "
+                          f"score = align × erase")
+    for col in ("rank", "writer", "→ deleter", "align", "erase", "score"):
+        table.add_column(col, justify="left" if col in ("writer", "→ deleter") else "right")
+    for row in df.head(top).to_dict(orient="records"):
+        table.add_row(str(row["rank"]), escape(str(row["writer"])), escape(str(row["deleter"])),
+                      f"{row['align']:.3f}", f"{row['erase']:+.3f}", f"{row['score']:+.3f}")
+    console.print(table)
+    if not len(df):
+        console.print("No flagged deleters: lower --threshold / --head-threshold to look further.")
