@@ -155,11 +155,11 @@ def test_verify_returns_a_new_frame_and_leaves_the_scan_alone(planted: str) -> N
     before = df.copy()
     out = verify(df, planted, 1, max_tokens=512)
     assert df.equals(before) and list(df.columns) == list(before.columns)
-    assert "verify" not in df.attrs["provenance"]
+    assert "verify" not in df.attrs["provenance"].get("options", {})
     assert list(out.columns) == list(df.columns) + VERIFY_COLUMNS
     row = out[(out["layer"] == 1) & (out["neuron"] == B)].iloc[0]
     assert row["deletion"] > 0.8 and row["top_writer"] == f"L0N{A}" and row["writer_score"] > 0.99
-    assert out["top_writer"].notna().sum() == 1 and out.attrs["provenance"]["verify"]["verified"] == 1
+    assert out["top_writer"].notna().sum() == 1 and out.attrs["provenance"]["options"]["verify"]["verified"] == 1
 
 
 # -- chains ------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmdetect.report.formats import fmt_cell
+from mmdetect.report.tables import fmt_cell
 
 ERASES = 0.5  # deletion score from which a verified row is highlighted as erasing in practice
 
