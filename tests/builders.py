@@ -362,3 +362,71 @@ def plant_orthogonal_gate(path: Path, layer: int, neuron: int) -> Path:
     state[p + "up_proj.weight"][neuron, :half] = 0.0
     save_file(state, str(file), metadata={"format": "pt"})
     return path
+
+
+def write_gguf_from_llama(src: Path, path: Path) -> Path:
+    """The Llama checkpoint in folder ``src`` as one F32 GGUF file with llama.cpp's tensor names and q/k row order
+    (``convert_hf_to_gguf.py``'s permutation, which transformers' GGUF loader undoes): the same weights, for checking
+    the GGUF route against the safetensors route. A SentencePiece-style BPE ``tokenizer.json`` (the shared
+    stories260K) goes in as a ``llama`` vocabulary with its merges, so transformers can build the tokenizer too."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    state = {k: v.float().numpy() for k, v in load_file(str(src / "model.safetensors")).items()}
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    d = cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or d // n_head
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(src.name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(d)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
+    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(cfg["vocab_size"])
+    tok_file = src / "tokenizer.json"
+    if tok_file.exists():
+        tok = json.loads(tok_file.read_text())
+        vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+        special = {t["content"] for t in tok.get("added_tokens", []) if t.get("special")}
+        types = [gguf.TokenType.CONTROL if piece in special else
+                 gguf.TokenType.BYTE if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6 else
+                 gguf.TokenType.NORMAL for piece, _id in vocab]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([piece for piece, _id in vocab])
+        writer.add_token_scores([0.0] * len(vocab))
+        writer.add_token_types(types)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])])
+        writer.add_bos_token_id(cfg.get("bos_token_id", 1))
+        writer.add_eos_token_id(cfg.get("eos_token_id", 2))
+        writer.add_unk_token_id(0)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, name in names.items():
+            w = state[f"model.layers.{i}.{hf}.weight"]
+            if name == "attn_q":
+                w = permute(w, n_head)
+            elif name == "attn_k":
+                w = permute(w, n_kv)
+            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(w))
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    if "lm_head.weight" in state:
+        writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

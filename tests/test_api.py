@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 import mmdetect
-from builders import Tiny, reference
+from builders import Tiny, build_llama, build_peer, reference
 from mmdetect.cli import main
 from mmdetect.scanner import COLUMNS
 
-FLOATS = ["cos", "cos_gate_out", "cos_gate_in", "z", "p", "norm_in", "norm_out", "norm_gate"]
+FLOATS = ["cos", "cos_gate_out", "cos_gate_in", "z", "p", "z_layer", "norm_in", "norm_out", "norm_gate"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def df(llama: Tiny) -> pd.DataFrame:
 def test_columns_and_dtypes(df: pd.DataFrame) -> None:
     assert list(df.columns) == COLUMNS
     assert COLUMNS == ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class",
-                       "z", "p", "norm_in", "norm_out", "norm_gate"]
+                       "z", "p", "z_layer", "norm_in", "norm_out", "norm_gate"]
     assert df["layer"].dtype == np.int64 and df["neuron"].dtype == np.int64
     assert df["flagged"].dtype == bool
     for col in FLOATS:
@@ -56,6 +56,56 @@ def test_values_match_the_reference(df: pd.DataFrame, llama: Tiny) -> None:
     up = state["model.layers.0.mlp.up_proj.weight"].double() * state[
         "model.layers.0.post_attention_layernorm.weight"].double()
     np.testing.assert_allclose(got.loc[0, "norm_in"].to_numpy(), up.norm(dim=1).numpy(), rtol=1e-5)
+
+
+def expected_z_layer(df: pd.DataFrame) -> tuple[np.ndarray, dict[int, tuple[float, float]]]:
+    """z_layer recomputed with numpy's own median from the scan's cos column, layer by layer (NaN rows left out)."""
+    want = np.full(len(df), np.nan)
+    spread = {}
+    for layer in sorted(set(df["layer"])):
+        sel = (df["layer"] == layer).to_numpy()
+        cos = df["cos"].to_numpy()[sel]
+        finite = cos[np.isfinite(cos)]
+        med = np.median(finite)
+        mad = np.median(np.abs(finite - med))
+        want[sel] = (cos - med) / (1.4826 * mad)
+        spread[int(layer)] = (float(med), float(mad))
+    return want, spread
+
+
+def test_z_layer_is_the_robust_z_of_each_layer(df: pd.DataFrame) -> None:
+    want, spread = expected_z_layer(df)
+    np.testing.assert_array_equal(df["z_layer"].to_numpy(), want)
+    assert [(s["median"], s["mad"]) for s in df.attrs["layers"]] == [spread[0], spread[1]]
+    # The planted neuron (cos -1) sits many MADs below its layer; rank stays by cos, not by z_layer.
+    assert df.iloc[0]["z_layer"] == want[0] < -5
+    assert df["cos"].is_monotonic_increasing and not df["z_layer"].is_monotonic_increasing
+
+
+def test_z_layer_by_hand() -> None:
+    from mmdetect.scanner.stats import layer_z
+
+    cos = np.array([0.0, 1.0, 2.0, 3.0, 10.0, np.nan, 5.0, 5.0, 5.0])
+    layer = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    got = layer_z(cos, layer)
+    # layer 0: median 2, |deviations| 2, 1, 0, 1, 8 -> MAD 1; layer 1 has no spread (MAD 0): undefined.
+    np.testing.assert_array_equal(got[:5], (np.array([0.0, 1.0, 2.0, 3.0, 10.0]) - 2.0) / 1.4826)
+    assert np.isnan(got[5:]).all()
+
+
+def test_z_layer_leaves_dead_neurons_out(tmp_path: Path) -> None:
+    df = mmdetect.scan(str(build_llama(tmp_path / "dead", nan_neuron=(0, 3))))
+    assert df["cos"].isna().sum() == 1 and df["z_layer"].isna().sum() == 1
+    want, _ = expected_z_layer(df)
+    np.testing.assert_array_equal(df["z_layer"].to_numpy(), want)
+
+
+def test_z_layer_pools_the_experts_of_a_layer(tmp_path: Path) -> None:
+    df = mmdetect.scan(str(build_peer("mixtral", tmp_path / "moe")))
+    assert df["expert"].nunique() == 4
+    want, spread = expected_z_layer(df)
+    np.testing.assert_array_equal(df["z_layer"].to_numpy(), want)
+    assert {s["layer"]: (s["median"], s["mad"]) for s in df.attrs["layers"]} == spread
 
 
 def test_attrs_provenance_and_layers(df: pd.DataFrame, llama: Tiny) -> None:

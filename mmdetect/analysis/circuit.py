@@ -24,8 +24,9 @@ from functools import cached_property
 
 import torch
 
-from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, embedding_fold, fold,
-                                 fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold, unembedding_fold)
+from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, canonical_sign,
+                                 embedding_fold, fold, fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold,
+                                 unembedding_fold)
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
@@ -219,6 +220,25 @@ class Circuit:
         return Neurons(block.job.layer, block.job.spec, block.job.expert, block.expert_label, rows.read, rows.write,
                        rows.gate, actual_write(block.w_out, block.post_gain), rows.sign)
 
+    def write_rows(self, block: Block) -> torch.Tensor:
+        """[n, d] float32: the block's write rows folded as ``neurons`` folds them, *before* the canonical sign flip.
+
+        What a writer scan needs: |cos|, a head's align and erase are the same for o_j and -o_j (bit for bit: a
+        flip only negates), so only the few rows that are reported need their sign (``row_signs``), and the read
+        and gate rows are never folded for the whole block.
+        """
+        return fold(block.w_out, self.mlp_fold(block).write)
+
+    def row_signs(self, block: Block, rows: list[int]) -> list[float]:
+        """The canonical sign (+1.0 / -1.0) that ``neurons`` applies to the given rows of ``block`` (block-relative
+        indices): sign(g_j . r_j) of the folded gate and read rows for a gated MLP where the convention flips."""
+        f = self.mlp_fold(block)
+        if block.w_gate is None or not f.flip_sign or not rows:
+            return [1.0] * len(rows)
+        idx = torch.tensor(rows)
+        r, g = fold(block.w_in[idx], f.read), fold(block.w_gate[idx], f.gate)
+        return canonical_sign((g * r).sum(dim=1)).tolist()
+
     def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
         from mmdetect.scanner.pipeline import iter_blocks
         from mmdetect.scanner.read import plan_jobs
@@ -240,10 +260,34 @@ class Circuit:
         key = self.embedding_key()
         if key is None:
             raise MMDetectError(f"the token embedding {lay.embed!r} is not in {self.ckpt.ref}")
-        conv = self.convention
-        f = embedding_fold(conv, lay.embed_norm, self.layernorm_model,
-                           self.gain(conv.embed, lay.embed_norm, 0, self.d_model))
-        yield from self._rows(key, chunk, f)
+        for start, stop in self.embedding_spans(chunk):
+            yield start, self.embedding_fold_rows(self.embedding_raw(start, stop))
+
+    def embedding_spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
+        """Token ranges [start, stop) of ``chunk`` rows covering the embedding (for reading it in slabs)."""
+        key = self.embedding_key()
+        if key is None:
+            raise MMDetectError(f"the token embedding {self.require_attention().embed!r} is not in {self.ckpt.ref}")
+        n, chunk = int(self.ckpt.tensors[key].shape[0]), chunk or ROW_CHUNK
+        return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+
+    def embedding_raw(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the token embedding as stored, [c, d]."""
+        key = self.embedding_key()
+        assert key is not None
+        return self.ckpt.read(key, start, stop)
+
+    @cached_property
+    def token_fold(self) -> Fold:
+        """How the token embedding's rows are folded (``convention.embedding_fold``), read once."""
+        lay, conv = self.require_attention(), self.convention
+        return embedding_fold(conv, lay.embed_norm, self.layernorm_model,
+                              self.gain(conv.embed, lay.embed_norm, 0, self.d_model))
+
+    def embedding_fold_rows(self, raw: torch.Tensor) -> torch.Tensor:
+        """[c, d] stored embedding rows -> what each token writes: an embedding norm's gain, centred in LayerNorm
+        models (``convention.embedding_fold``)."""
+        return fold(raw, self.token_fold)
 
     def unembedding_key(self) -> str:
         lay = self.require_attention()
@@ -259,6 +303,18 @@ class Circuit:
     def unembedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token id, [c, d]): row t is the residual direction that raises token t's logit, folded by
         ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm)."""
+        for start, stop in self.unembedding_spans(chunk):
+            yield start, self.unembedding_slab(start, stop)
+
+    def unembedding_spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
+        """Token ranges [start, stop) of ``chunk`` rows covering the unembedding; reads its fold's gain first."""
+        _ = self.logit_fold  # checks the shape and reads the final norm's gain, on the calling thread
+        n, chunk = int(self.ckpt.tensors[self.unembedding_key()].shape[0]), chunk or ROW_CHUNK
+        return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+
+    @cached_property
+    def logit_fold(self) -> Fold:
+        """How the unembedding's rows are folded (``convention.unembedding_fold``), read once."""
         lay = self.require_attention()
         key = self.unembedding_key()
         d = self.d_model
@@ -266,16 +322,14 @@ class Circuit:
             raise MMDetectError(f"the unembedding {key!r} is {list(self.ckpt.tensors[key].shape)}, not [vocab, "
                                 f"{d}]: models with an output projection (OPT-350m) are not supported here")
         conv = self.convention
-        yield from self._rows(key, chunk, unembedding_fold(conv, lay.final_norm,
-                                                           self.gain(conv.unembed, lay.final_norm, 0, d)))
+        return unembedding_fold(conv, lay.final_norm, self.gain(conv.unembed, lay.final_norm, 0, d))
+
+    def unembedding_slab(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the unembedding, folded: [c, d]."""
+        return fold(self.ckpt.read(self.unembedding_key(), start, stop), self.logit_fold)
 
     def vocab_size(self) -> int:
         return int(self.ckpt.tensors[self.unembedding_key()].shape[0])
-
-    def _rows(self, key: str, chunk: int, f: Fold) -> Iterator[tuple[int, torch.Tensor]]:
-        n = int(self.ckpt.tensors[key].shape[0])
-        for start in range(0, n, chunk):
-            yield start, fold(self.ckpt.read(key, start, min(n, start + chunk)), f)
 
     def close(self) -> None:
         self.ckpt.close()

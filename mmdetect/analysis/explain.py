@@ -13,12 +13,13 @@ The result is a JSON-ready dict; ``report.panels.render_explain`` draws it on th
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
-
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Vocab, load_corpus, load_vocab
-from mmdetect.analysis.evidence import evidence, vocab_size_from_config
+from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
+from mmdetect.analysis.stream import ordered_map
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
 from mmdetect.analysis.writers import TOP, TopK, head_null_hi, unit, upstream_writers
 from mmdetect.convention import DEFAULT
@@ -33,15 +34,26 @@ def vocab_view(circuit: Circuit, target: Target, vocab: Vocab, k: int = TOP) -> 
     o = target.o.float()
     reads, against, promotes, suppresses = TopK(k), TopK(k), TopK(k), TopK(k)
     total, count = 0.0, 0
-    for start, rows in circuit.unembedding_rows():
+    lock = threading.Lock()
+
+    def chunk(span: tuple[int, int]) -> tuple[float, int, list[list[tuple[float, int]]]]:
+        with lock:
+            rows = circuit.unembedding_slab(*span)                       # [c, d]
         cos = unit(rows) @ rhat
         logit = rows @ o
-        total += float(logit.double().sum())
-        count += rows.shape[0]
-        for best, vals, sign in ((reads, cos, 1), (against, cos, -1), (promotes, logit, 1), (suppresses, logit, -1)):
+        tops = []
+        for vals, sign in ((cos, 1), (cos, -1), (logit, 1), (logit, -1)):
             v, i = (sign * vals).topk(min(k, vals.numel()))
-            for vv, ii in zip(v.tolist(), i.tolist()):
-                best.push(vv, {"token_id": start + ii, "value": sign * vv})
+            tops.append([(vv, span[0] + ii) for vv, ii in zip(v.tolist(), i.tolist())])
+        return float(logit.double().sum()), rows.shape[0], tops
+
+    # Chunks on worker threads; sums and top-k lists are taken in token order, as one loop would take them.
+    for part, n, tops in ordered_map(chunk, circuit.unembedding_spans()):
+        total += part
+        count += n
+        for best, sign, found in zip((reads, against, promotes, suppresses), (1, -1, 1, -1), tops):
+            for vv, tid in found:
+                best.push(vv, {"token_id": tid, "value": sign * vv})
     mean = total / max(1, count)
 
     def items(best: TopK, key: str, centre: bool = False) -> list[dict]:
@@ -82,10 +94,12 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
         doc["tokens"] = vocab.kind if vocab is not None else None
         if corpus is not None:  # activations asked for
             try:
+                model_hf = load_hf_model(circuit)  # first: a model transformers cannot build needs no vocabulary
                 if vocab is None:
                     vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))
                 doc["activations"] = evidence(circuit, [target], corpus, vocab, max_tokens=max_tokens,
-                                              seq_len=seq_len, top_tokens=top_tokens, n_contexts=n_contexts)[0]
+                                              seq_len=seq_len, top_tokens=top_tokens, n_contexts=n_contexts,
+                                              model=model_hf)[0]
             except MMDetectError as exc:
                 if text or dataset:
                     raise

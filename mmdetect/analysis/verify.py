@@ -14,7 +14,7 @@ import torch
 
 from mmdetect.analysis.circuit import open_circuit
 from mmdetect.analysis.corpus import load_corpus, load_vocab
-from mmdetect.analysis.evidence import evidence, vocab_size_from_config
+from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.writers import upstream_writers
 from mmdetect.convention import DEFAULT
@@ -52,7 +52,7 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
                                    k=1, vocab=vocab)
         try:
             ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len,
-                          top_tokens=top_tokens, n_contexts=0)
+                          top_tokens=top_tokens, n_contexts=0, model=load_hf_model(circuit))
             info["corpus"] = corpus.description
         except MMDetectError as exc:
             if text or dataset:

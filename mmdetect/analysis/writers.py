@@ -22,6 +22,7 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.corpus import Vocab
+from mmdetect.analysis.stream import Item, Slab, writer_items, writer_pass
 
 TOP = 10
 
@@ -47,9 +48,14 @@ class TopK:
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> rows scaled to unit length (all-zero rows stay zero)."""
+    """[..., d] -> rows scaled to unit length (all-zero and NaN rows become zero). One pass over x besides the norm:
+    the rare rows without a length are zeroed afterwards rather than by a full-size ``where``."""
     n = x.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, x / n.clamp(min=1e-30), torch.zeros_like(x))
+    out = x / n.clamp(min=1e-30)
+    bad = ~(n > 0)
+    if bool(bad.any()):
+        out = out.masked_fill(bad, 0.0)
+    return out
 
 
 def component_label(kind: str, layer: int | None, index: Any, expert: Any = None, token: str | None = None) -> str:
@@ -61,69 +67,105 @@ def component_label(kind: str, layer: int | None, index: Any, expert: Any = None
     return f"L{layer}" + (f"/E{expert}" if expert is not None else "") + f"N{index}"
 
 
+class ReadTargets:
+    """A :class:`~mmdetect.analysis.stream.Consumer`: the k best upstream writers of each read direction.
+
+    reads [m, d] (row t read in layer ``layers[t]``). Neurons and tokens score |cos(w, r̂)| (one [n, m] product per
+    slab); heads score ``align`` with ``subspace`` beside it. Per target and kind a TopK keeps the best.
+    """
+
+    def __init__(self, reads: torch.Tensor, layers: list[int], k: int, parallel: bool, subspace: bool = True) -> None:
+        self.rhat = unit(reads.float())                                    # [m, d]
+        self.lay = torch.tensor(layers)
+        self.k, self.parallel, self.m, self.subspace = k, parallel, reads.shape[0], subspace
+        self.best = {kind: [TopK(k) for _ in range(self.m)] for kind in ("neurons", "heads", "tokens")}
+
+    def score(self, slab: Slab) -> Any:
+        if slab.kind == "head":
+            return self._heads(slab)
+        targets = torch.nonzero(self.lay > slab.layer).flatten().tolist() if slab.layer is not None \
+            else list(range(self.m))   # (tokens have no layer: upstream of every target)
+        if not targets:
+            return None
+        s = slab.unit @ self.rhat.T                                        # [n, m]
+        out = []
+        for t in targets:
+            col = s[:, t]
+            vals, idx = col.abs().topk(min(self.k, col.numel()))
+            rows = idx.tolist()
+            signs = slab.signs(rows)   # cos of the sign-canonical write: |cos| is the same either way
+            out.append((t, [(v, slab.start + i, float(col[i]) * sign)
+                            for v, i, sign in zip(vals.tolist(), rows, signs)]))
+        return out
+
+    def _heads(self, slab: Slab) -> Any:
+        assert slab.layer is not None
+        ok = (self.lay > slab.layer) if self.parallel else (self.lay >= slab.layer)
+        targets = torch.nonzero(ok).flatten().tolist()
+        if not targets:
+            return None
+        heads = slab.heads
+        assert heads is not None
+        o = heads.o                                                      # [H, dh, d]
+        energy = o.pow(2).sum(dim=(1, 2)).sqrt()                         # [H]
+        proj = torch.einsum("hed,md->hme", o, self.rhat).norm(dim=2)     # [H, m]
+        align = proj / energy.clamp(min=1e-30)[:, None]
+        if not self.subspace:  # (chains report align only: the QR is most of a layer's cost)
+            return [(t, [(float(align[h, t]), None) for h in range(heads.n_heads)]) for t in targets]
+        q = torch.linalg.qr(o.transpose(1, 2).double()).Q.float()       # [H, d, dh] orthonormal output basis
+        sub = torch.einsum("hde,md->hme", q, self.rhat).norm(dim=2)      # [H, m]
+        return [(t, [(float(align[h, t]), float(sub[h, t])) for h in range(heads.n_heads)]) for t in targets]
+
+    def take(self, slab: Slab, result: Any) -> None:
+        for t, entries in result:
+            if slab.kind == "head":
+                for h, (v, sub) in enumerate(entries):
+                    entry = {"kind": "head", "layer": slab.layer, "expert": None, "index": h, "align": v, "score": v}
+                    if sub is not None:
+                        entry["subspace"] = sub
+                    self.best["heads"][t].push(v, entry)
+                continue
+            kind = "neurons" if slab.kind == "neuron" else "tokens"
+            for v, i, cos in entries:
+                self.best[kind][t].push(v, {"kind": slab.kind, "layer": slab.layer, "expert": slab.expert,
+                                            "index": i, "cos": cos, "score": v})
+
+    def items(self, circuit: Circuit) -> list[Item]:
+        """What to stream: MLPs below the deepest target, heads up to it, and the embedding."""
+        top = int(self.lay.max())
+        attention = {x for x in circuit.attention_layers if x <= top} if circuit.attention is not None else set()
+        return writer_items(circuit, {x for x in circuit.located if x < top}, attention,
+                            tokens=circuit.attention is not None)
+
+    def result(self, vocab: Vocab | None) -> list[dict[str, list[dict]]]:
+        out = []
+        for t in range(self.m):
+            entry = {kind: self.best[kind][t].sorted() for kind in self.best}
+            for kind in entry:
+                for e in entry[kind]:
+                    token = vocab.label(e["index"]) if (vocab is not None and e["kind"] == "token") else None
+                    if token is not None:
+                        e["token"] = token
+                    e["label"] = component_label(e["kind"], e["layer"], e["index"], e["expert"],
+                                                 token or f"#{e['index']}")
+            entry["top"] = sorted(entry["neurons"] + entry["heads"] + entry["tokens"], key=lambda e: -e["score"])[:self.k]
+            out.append(entry)
+        return out
+
+
 def upstream_writers(circuit: Circuit, reads: torch.Tensor, layers: list[int], *, k: int = TOP,
                      same_layer_heads: bool = True, vocab: Vocab | None = None) -> list[dict[str, list[dict]]]:
     """For each read direction (rows of ``reads`` [m, d], read in layer ``layers[t]``): the k best upstream writers.
 
     Returns per target {"neurons", "heads", "tokens", "top"}: entries with kind, layer, index, score, and cos
     (signed, neurons and tokens) or align/subspace (heads). ``same_layer_heads``: a layer's own heads precede its MLP
-    (sequential blocks); pass False for parallel blocks and for head targets.
+    (sequential blocks); pass False for parallel blocks and for head targets. One streamed pass over the checkpoint
+    (``stream.writer_pass``).
     """
-    m = reads.shape[0]
-    rhat = unit(reads.float())                                          # [m, d]
-    lay_t = torch.tensor(layers)
-    best = {kind: [TopK(k) for _ in range(m)] for kind in ("neurons", "heads", "tokens")}
-    top_layer = max(layers)
-    wanted = {layer for layer in circuit.located if layer < top_layer}
-    for nb in circuit.iter_neurons(wanted):
-        ohat = unit(nb.o)                                               # [n, d]
-        s = (ohat @ rhat.T)                                             # [n, m]
-        for t in torch.nonzero(lay_t > nb.layer).flatten().tolist():
-            col = s[:, t]
-            vals, idx = col.abs().topk(min(k, col.numel()))
-            for v, i in zip(vals.tolist(), idx.tolist()):
-                best["neurons"][t].push(v, {"kind": "neuron", "layer": nb.layer, "expert": nb.expert_label,
-                                            "index": i, "cos": float(col[i]), "score": v})
-    if circuit.attention is not None:
-        parallel = circuit.attention.parallel or not same_layer_heads
-        for layer in [x for x in circuit.attention_layers if x <= top_layer]:
-            ok = (lay_t > layer) if parallel else (lay_t >= layer)
-            targets = torch.nonzero(ok).flatten().tolist()
-            if not targets:
-                continue
-            heads = circuit.heads(layer)
-            o = heads.o                                                 # [H, dh, d]
-            energy = o.pow(2).sum(dim=(1, 2)).sqrt()                    # [H]
-            proj = torch.einsum("hed,md->hme", o, rhat).norm(dim=2)     # [H, m]
-            align = proj / energy.clamp(min=1e-30)[:, None]
-            q = torch.linalg.qr(o.transpose(1, 2).double()).Q.float()  # [H, d, dh] orthonormal output basis
-            sub = torch.einsum("hde,md->hme", q, rhat).norm(dim=2)      # [H, m]
-            for t in targets:
-                for h in range(heads.n_heads):
-                    v = float(align[h, t])
-                    best["heads"][t].push(v, {"kind": "head", "layer": layer, "expert": None, "index": h,
-                                              "align": v, "subspace": float(sub[h, t]), "score": v})
-    if circuit.has_embedding():
-        for start, rows in circuit.embedding_rows():
-            s = unit(rows) @ rhat.T                                     # [c, m]
-            for t in range(m):
-                vals, idx = s[:, t].abs().topk(min(k, s.shape[0]))
-                for v, i in zip(vals.tolist(), idx.tolist()):
-                    tid = start + i
-                    best["tokens"][t].push(v, {"kind": "token", "layer": None, "expert": None, "index": tid,
-                                               "cos": float(s[i, t]), "score": v})
-    out = []
-    for t in range(m):
-        entry = {kind: best[kind][t].sorted() for kind in best}
-        for kind in entry:
-            for e in entry[kind]:
-                token = vocab.label(e["index"]) if (vocab is not None and e["kind"] == "token") else None
-                if token is not None:
-                    e["token"] = token
-                e["label"] = component_label(e["kind"], e["layer"], e["index"], e["expert"], token or f"#{e['index']}")
-        entry["top"] = sorted(entry["neurons"] + entry["heads"] + entry["tokens"], key=lambda e: -e["score"])[:k]
-        out.append(entry)
-    return out
+    parallel = bool(circuit.attention is not None and circuit.attention.parallel) or not same_layer_heads
+    consumer = ReadTargets(reads, layers, k, parallel)
+    writer_pass(circuit, [consumer], consumer.items(circuit))
+    return consumer.result(vocab)
 
 
 def head_null_hi(d: int, dh: int, level: float = 0.95) -> float:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
-           "norm_in", "norm_out", "norm_gate"]
+           "z_layer", "norm_in", "norm_out", "norm_gate"]
 
 
 @dataclass

@@ -57,23 +57,24 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
     moe = bool(df["expert"].notna().any()) if len(df) else False
     table = Table(title=title, title_justify="left", header_style="bold")
     cols = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos"] + \
-        (["cos_gate_out", "cos_gate_in"] if gated else []) + ["z", "class"]
+        (["cos_gate_out", "cos_gate_in"] if gated else []) + ["z", "z_layer", "class"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("class", "expert") else "right")
     for row in df.head(top).to_dict(orient="records"):
         style = "bold red" if row["flagged"] else None
-        table.add_row(*[fmt_cell(row[c], 2 if c == "z" else 3) if c not in ("rank", "layer", "neuron") else
+        table.add_row(*[fmt_cell(row.get(c), 2 if c in ("z", "z_layer") else 3) if c not in ("rank", "layer", "neuron") else
                         ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
     console.print(table)
     layers = df.attrs.get("layers", [])
     if layers:
-        summary = Table(title="Per layer (cos quantiles; null = 95% band of random directions, empirical = "
-                              "mismatched neuron pairs)", title_justify="left", header_style="bold")
-        for col in ("layer", "neurons", "flagged", "share", "min", "q05", "median", "null band", "empirical"):
+        summary = Table(title="Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% "
+                              "band of random directions, empirical = mismatched neuron pairs)", title_justify="left",
+                        header_style="bold")
+        for col in ("layer", "neurons", "flagged", "share", "min", "q05", "median", "MAD", "null band", "empirical"):
             summary.add_column(col, justify="right")
         for s in layers:
             summary.add_row(str(s["layer"]), f"{s['n_neurons']:,}", f"{s['n_flagged']:,}",
                             f"{100 * s['share_flagged']:.1f}%", fmt_cell(s["min"]), fmt_cell(s["q05"]),
-                            fmt_cell(s["median"]), f"±{s['null_hi']:.3f}",
+                            fmt_cell(s["median"]), fmt_cell(s.get("mad")), f"±{s['null_hi']:.3f}",
                             f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
         console.print(summary)

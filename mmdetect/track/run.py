@@ -101,7 +101,7 @@ def _read_unit(out: Path, unit: Unit) -> tuple[Any, dict[str, Any]]:
     from mmdetect.scanner import COLUMNS
 
     meta = json.loads((out / CHECKPOINTS / f"{unit.name}.meta.json").read_text(encoding="utf-8"))
-    types = {c: pa.float64() for c in COLUMNS if c.startswith(("cos", "norm_")) or c in ("z", "p")}
+    types = {c: pa.float64() for c in COLUMNS if c.startswith(("cos", "norm_")) or c in ("z", "p", "z_layer")}
     types.update({"rank": pa.int64(), "layer": pa.int64(), "neuron": pa.int64(), "expert": pa.string(),
                   "class": pa.string(), "flagged": pa.bool_()})
     table = pa_csv.read_csv(out / CHECKPOINTS / f"{unit.name}.csv",

@@ -1,0 +1,167 @@
+"""Streaming a circuit's components through worker threads, the way the scan streams MLP blocks.
+
+explain, ``scan --verify``, heads and chains all walk the same components: every MLP block (neurons), every attention
+layer (heads) and the token embedding in row chunks (tokens). :func:`writer_pass` reads each of them once, on
+``scanner.pipeline.compute_workers()`` threads with torch single-threaded inside each (the scan's rule: per-slab
+kernels are too small for torch's own thread pool, which spins against the other threads on a busy machine), and
+hands the folded slab to every :class:`Consumer`. A consumer scores the slab on the worker thread and keeps only a
+few numbers per target; its ``take`` then runs on the calling thread, in the fixed order of :func:`writer_items`
+(MLP blocks by layer, then attention layers, then token chunks), so top-k lists fill exactly as a sequential loop
+would fill them. At most ``workers`` slabs (one layer's MLP each, about 200 MB folded for a 1.5B model) are alive
+at once.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from mmdetect.analysis.circuit import Circuit, Heads
+from mmdetect.scanner.read import Block, Job, load_block, plan_jobs
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread inside the block (small LAPACK calls are many times slower with its pool on a busy
+    machine), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """``fn(item)`` for every item on worker threads (torch single-threaded meanwhile), yielded in item order.
+
+    Only ``workers`` items run at a time, and a result is handed on as soon as it and every earlier one are done, so
+    memory stays at about ``workers`` items' working sets plus their (small) results.
+    """
+    from mmdetect.scanner.pipeline import compute_workers
+
+    items = list(items)
+    if not items:
+        return
+    with single_threaded():
+        pool = ThreadPoolExecutor(max(1, workers or compute_workers()), thread_name_prefix="mmdetect-analysis")
+        try:
+            futures: deque = deque(pool.submit(fn, item) for item in items)
+            while futures:
+                yield futures.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- writer slabs --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Slab:
+    """One group of writers, folded by the circuit's convention.
+
+    kind "neuron": ``w`` [n, d] is one MLP block's write rows *before* the canonical sign flip (|cos|, align and
+    erase do not depend on it; ``signs`` gives it for the few rows that are reported), ``start`` the index of its
+    first neuron (a large MLP is read in parts). kind "head": ``heads`` is the layer's folded heads. kind "token":
+    ``w`` [c, d] is a chunk of the token embedding starting at token ``start``.
+    """
+
+    kind: str
+    layer: int | None
+    expert: Any = None
+    start: int = 0
+    w: torch.Tensor | None = None
+    heads: Heads | None = None
+    block: Block | None = field(default=None, repr=False)
+    circuit: Circuit | None = field(default=None, repr=False)
+
+    @cached_property
+    def unit(self) -> torch.Tensor:
+        """[n, d] the rows scaled to unit length (computed once, shared by every consumer)."""
+        from mmdetect.analysis.writers import unit
+
+        assert self.w is not None
+        return unit(self.w)
+
+    @cached_property
+    def unit_rows(self) -> torch.Tensor:
+        """``unit`` in row-major memory (a neuron block's write rows come column-major from a transposed ``down``
+        weight): the same numbers, for elementwise products with row-major [n, d] results, which are several times
+        faster when both sides have one layout."""
+        return self.unit.contiguous()
+
+    def signs(self, rows: list[int]) -> list[float]:
+        """The canonical sign (+1 / -1) of the given rows (block-relative); 1 for tokens and heads."""
+        if self.kind != "neuron" or self.block is None or self.circuit is None:
+            return [1.0] * len(rows)
+        return self.circuit.row_signs(self.block, rows)
+
+
+class Consumer(Protocol):
+    def score(self, slab: Slab) -> Any: ...           # on a worker thread: a few numbers per target, or None
+
+    def take(self, slab: Slab, result: Any) -> None: ...  # on the calling thread, in writer_items order
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str
+    job: Job | None = None
+    layer: int | None = None
+    span: tuple[int, int] | None = None
+
+
+def writer_items(circuit: Circuit, mlp_layers: set[int], attention_layers: set[int], tokens: bool,
+                 chunk: int | None = None) -> list[Item]:
+    """The writers to stream, in the order their scores are taken: MLP blocks (layers of ``mlp_layers``, in the
+    scan's job order), heads of ``attention_layers`` by layer, then the token embedding in row chunks."""
+    items = [Item("neuron", job=job) for job in plan_jobs(circuit.ckpt, circuit.located, mlp_layers)] \
+        if mlp_layers else []
+    items += [Item("head", layer=layer) for layer in circuit.attention_layers if layer in attention_layers]
+    if tokens and circuit.has_embedding():
+        _ = circuit.token_fold  # read the embedding norm's gain here, not on a worker thread
+        items += [Item("token", span=span) for span in circuit.embedding_spans(chunk)]
+    return items
+
+
+def writer_pass(circuit: Circuit, consumers: list[Consumer], items: list[Item]) -> None:
+    """Read and fold every item once on the worker threads, score it with every consumer there, and hand the
+    results to each consumer's ``take`` in item order."""
+    lock = threading.Lock()  # one read at a time, so the disk sees one sequential stream (as in the scan)
+
+    def load(item: Item) -> Slab:
+        if item.kind == "neuron":
+            assert item.job is not None
+            with lock:
+                block = load_block(circuit.ckpt, item.job)
+            start = item.job.part[0] if item.job.part else 0
+            return Slab("neuron", item.job.layer, block.expert_label, start, circuit.write_rows(block), block=block,
+                        circuit=circuit)
+        if item.kind == "head":
+            with lock:
+                heads = circuit.heads(int(item.layer))  # type: ignore[arg-type]
+            return Slab("head", item.layer, heads=heads)
+        assert item.span is not None
+        with lock:
+            raw = circuit.embedding_raw(*item.span)
+        return Slab("token", None, start=item.span[0], w=circuit.embedding_fold_rows(raw))
+
+    def work(item: Item) -> tuple[Slab, list[Any]]:
+        slab = load(item)
+        results = [c.score(slab) for c in consumers]
+        # Keep only what ``take`` reads: the slab's labels, not its tensors (the block's mapping is released here).
+        return Slab(slab.kind, slab.layer, slab.expert, slab.start), results
+
+    for slab, results in ordered_map(work, items):
+        for consumer, result in zip(consumers, results):
+            if result is not None:
+                consumer.take(slab, result)
