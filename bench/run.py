@@ -112,6 +112,9 @@ def analysis_routes(folder: Path, name: str) -> dict[str, list[str]]:
         "scan": [tool, "scan", str(folder), "--format", "csv", "-o", str(OUT / f"{name}.csv")],
         "heads": [tool, "heads", str(folder), "--format", "csv", "-o", str(OUT / f"{name}-heads.csv")],
         "chains": [tool, "chains", str(folder), "--format", "csv", "-o", str(OUT / f"{name}-chains.csv")],
+        # (no target: where chains' time goes without its head deleters)
+        "chains --no-heads": [tool, "chains", str(folder), "--no-heads", "--format", "csv", "-o",
+                              str(OUT / f"{name}-chains-no-heads.csv")],
         "explain --no-activations": [tool, "explain", str(folder), "-l", EXPLAIN_AT[0], "-n", EXPLAIN_AT[1],
                                      "--no-activations", "--format", "json", "-o", str(OUT / f"{name}-explain.json")],
     }

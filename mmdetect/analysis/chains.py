@@ -68,6 +68,8 @@ class HeadTargets:
         self.best = [TopK(k) for _ in deleters]
 
     def score(self, slab: Slab) -> Any:
+        if slab.kind == "logit":
+            return None
         targets = torch.nonzero(self.lay > slab.layer).flatten().tolist() if slab.layer is not None \
             else list(range(len(self.deleters)))
         if not targets:
@@ -89,7 +91,8 @@ class HeadTargets:
                 shared[key] = p, p.norm(dim=1) / v.norm().clamp(min=1e-30)
             p, read = shared[key]
             mo = p @ o                                                           # [n, d]: M ô
-            erase = -(mo * what_rows).sum(1) / mo.norm(dim=1).clamp(min=1e-30)
+            norm = mo.norm(dim=1)
+            erase = -mo.mul_(what_rows).sum(1) / norm.clamp(min=1e-30)          # (in place: one [n, d] less)
             score = read * erase
             vals, idx = score.topk(min(self.k, score.numel()))
             out.append((t, [(sc, i, float(read[i]), float(erase[i])) for sc, i in zip(vals.tolist(), idx.tolist())]))

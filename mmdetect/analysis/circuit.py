@@ -24,9 +24,23 @@ from functools import cached_property
 
 import torch
 
-from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, canonical_sign,
-                                 embedding_fold, fold, fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold,
-                                 unembedding_fold)
+from mmdetect.convention import (
+    DEFAULT,
+    Convention,
+    Fold,
+    MLPFold,
+    Rule,
+    actual_write,
+    canonical_sign,
+    embedding_fold,
+    fold,
+    fold_mlp,
+    get_convention,
+    head_fold,
+    layernorm_model,
+    mlp_fold,
+    unembedding_fold,
+)
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
@@ -193,6 +207,17 @@ class Circuit:
         o = fold(o, fold_o).reshape(n_heads, dh, d)
         return Heads(layer, v, o, kv)
 
+    def head_dim(self, layer: int) -> int:
+        """d_head of a layer's heads, from the output projection's shape alone (nothing is read)."""
+        lay = self.require_attention()
+        n_heads = lay.n_heads(self.ckpt.config)
+        key = tensor_key(lay.o.key, layer)
+        shape = self.ckpt.tensors[key].shape if key in self.ckpt else ()
+        rows = int(shape[0 if lay.o.axis == 0 else 1]) if len(shape) == 2 else 0
+        if n_heads is None or not rows or rows % n_heads:
+            return self.heads(layer).head_dim  # (which reports what does not fit)
+        return rows // n_heads
+
     def _split_qkv(self, proj: Proj, layer: int, n_heads: int, dh: int) -> torch.Tensor:
         """The value rows of a fused projection, [KV*dh, d], in key/value-head order."""
         t = self._canonical(proj, layer)
@@ -326,7 +351,11 @@ class Circuit:
 
     def unembedding_slab(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the unembedding, folded: [c, d]."""
-        return fold(self.ckpt.read(self.unembedding_key(), start, stop), self.logit_fold)
+        return self.logit_fold_rows(self.ckpt.read(self.unembedding_key(), start, stop))
+
+    def logit_fold_rows(self, raw: torch.Tensor) -> torch.Tensor:
+        """[c, d] stored unembedding rows -> the residual directions raising each token's logit."""
+        return fold(raw, self.logit_fold)
 
     def vocab_size(self) -> int:
         return int(self.ckpt.tensors[self.unembedding_key()].shape[0])

@@ -13,59 +13,88 @@ The result is a JSON-ready dict; ``report.panels.render_explain`` draws it on th
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Vocab, load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
-from mmdetect.analysis.stream import ordered_map
+from mmdetect.analysis.stream import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
-from mmdetect.analysis.writers import TOP, TopK, head_null_hi, unit, upstream_writers
+from mmdetect.analysis.writers import TOP, ReadTargets, TopK, head_null_hi, unit
 from mmdetect.convention import DEFAULT
-from mmdetect.report.provenance import Provenance
 from mmdetect.errors import MMDetectError, warn
+from mmdetect.report.provenance import Provenance
 from mmdetect.scanner.stats import null_band
+
+
+class VocabView:
+    """A :class:`~mmdetect.analysis.stream.Consumer` of unembedding rows u_t (``Slab.u``): the tokens the read vector
+    aligns with, and the tokens the write vector promotes and suppresses (see the module docstring)."""
+
+    def __init__(self, target: Target, k: int) -> None:
+        self.rhat = unit(target.r.float())
+        self.o = target.o.float()
+        self.k = k
+        self.best = [TopK(k) for _ in range(4)]     # reads, reads_negative, promotes, suppresses
+        self.total, self.count = 0.0, 0
+
+    def score(self, slab: Slab) -> Any:
+        rows = slab.u
+        if rows is None:
+            return None
+        cos = unit(rows) @ self.rhat
+        logit = rows @ self.o
+        tops = []
+        for vals, sign in ((cos, 1), (cos, -1), (logit, 1), (logit, -1)):
+            v, i = (sign * vals).topk(min(self.k, vals.numel()))
+            tops.append([(vv, slab.start + ii) for vv, ii in zip(v.tolist(), i.tolist())])
+        return float(logit.double().sum()), rows.shape[0], tops
+
+    def take(self, slab: Slab, result: Any) -> None:
+        part, n, tops = result
+        self.total += part
+        self.count += n
+        for best, sign, found in zip(self.best, (1, -1, 1, -1), tops):
+            for vv, tid in found:
+                best.push(vv, {"token_id": tid, "value": sign * vv})
+
+    def result(self, circuit: Circuit, vocab: Vocab) -> dict[str, Any]:
+        mean = self.total / max(1, self.count)
+
+        def items(best: TopK, key: str, centre: bool = False) -> list[dict]:
+            return [{"token_id": e["token_id"], "token": vocab.label(e["token_id"]),
+                     key: e["value"] - (mean if centre else 0.0)} for e in best.sorted()]
+
+        reads, against, promotes, suppresses = self.best
+        final_norm = circuit.require_attention().final_norm
+        return {"unembedding": circuit.unembedding_key(),
+                "final_norm": final_norm.weight if final_norm else None,
+                "reads": items(reads, "cos"), "reads_negative": items(against, "cos"),
+                "promotes": items(promotes, "logit", True), "suppresses": items(suppresses, "logit", True),
+                "logit_mean": mean}
+
+
+def writers_and_vocab(circuit: Circuit, target: Target, vocab: Vocab | None, k: int = TOP) \
+        -> tuple[dict[str, list[dict]], dict[str, Any] | None]:
+    """The target's upstream writers and (with a vocabulary) its vocabulary view, from one streamed pass: the
+    unembedding rides along with the writers (and is the embedding read once when the two are tied)."""
+    writers = ReadTargets(target.r[None], [target.layer], k, parallel=bool(circuit.attention is not None
+                                                                          and circuit.attention.parallel))
+    view = VocabView(target, k) if vocab is not None else None
+    top = target.layer
+    attention = {x for x in circuit.attention_layers if x <= top} if circuit.attention is not None else set()
+    items = writer_items(circuit, {x for x in circuit.located if x < top}, attention,
+                         tokens=circuit.attention is not None, logits=view is not None)
+    writer_pass(circuit, [writers] + ([view] if view is not None else []), items)
+    writers.add_subspace(circuit)
+    return writers.result(vocab)[0], view.result(circuit, vocab) if view is not None and vocab is not None else None
 
 
 def vocab_view(circuit: Circuit, target: Target, vocab: Vocab, k: int = TOP) -> dict[str, Any]:
     """Tokens the read vector aligns with, and tokens the write vector promotes and suppresses."""
-    rhat = unit(target.r.float())
-    o = target.o.float()
-    reads, against, promotes, suppresses = TopK(k), TopK(k), TopK(k), TopK(k)
-    total, count = 0.0, 0
-    lock = threading.Lock()
-
-    def chunk(span: tuple[int, int]) -> tuple[float, int, list[list[tuple[float, int]]]]:
-        with lock:
-            rows = circuit.unembedding_slab(*span)                       # [c, d]
-        cos = unit(rows) @ rhat
-        logit = rows @ o
-        tops = []
-        for vals, sign in ((cos, 1), (cos, -1), (logit, 1), (logit, -1)):
-            v, i = (sign * vals).topk(min(k, vals.numel()))
-            tops.append([(vv, span[0] + ii) for vv, ii in zip(v.tolist(), i.tolist())])
-        return float(logit.double().sum()), rows.shape[0], tops
-
-    # Chunks on worker threads; sums and top-k lists are taken in token order, as one loop would take them.
-    for part, n, tops in ordered_map(chunk, circuit.unembedding_spans()):
-        total += part
-        count += n
-        for best, sign, found in zip((reads, against, promotes, suppresses), (1, -1, 1, -1), tops):
-            for vv, tid in found:
-                best.push(vv, {"token_id": tid, "value": sign * vv})
-    mean = total / max(1, count)
-
-    def items(best: TopK, key: str, centre: bool = False) -> list[dict]:
-        return [{"token_id": e["token_id"], "token": vocab.label(e["token_id"]),
-                 key: e["value"] - (mean if centre else 0.0)} for e in best.sorted()]
-
-    final_norm = circuit.require_attention().final_norm
-    return {"unembedding": circuit.unembedding_key(),
-            "final_norm": final_norm.weight if final_norm else None,
-            "reads": items(reads, "cos"), "reads_negative": items(against, "cos"),
-            "promotes": items(promotes, "logit", True), "suppresses": items(suppresses, "logit", True),
-            "logit_mean": mean}
+    view = VocabView(target, k)
+    writer_pass(circuit, [view], writer_items(circuit, set(), set(), tokens=False, logits=True))
+    return view.result(circuit, vocab)
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -85,12 +114,12 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
             vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
         else:
             warn(f"{circuit.attention_gap}; upstream heads, the embedding and the vocabulary view are left out")
-        writers = upstream_writers(circuit, target.r[None], [target.layer], k=top, vocab=vocab)[0]
+        writers, view = writers_and_vocab(circuit, target, vocab, top)
         lo, hi = null_band(d)
-        dh = circuit.heads(circuit.attention_layers[0]).head_dim if circuit.attention is not None else None
+        dh = circuit.head_dim(circuit.attention_layers[0]) if circuit.attention is not None else None
         doc["writers"] = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
                           "parallel_block": bool(circuit.attention and circuit.attention.parallel), **writers}
-        doc["vocab"] = vocab_view(circuit, target, vocab, top) if vocab is not None else None
+        doc["vocab"] = view
         doc["tokens"] = vocab.kind if vocab is not None else None
         if corpus is not None:  # activations asked for
             try:

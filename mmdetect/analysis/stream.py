@@ -72,7 +72,9 @@ class Slab:
     kind "neuron": ``w`` [n, d] is one MLP block's write rows *before* the canonical sign flip (|cos|, align and
     erase do not depend on it; ``signs`` gives it for the few rows that are reported), ``start`` the index of its
     first neuron (a large MLP is read in parts). kind "head": ``heads`` is the layer's folded heads. kind "token":
-    ``w`` [c, d] is a chunk of the token embedding starting at token ``start``.
+    ``w`` [c, d] is a chunk of the token embedding starting at token ``start``, and ``u`` the same tokens'
+    unembedding rows when the vocabulary view is streamed too and the two are one tensor (tied embeddings: one read,
+    one conversion). kind "logit": only ``u``, a chunk of a separate unembedding.
     """
 
     kind: str
@@ -81,16 +83,20 @@ class Slab:
     start: int = 0
     w: torch.Tensor | None = None
     heads: Heads | None = None
+    u: torch.Tensor | None = None
     block: Block | None = field(default=None, repr=False)
     circuit: Circuit | None = field(default=None, repr=False)
 
     @cached_property
     def unit(self) -> torch.Tensor:
-        """[n, d] the rows scaled to unit length (computed once, shared by every consumer)."""
+        """[n, d] the rows scaled to unit length (computed once, shared by every consumer). The folded rows ``w`` are
+        dropped then: every consumer reads the unit rows, and a worker holds one [n, d] copy less."""
         from mmdetect.analysis.writers import unit
 
         assert self.w is not None
-        return unit(self.w)
+        out = unit(self.w)
+        self.w = None
+        return out
 
     @cached_property
     def unit_rows(self) -> torch.Tensor:
@@ -118,18 +124,26 @@ class Item:
     job: Job | None = None
     layer: int | None = None
     span: tuple[int, int] | None = None
+    logits: bool = False   # a token chunk that also yields its unembedding rows (tied embeddings)
 
 
 def writer_items(circuit: Circuit, mlp_layers: set[int], attention_layers: set[int], tokens: bool,
-                 chunk: int | None = None) -> list[Item]:
+                 chunk: int | None = None, logits: bool = False) -> list[Item]:
     """The writers to stream, in the order their scores are taken: MLP blocks (layers of ``mlp_layers``, in the
-    scan's job order), heads of ``attention_layers`` by layer, then the token embedding in row chunks."""
+    scan's job order), heads of ``attention_layers`` by layer, then the token embedding in row chunks; with
+    ``logits``, the unembedding in row chunks too (for the vocabulary view), read with the embedding when tied."""
     items = [Item("neuron", job=job) for job in plan_jobs(circuit.ckpt, circuit.located, mlp_layers)] \
         if mlp_layers else []
     items += [Item("head", layer=layer) for layer in circuit.attention_layers if layer in attention_layers]
+    tied = False
+    if logits:
+        _ = circuit.logit_fold  # read the final norm's gain here, not on a worker thread
+        tied = circuit.unembedding_key() == circuit.embedding_key()
     if tokens and circuit.has_embedding():
         _ = circuit.token_fold  # read the embedding norm's gain here, not on a worker thread
-        items += [Item("token", span=span) for span in circuit.embedding_spans(chunk)]
+        items += [Item("token", span=span, logits=tied) for span in circuit.embedding_spans(chunk)]
+    if logits and not (tied and tokens):
+        items += [Item("logit", span=span) for span in circuit.unembedding_spans(chunk)]
     return items
 
 
@@ -151,9 +165,16 @@ def writer_pass(circuit: Circuit, consumers: list[Consumer], items: list[Item]) 
                 heads = circuit.heads(int(item.layer))  # type: ignore[arg-type]
             return Slab("head", item.layer, heads=heads)
         assert item.span is not None
+        if item.kind == "logit":
+            with lock:
+                u = circuit.unembedding_slab(*item.span)
+            return Slab("logit", None, start=item.span[0], u=u)
         with lock:
             raw = circuit.embedding_raw(*item.span)
-        return Slab("token", None, start=item.span[0], w=circuit.embedding_fold_rows(raw))
+        if item.logits:  # one conversion for both folds (folding float32 rows is the same arithmetic)
+            raw = raw.float()
+        return Slab("token", None, start=item.span[0], w=circuit.embedding_fold_rows(raw),
+                    u=circuit.logit_fold_rows(raw) if item.logits else None)
 
     def work(item: Item) -> tuple[Slab, list[Any]]:
         slab = load(item)

@@ -22,7 +22,13 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.corpus import Vocab
-from mmdetect.analysis.stream import Item, Slab, writer_items, writer_pass
+from mmdetect.analysis.stream import (
+    Item,
+    Slab,
+    single_threaded,
+    writer_items,
+    writer_pass,
+)
 
 TOP = 10
 
@@ -81,6 +87,8 @@ class ReadTargets:
         self.best = {kind: [TopK(k) for _ in range(self.m)] for kind in ("neurons", "heads", "tokens")}
 
     def score(self, slab: Slab) -> Any:
+        if slab.kind == "logit":
+            return None
         if slab.kind == "head":
             return self._heads(slab)
         targets = torch.nonzero(self.lay > slab.layer).flatten().tolist() if slab.layer is not None \
@@ -110,25 +118,39 @@ class ReadTargets:
         energy = o.pow(2).sum(dim=(1, 2)).sqrt()                         # [H]
         proj = torch.einsum("hed,md->hme", o, self.rhat).norm(dim=2)     # [H, m]
         align = proj / energy.clamp(min=1e-30)[:, None]
-        if not self.subspace:  # (chains report align only: the QR is most of a layer's cost)
-            return [(t, [(float(align[h, t]), None) for h in range(heads.n_heads)]) for t in targets]
-        q = torch.linalg.qr(o.transpose(1, 2).double()).Q.float()       # [H, d, dh] orthonormal output basis
-        sub = torch.einsum("hde,md->hme", q, self.rhat).norm(dim=2)      # [H, m]
-        return [(t, [(float(align[h, t]), float(sub[h, t])) for h in range(heads.n_heads)]) for t in targets]
+        return [(t, [float(align[h, t]) for h in range(heads.n_heads)]) for t in targets]
 
     def take(self, slab: Slab, result: Any) -> None:
         for t, entries in result:
             if slab.kind == "head":
-                for h, (v, sub) in enumerate(entries):
-                    entry = {"kind": "head", "layer": slab.layer, "expert": None, "index": h, "align": v, "score": v}
-                    if sub is not None:
-                        entry["subspace"] = sub
+                for h, v in enumerate(entries):
+                    entry = {"kind": "head", "layer": slab.layer, "expert": None, "index": h, "align": v}
+                    if self.subspace:
+                        entry["subspace"] = None   # filled in by ``add_subspace`` for the heads that are kept
+                    entry["score"] = v
                     self.best["heads"][t].push(v, entry)
                 continue
             kind = "neurons" if slab.kind == "neuron" else "tokens"
             for v, i, cos in entries:
                 self.best[kind][t].push(v, {"kind": slab.kind, "layer": slab.layer, "expert": slab.expert,
                                             "index": i, "cos": cos, "score": v})
+
+    def add_subspace(self, circuit: Circuit) -> None:
+        """``subspace`` = ||P_h r̂|| of the heads that made a top list: an orthonormal basis of each head's outputs
+        (QR) is most of a layer's cost, so only the layers holding a kept head are read again for it."""
+        if not self.subspace:
+            return
+        kept: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        for t in range(self.m):
+            for e in self.best["heads"][t].sorted():
+                kept.setdefault(e["layer"], []).append((t, e))
+        with single_threaded():
+            for layer in sorted(kept):
+                o = circuit.heads(layer).o                                   # [H, dh, d]
+                q = torch.linalg.qr(o.transpose(1, 2).double()).Q.float()   # [H, d, dh] orthonormal output basis
+                sub = torch.einsum("hde,md->hme", q, self.rhat).norm(dim=2)  # [H, m]
+                for t, e in kept[layer]:
+                    e["subspace"] = float(sub[e["index"], t])
 
     def items(self, circuit: Circuit) -> list[Item]:
         """What to stream: MLPs below the deepest target, heads up to it, and the embedding."""
@@ -165,6 +187,7 @@ def upstream_writers(circuit: Circuit, reads: torch.Tensor, layers: list[int], *
     parallel = bool(circuit.attention is not None and circuit.attention.parallel) or not same_layer_heads
     consumer = ReadTargets(reads, layers, k, parallel)
     writer_pass(circuit, [consumer], consumer.items(circuit))
+    consumer.add_subspace(circuit)
     return consumer.result(vocab)
 
 
