@@ -175,6 +175,37 @@ def test_chains_list_the_planted_pair_first(planted: str) -> None:
     assert df.attrs["deleters"]["neurons_used"] >= 1 and df.attrs["deleters"]["heads_used"] >= 1
 
 
+def test_chains_and_writers_of_an_mlp_read_in_parts(planted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLP read in parts of neurons names its neurons by their index in the whole MLP (the planted writer A and
+    deleter B sit in the first and the last part), with the same scores as when it is read whole."""
+    import mmdetect.scanner.read as read
+
+    whole = find_chains(planted, threshold=-0.2, head_threshold=0.0, per_deleter=4)
+    doc = explain(planted, 1, B, activations=False)
+    monkeypatch.setattr(read, "PART_BYTES", 4 << 10)         # a 128 x 64 float32 MLP in eight parts of 16 neurons
+    with open_circuit(planted) as circuit:
+        assert len(read.plan_jobs(circuit.ckpt, circuit.located, {1})) == 8
+    parts = find_chains(planted, threshold=-0.2, head_threshold=0.0, per_deleter=4)
+    assert A < 16 and B >= 16                                # (A in the first part, B in a later one)
+    key = ["writer", "writer_index", "deleter", "deleter_index"]
+    assert parts[key].to_dict(orient="records") == whole[key].to_dict(orient="records")
+    assert parts["score"].tolist() == pytest.approx(whole["score"].tolist(), abs=1e-6)
+    split = explain(planted, 1, B, activations=False)
+    assert [e["label"] for e in split["writers"]["neurons"]] == [e["label"] for e in doc["writers"]["neurons"]]
+    assert split["writers"]["neurons"][0]["label"] == f"L0N{A}"
+
+
+def test_writer_pass_is_the_same_on_one_worker_and_on_four(planted: str) -> None:
+    """Scores are taken in a fixed order whatever finishes first: one worker and four give identical lists."""
+    one = find_chains(planted, threshold=-0.2, head_threshold=0.0, per_deleter=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("mmdetect.scanner.pipeline.compute_workers", lambda: 4)
+        many = find_chains(planted, threshold=-0.2, head_threshold=0.0, per_deleter=4)
+        mp.setattr("mmdetect.scanner.pipeline.compute_workers", lambda: 1)
+        single = find_chains(planted, threshold=-0.2, head_threshold=0.0, per_deleter=4)
+    assert one.equals(many) and one.equals(single)
+
+
 # -- heads -------------------------------------------------------------------------------------------------------------
 
 def test_planted_head_ranks_first(planted: str) -> None:
