@@ -21,56 +21,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
+from builders import SHARED_MODELS, Tiny
 from mmdetect import sweep as zoo
 from mmdetect.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
+SHARED = SHARED_MODELS
 HAVE_SHARED = (SHARED / "stories260K" / "model.safetensors").exists()
 
 
 # -- the zoo ----------------------------------------------------------------------------------------------------------
 
-def build_llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                         max_position_embeddings=64))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
-        mlp, g = model.model.layers[1].mlp, model.model.layers[1].post_attention_layernorm.weight
-        mlp.gate_proj.weight[7] = mlp.up_proj.weight[7]
-        mlp.down_proj.weight[:, 7] = -(g * mlp.up_proj.weight[7])
-    model.save_pretrained(str(path))
-    return path
-
-
-def build_gpt2(path: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32))
-    with torch.no_grad():
-        for block in model.transformer.h:
-            block.ln_2.weight.uniform_(0.5, 2.0)
-        block = model.transformer.h[0]
-        block.mlp.c_proj.weight[3] = -(block.ln_2.weight * block.mlp.c_fc.weight[:, 3])
-    model.save_pretrained(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def models(tmp_path_factory: pytest.TempPathFactory, llama: Tiny, gpt2: Tiny) -> Path:
     root = tmp_path_factory.mktemp("zoo") / "models"
-    build_llama(root / "tiny-llama")
-    build_gpt2(root / "tiny-gpt2")
+    shutil.copytree(llama.path, root / "tiny-llama")                  # the session's checkpoints (conftest.py)
+    shutil.copytree(gpt2.path, root / "tiny-gpt2")
     broken = root / "broken"
     shutil.copytree(root / "tiny-llama", broken)
     (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a safetensors header")
@@ -562,7 +531,7 @@ def test_shipped_configs_validate():
     assert len(published.entries) == 30
 
 
-PUBLISHED_CSV = ROOT.parent / "shared" / "research" / "published_weakening_by_layer.csv"
+PUBLISHED_CSV = SHARED_MODELS.parent / "research" / "published_weakening_by_layer.csv"
 
 
 @pytest.mark.skipif(not PUBLISHED_CSV.exists(), reason="../shared/research not present")
@@ -587,7 +556,9 @@ def test_published_config_copies_the_csv():
     assert checked == sum(len(e.expect.values) for e in published.values())
 
 
-@pytest.mark.skipif(not HAVE_SHARED, reason="../shared/models not present")
+# The example's model paths are relative to the clone (../shared/models), whatever MMDETECT_SHARED says.
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "models" / "stories260K").exists(),
+                    reason="../shared/models beside the clone is not present")
 def test_tiny_local_example_sweeps_clean(tmp_path):
     result = run("sweep", ROOT / "configs" / "examples" / "tiny-local.yaml", "-d", tmp_path / "out")
     assert result.exit_code == 0, result.output
