@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	echo 'transformers==5.24.0; python_version >= "3.11"' >> $(VENV)/constraints.txt  # the registry's survey
+	echo 'transformers==5.20.2; python_version < "3.11"' >> $(VENV)/constraints.txt   # the last for Python 3.10
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
@@ -27,6 +29,7 @@ demo: install
 	  $(BIN)/mmdetect scan "$$path" $(ARGS); \
 	else $(BIN)/mmdetect scan "$(MODEL)" $(ARGS); fi
 
+# Every test, the slow family sweep included (`make test ARGS='-m "not slow"'` for the quick loop).
 test: install
 	$(BIN)/python -m pytest $(ARGS)
 

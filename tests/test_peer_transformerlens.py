@@ -35,7 +35,7 @@ import mmdetect
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+from builders import SHARED_MODELS  # noqa: E402  (../shared/models, or $MMDETECT_SHARED/models)
 REAL = ("stories260K", "aidreams260K", "babyllama-tok105")
 ARCHS = ("gpt2", "gpt_neox", "llama", "gemma2", "opt", "qwen2", "mistral", "gptj", "bloom", "olmo", "phi3")
 # Model types for which TransformerLens folds or centres less than usual (tl_peer.tl_processing).
