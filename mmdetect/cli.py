@@ -76,6 +76,11 @@ def scan(model: str, revision: str | None, raw: bool, threshold: float, layers: 
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
+    if fmt == "html":  # the page of `mmdetect report MODEL` (mmdetect/report/command.py)
+        from mmdetect.report.command import scan_html
+        return scan_html(model, output, verify=verify, revision=revision, convention="raw" if raw else "folded",
+                         threshold=threshold, layers=layers, device=device, progress=progress, text=text,
+                         dataset=dataset, field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
     # CSV and TSV are written from the scan's numpy columns: no pandas import on the path that is benchmarked.
     frame = bool(verify) or fmt not in ("csv", "tsv")
     df = run_scan(model, revision=revision, threshold=threshold, raw=raw, layers=layers, device=device,
@@ -459,6 +464,10 @@ def chains(model: str, revision: str | None, raw: bool, threshold: float, head_t
     df = find_chains(model, revision=revision, raw=raw, threshold=threshold, head_threshold=head_threshold,
                      per_deleter=per_deleter, max_deleters=max_deleters, layers=layers, heads=heads)
     _table_output(fmt, output, df, lambda console: render(df, top=top, console=console), "chains")
+
+
+from mmdetect.report.command import report_command  # noqa: E402
+main.add_command(report_command, "report")
 
 
 def entry() -> None:  # pragma: no cover - exercised by the installed `mmdetect` command, not by CliRunner

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import click
 
-FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]
+FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown", "html"]
 
 
 def _stack(*decorators: Callable) -> Callable:

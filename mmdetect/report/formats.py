@@ -20,7 +20,8 @@ from mmdetect.errors import MMDetectError
 
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "markdown")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown"}
+              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown",
+              ".html": "html", ".htm": "html"}  # html: the report page (report/build.py), not a row format
 FLOAT_FORMAT = "%.8g"
 
 
