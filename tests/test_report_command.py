@@ -226,3 +226,40 @@ def test_output_onto_a_directory_is_one_line(llama: Tiny, tmp_path: Path) -> Non
     result = cli("scan", llama.path, "--format", "html", code=2)
     assert result.output == "error: --format html writes a page: give -o PAGE.html\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_with_a_file_that_is_not_heads_chains_or_explain_is_one_line(llama: Tiny, tmp_path: Path) -> None:
+    cli("scan", llama.path, "-o", tmp_path / "scan.csv")
+    result = cli("report", tmp_path / "scan.csv", "--with", tmp_path / "scan.csv", "-o", tmp_path / "r.html", code=2)
+    assert result.output == (f"error: --with {tmp_path / 'scan.csv'} has neither a copying column (heads) nor a "
+                             f"deleter column (chains); a scan output is the SOURCE, not --with\n")
+    assert not (tmp_path / "r.html").exists()
+
+
+# -- the batched explain against `mmdetect explain`'s function ---------------------------------------------------------
+
+def test_explain_top_matches_explain_neuron_by_neuron(llama: Tiny) -> None:
+    """One pass for many neurons (report) gives what one explain() call per neuron gives, to float rounding."""
+    from mmdetect.analysis.circuit import open_circuit
+    from mmdetect.analysis.explain import explain
+    from mmdetect.report.build import explain_top
+
+    wanted = [(LLAMA_PLANT[0], None, LLAMA_PLANT[1]), (0, None, 5), (1, None, 100)]
+    with open_circuit(str(llama.path)) as circuit:
+        docs = explain_top(circuit, wanted, activations=True)
+    for (layer, _expert, neuron), doc in zip(wanted, docs):
+        ref = explain(str(llama.path), layer, neuron, activations=True)
+        assert doc["neuron"] == ref["neuron"]
+        assert doc["tokens"] == ref["tokens"]
+        for kind in ("neurons", "heads", "tokens", "top"):
+            got, want = doc["writers"][kind], ref["writers"][kind]
+            assert [w["label"] for w in got] == [w["label"] for w in want], kind
+            assert [w["score"] for w in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
+        for view in ("reads", "reads_negative", "promotes", "suppresses"):
+            got, want = doc["vocab"][view], ref["vocab"][view]
+            key = "cos" if view.startswith("reads") else "logit"
+            assert [t["token_id"] for t in got] == [t["token_id"] for t in want], view
+            assert [t[key] for t in got] == pytest.approx([t[key] for t in want], abs=1e-6)
+        got, want = doc["activations"], ref["activations"]
+        assert got["deletion"]["score"] == pytest.approx(want["deletion"]["score"], abs=1e-6)
+        assert [c["token"] for c in got["contexts"]] == [c["token"] for c in want["contexts"]]
