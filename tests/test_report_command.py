@@ -138,6 +138,21 @@ def test_scan_format_html_is_the_report_page_of_the_scan(llama: Tiny, opened: An
     o.check_clean()
 
 
+def test_report_of_a_gguf_says_why_there_is_no_activation_evidence(tmp_path: Path) -> None:
+    """No activation evidence for a GGUF file: the panel carries the reason `mmdetect explain` gives."""
+    from builders import GGUF_PLANT, write_gguf
+    from mmdetect.analysis.explain import explain
+
+    model = write_gguf(tmp_path / "tiny.gguf")
+    cli("report", model.path, "--activations", "-o", tmp_path / "g.html")
+    data = page_data(tmp_path / "g.html")
+    layer, neuron = GGUF_PLANT
+    panel = data["panels"][f"{layer}||{neuron}"]
+    assert panel["neuron"]["cos"] == pytest.approx(-1.0, abs=1e-6)
+    reason = explain(str(model.path), layer, neuron)["activations"]["skipped"]
+    assert reason and panel["activations"]["skipped"] == reason
+
+
 # -- existing outputs ------------------------------------------------------------------------------------------------
 
 def test_report_of_a_csv_with_its_meta_and_extra_outputs(llama: Tiny, opened: Any, tmp_path: Path) -> None:

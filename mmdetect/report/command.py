@@ -71,11 +71,13 @@ def report_command(ctx: click.Context, source: str, revision: str | None, raw: b
     parse_layers(layers)
     kind = detect(source)
     if kind != "model":
-        given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY
+        ignored = MODEL_ONLY + (() if kind == "scan" else ("top_rows", "extras"))
+        flags = {p.name: max(p.opts, key=len) for p in ctx.command.params}
+        given = [flags[name] for name in ignored
                  if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            click.echo(f"warning: {', '.join(given)} only apply when SOURCE is a model; {source} is a {kind} output",
-                       err=True)
+            click.echo(f"warning: {source} is a {kind} output, so {', '.join(given)} "
+                       f"{'does' if len(given) == 1 else 'do'} nothing here", err=True)
     built = build(source, revision=revision, convention="raw" if raw else "folded", threshold=threshold,
                   layers=layers, device=device, progress=progress, top_k=top_k, top_rows=top_rows, heads=heads,
                   chains=chains, activations=activations, text=text, dataset=dataset, field_name=field_name,
