@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 
 from builders import LLAMA_PLANT, Tiny, build_llama, llama_config
 from mmdetect.cli import main
-from test_html_page import ARGS, Opened, column, find_chromium, search, shown
+from test_html_page import ARGS, Opened, column, find_chromium, shown
 
 N_HEADS = 2 * llama_config().num_attention_heads     # 2 layers x 4 heads
 N_NEURONS = 2 * llama_config().intermediate_size      # 2 layers x 128 neurons
@@ -65,6 +65,15 @@ def opened(browser: Any) -> Iterator[Any]:
         p.close()
 
 
+def search(page: Any, table: str, text: str, expect: int) -> int:
+    """Type into a table's search box and wait until it shows ``expect`` rows (the box waits 90 ms after the last
+    key, a busy machine longer; a count that never comes fails the wait); returns the count shown."""
+    page.fill(f"#{table} input[type=search]", text)
+    page.wait_for_function("([t, n]) => document.querySelector('#' + t).getAttribute('data-shown') === n",
+                           arg=[table, str(expect)], timeout=10_000)
+    return shown(page, table)
+
+
 def expected_writers(model: Path, layer: int, neuron: int) -> list[str]:
     """The writers `mmdetect explain` lists for this neuron, as the panel shows them."""
     from mmdetect.analysis.explain import explain
@@ -79,7 +88,7 @@ def check_planted_panel(o: Opened, model: Path, tmp_path: Path, name: str) -> No
     layer, neuron = LLAMA_PLANT
     assert column(p, "neurons", "layer")[0] == str(layer) and column(p, "neurons", "neuron")[0] == str(neuron)
     assert float(column(p, "neurons", "cos")[0]) == pytest.approx(-1.0, abs=1e-4)
-    assert search(p, "neurons", f"L{layer}N{neuron}") == 1
+    assert search(p, "neurons", f"L{layer}N{neuron}", 1) == 1
     p.locator("#neurons tbody tr.r.flagged.has-panel").click()
     p.locator("#panel").wait_for(state="visible")
     assert p.text_content("#panel h2") == f"L{layer}N{neuron}"
@@ -210,9 +219,9 @@ def test_report_of_a_track_folder(opened: Any, tmp_path: Path) -> None:
     assert p.locator("#track-heat rect.cell").count() == 2 * 3           # two layers x three checkpoints
     assert shown(p, "stability") == 2 * (3 - 1)                          # per layer and pair of steps
     assert shown(p, "checkpoints") == 3
-    assert search(p, "emergence", "L1N7") == 1                           # planted at every step
+    assert search(p, "emergence", "L1N7", 1) == 1                        # planted at every step
     assert column(p, "emergence", "emerged_step") == ["0"]
-    p.fill("#emergence input[type=search]", "")
+    assert search(p, "emergence", "", 1) == 1
     p.locator("#track-heat rect.cell[data-layer='0']").first.click()     # a layer filters both tables
     assert shown(p, "stability") == 3 - 1 and set(column(p, "stability", "layer")) == {"0"}
     assert shown(p, "emergence") == 0

@@ -285,18 +285,15 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
     if wanted or want_heads or want_chains:
         with open_circuit(model, revision=revision, **conv) as circuit:
             if wanted:
-                on = activations if activations is not None else importlib.util.find_spec("transformers") is not None
-                say(f"explaining the top {len(wanted)} flagged neurons"
-                    + (" (with activation evidence)" if on else ""))
+                # None: when transformers is importable (explain_top says so on each panel when it is not)
+                on = activations is not False
+                say(f"explaining the top {len(wanted)} flagged neurons" + (" (with activation evidence)" if on and
+                    importlib.util.find_spec("transformers") is not None else ""))
                 docs = explain_top(circuit, wanted, activations=on, text=text, dataset=dataset,
                                    field_name=field_name, max_tokens=max_tokens, seq_len=seq_len,
                                    off=no_activations)
-                if activations is None and not on:
-                    notes["panels"] = "activation evidence not computed: transformers is not installed"
-            if (want_heads or want_chains) and circuit.attention is None:
-                gap = str(circuit.attention_gap)
-                if want_heads:
-                    notes["heads"], want_heads = gap, False
+            if want_heads and circuit.attention is None:
+                notes["heads"], want_heads = str(circuit.attention_gap), False
             if want_heads:
                 say("scoring attention heads")
                 heads_df = _optional("heads", notes, lambda: _heads(circuit, layers))
