@@ -561,24 +561,25 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
 
 def sweep_folder(out: Path) -> list[dict]:
     """A sweep output folder written by sweep.write_reports: three scanned models (one drifted), one failed."""
-    from mmdetect.sweep.run import write_reports
+    from mmdetect.report.provenance import Provenance
+    from mmdetect.sweep import Drift, ModelRecord
+    from mmdetect.sweep.summary import write_reports
 
     records = []
     specs = [("gpt2-ish", 12, 0.0, "ok"), ("pythia-like", 6, 0.05, "drift"), (HOSTILE, 0, 0.0, "failed"),
              ("deep", 32, 0.02, "ok")]
     for k, (name, n, tail, status) in enumerate(specs):
-        rec = {"name": name, "index": k, "model": f"org/{name}", "path": f"/m/{name}", "revision": None,
-               "options": {"threshold": -0.5, "convention": "folded"}, "status": status, "resumed": False,
-               "seconds": 1.5 * k, "error": None, "drift": [], "files": {}, "provenance": None, "layers": [],
-               "n_layers": None}
+        rec = ModelRecord(name=name, index=k, model=f"org/{name}", path=f"/m/{name}", revision=None,
+                          options={"threshold": -0.5, "convention": "folded"}, options_hash="", status=status,
+                          seconds=1.5 * k)
         if status == "failed":
-            rec["error"] = "OSError: <b>no such file</b> & more"
+            rec.error = "OSError: <b>no such file</b> & more"
         else:
             _, layers, prov = synthetic_scan(n_layers=n, per_layer=256, d=128, seed=k, tail=0.01 + tail)
-            rec.update(layers=layers, provenance=prov, n_layers=n)
+            rec.layers, rec.provenance, rec.n_layers = layers, Provenance.from_dict(prov), n
             if status == "drift":
-                rec["drift"] = [{"source": "expect", "layer": 3, "expected": 0.01,
-                                 "actual": layers[3]["share_flagged"], "metric": "shares", "tolerance": 0.01}]
+                rec.drift = [Drift(source="expect", layer=3, metric="shares", expected=0.01,
+                                   actual=layers[3]["share_flagged"], tolerance=0.01)]
         records.append(rec)
     out.mkdir(parents=True, exist_ok=True)
     write_reports(out, records, {"config": {"path": "zoo.yaml"}}, plots=False)
@@ -596,16 +597,16 @@ def test_sweep_page(opened, tmp_path: Path) -> None:
     # the heatmap: one cell per scanned layer, with a size
     box = p.locator("#heatmap svg").bounding_box()
     assert box and box["width"] > 200 and box["height"] > 80
-    assert p.locator("#heatmap rect.cell").count() == sum(len(r["layers"]) for r in records)
+    assert p.locator("#heatmap rect.cell").count() == sum(len(r.layers) for r in records)
     # the summary table: one row per model, status and drift, the drifted row highlighted
     assert shown(p, "summary") == len(records)
-    assert column(p, "summary", "status") == [r["status"] for r in records]
+    assert column(p, "summary", "status") == [r.status for r in records]
     assert p.locator("#summary tbody tr.drift").count() == 1 and p.locator("#summary tbody tr.failed").count() == 1
     assert "L3" in p.text_content("#summary tbody tr.drift")
     assert not [c for c in column(p, "summary", "name") if c.startswith("share_L")]
     # a section per model, reached by an in-page anchor, with its per-layer chart
     assert p.locator("section.model").count() == len(records)
-    assert p.locator("section.model svg").count() == sum(bool(r["layers"]) for r in records)
+    assert p.locator("section.model svg").count() == sum(bool(r.layers) for r in records)
     for svg in p.locator("section.model svg").all():
         b = svg.bounding_box()
         assert b and b["width"] > 200 and b["height"] > 100
