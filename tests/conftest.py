@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 from builders import (
@@ -120,3 +121,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ordered = [items[k] for _, k in sorted(keys)]
     for k, item in zip(block, ordered):
         items[k] = item
+
+
+# -- a real browser for the HTML page tests ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    from browser import ARGS, find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium found (apt-get install chromium, or set MMDETECT_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=ARGS)
+        yield b
+        b.close()
+
+
+
+@pytest.fixture()
+def opened(browser: Any) -> Iterator[Any]:
+    from browser import Opened
+
+    pages: list[Opened] = []
+
+    def open_page(path: Path, **kw: Any) -> Opened:
+        pages.append(Opened(browser, path, **kw))
+        return pages[-1]
+
+    yield open_page
+    for p in pages:
+        p.close()
+
+

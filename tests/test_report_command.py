@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 
 from builders import LLAMA_PLANT, Tiny, build_llama, llama_config
 from mmdetect.cli import main
-from test_html_page import ARGS, Opened, column, find_chromium, shown
+from browser import Opened, column, search, shown
 
 N_HEADS = 2 * llama_config().num_attention_heads     # 2 layers x 4 heads
 N_NEURONS = 2 * llama_config().intermediate_size      # 2 layers x 128 neurons
@@ -35,43 +35,6 @@ def page_data(path: Path) -> dict[str, Any]:
     block = re.search(r'<script type="application/json" id="mmdetect-data">(.*?)</script>',
                       path.read_text(encoding="utf-8"), re.DOTALL)
     return json.loads(block.group(1))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set MMDETECT_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture()
-def opened(browser: Any) -> Iterator[Any]:
-    pages: list[Opened] = []
-
-    def open_page(path: Path) -> Opened:
-        pages.append(Opened(browser, path))
-        return pages[-1]
-
-    yield open_page
-    for p in pages:
-        p.close()
-
-
-def search(page: Any, table: str, text: str, expect: int) -> int:
-    """Type into a table's search box and wait until it shows ``expect`` rows (the box waits 90 ms after the last
-    key, a busy machine longer; a count that never comes fails the wait); returns the count shown."""
-    page.fill(f"#{table} input[type=search]", text)
-    page.wait_for_function("([t, n]) => document.querySelector('#' + t).getAttribute('data-shown') === n",
-                           arg=[table, str(expect)], timeout=10_000)
-    return shown(page, table)
 
 
 def expected_writers(model: Path, layer: int, neuron: int) -> list[str]:
