@@ -15,7 +15,8 @@ Each deleter keeps its ``per_deleter`` best writers; the table ranks all pairs b
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,11 +28,14 @@ from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError
 from mmdetect.report.provenance import Provenance
 
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
 
 
-def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None) -> list[dict[str, Any]]:
+def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] | None) -> list[dict[str, Any]]:
     found = []
     for nb in circuit.iter_neurons(wanted):
         cos = (nb.r * nb.o).sum(1) / (nb.r.norm(dim=1) * nb.o.norm(dim=1))      # [n], NaN for dead neurons
@@ -85,7 +89,8 @@ def _head_pairs(circuit: Circuit, deleters: list[dict[str, Any]], k: int, vocab:
 
 
 def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold: float = -0.5,
-                   per_deleter: int = 3, max_deleters: int = 200, layers: Any = None, heads: bool = True) -> Any:
+                   per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
+                   heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of an open circuit as a DataFrame ranked by score (see the module docstring)."""
     import pandas as pd
 
@@ -149,7 +154,7 @@ def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, 
 
 def find_chains(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = -0.5,
                 head_threshold: float = -0.5, per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
-                heads: bool = True) -> Any:
+                heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of ``model`` ranked by align * erase; one DataFrame row per pair."""
     if per_deleter < 1 or max_deleters < 1:
         raise MMDetectError("--per-deleter and --max-deleters must be at least 1")

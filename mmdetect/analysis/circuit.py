@@ -18,7 +18,7 @@ the model; tensors are read one at a time as in ``scan``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -200,7 +200,13 @@ class Circuit:
             raise MMDetectError(f"layer {layer}: fused qkv has {rows} rows, which is not (heads + 2 kv_heads) x "
                                 f"{dh} for {n_heads} heads")
         n_kv = (rows // dh - n_heads) // 2
-        groups = {"heads": n_heads, "kv_heads": n_kv}.get(proj.groups, proj.groups)
+        if isinstance(proj.groups, int):
+            groups = proj.groups
+        elif proj.groups in ("heads", "kv_heads"):
+            groups = n_heads if proj.groups == "heads" else n_kv
+        else:  # the registry loader admits only these for a fused projection
+            raise MMDetectError(f"layer {layer}: fused qkv groups {proj.groups!r} is not heads, kv_heads or an "
+                                f"integer")
         if n_heads % groups or n_kv % groups:
             raise MMDetectError(f"layer {layer}: {n_heads} heads and {n_kv} kv heads do not split into {groups} "
                                 f"groups as the attention registry says")
@@ -219,7 +225,7 @@ class Circuit:
         return Neurons(block.job.layer, block.job.spec, block.job.expert, block.expert_label, rows.read, rows.write,
                        rows.gate, actual_write(block.w_out, block.post_gain), rows.sign)
 
-    def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
+    def iter_neurons(self, layers: Container[int] | None = None) -> Iterator[Neurons]:
         from mmdetect.scanner.pipeline import iter_blocks
         from mmdetect.scanner.read import plan_jobs
 

@@ -381,6 +381,8 @@ def sweep_page(summary: Any, per_model: Mapping[str, Any] | None = None, *, titl
     models = []
     for i, name in enumerate(names):
         entry = per_model.get(name)
+        layers: list[Any]
+        prov: dict[str, Any]
         layers, prov, n_layers = [], {}, None
         if entry is not None:
             layers, prov = entry[0] or [], entry[1] or {}

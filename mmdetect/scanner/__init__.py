@@ -6,7 +6,8 @@ cosines in the chosen convention, and ``scanner.stats`` flags, classifies and su
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
 from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, plan_jobs
 from mmdetect.scanner.stats import finish_rows, layer_summary
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 
 def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
@@ -39,7 +43,7 @@ def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
     }
 
 
-def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
+def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> pd.DataFrame:
     """Scan an open checkpoint into a DataFrame; see ``scan`` and ``scan_result``."""
     return scan_result(ckpt, **options).to_frame()
 
@@ -90,9 +94,23 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     return ScanResult(columns, attrs)
 
 
-def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: Literal[True] = ...) -> pd.DataFrame: ...
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: Literal[False]) -> ScanResult: ...
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: bool = ...) -> pd.DataFrame | ScanResult: ...
+
+
+def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
          raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
-         as_frame: bool = True) -> "Any":
+         as_frame: bool = True) -> pd.DataFrame | ScanResult:
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
 
     model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
