@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from builders import SHARED_MODELS, Tiny
 from click.testing import CliRunner
 
-from builders import SHARED_MODELS, Tiny
 from mmdetect import sweep as zoo
 from mmdetect.cli import main
 
