@@ -5,11 +5,13 @@ Read-only by contract: a test that damages a checkpoint works on a copy (``llama
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import torch
 from builders import (
     GPT2_PLANT,
     LLAMA_PLANT,
@@ -20,6 +22,16 @@ from builders import (
     build_planted_chain,
     write_gguf,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread for torch, here and in the processes the tests start. Every tensor in the suite is tiny:
+    torch's thread pool only adds overhead, and on a busy machine (a shared 2-core CI runner) its threads spin
+    against each other and the suite's CPU time grows several-fold; the scanner already does the same inside its
+    workers (scanner/pipeline.py). Results do not depend on it: each test compares to a float64 reference within a
+    tolerance, or one scan with another made the same way."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
