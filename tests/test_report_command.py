@@ -73,7 +73,6 @@ def test_report_of_a_model(llama: Tiny, opened: Any, tmp_path: Path) -> None:
     result = cli("report", llama.path, "-o", out)
     assert f"wrote {out}" in result.output
     o = opened(out)
-    o.shot(tmp_path / "report.png")
     o.check_clean()
     assert shown(o.page, "neurons") == N_NEURONS              # fewer than --rows: every neuron is in the table
     check_charts(o)
@@ -84,6 +83,7 @@ def test_report_of_a_model(llama: Tiny, opened: Any, tmp_path: Path) -> None:
     o.page.keyboard.press("Escape")
     o.page.locator("#chains tbody tr.r").first.click()        # the planted neuron is a deleter: its panel opens
     assert o.page.text_content("#panel h2") == "L1N7"
+    o.shot(tmp_path / "report.png")  # last: a full-page shot resizes the page, and a resize redraws the charts
     o.check_clean()
 
 
@@ -102,11 +102,11 @@ def test_scan_format_html_is_the_report_page_of_the_scan(llama: Tiny, opened: An
         assert scan["panels"]["1||7"][key] == report["panels"]["1||7"][key], key
     assert "--verify" in scan["panels"]["1||7"]["activations"]["skipped"]
     o = opened(tmp_path / "s.html")
-    o.shot(tmp_path / "scan.png")
     o.check_clean()
     check_charts(o)
     check_planted_panel(o, llama.path, tmp_path, "scan")
     assert "mmdetect report" in o.page.text_content("#heads-section .left-out")
+    o.shot(tmp_path / "scan.png")  # last: a full-page shot resizes the page, and a resize redraws the charts
     o.check_clean()
 
 
@@ -136,7 +136,6 @@ def test_report_of_a_csv_with_its_meta_and_extra_outputs(llama: Tiny, opened: An
     out = tmp_path / "csv.html"
     cli("report", tmp_path / "scan.csv", "--with", tmp_path / "heads.csv", "--with", tmp_path / "n.json", "-o", out)
     o = opened(out)
-    o.shot(tmp_path / "csv.png")
     o.check_clean()
     assert "folded convention" in o.page.text_content("#convention").lower()
     assert "cos ≤ -0.5" in o.page.text_content("header .stats")
@@ -146,6 +145,7 @@ def test_report_of_a_csv_with_its_meta_and_extra_outputs(llama: Tiny, opened: An
     check_planted_panel(o, llama.path, tmp_path, "csv")
     assert shown(o.page, "heads") == N_HEADS
     assert "--with chains.csv" in o.page.text_content("#chains-section .left-out")
+    o.shot(tmp_path / "csv.png")  # last: a full-page shot resizes the page, and a resize redraws the charts
     o.check_clean()
 
 
@@ -158,13 +158,13 @@ def test_report_of_a_sweep_folder(llama: Tiny, opened: Any, tmp_path: Path) -> N
     out = tmp_path / "zoo.html"
     cli("report", tmp_path / "sweep-out", "-o", out)
     o = opened(out)
-    o.shot(tmp_path / "sweep.png")
     o.check_clean()
     p = o.page
     assert p.locator("#heatmap rect.cell").count() == 2 * 2             # two models x two layers
     assert shown(p, "summary") == 2 and column(p, "summary", "name") == ["llama", "llama-raw"]
     assert p.locator("section.model svg").count() == 2
     assert "mixed conventions" in p.text_content("header")
+    o.shot(tmp_path / "sweep.png")  # last: a full-page shot resizes the page, and a resize redraws the charts
     o.check_clean()
 
 
@@ -174,7 +174,6 @@ def test_report_of_a_track_folder(opened: Any, tmp_path: Path) -> None:
     out = tmp_path / "track.html"
     cli("report", tmp_path / "track", "-o", out)
     o = opened(out)
-    o.shot(tmp_path / "track.png")
     o.check_clean()
     p = o.page
     box = p.locator("#track-heat svg").bounding_box()
@@ -189,6 +188,7 @@ def test_report_of_a_track_folder(opened: Any, tmp_path: Path) -> None:
     assert shown(p, "stability") == 3 - 1 and set(column(p, "stability", "layer")) == {"0"}
     assert shown(p, "emergence") == 0
     o.shot(tmp_path / "track-layer.png", full=False)
+    o.shot(tmp_path / "track.png")  # last: a full-page shot resizes the page, and a resize redraws the charts
     o.check_clean()
 
 
