@@ -205,7 +205,7 @@ def test_scan_page_loads_offline_and_shows_the_planted_neuron(scan_html, opened,
     path, cols = scan_html
     o = opened(path)
     p = o.page
-    o.shot(tmp_path / "scan.png")
+    o.shot(tmp_path / "scan.png", full=False)  # a full-page shot resizes the page and redraws the charts
     o.check_clean()
     # hostile strings are shown as text, never parsed
     assert p.text_content("h1") == HOSTILE
@@ -492,7 +492,7 @@ def test_sweep_page(opened, tmp_path: Path) -> None:
     path = write_page(tmp_path, htmlpage.sweep_page(summary, per_model), "zoo.html")
     o = opened(path)
     p = o.page
-    o.shot(tmp_path / "sweep.png")
+    o.shot(tmp_path / "sweep.png", full=False)  # a full-page shot would redraw the charts
     o.check_clean()
     # the heatmap: one cell per scanned layer, with a size
     box = p.locator("#heatmap svg").bounding_box()
