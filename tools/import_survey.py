@@ -8,9 +8,9 @@ with the survey's own note. Hand-written families (``ctrl.yaml``, ``longcat_flas
 left alone.
 
 The survey knows nothing about attention. Each model type's attention, embedding and transformerlens sections (with
-their variants and defaults) are read from the files being replaced and written into whichever family the type lands in: the most common
-layout becomes the file's own, the others ``when: {model_type: ...}`` variants. A type new to the registry gets
-``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written, every model type is
+their variants and defaults) are read from the files being replaced and written into whichever family the type lands
+in: the most common layout becomes the file's own, the others ``when: {model_type: ...}`` variants. A type new to
+the registry gets ``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written, every model type is
 resolved under every combination of its variants' config keys in the old files and the new ones, and any difference
 in its attention layout (or its reason) stops the import.
 
@@ -281,9 +281,10 @@ def programs(doc: dict) -> dict[str, dict]:
             rest = [{**v, "when": {k: x for k, x in v["when"].items() if k != "model_type"}} for v in own]
         if "unsupported" in attention:
             # the heads' sections go; the transformerlens one (and the variants that change it) stays
+            tl_variants = [{k: copy.deepcopy(v[k]) for k in ("when", "transformerlens")}
+                           for v in rest if "transformerlens" in v]
             out[model_type] = {"attention": dict(attention), "embedding": {}, "transformerlens": dict(tl),
-                               "defaults": {}, "variants": [{k: copy.deepcopy(v[k]) for k in ("when", "transformerlens")}
-                                                            for v in rest if "transformerlens" in v]}
+                               "defaults": {}, "variants": tl_variants}
             continue
         attention = {"name": attention.get("name", doc["family"]), **attention}
         out[model_type] = {"attention": attention, "embedding": dict(embedding), "transformerlens": dict(tl),

@@ -90,7 +90,8 @@ class Circuit:
         try:
             self.family = resolve_family(ckpt)
             resolved = self.family.resolve(ckpt.config)
-            self.convention = for_model(self.convention, resolved, ckpt.config)  # the registry's per-model-type exceptions
+            # a convention that follows a tool gets the registry's exceptions for this model type
+            self.convention = for_model(self.convention, resolved, ckpt.config)
             self.specs, self.located = locate_mlps(ckpt, resolved.mlps)
         except MMDetectError:
             if need_mlps:

@@ -54,7 +54,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
     resolved = family.resolve(ckpt.config)
-    conv = for_model(conv, resolved, ckpt.config)  # a tool's per-model-type exceptions (registry data), where conv follows one
+    conv = for_model(conv, resolved, ckpt.config)  # where conv follows a tool: the registry's exceptions for this type
     specs, located = locate_mlps(ckpt, resolved.mlps)
     if not located:
         raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
