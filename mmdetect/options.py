@@ -12,7 +12,7 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]
+FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown", "html"]
 SWEEP_FORMATS = ["csv", "tsv", "json", "jsonl", "parquet"]
 
 

@@ -22,7 +22,6 @@ The real Llama checkpoints in ``../shared/models`` are included when present.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,16 +32,13 @@ import torch
 pytest.importorskip("transformer_lens")
 
 import tl_peer
-from builders import build_peer, plant_orthogonal_gate
+from builders import SHARED_MODELS, build_peer, plant_orthogonal_gate  # (../shared/models, or $MMDETECT_SHARED/models)
 from tiny import VARIANTS
 
 import mmdetect
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
-# ../shared/models beside the checkout; MMDETECT_SHARED_MODELS names it for a checkout elsewhere (a git worktree)
-SHARED_MODELS = Path(os.environ.get("MMDETECT_SHARED_MODELS")
-                     or Path(__file__).resolve().parents[2] / "shared" / "models")
 REAL = ("stories260K", "aidreams260K", "babyllama-tok105")
 ARCHS = ("gpt2", "gpt_neox", "llama", "gemma2", "opt", "qwen2", "mistral", "gptj", "bloom", "olmo", "phi3")
 # Model types for which TransformerLens folds or centres less than usual (tl_peer.tl_processing).

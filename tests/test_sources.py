@@ -19,8 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import mmdetect
-from builders import GGUF_PLANT, GGUFModel, Tiny, build_llama, reference_gguf, write_bin, write_gguf, \
-    write_hub_cache
+from builders import GGUF_PLANT, GGUFModel, Tiny, reference_gguf, write_bin, write_hub_cache
 from mmdetect import report
 from mmdetect.cli import main
 
@@ -45,8 +44,8 @@ def llama_scan(llama: Tiny) -> pd.DataFrame:
 
 # -- sharded safetensors and pytorch_model.bin ------------------------------------------------------------------
 
-def test_sharded_safetensors(llama: Tiny, llama_scan: pd.DataFrame, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")  # same seed: the same weights
+def test_sharded_safetensors(llama_sharded: Path, llama_scan: pd.DataFrame) -> None:
+    sharded = llama_sharded                                               # same seed: the same weights
     assert (sharded / "model.safetensors.index.json").exists()
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     assert not (sharded / "model.safetensors").exists()
@@ -117,8 +116,8 @@ def test_hub_revision_not_cached(llama: Tiny, hub_cache: Path) -> None:
     assert "is not in the local HF cache" in result.stderr
 
 
-def test_sharded_hub_id(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+def test_sharded_hub_id(llama_sharded: Path, llama_scan: pd.DataFrame, hub_cache: Path) -> None:
+    sharded = llama_sharded
     names = ("config.json", "model.safetensors.index.json",
              *sorted(p.name for p in sharded.glob("model-*-of-*.safetensors")))
     write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, names)
@@ -127,8 +126,8 @@ def test_sharded_hub_id(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, 
     assert df.attrs["provenance"]["revision"] == SHA
 
 
-def test_hub_id_missing_shard_offline(llama: Tiny, hub_cache: Path, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+def test_hub_id_missing_shard_offline(llama_sharded: Path, hub_cache: Path) -> None:
+    sharded = llama_sharded
     shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
     write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, ("config.json", "model.safetensors.index.json",
                                                                 *shards[:-1]))
@@ -292,14 +291,7 @@ def test_shard_names_are_fetched_as_literal_names(llama: Tiny, llama_scan: pd.Da
 
 # -- GGUF -------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def gguf_llama(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama")
-
-
-@pytest.fixture(scope="module")
-def gguf_gemma3(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf", "gemma3", seed=1)
+# gguf_llama and gguf_gemma3 (builders.write_gguf, seeds 0 and 1) are session fixtures in conftest.py.
 
 
 def check_against_reference(df: pd.DataFrame, model: GGUFModel, raw: bool) -> None:

@@ -25,7 +25,8 @@ from mmdetect.report.rows import ScanResult
 
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "markdown")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown"}
+              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown",
+              ".html": "html", ".htm": "html"}  # html: the report page (report/build.py), not a row format
 FLOAT_FORMAT = "%.8g"
 COMPACT = (",", ":")  # the rows' JSON separators since the first version (pandas' to_json wrote them this way)
 
