@@ -15,9 +15,11 @@ The three conventions, against each other (``docs/conventions.md`` has the measu
 * ``transformerlens``: TransformerLens 4.3 ``fold_ln`` + ``center_writing_weights`` + ``center_unembed`` and
   Gerstner & Schütze's ``refactor_glu`` flip. As folded, except: the gate is never centred; no post-norm gain
   (Gemma 2/3, OLMo 2, GLM-4 ``post_*_layernorm``) and no embedding-norm gain is folded in; the unembedding also has
-  its mean over the vocabulary removed; the flip is ``torch.sign`` (an exact tie zeroes the neuron); and where the
+  its mean over the vocabulary removed (not under a logit softcap), and is not centred over d_model through a
+  parameter-free final LayerNorm; the flip is ``torch.sign`` (an exact tie zeroes the neuron); and where the
   registry says TransformerLens's adapter folds no norm (``fold_ln: false``) or centres no write
-  (``center_writing_weights: false``), neither is done.
+  (``center_writing_weights: false``), neither is done (``logit_scale``: Cohere's scale folded into the
+  unembedding).
 
 Every path (the scan's kernel, explain, ``scan --verify``, heads, chains) asks the functions below which gain and
 which centring to apply, and folds rows with :func:`fold` / :func:`fold_into`. Pure torch, no I/O. Shapes: ``n`` rows

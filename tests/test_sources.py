@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import mmdetect
-from builders import GGUF_PLANT, GGUFModel, Tiny, reference_gguf, write_bin, write_hub_cache
+from builders import GGUF_PLANT, GGUFModel, Tiny, build_llama, reference_gguf, write_bin, write_hub_cache
 from mmdetect import report
 from mmdetect.cli import main
 
@@ -270,8 +270,8 @@ def test_each_command_fetches_exactly_what_it_needs(two_revisions: tuple[Path, P
     assert tokens and all(not t.startswith("#") for t in tokens)
 
 
-def test_shard_names_are_fetched_as_literal_names(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path,
-                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_shard_names_are_fetched_as_literal_names(llama_sharded: Path, llama_scan: pd.DataFrame, hub_cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A sharded repo: the shards the index names, each as a pattern that matches only itself."""
     import huggingface_hub
     from huggingface_hub import constants
@@ -280,9 +280,8 @@ def test_shard_names_are_fetched_as_literal_names(llama: Tiny, llama_scan: pd.Da
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
-    shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
-    fake = FakeHub(hub_cache, "owner/sharded", {"main": (SHA, sharded), SHA: (SHA, sharded)})
+    shards = sorted(p.name for p in llama_sharded.glob("model-*-of-*.safetensors"))
+    fake = FakeHub(hub_cache, "owner/sharded", {"main": (SHA, llama_sharded), SHA: (SHA, llama_sharded)})
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     assert_same_rows(mmdetect.scan("owner/sharded"), llama_scan)
     assert fake.calls[1] == (SHA, tuple(shards))
