@@ -55,10 +55,9 @@ def convention_names() -> list[str]:
 
     Read when an option is parsed or its help shown, never at import: the convention module imports torch.
     """
-    from mmdetect import convention
+    from mmdetect.convention import CONVENTIONS
 
-    # Until convention.CONVENTIONS lands (the convention module is being rebuilt alongside), today's two.
-    return list(getattr(convention, "CONVENTIONS", None) or ("folded", "raw"))
+    return list(CONVENTIONS)
 
 
 class ConventionChoice(click.Choice):

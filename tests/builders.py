@@ -429,13 +429,14 @@ def build_peer(model_type: str, path: Path, *, seed: int = 0, vocab: int = 128, 
     return path
 
 
-def write_tokenizer(path: Path, vocab: int) -> None:
-    """A word-level ``tokenizer.json`` of ``vocab`` tokens, so that loaders that insist on a tokenizer (TransformerLens
-    loads one from the model folder; for some model types transformers has no fallback) find one offline."""
+def write_tokenizer(path: Path, vocab: int, prefix: str = "t") -> None:
+    """A word-level ``tokenizer.json`` of ``vocab`` tokens (``<pad> <s> </s> <unk>``, then ``{prefix}0``, ...), so that
+    loaders that insist on a tokenizer (TransformerLens loads one from the model folder; for some model types
+    transformers has no fallback) find one offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(vocab - 4)]
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"{prefix}{i}" for i in range(vocab - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",

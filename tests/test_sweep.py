@@ -467,6 +467,8 @@ def test_shipped_configs_validate():
     assert by_name["Llama-3.1-8B"].expect.values[31] == pytest.approx(0.056, abs=5e-4)
     assert not any(e.model.startswith(("google-bert/", "google-t5/", "Baidicoot/")) for e in published.entries)
     assert len(published.entries) == 30
+    # the published numbers were made on TransformerLens-processed weights (docs/conventions.md)
+    assert {e.convention for e in published.entries} == {"transformerlens"}
 
 
 PUBLISHED_CSV = SHARED_MODELS.parent / "research" / "published_weakening_by_layer.csv"

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 
 from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, embedding_fold, fold,
-                                 fold_mlp, get_convention, head_fold, layernorm_model, mlp_fold, unembedding_fold)
+                                 fold_mlp, for_model, get_convention, head_fold, layernorm_model, mlp_fold,
+                                 unembedding_fold)
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
@@ -88,7 +89,10 @@ class Circuit:
         self.located: dict = {}
         try:
             self.family = resolve_family(ckpt)
-            self.specs, self.located = locate_mlps(ckpt, self.family.mlps_for(ckpt.config))
+            resolved = self.family.resolve(ckpt.config)
+            # a convention that follows a tool gets the registry's exceptions for this model type
+            self.convention = for_model(self.convention, resolved, ckpt.config)
+            self.specs, self.located = locate_mlps(ckpt, resolved.mlps)
         except MMDetectError:
             if need_mlps:
                 raise
@@ -264,7 +268,8 @@ class Circuit:
 
     def unembedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token id, [c, d]): row t is the residual direction that raises token t's logit, folded by
-        ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm)."""
+        ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm; under
+        ``center_unembed`` minus the mean row over the whole vocabulary, which costs one more pass)."""
         lay = self.require_attention()
         key = self.unembedding_key()
         d = self.d_model
@@ -280,8 +285,16 @@ class Circuit:
 
     def _rows(self, key: str, chunk: int, f: Fold) -> Iterator[tuple[int, torch.Tensor]]:
         n = int(self.ckpt.tensors[key].shape[0])
+        mean = None
+        if f.centre_rows:  # the mean over all n rows first, then each chunk minus it
+            f = replace(f, centre_rows=False)
+            total = torch.zeros(int(self.ckpt.tensors[key].shape[-1]), dtype=torch.float64)
+            for start in range(0, n, chunk):
+                total += fold(self.ckpt.read(key, start, min(n, start + chunk)), f).sum(dim=0, dtype=torch.float64)
+            mean = (total / max(n, 1)).float()
         for start in range(0, n, chunk):
-            yield start, fold(self.ckpt.read(key, start, min(n, start + chunk)), f)
+            rows = fold(self.ckpt.read(key, start, min(n, start + chunk)), f)
+            yield start, rows if mean is None else rows - mean
 
     def close(self) -> None:
         self.ckpt.close()

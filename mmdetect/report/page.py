@@ -42,6 +42,10 @@ CONVENTIONS = {
               "cos(gate, up) ≥ 0; these are the directions the network really reads and writes.",
     "raw": "Raw: plain cos(w_in, w_out) of the stored weights, with no norm gains folded in, no centring and no sign "
            "flip; norm gains can create or hide negative cosines, so compare raw numbers only with raw numbers.",
+    "transformerlens": "TransformerLens: the weights as TransformerLens processes them by default (fold_ln, "
+                       "center_writing_weights, center_unembed) with Gerstner & Schütze's gate sign flip, the route "
+                       "of their published numbers. As folded, except that the gate is not centred and no norm after "
+                       "the MLP (Gemma 2/3, OLMo 2) is folded into the write vector.",
 }
 UNKNOWN_CONVENTION = "The convention was not recorded with these results: say which one a number is in before " \
                      "comparing it."

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import numpy as np
 
-from mmdetect.convention import DEFAULT, Convention, get_convention, mlp_fold
+from mmdetect.convention import DEFAULT, Convention, for_model, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
@@ -57,7 +57,9 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     conv = get_convention(convention)
     selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
-    specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
+    resolved = family.resolve(ckpt.config)
+    conv = for_model(conv, resolved, ckpt.config)  # where conv follows a tool: the registry's exceptions for this type
+    specs, located = locate_mlps(ckpt, resolved.mlps)
     if not located:
         raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
                             f"{ckpt.ref}: the checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
@@ -115,7 +117,8 @@ def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshol
 
     model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
     threshold: a neuron is flagged when cos <= threshold. convention: a name in ``mmdetect.convention.CONVENTIONS``
-    (``folded``, or ``raw`` for plain cosines of the stored weights); ``raw=True`` is an alias of
+    (``folded``; ``raw`` for plain cosines of the stored weights; ``transformerlens`` for TransformerLens's processing
+    with Gerstner & Schütze's sign flip, the route of their published numbers); ``raw=True`` is an alias of
     ``convention="raw"``. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
     the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.
