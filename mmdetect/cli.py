@@ -91,6 +91,11 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
+    if fmt == "html":  # the page of `mmdetect report MODEL` (mmdetect/report/command.py)
+        from mmdetect.report.command import scan_html
+        return scan_html(model, output, verify=verify, revision=revision, convention=convention,
+                         threshold=threshold, layers=layers, device=device, progress=progress, text=text,
+                         dataset=dataset, field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
     # CSV, TSV, JSON and JSONL are written from the scan's numpy columns: no pandas import on the benchmarked path.
     frame = bool(verify) or fmt not in ("csv", "tsv", "json", "jsonl")
     df = run_scan(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
@@ -415,6 +420,10 @@ def chains(model: str, revision: str | None, convention: str, threshold: float, 
                      head_threshold=head_threshold, per_deleter=per_deleter, max_deleters=max_deleters,
                      layers=layers, heads=heads)
     _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console), key="chains"), output)
+
+
+from mmdetect.report.command import report_command  # noqa: E402
+main.add_command(report_command, "report")
 
 
 def entry() -> None:  # pragma: no cover - exercised by the installed `mmdetect` command, not by CliRunner

@@ -2,8 +2,24 @@
 
 A convention is data: one :class:`Rule` per role of a row (MLP read, gate and write; attention V and O; token
 embedding; unembedding), saying whether the gain of that role's norm is multiplied in and whether the row is centred
-over d_model where centring applies, plus whether gated MLPs have their signs canonicalised. ``CONVENTIONS`` names
-them; a new convention is one more entry, never a new code path.
+over d_model where centring applies, plus whether gated MLPs have their signs canonicalised and what an exact tie
+does. ``CONVENTIONS`` names them; a new convention is one more entry, never a new code path. A convention that
+follows a tool (``transformerlens``) also names the registry section where that tool's per-model-type exceptions are
+written (a family file's ``transformerlens:``); :func:`for_model` applies them, so model types stay out of the code.
+
+The three conventions, against each other (``docs/conventions.md`` has the measured differences):
+
+* ``folded``: every norm gain folded in (pre- and post-MLP, pre- and post-attention, embedding norm, final norm),
+  LayerNorm centring of reads (gate included) and writes, gate signs canonicalised (a tie keeps +1);
+* ``raw``: the stored rows;
+* ``transformerlens``: TransformerLens 4.3 ``fold_ln`` + ``center_writing_weights`` + ``center_unembed`` and
+  Gerstner & Schütze's ``refactor_glu`` flip. As folded, except: the gate is never centred; no post-norm gain
+  (Gemma 2/3, OLMo 2, GLM-4 ``post_*_layernorm``) and no embedding-norm gain is folded in; the unembedding also has
+  its mean over the vocabulary removed (not under a logit softcap), and is not centred over d_model through a
+  parameter-free final LayerNorm; the flip is ``torch.sign`` (an exact tie zeroes the neuron); and where the
+  registry says TransformerLens's adapter folds no norm (``fold_ln: false``) or centres no write
+  (``center_writing_weights: false``), neither is done (``logit_scale``: Cohere's scale folded into the
+  unembedding).
 
 Every path (the scan's kernel, explain, ``scan --verify``, heads, chains) asks the functions below which gain and
 which centring to apply, and folds rows with :func:`fold` / :func:`fold_into`. Pure torch, no I/O. Shapes: ``n`` rows
@@ -26,9 +42,9 @@ unembedding           final norm                   the final norm is a LayerNorm
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -45,6 +61,9 @@ class Rule:
 
     gain: bool
     centre: bool
+    centre_vocab: bool = False  # unembedding only: also subtract the mean row over the vocabulary (center_unembed)
+    centre_weightless: bool = True  # centre through a LayerNorm without a gain too (TransformerLens folds, and so
+    #                                 centres through, only a final norm that has a weight: OLMo-1's has none)
 
 
 @dataclass(frozen=True)
@@ -59,10 +78,17 @@ class Convention:
     embed: Rule
     unembed: Rule
     flip_gate_sign: bool  # gated MLPs: flip up_j and out_j together where gate_j . up_j < 0 (cos_gate_in >= 0)
+    zero_ties: bool = False  # with the flip: an exact tie gate_j . up_j = 0 gives sign 0 (torch.sign), which zeroes
+    #                          up_j and out_j, so the neuron's three cosines are NaN; otherwise a tie keeps +1
+    processing: str | None = None  # the tool whose per-model-type exceptions apply (a ``Resolved.processing`` key)
+    softcap_keys: tuple[str, ...] = ()  # config keys of a final logit softcap: where one is > 0 the unembedding gets
+    #                                     no vocabulary centring (tanh capping is not shift-invariant)
+    unembed_scale: float = 1.0  # a constant the unembedding is multiplied by (set per model by ``for_model``)
 
 
 FOLD = Rule(gain=True, centre=True)
 KEEP = Rule(gain=False, centre=False)
+CENTRE = Rule(gain=False, centre=True)
 
 CONVENTIONS: dict[str, Convention] = {
     "folded": Convention(
@@ -73,6 +99,13 @@ CONVENTIONS: dict[str, Convention] = {
         "raw", "the stored weights: no norm gains, no centring, no sign canonicalisation",
         mlp_read=KEEP, mlp_gate=KEEP, mlp_write=KEEP, head_read=KEEP, head_write=KEEP, embed=KEEP, unembed=KEEP,
         flip_gate_sign=False),
+    "transformerlens": Convention(
+        "transformerlens", "TransformerLens's default processing (fold_ln, center_writing_weights, center_unembed) "
+        "with Gerstner & Schütze's gate sign flip: the route of their published numbers",
+        mlp_read=FOLD, mlp_gate=Rule(gain=True, centre=False), mlp_write=CENTRE, head_read=FOLD, head_write=CENTRE,
+        embed=CENTRE, unembed=Rule(gain=True, centre=True, centre_vocab=True, centre_weightless=False),
+        flip_gate_sign=True, zero_ties=True, processing="transformerlens",
+        softcap_keys=("final_logit_softcapping", "logits_soft_cap")),
 }
 DEFAULT = "folded"
 
@@ -87,15 +120,67 @@ def get_convention(name: str | Convention) -> Convention:
     return conv
 
 
+class Limits(Protocol):
+    """What a tool's adapter lets its processing do for one model type (``registry.Processing``)."""
+
+    @property
+    def fold_ln(self) -> bool: ...
+
+    @property
+    def center_writing_weights(self) -> bool: ...
+
+    @property
+    def logit_scale(self) -> float | None: ...
+
+
+class HasProcessing(Protocol):
+    @property
+    def processing(self) -> Mapping[str, Limits]: ...
+
+
+def for_model(conv: Convention, resolved: HasProcessing | None, config: Mapping[str, Any] | None = None) -> Convention:
+    """``conv`` for one checkpoint (``resolved``: its registry entry, variants applied, None when it has none;
+    ``config``: its config.json).
+
+    A convention that follows a tool drops what that tool's adapter does not do for this model type: without
+    ``fold_ln`` no norm gain is folded into any reader (MLP read and gate, V rows, unembedding) and no read is centred
+    over d_model; without ``center_writing_weights`` no write (MLP out, O rows, embedding) is centred. The unembedding's
+    vocabulary centring is a separate step of the tool: it stays, except where the config sets a logit softcap
+    (``conv.softcap_keys``). Where the adapter folds the logit scale (Cohere), the unembedding is multiplied by
+    config.json's ``logit_scale``. Other conventions pass through unchanged.
+    """
+    config = config or {}
+    if conv.unembed.centre_vocab and any(isinstance(config.get(k), (int, float)) and config[k] > 0
+                                         for k in conv.softcap_keys):
+        conv = replace(conv, unembed=replace(conv.unembed, centre_vocab=False))
+    if conv.processing is None or resolved is None or conv.processing not in resolved.processing:
+        return conv
+    limits = resolved.processing[conv.processing]
+    if not limits.fold_ln:
+        conv = replace(conv, mlp_read=KEEP, mlp_gate=KEEP, head_read=KEEP,
+                       unembed=replace(conv.unembed, gain=False, centre=False))
+    if not limits.center_writing_weights:
+        conv = replace(conv, mlp_write=replace(conv.mlp_write, centre=False),
+                       head_write=replace(conv.head_write, centre=False), embed=replace(conv.embed, centre=False))
+    if limits.logit_scale is not None:
+        scale = config.get("logit_scale")
+        conv = replace(conv, unembed_scale=float(scale if isinstance(scale, (int, float)) else limits.logit_scale))
+    return conv
+
+
 # -- what to apply, per role -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Fold:
     """What one role's rows get: times ``gain`` ([d], effective: 1 + w already added for Gemma-style norms) when it is
-    not None, then minus their mean over d when ``centre``."""
+    not None, then minus their mean over d when ``centre``, then (``centre_rows``, the unembedding under
+    ``center_unembed``) minus the mean row over ALL rows: a caller folding rows in chunks subtracts that mean itself
+    (``Circuit.unembedding_rows``); :func:`fold` takes the rows it is given as all of them."""
 
     gain: torch.Tensor | None = None
     centre: bool = False
+    centre_rows: bool = False
+    scale: float = 1.0  # a constant factor (the unembedding's logit scale), applied with the gain
 
 
 @dataclass(frozen=True)
@@ -106,6 +191,7 @@ class MLPFold:
     write: Fold
     gate: Fold
     flip_sign: bool
+    zero_ties: bool = False  # see Convention.zero_ties
 
 
 class HasMLPNorms(Protocol):
@@ -137,7 +223,7 @@ def mlp_fold(conv: Convention, spec: HasMLPNorms, pre_gain: torch.Tensor | None,
     return MLPFold(read=_apply(conv.mlp_read, pre_gain, reads_centred),
                    write=_apply(conv.mlp_write, post_gain, layernorm_model((spec.pre_norm, spec.post_norm))),
                    gate=_apply(conv.mlp_gate, pre_gain, reads_centred),
-                   flip_sign=conv.flip_gate_sign)
+                   flip_sign=conv.flip_gate_sign, zero_ties=conv.zero_ties)
 
 
 def head_fold(conv: Convention, pre_norm: NormSpec | None, is_layernorm_model: bool, pre_gain: torch.Tensor | None,
@@ -156,8 +242,10 @@ def embedding_fold(conv: Convention, embed_norm: NormSpec | None, is_layernorm_m
 
 def unembedding_fold(conv: Convention, final_norm: NormSpec | None, gain: torch.Tensor | None) -> Fold:
     """The unembedding's rows (the residual direction raising each token's logit): the final norm's gain, centred
-    when the final norm is a LayerNorm."""
-    return _apply(conv.unembed, gain, centres(final_norm))
+    when the final norm is a LayerNorm, and minus the mean row over the vocabulary where the rule says so."""
+    rule = conv.unembed
+    centre_here = centres(final_norm) and (rule.centre_weightless or bool(final_norm and final_norm.weights))
+    return replace(_apply(rule, gain, centre_here), centre_rows=rule.centre_vocab, scale=conv.unembed_scale)
 
 
 # -- applying a fold ---------------------------------------------------------------------------------------------------
@@ -181,8 +269,12 @@ def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
         torch.mul(w.to(out.device), f.gain, out=out)
     else:
         out.copy_(w)
+    if f.scale != 1.0:
+        out.mul_(f.scale)
     if f.centre:
         out.sub_(out.mean(dim=1, keepdim=True))
+    if f.centre_rows:
+        out.sub_(out.mean(dim=0, keepdim=True))
 
 
 def fold(w: torch.Tensor, f: Fold) -> torch.Tensor:
@@ -194,17 +286,23 @@ def fold(w: torch.Tensor, f: Fold) -> torch.Tensor:
     out = w.float()
     if f.gain is not None:
         out = out * f.gain.to(out.device, torch.float32)
+    if f.scale != 1.0:
+        out = out * f.scale
     if f.centre:
         out = out - out.mean(dim=1, keepdim=True)
+    if f.centre_rows:
+        out = out - out.mean(dim=0, keepdim=True)
     return out
 
 
-def canonical_sign(gate_up: torch.Tensor) -> torch.Tensor:
+def canonical_sign(gate_up: torch.Tensor, zero_ties: bool = False) -> torch.Tensor:
     """[n] -> [n] of +1 / -1 from gate_j . up_j (or any quantity of the same sign, such as cos(gate_j, up_j)).
 
     Flipping up_j and out_j together leaves a gated MLP unchanged; the canonical sign makes gate_j . up_j >= 0.
-    NaN (a dead neuron) keeps +1.
+    NaN (a dead neuron) keeps +1. An exact tie (0) keeps +1, or with ``zero_ties`` gives 0, as ``torch.sign`` does.
     """
+    if zero_ties:
+        return torch.where(torch.isnan(gate_up), 1.0, torch.sign(gate_up))
     return torch.where(gate_up < 0, -1.0, 1.0)
 
 
@@ -212,7 +310,8 @@ def canonical_sign(gate_up: torch.Tensor) -> torch.Tensor:
 class FoldedMLP:
     """One MLP's rows in a convention, float32 [n, d]: read r_j, write o_j and gate g_j. r_j and o_j are already
     multiplied by ``sign`` [n] (the canonical flip of up and out together; all +1 when the convention does not flip
-    or the MLP is not gated); the gate is never flipped, so g_j . r_j >= 0 after a flip."""
+    or the MLP is not gated; 0 on a tie where the convention zeroes ties); the gate is never flipped, so
+    g_j . r_j >= 0 after a flip."""
 
     read: torch.Tensor
     write: torch.Tensor
@@ -226,7 +325,7 @@ def fold_mlp(f: MLPFold, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.
     g = None if w_gate is None else fold(w_gate, f.gate)
     sign = torch.ones(r.shape[0], device=r.device)
     if g is not None and f.flip_sign:
-        sign = canonical_sign((g * r).sum(dim=1))
+        sign = canonical_sign((g * r).sum(dim=1), f.zero_ties)
         r, o = r * sign[:, None], o * sign[:, None]
     return FoldedMLP(r, o, g, sign)
 

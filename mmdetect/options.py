@@ -12,7 +12,7 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown"]
+FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown", "html"]
 SWEEP_FORMATS = ["csv", "tsv", "json", "jsonl", "parquet"]
 
 
@@ -55,10 +55,9 @@ def convention_names() -> list[str]:
 
     Read when an option is parsed or its help shown, never at import: the convention module imports torch.
     """
-    from mmdetect import convention
+    from mmdetect.convention import CONVENTIONS
 
-    # Until convention.CONVENTIONS lands (the convention module is being rebuilt alongside), today's two.
-    return list(getattr(convention, "CONVENTIONS", None) or ("folded", "raw"))
+    return list(CONVENTIONS)
 
 
 class ConventionChoice(click.Choice):
@@ -67,7 +66,7 @@ class ConventionChoice(click.Choice):
     def __init__(self) -> None:
         super().__init__((), case_sensitive=True)
 
-    @property  # type: ignore[override]
+    @property
     def choices(self) -> tuple[str, ...]:
         return tuple(convention_names())
 

@@ -1,4 +1,9 @@
-"""Tiny real checkpoints for the unit, CLI, error and source tests, and reference cosines.
+"""The one place the tests get their checkpoints from: tiny real models, GGUF files, the shared trained models, and
+reference cosines computed without mmdetect.
+
+Session-scoped fixtures in ``conftest.py`` build each of these once (``llama``, ``gpt2``, ``llama_sharded``,
+``planted_chain``, ``gguf_llama``, ``gguf_gemma3``, ``families``); a test that needs a variant calls the builder
+itself. ``tiny.py`` builds one random model per transformers model type for the family tests.
 
 Each model is a transformers model built from its config class with random weights and saved with
 ``save_pretrained``; some neurons are then planted with known answers:
@@ -8,22 +13,62 @@ Each model is a transformers model built from its config class with random weigh
 * GPT-2 (n_embd 64, 2 layers, 256 neurons, Conv1D, LayerNorm gains in [0.5, 2]): layer 0 neuron 3 has
   c_proj[3, :] = -(g * c_fc[:, 3]), so after folding and centring its cos is exactly -1.
 
-``reference_*`` recompute the expected cosines in float64 from the saved file (read with the safetensors library,
-not mmdetect's reader), straight from the conventions in ../shared/research/README.md.
+* The planted chain (``build_planted_chain``, for explain, heads and chains): a writer neuron, a deleter neuron that
+  removes what it writes, and a head whose OV circuit is -c I on a 16-dimensional subspace.
+
+``reference_*`` recompute the expected cosines in float64 from the saved file (read with the safetensors library or
+the ``gguf`` package's own reader and dequantiser, not mmdetect's readers), straight from the conventions in
+../shared/research/README.md.
+
+The trained checkpoints in ``../shared/models`` are optional: a clone without ``../shared`` skips the tests that need
+them (``needs_shared``). ``MMDETECT_SHARED`` points the lookup at another folder (or at a missing one, to check that
+the suite passes without it).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 LLAMA_PLANT = (1, 7)   # (layer, neuron)
 GPT2_PLANT = (0, 3)
 D_MODEL = 64
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- ../shared ------------------------------------------------------------------------------------------------------
+
+def shared_root() -> Path:
+    """The ``shared`` folder beside the clone (trained checkpoints in models/, research notes in research/), or
+    ``$MMDETECT_SHARED`` when set."""
+    env = os.environ.get("MMDETECT_SHARED")
+    return Path(env).expanduser().resolve() if env else ROOT.parent / "shared"
+
+
+SHARED = shared_root()
+SHARED_MODELS = SHARED / "models"
+REAL_LLAMAS = ("stories260K", "aidreams260K", "babyllama-tok105")   # trained Llamas in ../shared/models
+
+
+def have_shared(*names: str) -> bool:
+    """Whether every named checkpoint of ../shared/models is present (with its config.json)."""
+    return all((SHARED_MODELS / name / "config.json").is_file() for name in names)
+
+
+def needs_shared(*names: str) -> pytest.MarkDecorator:
+    """Skip a test, with the reason, when a checkpoint it reads from ../shared/models is absent."""
+    missing = [name for name in names if not have_shared(name)]
+    return pytest.mark.skipif(bool(missing), reason=f"{SHARED_MODELS / (missing or [''])[0]} is not present "
+                                                     f"(a clone without ../shared; MMDETECT_SHARED points elsewhere)")
 
 
 @dataclass
@@ -45,11 +90,13 @@ class Tiny:
         return load_file(str(self.path / "model.safetensors"))
 
 
-def llama_config(**overrides: object) -> "object":
+def llama_config(**overrides: object) -> object:
     from transformers import LlamaConfig
 
-    kw = dict(hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    kw: dict[str, object] = {
+        "hidden_size": D_MODEL, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64, "bos_token_id": 1,
+        "eos_token_id": 2}
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -97,6 +144,52 @@ def build_gpt2(path: Path, *, seed: int = 0, plant: tuple[int, int] | None = GPT
             # Conv1D: c_fc.weight is [d, I] (neuron j = column j), c_proj.weight is [I, d] (neuron j = row j).
             block.mlp.c_proj.weight[j] = -(block.ln_2.weight * block.mlp.c_fc.weight[:, j])
     model.save_pretrained(str(path))
+    return path
+
+
+# The planted chain: layer-0 neuron CHAIN_WRITER writes v on every token, layer-1 neuron CHAIN_DELETER reads v and
+# writes -0.05 v, and head CHAIN_HEAD (layer, head) has the OV circuit -c I on a 16-dimensional subspace.
+CHAIN_WRITER, CHAIN_DELETER, CHAIN_HEAD, CHAIN_HEAD_DIM = 5, 17, (1, 2), 16
+
+
+def build_planted_chain(path: Path, c: float = 1.0) -> Path:
+    """A Llama (d_model 64, 2 layers, GQA 4 heads / 2 kv heads, vocab 256, no tokenizer) with known answers for
+    explain, heads and chains.
+
+    * every token embedding carries a shared direction u, and layer-0 neuron A = CHAIN_WRITER reads u (gate = up = u),
+      so it fires on every token of any text and writes 0.05 * v (v orthogonal to u): the residual entering layer 1
+      carries ~3 v;
+    * layer-1 neuron B = CHAIN_DELETER reads v (gate = up = v) and writes -0.05 * v: it fires on that v and removes
+      most of it;
+    * layer-1 head 2 has W_V rows Q (16 orthonormal directions orthogonal to u and v) and W_O = -c Q^T, so its OV
+      circuit is -c I on span(Q).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d, dh = D_MODEL, CHAIN_HEAD_DIM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=d, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=dh, vocab_size=256, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))
+    u, v, q = basis[:, 0], basis[:, 1], basis[:, 2:2 + dh].T
+    a, b = CHAIN_WRITER, CHAIN_DELETER
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(u)
+        m0, m1 = model.model.layers[0].mlp, model.model.layers[1].mlp
+        m0.gate_proj.weight[a] = u
+        m0.up_proj.weight[a] = u
+        m0.down_proj.weight[:, a] = 0.05 * v
+        m1.gate_proj.weight[b] = v
+        m1.up_proj.weight[b] = v
+        m1.down_proj.weight[:, b] = -0.05 * v
+        layer, h = CHAIN_HEAD
+        attn = model.model.layers[layer].self_attn
+        kv = h // 2
+        attn.v_proj.weight[kv * dh:(kv + 1) * dh] = q
+        attn.o_proj.weight[:, h * dh:(h + 1) * dh] = -c * q.T
+    model.save_pretrained(path)
     return path
 
 
@@ -155,7 +248,7 @@ def reference_gpt2(state: dict[str, torch.Tensor], layer: int, raw: bool = False
     return {"cos": _cos_rows(w_in, w_out)}
 
 
-def reference(model: Tiny, raw: bool = False) -> "object":
+def reference(model: Tiny, raw: bool = False) -> object:
     """A DataFrame (layer, neuron, cos[, cos_gate_out, cos_gate_in]) of every neuron, unranked."""
     import pandas as pd
 
@@ -336,13 +429,14 @@ def build_peer(model_type: str, path: Path, *, seed: int = 0, vocab: int = 128, 
     return path
 
 
-def write_tokenizer(path: Path, vocab: int) -> None:
-    """A word-level ``tokenizer.json`` of ``vocab`` tokens, so that loaders that insist on a tokenizer (TransformerLens
-    loads one from the model folder; for some model types transformers has no fallback) find one offline."""
+def write_tokenizer(path: Path, vocab: int, prefix: str = "t") -> None:
+    """A word-level ``tokenizer.json`` of ``vocab`` tokens (``<pad> <s> </s> <unk>``, then ``{prefix}0``, ...), so that
+    loaders that insist on a tokenizer (TransformerLens loads one from the model folder; for some model types
+    transformers has no fallback) find one offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(vocab - 4)]
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"{prefix}{i}" for i in range(vocab - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -430,3 +524,43 @@ def write_gguf_from_llama(src: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str) -> Any:
+    """One ``gguf.GGUFReader`` per file and session: opening one parses the whole vocabulary (seconds for a real
+    model)."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def gguf_file_cosines(path: Path | str, raw: bool = False) -> list[np.ndarray]:
+    """cos(up_j, down_j) of every neuron of every layer of a llama.cpp GGUF with a gated MLP: one [n_mlp] float64
+    array per layer.
+
+    Read and dequantised by the ``gguf`` package (``GGUFReader``, ``gguf.quants.dequantize``), not by mmdetect.
+    Folded: up rows times ``ffn_norm`` and down columns times ``post_ffw_norm`` where the file has one. llama.cpp's
+    converter stores Gemma's effective gains (1 + w) in the file already, so the gains are used as stored.
+    """
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in _gguf_reader(str(path)).tensors}
+
+    def read(layer: int, name: str) -> np.ndarray | None:
+        t = tensors.get(f"blk.{layer}.{name}.weight")
+        return None if t is None else dequantize(t.data, t.tensor_type).astype(np.float64)
+
+    out = []
+    layer = 0
+    while f"blk.{layer}.ffn_up.weight" in tensors:
+        up = read(layer, "ffn_up")                    # numpy [n_mlp, d] (ggml ne = [d, n_mlp])
+        down = read(layer, "ffn_down").T              # [d, n_mlp] -> [n_mlp, d]
+        if not raw:
+            up = up * read(layer, "ffn_norm")
+            post = read(layer, "post_ffw_norm")
+            if post is not None:
+                down = down * post
+        out.append(_cos_rows(up, down))
+        layer += 1
+    return out

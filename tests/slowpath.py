@@ -22,16 +22,18 @@ for LayerNorm, flip up and out together when cos(gate, up) < 0.
 from __future__ import annotations
 
 import copy
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 # Read-write pairs that are not MLPs: attention (MLA's q_a -> q_b is a low-rank pair), Mamba and linear-attention
 # mixers, Gemma 3n's LAuReL low-rank residual and AltUp, Gemma 3n/4's per-layer-input projection. Matched against
 # module paths and class names.
-NOT_MLP = re.compile(r"attn|attention|laurel|altup|per_layer|mamba|deltanet", re.I)
+NOT_MLP = re.compile(r"attn|attention|laurel|altup|per_layer|mamba|deltanet", re.IGNORECASE)
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _projections(layer: torch.nn.Module, config: Any, d: int) -> list[Proj]:
             # transposed), so the writer is the tensor named like a down projection (JetMoE: output_linear).
             canon = p if b == d and a != d else p.transpose(1, 2) if a == d and b != d else None
             if canon is not None:
-                is_out = bool(re.search(r"down|output|w2|fc2", full, re.I))
+                is_out = bool(re.search(r"down|output|w2|fc2", full, re.IGNORECASE))
                 out.append(Proj(full, canon, not is_out, name, path, is_3d=True))
     return out
 
@@ -318,7 +320,7 @@ def _curvature(block: torch.nn.Module, call: Call, watch: torch.nn.Module, targe
 def _pick_linear(curv: dict[Any, float]) -> Any:
     """The one candidate with (near) zero curvature, or None. Softcaps and clamps on up leave a little curvature,
     so the smallest must be far below the next rather than exactly zero."""
-    assert all(c == c for c in curv.values()), f"the probe did not reach the weights: {curv}"
+    assert not any(math.isnan(c) for c in curv.values()), f"the probe did not reach the weights: {curv}"
     ranked = sorted(curv, key=curv.get)
     if curv[ranked[0]] < 1e-3 and curv[ranked[1]] > 30 * curv[ranked[0]]:
         return ranked[0]

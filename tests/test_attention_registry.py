@@ -24,7 +24,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from mmdetect.analysis.circuit import open_circuit  # noqa: E402
+from mmdetect.analysis.circuit import open_circuit
+from mmdetect.scanner.read import read_gain  # noqa: E402
 from mmdetect.registry import load_registry, tensor_key  # noqa: E402
 from mmdetect.registry.resolve import registry_has_heads  # noqa: E402
 
@@ -100,7 +101,7 @@ def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp
         heads = circuit.heads(0)
         with open_circuit(str(tmp_path)) as folded:
             folded.heads(0)  # the gains exist and fit
-            norms = {name: (norm, folded.gain(norm, 0, D)) for name, norm in
+            norms = {name: (norm, read_gain(folded.ckpt, norm, 0, D)) for name, norm in
                      (("pre_norm", lay.pre_norm), ("post_norm", lay.post_norm), ("final_norm", lay.final_norm))
                      if norm is not None and norm.weight is not None}
         mlp_spec = circuit.located[min(circuit.located)][0][0]

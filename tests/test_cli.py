@@ -365,6 +365,27 @@ def test_raw_is_an_alias_of_convention_raw(llama: Tiny, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))
 
 
+def test_every_command_takes_the_transformerlens_convention(llama: Tiny, tmp_path: Path) -> None:
+    """scan, heads, chains, explain, a sweep config and track: each runs in it and records it by name."""
+    for command, extra in (("scan", []), ("heads", []), ("chains", []),
+                           ("explain", ["-l", "1", "-n", "7", "--no-activations"])):
+        path = tmp_path / f"{command}.json"
+        invoke(command, str(llama.path), *extra, "--convention", "transformerlens", "-o", str(path))
+        assert json.loads(path.read_text())["provenance"]["convention"] == "transformerlens", command
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(f"defaults:\n  convention: transformerlens\nmodels:\n  - name: tiny\n    model: {llama.path}\n")
+    assert CliRunner().invoke(main, ["sweep", str(zoo), "-d", str(tmp_path / "sweep"), "--no-plots"]).exit_code == 0
+    result = CliRunner().invoke(main, ["track", str(llama.path), "--steps", "0", "-d", str(tmp_path / "track"),
+                                       "--convention", "transformerlens", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    for meta in (tmp_path / "sweep" / "tiny.meta.json", tmp_path / "track" / "checkpoints" / "step000000.meta.json"):
+        assert json.loads(meta.read_text())["provenance"]["convention"] == "transformerlens"
+    scanned = pd.DataFrame(json.loads((tmp_path / "scan.json").read_text())["neurons"])
+    # llama has no LayerNorm and no post-MLP norm: only the tie rule could differ from folded, and there is no tie
+    np.testing.assert_allclose(scanned.sort_values(["layer", "neuron"])["cos"],
+                               mmdetect.scan(str(llama.path)).sort_values(["layer", "neuron"])["cos"], atol=1e-6)
+
+
 def test_convention_choices_come_from_the_convention_module(monkeypatch: pytest.MonkeyPatch) -> None:
     from mmdetect import convention
 

@@ -8,8 +8,9 @@ front of the MLP), parallel blocks (gptj, gpt_neox), fused gate/up (phi3) and Mo
 
 Expected values are independent of mmdetect: ``reference`` applies the rule table of ``mmdetect/convention.py``'s
 docstring, in numpy float64, to the MLPs that ``slowpath`` finds in the transformers model (its module tree and its
-forward pass, not the registry), reading only the convention's flags. Besides the two named conventions, a made-up
-one (``SKEW``: the post-MLP and post-attention gains left out, the gate not centred, no sign flip) checks that a
+forward pass, not the registry), reading only the convention's flags (for ``transformerlens``, the flags after the
+registry's per-model-type exceptions, ``for_model``: olmo2 folds no norm there). Besides the named conventions, a
+made-up one (``SKEW``: the post-MLP and post-attention gains left out, the gate not centred, no sign flip) checks that a
 convention is data: every path follows its flags without a code path of its own.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 from mmdetect.analysis.explain import explain  # noqa: E402
 from mmdetect.analysis.targets import find_targets, neuron_stats  # noqa: E402
 from mmdetect.convention import (CONVENTIONS, Convention, Fold, Rule, canonical_sign, fold, fold_into,  # noqa: E402
-                                 get_convention, mlp_fold)
+                                 for_model, get_convention, mlp_fold)
 from mmdetect.errors import MMDetectError  # noqa: E402
 from mmdetect.registry import MLPSpec, NormSpec, TensorSpec  # noqa: E402
 from mmdetect.scanner import scan  # noqa: E402
@@ -66,6 +67,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
         units = slowpath.find_units(tiny.load(folder))
         out[model_type] = Built(folder, units, load_file(str(folder / "model.safetensors")))
     return out
+
+
+def effective(b: Built, conv: Convention) -> Convention:
+    """The convention's flags for this checkpoint: a tool's per-model-type exceptions from the registry applied."""
+    from mmdetect.io.checkpoint import read_config
+    from mmdetect.registry import find_family
+
+    config = read_config(b.folder)
+    family = find_family(config["model_type"])
+    return for_model(conv, None if family is None else family.resolve(config), config)
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +120,10 @@ def reference(u: slowpath.Unit, conv: Convention) -> dict[str, Any]:
     out = {"cos": cos(read, write), "cos_gate_out": nan, "cos_gate_in": nan}
     if gate is not None:
         if conv.flip_gate_sign:
-            sign = np.where((gate * read).sum(1) < 0, -1.0, 1.0)
+            dot = (gate * read).sum(1)
+            sign = np.sign(dot) if conv.zero_ties else np.where(dot < 0, -1.0, 1.0)   # zero_ties: a tie gives 0
         read, write = read * sign[:, None], write * sign[:, None]   # up and out flip together, the gate stays
-        out.update({"cos_gate_out": cos(gate, write), "cos_gate_in": cos(gate, read)})
+        out.update({"cos": cos(read, write), "cos_gate_out": cos(gate, write), "cos_gate_in": cos(gate, read)})
     return {**out, "read": read, "write": write, "gate": gate, "sign": sign}
 
 
@@ -151,6 +163,45 @@ def test_conventions_are_named_and_unknown_names_list_the_choices() -> None:
         get_convention("tl")
     with pytest.raises(MMDetectError, match="is not one of"):
         scan("unused-path-never-opened", convention="nope")
+
+
+def test_transformerlens_is_folded_except_the_measured_rules() -> None:
+    """Against folded: the gate is not centred, no post-norm or embedding-norm gain, the unembedding's vocabulary mean
+    removed (not through a parameter-free final LayerNorm), torch.sign's tie, and the registry's exceptions."""
+    folded, tl = CONVENTIONS["folded"], CONVENTIONS["transformerlens"]
+    assert (tl.mlp_read, tl.head_read) == (folded.mlp_read, folded.head_read) == (Rule(True, True),) * 2
+    assert tl.mlp_gate == Rule(gain=True, centre=False)
+    assert tl.mlp_write == tl.head_write == tl.embed == Rule(gain=False, centre=True)
+    assert tl.unembed == Rule(gain=True, centre=True, centre_vocab=True, centre_weightless=False)
+    assert tl.flip_gate_sign and tl.zero_ties and tl.processing == "transformerlens"
+    assert not folded.zero_ties and folded.processing is None
+
+
+def test_for_model_applies_the_registry_exceptions_and_the_softcap() -> None:
+    from mmdetect.registry import Processing
+
+    class Resolved:
+        def __init__(self, fold_ln: bool, centre: bool) -> None:
+            self.processing = {"transformerlens": Processing(fold_ln, centre)}
+
+    tl, folded = CONVENTIONS["transformerlens"], CONVENTIONS["folded"]
+    assert for_model(tl, Resolved(True, True)) == tl and for_model(tl, None) == tl
+    no_fold = for_model(tl, Resolved(False, True))
+    keep = Rule(gain=False, centre=False)
+    assert (no_fold.mlp_read, no_fold.mlp_gate, no_fold.head_read) == (keep,) * 3
+    assert no_fold.unembed == Rule(gain=False, centre=False, centre_vocab=True, centre_weightless=False)
+    assert (no_fold.mlp_write, no_fold.head_write, no_fold.embed) == (tl.mlp_write, tl.head_write, tl.embed)
+    no_centre = for_model(tl, Resolved(True, False))
+    assert (no_centre.mlp_write, no_centre.head_write, no_centre.embed) == (keep,) * 3
+    assert no_centre.mlp_read == tl.mlp_read and no_centre.name == "transformerlens"
+    assert for_model(folded, Resolved(False, False)) == folded          # folded follows no tool
+    capped = for_model(tl, Resolved(True, True), {"final_logit_softcapping": 30.0})
+    assert not capped.unembed.centre_vocab and capped.unembed.centre
+    assert for_model(tl, None, {"final_logit_softcapping": None, "logits_soft_cap": 0}).unembed.centre_vocab
+    cohere = Resolved(True, True)
+    cohere.processing["transformerlens"] = Processing(True, True, 0.0625)
+    assert for_model(tl, cohere, {"logit_scale": 0.125}).unembed_scale == 0.125
+    assert for_model(tl, cohere, {}).unembed_scale == 0.0625 and tl.unembed_scale == 1.0
 
 
 def _spec(pre: str | None, post: str | None) -> MLPSpec:
@@ -198,6 +249,8 @@ def test_fold_is_the_same_for_any_storage_order() -> None:
 def test_canonical_sign() -> None:
     s = canonical_sign(torch.tensor([0.5, -0.25, 0.0, float("nan"), -1e-30]))
     assert s.tolist() == [1.0, -1.0, 1.0, 1.0, -1.0]
+    s = canonical_sign(torch.tensor([0.5, -0.25, 0.0, float("nan"), -1e-30]), zero_ties=True)
+    assert s.tolist() == [1.0, -1.0, 0.0, 1.0, -1.0]
 
 
 # -- every path reads the same vectors --------------------------------------------------------------------------
@@ -208,6 +261,7 @@ def test_scan_follows_the_documented_rule(built: dict[str, Built], scans: dict, 
     b, conv = built[model_type], CONVS[name]
     rows = scan_rows(scans[model_type, name])
     assert scans[model_type, name].attrs["provenance"]["convention"] == conv.name
+    conv = effective(b, conv)
     seen = 0
     for u in b.units:
         ref = reference(u, conv)
@@ -226,8 +280,9 @@ def test_circuit_neurons_are_the_scans_vectors(built: dict[str, Built], scans: d
     rows = scan_rows(scans[model_type, name])
     units = {(u.layer, u.expert): u for u in b.units}
     with open_circuit(str(b.folder), convention=conv) as circuit:
+        assert circuit.convention == effective(b, conv)
         for nb in circuit.iter_neurons():
-            ref = reference(units[nb.layer, _label(nb.expert_label)], conv)
+            ref = reference(units[nb.layer, _label(nb.expert_label)], circuit.convention)
             where = f"{model_type} {name} layer {nb.layer} expert {nb.expert_label}"
             np.testing.assert_array_equal(nb.sign.numpy(), ref["sign"], err_msg=where)
             for got, want in ((nb.r, ref["read"]), (nb.o, ref["write"]), (nb.g, ref["gate"])):
@@ -289,6 +344,7 @@ def test_heads_embedding_and_unembedding_follow_the_rule(built: dict[str, Built]
     ln_model = model_type in LAYERNORM_MODELS
     with open_circuit(str(b.folder), convention="raw") as raw, \
             open_circuit(str(b.folder), convention=conv) as circuit:
+        conv = effective(b, conv)
         lay = circuit.require_attention()
         for layer in circuit.attention_layers:
             h_raw, h = raw.heads(layer), circuit.heads(layer)
@@ -305,7 +361,11 @@ def test_heads_embedding_and_unembedding_follow_the_rule(built: dict[str, Built]
         np.testing.assert_allclose(e.double().numpy(), want, rtol=1e-5, atol=1e-6)
         (_s, u_raw), = raw.unembedding_rows(chunk=1 << 20)
         (_s, u), = circuit.unembedding_rows(chunk=1 << 20)
-        want = _apply(u_raw.double().numpy(), conv.unembed, [_norm_gain(b, lay.final_norm, 0)], _ln(lay.final_norm))
+        final = lay.final_norm
+        want = _apply(u_raw.double().numpy(), conv.unembed, [_norm_gain(b, final, 0)],
+                      _ln(final) and (conv.unembed.centre_weightless or final.weight is not None))
+        if conv.unembed.centre_vocab:
+            want = want - want.mean(axis=0, keepdims=True)   # the mean row over the whole vocabulary
         np.testing.assert_allclose(u.double().numpy(), want, rtol=1e-5, atol=1e-6)
 
 

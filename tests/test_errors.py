@@ -144,8 +144,8 @@ def test_missing_mlp_tensor_fails_during_the_scan(llama_copy: Path, output: Call
     scan_fails(str(llama_copy), "'model.layers.1.mlp.up_proj.weight' is missing", output)
 
 
-def test_missing_shard(llama: Tiny, tmp_path: Path, output: Callable[[], None]) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+def test_missing_shard(llama_sharded_copy: Path, output: Callable[[], None]) -> None:
+    sharded = llama_sharded_copy
     shards = sorted(sharded.glob("model-*.safetensors"))
     assert len(shards) > 2
     shards[1].unlink()

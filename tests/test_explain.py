@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+from builders import CHAIN_DELETER, CHAIN_HEAD, CHAIN_HEAD_DIM, CHAIN_WRITER, D_MODEL, SHARED_MODELS  # noqa: E402
 from mmdetect.analysis.chains import find_chains  # noqa: E402
 from mmdetect.analysis.circuit import open_circuit  # noqa: E402
 from mmdetect.cli import main  # noqa: E402
@@ -33,44 +34,15 @@ from mmdetect.analysis.targets import find_targets  # noqa: E402
 from mmdetect.analysis.verify import VERIFY_COLUMNS, verify  # noqa: E402
 from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+SHARED = SHARED_MODELS
 REAL = ["stories260K", "aidreams260K", "babyllama-tok105"]
-A, B, HEAD = 5, 17, (1, 2)
-D, DH = 64, 16
-
-
-def build_planted(path: Path, c: float = 1.0) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=D, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=DH, vocab_size=256, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    basis, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))
-    u, v, q = basis[:, 0], basis[:, 1], basis[:, 2:2 + DH].T
-    with torch.no_grad():
-        model.model.embed_tokens.weight.add_(u)
-        m0, m1 = model.model.layers[0].mlp, model.model.layers[1].mlp
-        m0.gate_proj.weight[A] = u
-        m0.up_proj.weight[A] = u
-        m0.down_proj.weight[:, A] = 0.05 * v
-        m1.gate_proj.weight[B] = v
-        m1.up_proj.weight[B] = v
-        m1.down_proj.weight[:, B] = -0.05 * v
-        layer, h = HEAD
-        attn = model.model.layers[layer].self_attn
-        kv = h // 2
-        attn.v_proj.weight[kv * DH:(kv + 1) * DH] = q
-        attn.o_proj.weight[:, h * DH:(h + 1) * DH] = -c * q.T
-    model.save_pretrained(path)
+A, B, HEAD = CHAIN_WRITER, CHAIN_DELETER, CHAIN_HEAD    # builders.build_planted_chain: 5, 17, (1, 2)
+D, DH = D_MODEL, CHAIN_HEAD_DIM                         # 64, 16
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("planted")
-    build_planted(path)
-    return str(path)
+def planted(planted_chain: Path) -> str:
+    return str(planted_chain)                                   # built once per session (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,31 +14,35 @@ checkpoint is built from its transformers config class and saved with ``save_pre
 from __future__ import annotations
 
 import math
-import re
-from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-
-import mmdetect
 import slowpath
 import tiny
+import torch
+from builders import REAL_LLAMAS, SHARED_MODELS, needs_shared
+
+import mmdetect
 from mmdetect.registry import load_registry
+
+# Every test here builds or loads a transformers model per registry family: the genuinely slow part of the suite,
+# marked so that `pytest -m "not slow"` gives a quick loop. `make test` runs it.
+pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
-REAL = ("stories260K", "aidreams260K", "babyllama-tok105")
 
 FAMILY_OF = {t: fam.family for fam in load_registry().families if fam.format == "safetensors"
              for t in fam.model_types}
-# case id -> (model type, config overrides)
+# case id -> (model type, config overrides); the ``families`` fixture (conftest.py) builds each case once.
 CASES: dict[str, tuple[str, dict | None]] = {**{t: (t, None) for t in sorted(FAMILY_OF)}, **tiny.VARIANTS}
+assert all(tiny.case_spec(c) == spec for c, spec in CASES.items())
 
 
 def _representative(family: str) -> str:
@@ -50,37 +54,6 @@ def _representative(family: str) -> str:
 # Families whose own layout the planted-neuron test exercises, plus the variant layouts that add MLPs.
 PLANT_CASES = sorted({_representative(f) for f in FAMILY_OF.values()}) + [
     "gemma4_text+enable_moe_block=True", "llama4_text+interleave_moe_layer_step=2"]
-
-
-# -- building (once per session) -------------------------------------------------------------------------------------
-
-@dataclass
-class Built:
-    folder: Path
-    units: list[slowpath.Unit]    # from the model transformers loaded from `folder`
-
-
-@pytest.fixture(scope="session")
-def build(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Built]:
-    """case id -> its checkpoint folder and slow-path MLPs, built once; the last few loaded models stay cached."""
-    cache: OrderedDict[str, Built] = OrderedDict()
-    folders: dict[str, Path] = {}
-
-    def get(case: str) -> Built:
-        if case in cache:
-            cache.move_to_end(case)
-            return cache[case]
-        if case not in folders:
-            model_type, extra = CASES[case]
-            folder = tmp_path_factory.mktemp(re.sub(r"\W", "_", case))
-            tiny.save(tiny.build_model(model_type, extra), folder)
-            folders[case] = folder
-        cache[case] = Built(folders[case], slowpath.find_units(tiny.load(folders[case])))
-        while len(cache) > 4:  # the models can be large (RoC-BERT's embeddings): keep only the recent ones
-            cache.popitem(last=False)
-        return cache[case]
-
-    return get
 
 
 # -- comparing -------------------------------------------------------------------------------------------------------
@@ -132,15 +105,15 @@ def test_every_registry_family_has_a_case() -> None:
 
 @pytest.mark.parametrize("case,raw", [(c, raw) for c in CASES for raw in (False, True)],
                          ids=[f"{c}-{'raw' if raw else 'folded'}" for c in CASES for raw in (False, True)])
-def test_fast_path_equals_slow_path(build: Callable[[str], Built], case: str, raw: bool) -> None:
-    built = build(case)
-    assert built.units, "the slow path found no MLP"
-    df = mmdetect.scan(str(built.folder), raw=raw)
+def test_fast_path_equals_slow_path(families: tiny.Families, case: str, raw: bool) -> None:
+    units = families.units(case)
+    assert units, "the slow path found no MLP"
+    df = mmdetect.scan(str(families.folder(case)), raw=raw)
     prov = df.attrs["provenance"]
     assert (prov["family"], prov["convention"]) == (FAMILY_OF[CASES[case][0]], "raw" if raw else "folded")
-    assert_same_cosines(df, built.units, raw)
-    if not raw and not all(folding_is_identity(u) for u in built.units):
-        assert folding_changes_cosines(built.units) > 0.05, "random norm gains should change the folded cosines"
+    assert_same_cosines(df, units, raw)
+    if not raw and not all(folding_is_identity(u) for u in units):
+        assert folding_changes_cosines(units) > 0.05, "random norm gains should change the folded cosines"
 
 
 # -- the slow path's own findings, spot-checked against the modelling code -------------------------------------------
@@ -157,20 +130,20 @@ def test_fast_path_equals_slow_path(build: Callable[[str], Built], case: str, ra
     ("gemma4_text+enable_moe_block=True", 0, 2, ("rms", 0.0), (("rms", 0.0), ("rms", 0.0)), True),
     ("dbrx", 1, 3, ("layernorm", 0.0), (), True),                       # experts stacked as [E*n, d]
 ])
-def test_slow_path_finds_the_documented_structure(build: Callable[[str], Built], case: str, layer: int, expert: Any,
+def test_slow_path_finds_the_documented_structure(families: tiny.Families, case: str, layer: int, expert: Any,
                                                   pre: tuple | None, post: tuple, gated: bool) -> None:
-    unit = next(u for u in build(case).units if (u.layer, u.expert) == (layer, expert))
+    unit = next(u for u in families.units(case) if (u.layer, u.expert) == (layer, expert))
     assert (unit.gate is not None) == gated
     assert (None if unit.pre is None else (unit.pre.kind, unit.pre.offset)) == pre
     assert tuple((n.kind, n.offset) for n in unit.post) == post
 
 
 @pytest.mark.parametrize("case,split", [("phi3", "halves"), ("gpt_oss", "interleave"), ("mixtral", "halves")])
-def test_slow_path_splits_fused_gate_up_as_the_modelling_code(build: Callable[[str], Built], case: str,
+def test_slow_path_splits_fused_gate_up_as_the_modelling_code(families: tiny.Families, case: str,
                                                               split: str) -> None:
     """Phi-3 ``gate, up = gate_up.chunk(2)``; GPT-OSS ``gate_up[..., ::2], gate_up[..., 1::2]``; Mixtral's in-memory
     experts ``gate_up_proj`` chunked gate first (transformers.integrations.moe)."""
-    unit = next(u for u in build(case).units if u.gate is not None)
+    unit = next(u for u in families.units(case) if u.gate is not None)
     n = unit.n
     expected_up = torch.arange(n, 2 * n) if split == "halves" else torch.arange(1, 2 * n, 2)
     assert torch.equal(unit.up.rows, expected_up)
@@ -219,6 +192,20 @@ def plant(p: Plant, gen: torch.Generator) -> None:
         u.gate.write(p.neuron, -up if p.flip else up)
 
 
+@contextmanager
+def planted(plants: list[Plant], gen: torch.Generator) -> Iterator[None]:
+    """The plants written into the (session-cached) model, and its original rows put back afterwards."""
+    slots = [(s, p.neuron) for p in plants for s in (p.unit.up, p.unit.out, p.unit.gate) if s is not None]
+    saved = [(s, j, s.canon[s.expert, s.rows[j]].detach().clone()) for s, j in slots]
+    try:
+        for p in plants:
+            plant(p, gen)
+        yield
+    finally:
+        for s, j, row in reversed(saved):
+            s.write(j, row)
+
+
 def folding_is_identity(unit: slowpath.Unit) -> bool:
     norms = [n for n in (unit.pre, *unit.post) if n is not None]
     return all(n.gain is None and not n.centres for n in norms)
@@ -250,14 +237,10 @@ def choose_plants(units: list[slowpath.Unit]) -> list[Plant]:
 
 
 @pytest.mark.parametrize("case", PLANT_CASES)
-def test_planted_opposite_neurons_rank_first(build: Callable[[str], Built], tmp_path: Path, case: str) -> None:
-    model = tiny.load(build(case).folder)
-    units = slowpath.find_units(model)
-    plants = choose_plants(units)
-    gen = torch.Generator().manual_seed(7)
-    for p in plants:
-        plant(p, gen)
-    tiny.save(model, tmp_path)
+def test_planted_opposite_neurons_rank_first(families: tiny.Families, tmp_path: Path, case: str) -> None:
+    plants = choose_plants(families.units(case))
+    with planted(plants, torch.Generator().manual_seed(7)):
+        tiny.save(families.model(case), tmp_path)
 
     for convention in ("folded", "raw"):
         df = mmdetect.scan(str(tmp_path), raw=convention == "raw")  # ranked: rank 1 first
@@ -282,10 +265,10 @@ def test_planted_opposite_neurons_rank_first(build: Callable[[str], Built], tmp_
         assert df["cos"].iloc[n] > -1.0 + 1e-3, "only the plants may reach -1"
 
 
-def test_plants_cover_conv1d_linear_routed_and_shared_experts(build: Callable[[str], Built]) -> None:
+def test_plants_cover_conv1d_linear_routed_and_shared_experts(families: tiny.Families) -> None:
     """The layouts the planted test must include, checked on what it plants."""
     def kinds(case: str) -> list[tuple[Any, bool]]:
-        return [(p.unit.expert, p.flip) for p in choose_plants(build(case).units) if p.convention == "folded"]
+        return [(p.unit.expert, p.flip) for p in choose_plants(families.units(case)) if p.convention == "folded"]
 
     assert kinds("gpt2") == [(None, False)]                                      # Conv1D
     assert kinds("llama") == [(None, False), (None, True)]                       # Linear, gated
@@ -296,12 +279,10 @@ def test_plants_cover_conv1d_linear_routed_and_shared_experts(build: Callable[[s
 
 # -- real checkpoints ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_shared(n)) for n in REAL_LLAMAS])
 @pytest.mark.parametrize("raw", [False, True], ids=["folded", "raw"])
 def test_real_llama_checkpoints_fast_path_equals_slow_path(name: str, raw: bool) -> None:
     folder = SHARED_MODELS / name
-    if not (folder / "config.json").exists():
-        pytest.skip(f"{folder} is not present")
     units = slowpath.find_units(tiny.load(folder))
     df = mmdetect.scan(str(folder), raw=raw)
     assert_same_cosines(df, units, raw)
@@ -310,13 +291,13 @@ def test_real_llama_checkpoints_fast_path_equals_slow_path(name: str, raw: bool)
 # -- scanning in parts -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["llama", "gpt2", "phi3", "glm", "opt", "mixtral", "qwen2_moe", "dbrx", "gpt_oss"])
-def test_scanning_in_neuron_parts_gives_the_same_rows(build: Callable[[str], Built], case: str,
+def test_scanning_in_neuron_parts_gives_the_same_rows(families: tiny.Families, case: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Large MLPs are scanned in parts of neurons (rows of row-major weights, columns of column-major ones, each
     half of a fused gate|up). With a tiny part size every MLP here is split, and every row must come out the same."""
     import mmdetect.scanner
 
-    folder = build(case).folder
+    folder = families.folder(case)
     whole = mmdetect.scan(str(folder))
     monkeypatch.setattr(mmdetect.scanner.read, "PART_BYTES", 4096)
     parts = mmdetect.scan(str(folder))

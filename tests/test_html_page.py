@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
+from browser import column, search, shown
 from mmdetect.report import page as htmlpage
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 PLANT = (3, 7)
 CLASSES = np.array(["weakening", "conditional weakening", "orthogonal output", "proportional change",
@@ -138,81 +135,6 @@ def expected_rows(cols: dict, top_rows: int = 2000) -> int:
 
 # -- the browser -------------------------------------------------------------------------------------------------------
 
-def find_chromium() -> str | None:
-    for cand in (os.environ.get("MMDETECT_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                 shutil.which("google-chrome"), "/usr/bin/chromium"):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set MMDETECT_CHROMIUM)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=ARGS)
-        yield b
-        b.close()
-
-
-class Opened:
-    """A page opened over file://, with every request, console message, page error and dialog recorded."""
-
-    def __init__(self, browser: Any, path: Path, width: int = 1300, height: int = 900) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": height})
-        self.page = self.context.new_page()
-        self.requests: list[str] = []
-        self.console: list[tuple[str, str]] = []
-        self.errors: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r.url))
-        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-        def dialog(d: Any) -> None:
-            self.dialogs.append(d.message)
-            d.dismiss()
-
-        self.page.on("dialog", dialog)
-        start = time.perf_counter()
-        self.page.goto(path.as_uri())
-        self.page.wait_for_selector("html[data-ready='1']", timeout=30_000)
-        self.load_s = time.perf_counter() - start
-
-    def check_clean(self) -> None:
-        """No console error, no page error, no dialog, and no request that leaves file://."""
-        assert not self.errors, self.errors
-        assert not [c for c in self.console if c[0] in ("error", "warning")], self.console
-        assert not self.dialogs, self.dialogs
-        assert self.requests and all(u.startswith("file://") for u in self.requests), self.requests
-        assert self.page.evaluate("performance.getEntriesByType('resource').length") == 0
-
-    def shot(self, path: Path, full: bool = True) -> None:
-        self.page.screenshot(path=str(path), full_page=full)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-@pytest.fixture()
-def opened(browser: Any) -> Iterator[Any]:
-    pages: list[Opened] = []
-
-    def open_page(path: Path, **kw: Any) -> Opened:
-        pages.append(Opened(browser, path, **kw))
-        return pages[-1]
-
-    yield open_page
-    for p in pages:
-        p.close()
-
-
 def write_page(tmp_path: Path, text: str, name: str = "scan.html") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -225,28 +147,6 @@ def scan_html(tmp_path: Path) -> tuple[Path, dict]:
     page = htmlpage.scan_page(cols, layers, prov, explain=[explain_doc(*PLANT)], heads=heads_frame(),
                               chains=chains_frame())
     return write_page(tmp_path, page), cols
-
-
-def column(page: Any, table: str, name: str) -> list[str]:
-    """The texts of one column in the rendered rows of a table (the rows the virtual table drew)."""
-    return page.evaluate("""([table, name]) => {
-        const ths = [...document.querySelectorAll(`#${table} thead th`)].map(th => th.textContent);
-        const j = ths.indexOf(name);
-        return [...document.querySelectorAll(`#${table} tbody tr.r`)].map(tr => tr.children[j].textContent);
-    }""", [table, name])
-
-
-def shown(page: Any, table: str) -> int:
-    return int(page.get_attribute(f"#{table}", "data-shown"))
-
-
-def search(page: Any, table: str, text: str) -> int:
-    """Type into a table's search box and wait for its row count to settle."""
-    before = page.get_attribute(f"#{table}", "data-shown")
-    page.fill(f"#{table} input[type=search]", text)
-    page.wait_for_timeout(250)  # the box waits 90 ms after the last key
-    del before
-    return shown(page, table)
 
 
 # -- without a browser -------------------------------------------------------------------------------------------------
@@ -305,7 +205,7 @@ def test_scan_page_loads_offline_and_shows_the_planted_neuron(scan_html, opened,
     path, cols = scan_html
     o = opened(path)
     p = o.page
-    o.shot(tmp_path / "scan.png")
+    o.shot(tmp_path / "scan.png", full=False)  # a full-page shot resizes the page and redraws the charts
     o.check_clean()
     # hostile strings are shown as text, never parsed
     assert p.text_content("h1") == HOSTILE
@@ -561,24 +461,25 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
 
 def sweep_folder(out: Path) -> list[dict]:
     """A sweep output folder written by sweep.write_reports: three scanned models (one drifted), one failed."""
-    from mmdetect.sweep.run import write_reports
+    from mmdetect.report.provenance import Provenance
+    from mmdetect.sweep import Drift, ModelRecord
+    from mmdetect.sweep.summary import write_reports
 
     records = []
     specs = [("gpt2-ish", 12, 0.0, "ok"), ("pythia-like", 6, 0.05, "drift"), (HOSTILE, 0, 0.0, "failed"),
              ("deep", 32, 0.02, "ok")]
     for k, (name, n, tail, status) in enumerate(specs):
-        rec = {"name": name, "index": k, "model": f"org/{name}", "path": f"/m/{name}", "revision": None,
-               "options": {"threshold": -0.5, "convention": "folded"}, "status": status, "resumed": False,
-               "seconds": 1.5 * k, "error": None, "drift": [], "files": {}, "provenance": None, "layers": [],
-               "n_layers": None}
+        rec = ModelRecord(name=name, index=k, model=f"org/{name}", path=f"/m/{name}", revision=None,
+                          options={"threshold": -0.5, "convention": "folded"}, options_hash="", status=status,
+                          seconds=1.5 * k)
         if status == "failed":
-            rec["error"] = "OSError: <b>no such file</b> & more"
+            rec.error = "OSError: <b>no such file</b> & more"
         else:
             _, layers, prov = synthetic_scan(n_layers=n, per_layer=256, d=128, seed=k, tail=0.01 + tail)
-            rec.update(layers=layers, provenance=prov, n_layers=n)
+            rec.layers, rec.provenance, rec.n_layers = layers, Provenance.from_dict(prov), n
             if status == "drift":
-                rec["drift"] = [{"source": "expect", "layer": 3, "expected": 0.01,
-                                 "actual": layers[3]["share_flagged"], "metric": "shares", "tolerance": 0.01}]
+                rec.drift = [Drift(source="expect", layer=3, metric="shares", expected=0.01,
+                                   actual=layers[3]["share_flagged"], tolerance=0.01)]
         records.append(rec)
     out.mkdir(parents=True, exist_ok=True)
     write_reports(out, records, {"config": {"path": "zoo.yaml"}}, plots=False)
@@ -591,21 +492,21 @@ def test_sweep_page(opened, tmp_path: Path) -> None:
     path = write_page(tmp_path, htmlpage.sweep_page(summary, per_model), "zoo.html")
     o = opened(path)
     p = o.page
-    o.shot(tmp_path / "sweep.png")
+    o.shot(tmp_path / "sweep.png", full=False)  # a full-page shot would redraw the charts
     o.check_clean()
     # the heatmap: one cell per scanned layer, with a size
     box = p.locator("#heatmap svg").bounding_box()
     assert box and box["width"] > 200 and box["height"] > 80
-    assert p.locator("#heatmap rect.cell").count() == sum(len(r["layers"]) for r in records)
+    assert p.locator("#heatmap rect.cell").count() == sum(len(r.layers) for r in records)
     # the summary table: one row per model, status and drift, the drifted row highlighted
     assert shown(p, "summary") == len(records)
-    assert column(p, "summary", "status") == [r["status"] for r in records]
+    assert column(p, "summary", "status") == [r.status for r in records]
     assert p.locator("#summary tbody tr.drift").count() == 1 and p.locator("#summary tbody tr.failed").count() == 1
     assert "L3" in p.text_content("#summary tbody tr.drift")
     assert not [c for c in column(p, "summary", "name") if c.startswith("share_L")]
     # a section per model, reached by an in-page anchor, with its per-layer chart
     assert p.locator("section.model").count() == len(records)
-    assert p.locator("section.model svg").count() == sum(bool(r["layers"]) for r in records)
+    assert p.locator("section.model svg").count() == sum(bool(r.layers) for r in records)
     for svg in p.locator("section.model svg").all():
         b = svg.bounding_box()
         assert b and b["width"] > 200 and b["height"] > 100

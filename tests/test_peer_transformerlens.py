@@ -5,8 +5,11 @@ random biases, a random offset per row and column so that folding and centring c
 TransformerLens 4 offline exactly as Gerstner loads a model, and Gerstner's gate sign flip applied (``tl_peer``).
 Checked:
 
-* ``tl_peer.tl_convention``, computed from the raw stored tensors, reproduces TransformerLens's cos, cos_gate_out
-  and cos_gate_in to 1e-5 (NaN where TransformerLens gives NaN);
+* ``mmdetect.scan(folder, convention="transformerlens")`` gives TransformerLens's cos, cos_gate_out and cos_gate_in
+  to 1e-5 (NaN where TransformerLens gives NaN) on every case, and so does ``tl_peer.tl_convention``, an independent
+  second reference computed from the raw stored tensors;
+* under ``transformerlens``, mmdetect's attention V and O rows, token embedding and unembedding are TransformerLens's
+  ``W_V``, ``W_O``, ``W_E`` and ``W_U`` (fold_ln, center_writing_weights, center_unembed; GQA heads expanded);
 * mmdetect's folded convention equals TransformerLens wherever the two conventions coincide, and differs where they
   are known not to: Gemma 2 (TransformerLens does not fold the post-MLP norm gain into W_out), LayerNorm gated
   models, OLMo-1 (TransformerLens centres W_in but not W_gate), and the model types whose TransformerLens adapter
@@ -24,18 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformer_lens")
 
 import tl_peer
-from builders import build_peer, plant_orthogonal_gate
+from builders import SHARED_MODELS, build_peer, plant_orthogonal_gate  # (../shared/models, or $MMDETECT_SHARED/models)
 from tiny import VARIANTS
 
 import mmdetect
 
 TOL = 1e-5
 COLUMNS = ("cos", "cos_gate_out", "cos_gate_in")
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 REAL = ("stories260K", "aidreams260K", "babyllama-tok105")
 ARCHS = ("gpt2", "gpt_neox", "llama", "gemma2", "opt", "qwen2", "mistral", "gptj", "bloom", "olmo", "phi3")
 # Model types for which TransformerLens folds or centres less than usual (tl_peer.tl_processing).
@@ -45,6 +48,12 @@ GATED = {"llama", "gemma2", "qwen2", "mistral", "olmo", "phi3", "glm", "glm4"}
 DIFFER = {"cos": {"gemma2", *EXCEPTIONS}, "cos_gate_out": {"gemma2", "olmo", "glm", "glm4"},
           "cos_gate_in": {"olmo", "glm", "glm4"}}
 CASES = ARCHS + EXCEPTIONS + REAL
+
+# Attention and embedding rows against TransformerLens's W_V, W_O, W_E, W_U: a LayerNorm model with tied embeddings
+# (gpt2), RMSNorm with GQA (llama), a post-attention norm and a logit softcap (gemma2), an embedding norm (bloom), a
+# parameter-free final LayerNorm (olmo), no fold and no centring (nemotron), no fold with a post-norm (olmo2), the
+# logit scale folded into the unembedding (cohere).
+WEIGHT_CASES = ("gpt2", "llama", "gemma2", "bloom", "olmo", "nemotron", "olmo2", "glm4", "cohere", "stories260K")
 
 Cosines = dict[int, dict[str, np.ndarray]]
 
@@ -79,18 +88,33 @@ class Peers:
         return "llama" if case in REAL else case
 
     def tl(self, case: str) -> Cosines:
-        return self._get("tl", case, lambda: tl_peer.tl_cosines(self.folder(case)))  # type: ignore[return-value]
+        return self._load_tl(case)[0]
+
+    def tl_weights(self, case: str) -> dict[str, torch.Tensor]:
+        """TransformerLens's processed W_V [l, kv, dh, d] (rows), W_O [l, h, dh, d], W_E [vocab, d], W_U [vocab, d]."""
+        return self._load_tl(case)[1]
+
+    def _load_tl(self, case: str) -> tuple[Cosines, dict[str, torch.Tensor]]:
+        def make() -> tuple[Cosines, dict[str, torch.Tensor]]:
+            model = tl_peer.load_bridge(self.folder(case))
+            with torch.no_grad():
+                weights = {"V": model.W_V.detach().float().transpose(-1, -2).clone(),
+                           "O": model.W_O.detach().float().clone(), "E": model.W_E.detach().float().clone(),
+                           "U": model.W_U.detach().float().T.clone()}
+            return tl_peer.bridge_cosines(model), weights
+        return self._get("tl", case, make)  # type: ignore[return-value]
 
     def proto(self, case: str) -> Cosines:
         return self._get("proto", case,  # type: ignore[return-value]
                          lambda: tl_peer.raw_cosines(self.folder(case), self.model_type(case)))
 
-    def folded(self, case: str) -> Cosines:
+    def scanned(self, case: str, convention: str = "folded") -> Cosines:
         def make() -> Cosines:
-            df = mmdetect.scan(str(self.folder(case)))
+            df = mmdetect.scan(str(self.folder(case)), convention=convention)
+            assert df.attrs["provenance"]["convention"] == convention
             return {int(layer): {c: part.sort_values("neuron")[c].to_numpy(float) for c in COLUMNS}
                     for layer, part in df.groupby("layer")}
-        return self._get("folded", case, make)  # type: ignore[return-value]
+        return self._get(convention, case, make)  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
@@ -125,11 +149,38 @@ def test_prototype_reproduces_transformerlens(peers: Peers, case: str) -> None:
         assert all((v["cos_gate_in"] >= 0).all() for v in tl.values())
 
 
+# -- mmdetect's transformerlens convention is TransformerLens --------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_transformerlens_convention_reproduces_transformerlens(peers: Peers, case: str) -> None:
+    tl, ours, proto = peers.tl(case), peers.scanned(case, "transformerlens"), peers.proto(case)
+    for column in COLUMNS:
+        assert max_diff(tl, ours, column) <= TOL, column
+        assert max_diff(proto, ours, column) <= TOL, column
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES)
+def test_heads_embedding_and_unembedding_are_transformerlens_weights(peers: Peers, case: str) -> None:
+    from mmdetect.analysis.circuit import open_circuit
+
+    tl = peers.tl_weights(case)
+    with open_circuit(str(peers.folder(case)), convention="transformerlens") as circuit:
+        for layer in circuit.attention_layers:
+            heads = circuit.heads(layer)
+            torch.testing.assert_close(heads.v, tl["V"][layer][heads.kv], rtol=0, atol=TOL)  # kv heads expanded
+            torch.testing.assert_close(heads.o, tl["O"][layer], rtol=0, atol=TOL)
+        assert circuit.attention_layers == list(range(tl["O"].shape[0]))
+        embedding = torch.cat([rows for _, rows in circuit.embedding_rows(chunk=50)])
+        unembedding = torch.cat([rows for _, rows in circuit.unembedding_rows(chunk=50)])  # vocab mean over chunks
+    torch.testing.assert_close(embedding, tl["E"], rtol=0, atol=TOL)
+    torch.testing.assert_close(unembedding, tl["U"], rtol=0, atol=TOL)
+
+
 # -- mmdetect's folded convention against TransformerLens ----------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES)
 def test_folded_equals_transformerlens_where_the_conventions_coincide(peers: Peers, case: str) -> None:
-    tl, folded = peers.tl(case), peers.folded(case)
+    tl, folded = peers.tl(case), peers.scanned(case)
     model_type = peers.model_type(case)
     for column in COLUMNS:
         d = max_diff(tl, folded, column)
@@ -195,3 +246,11 @@ def test_an_exact_tie_zeroes_the_neuron(tmp_path: Path) -> None:
     df = mmdetect.scan(str(folder))
     row = df[(df.layer == 1) & (df.neuron == 5)].iloc[0]
     assert np.isfinite(row.cos) and row.cos_gate_in == 0.0  # folded keeps the tie's sign (+1)
+    df = mmdetect.scan(str(folder), convention="transformerlens")
+    row = df[(df.layer == 1) & (df.neuron == 5)].iloc[0]
+    assert np.isnan([row.cos, row.cos_gate_out, row.cos_gate_in]).all()  # zeroed, as in TransformerLens
+    assert (row.norm_in, row.norm_out) == (0.0, 0.0)
+    ours = {int(layer): {c: part.sort_values("neuron")[c].to_numpy(float) for c in COLUMNS}
+            for layer, part in df.groupby("layer")}
+    for column in COLUMNS:
+        assert max_diff(tl, ours, column) <= TOL

@@ -75,6 +75,13 @@ def doc(**changes: Any) -> dict[str, Any]:
      "toy.yaml: attention: give either q, k and v or one fused qkv"),
     ("unsupported with fields", lambda d: d["attention"].update(unsupported="x"),
      "toy.yaml: attention: unknown key 'heads'"),
+    ("transformerlens", lambda d: d.update(transformerlens={"fold_layernorm": False}),
+     "toy.yaml: transformerlens: unknown key 'fold_layernorm'"),
+    ("transformerlens value", lambda d: d.update(variants=[{"when": {"x": 1},
+                                                          "transformerlens": {"fold_ln": "no"}}]),
+     "toy.yaml: variants[0].transformerlens.fold_ln: must be true or false"),
+    ("transformerlens logit_scale", lambda d: d.update(transformerlens={"logit_scale": 0}),
+     "toy.yaml: transformerlens.logit_scale: must be a positive number or null"),
     ("variant for a foreign model type", lambda d: d.update(variants=[{"when": {"model_type": "gpt2"},
                                                                       "attention": {"unsupported": "x"}}]),
      "toy.yaml: variants[0].when: model_type 'gpt2' is not one of this file's model_types"),
@@ -177,6 +184,33 @@ def test_defaults_fill_missing_config_keys_and_none_counts_as_missing() -> None:
         assert lay is not None and lay.parallel
     lay = fam.resolve({"model_type": "toy", "multi_query": False}).attention
     assert lay is not None and not lay.parallel
+
+
+def test_the_transformerlens_section_and_its_variants_resolve_per_model_type_and_config() -> None:
+    """What TransformerLens's adapter leaves unprocessed is data: a file's section, model_type and config variants."""
+    from mmdetect.registry import Processing
+
+    data = doc(transformerlens={"center_writing_weights": False},
+               variants=[{"when": {"model_type": "toy_mla"}, "transformerlens": {"fold_ln": False}},
+                         {"when": {"post_ln": True}, "transformerlens": {"center_writing_weights": True}}])
+    fam = parse_family(data, "toy.yaml")
+    assert fam.resolve({"model_type": "toy"}).processing == {"transformerlens": Processing(True, False, None)}
+    assert fam.resolve({"model_type": "toy_mla"}).processing["transformerlens"] == Processing(False, False)
+    assert fam.resolve({"model_type": "toy_mla", "post_ln": True}).processing["transformerlens"] == \
+        Processing(False, True)
+    assert parse_family(doc(), "toy.yaml").resolve({"model_type": "toy"}).processing["transformerlens"] == \
+        Processing(True, True)
+    shipped = {t: load_registry().lookup(t).resolve({"model_type": t}).processing["transformerlens"]  # type: ignore
+               for t in ("llama", "glm", "nemotron", "xglm", "gpt2", "olmo2", "cohere")}
+    assert shipped == {"llama": Processing(True, True), "glm": Processing(False, True),
+                       "nemotron": Processing(False, False), "xglm": Processing(True, False),
+                       "gpt2": Processing(True, True), "olmo2": Processing(False, True),
+                       "cohere": Processing(True, True, 0.0625)}
+    opt = load_registry().lookup("opt")
+    assert opt is not None
+    assert opt.resolve({"model_type": "opt"}).processing["transformerlens"] == Processing(True, True)
+    assert opt.resolve({"model_type": "opt", "do_layer_norm_before": False}).processing["transformerlens"] == \
+        Processing(False, False)
 
 
 def test_giving_qkv_replaces_q_k_v_and_back() -> None:
@@ -317,7 +351,8 @@ def test_import_survey_recomposes_every_generated_file_unchanged() -> None:
         mlp_variants = [{"when": v["when"], "mlps": v["mlps"]} for v in data.get("variants", []) if "mlps" in v]
         sections = import_survey.compose(data["family"], data["model_types"], import_survey.programs(data),
                                          mlp_variants)
-        assert sections == {k: data[k] for k in ("attention", "embedding", "defaults", "variants") if k in data}, path
+        assert sections == {k: data[k] for k in ("attention", "embedding", "transformerlens", "defaults", "variants")
+                            if k in data}, path
         checked += 1
     assert checked > 50
 

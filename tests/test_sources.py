@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 import mmdetect
-from builders import GGUF_PLANT, GGUFModel, Tiny, build_llama, reference_gguf, write_bin, write_gguf, \
-    write_hub_cache
+from builders import (GGUF_PLANT, GGUFModel, Tiny, build_llama, gguf_file_cosines, reference_gguf, write_bin,
+                      write_hub_cache)
 from mmdetect import report
 from mmdetect.cli import main
 
@@ -45,8 +45,8 @@ def llama_scan(llama: Tiny) -> pd.DataFrame:
 
 # -- sharded safetensors and pytorch_model.bin ------------------------------------------------------------------
 
-def test_sharded_safetensors(llama: Tiny, llama_scan: pd.DataFrame, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")  # same seed: the same weights
+def test_sharded_safetensors(llama_sharded: Path, llama_scan: pd.DataFrame) -> None:
+    sharded = llama_sharded                                               # same seed: the same weights
     assert (sharded / "model.safetensors.index.json").exists()
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     assert not (sharded / "model.safetensors").exists()
@@ -117,8 +117,8 @@ def test_hub_revision_not_cached(llama: Tiny, hub_cache: Path) -> None:
     assert "is not in the local HF cache" in result.stderr
 
 
-def test_sharded_hub_id(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+def test_sharded_hub_id(llama_sharded: Path, llama_scan: pd.DataFrame, hub_cache: Path) -> None:
+    sharded = llama_sharded
     names = ("config.json", "model.safetensors.index.json",
              *sorted(p.name for p in sharded.glob("model-*-of-*.safetensors")))
     write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, names)
@@ -127,8 +127,8 @@ def test_sharded_hub_id(llama: Tiny, llama_scan: pd.DataFrame, hub_cache: Path, 
     assert df.attrs["provenance"]["revision"] == SHA
 
 
-def test_hub_id_missing_shard_offline(llama: Tiny, hub_cache: Path, tmp_path: Path) -> None:
-    sharded = build_llama(tmp_path / "sharded", max_shard_size="50KB")
+def test_hub_id_missing_shard_offline(llama_sharded: Path, hub_cache: Path) -> None:
+    sharded = llama_sharded
     shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
     write_hub_cache(hub_cache, "owner/sharded", sharded, SHA, ("config.json", "model.safetensors.index.json",
                                                                 *shards[:-1]))
@@ -151,16 +151,147 @@ def test_hub_id_in_a_fresh_process(llama: Tiny, tmp_path: Path) -> None:
     assert df.loc[0, "cos"] == pytest.approx(-1.0, abs=1e-6)
 
 
+# -- the whole hub path: two revisions, tokenizers, scan / explain / scan --verify ------------------------------
+
+HUB_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture(scope="module")
+def two_revisions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny Llamas with their own word-level tokenizers: ``t0 t1 ...`` (main) and ``u0 u1 ...`` (tag v2)."""
+    from builders import write_tokenizer
+
+    root = tmp_path_factory.mktemp("hub-src")
+    main_rev, v2 = build_llama(root / "main"), build_llama(root / "v2", seed=1)
+    write_tokenizer(main_rev, 128, "t")
+    write_tokenizer(v2, 128, "u")
+    assert set(HUB_FILES) <= {p.name for p in main_rev.iterdir()}
+    return main_rev, v2
+
+
+def _cache_two(cache: Path, revs: tuple[Path, Path]) -> None:
+    """Both revisions in one repo of the cache, laid out as huggingface_hub writes it (blobs shared by content)."""
+    write_hub_cache(cache, "owner/tiny", revs[0], SHA, HUB_FILES, ref="main")
+    write_hub_cache(cache, "owner/tiny", revs[1], OTHER_SHA, HUB_FILES, ref="v2")
+
+
+def test_the_hub_path_offline_for_scan_explain_and_verify(two_revisions: tuple[Path, Path], hub_cache: Path,
+                                                          tmp_path: Path) -> None:
+    _cache_two(hub_cache, two_revisions)
+    for revision, sha, folder, word in ((None, SHA, two_revisions[0], "t"), ("v2", OTHER_SHA, two_revisions[1], "u")):
+        df = mmdetect.scan("owner/tiny", revision=revision)
+        assert_same_rows(df, mmdetect.scan(str(folder)))
+        assert df.attrs["provenance"]["revision"] == sha
+        out = tmp_path / f"explain-{sha[:4]}.json"
+        args = ["explain", "owner/tiny", "-l", "1", "-n", "7", "--no-activations", "-o", str(out)]
+        result = CliRunner().invoke(main, args + (["--revision", revision] if revision else []))
+        assert result.exit_code == 0, result.output
+        doc = json.loads(out.read_text())
+        tokens = [t["token"] for side in ("reads", "promotes", "suppresses") for t in doc["vocab"][side]]
+        # this revision's own tokenizer: its words, not '#id' and not the other revision's words
+        specials = ("<pad>", "<s>", "</s>", "<unk>")
+        assert all(t in specials or (t[0] == word and t[1:].isdigit()) for t in tokens), tokens
+        assert doc["provenance"]["revision"] == sha
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"t{(7 * i) % 120}" for i in range(400)))
+    hub_out, local_out = tmp_path / "hub.json", tmp_path / "local.json"
+    for model, out in (("owner/tiny", hub_out), (str(two_revisions[0]), local_out)):
+        result = CliRunner().invoke(main, ["scan", model, "--verify", "2", "--text", str(text), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    hub_rows, local_rows = (json.loads(p.read_text())["neurons"] for p in (hub_out, local_out))
+    verified = [r for r in hub_rows if r["deletion"] is not None]
+    assert [(r["layer"], r["neuron"]) for r in verified] == [(1, 7)]   # the one flagged neuron: the planted one
+    for key in ("deletion", "top_writer", "writer_score"):  # same tokens, so the same activations
+        assert [r[key] for r in hub_rows] == [r[key] for r in local_rows], key
+
+
+class FakeHub:
+    """``huggingface_hub.snapshot_download`` against a repo held in folders: records every call's revision and
+    patterns and links the matching files into the cache as huggingface_hub does (resolving a branch to its commit)."""
+
+    def __init__(self, cache: Path, repo_id: str, revisions: dict[str, tuple[str, Path]]) -> None:
+        self.repo = cache / ("models--" + repo_id.replace("/", "--"))
+        self.revisions = revisions   # branch or commit -> (commit, source folder)
+        self.calls: list[tuple[str | None, tuple[str, ...]]] = []
+
+    def __call__(self, repo_id: str, *, revision: str | None = None, allow_patterns: list[str] | None = None,
+                 local_files_only: bool = False, **_: object) -> str:
+        import fnmatch
+        import hashlib
+
+        assert not local_files_only
+        self.calls.append((revision, tuple(allow_patterns or ())))
+        commit, src = self.revisions[revision or "main"]
+        snapshot = self.repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (self.repo / "blobs").mkdir(exist_ok=True)
+        for f in sorted(src.iterdir()):
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns or ()) and not (snapshot / f.name).exists():
+                blob = self.repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+                blob.write_bytes(f.read_bytes())
+                (snapshot / f.name).symlink_to(Path("../..") / "blobs" / blob.name)
+        return str(snapshot)
+
+
+def test_each_command_fetches_exactly_what_it_needs(two_revisions: tuple[Path, Path], hub_cache: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Online (a fake hub): scan asks for config.json and one weight format; explain adds the tokenizer files of the
+    same commit, so it shows the tokenizer's tokens. Every call after the first names the commit, not the branch."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    src = two_revisions[0]
+    shutil.copytree(src, src.parent / "both", dirs_exist_ok=True)      # a repo with both weight formats
+    write_bin(src, src.parent / "both-bin")
+    shutil.copy(src.parent / "both-bin" / "pytorch_model.bin", src.parent / "both" / "pytorch_model.bin")
+    fake = FakeHub(hub_cache, "owner/tiny", {"main": (SHA, src.parent / "both"), SHA: (SHA, src.parent / "both")})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    df = mmdetect.scan("owner/tiny")
+    assert_same_rows(df, mmdetect.scan(str(src)))
+    assert fake.calls == [(None, ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")),
+                          (SHA, ("model.safetensors",))]
+    snapshot = hub_cache / "models--owner--tiny" / "snapshots" / SHA
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    fake.calls.clear()
+    out = tmp_path / "explain.json"
+    result = CliRunner().invoke(main, ["explain", "owner/tiny", "-l", "1", "-n", "7", "--no-activations",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert fake.calls == [(None, ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")),
+                          (SHA, ("model.safetensors",)),
+                          (SHA, ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                 "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt",
+                                 "vocab.txt", "generation_config.json"))]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "generation_config.json",
+                                                          "model.safetensors", "tokenizer.json",
+                                                          "tokenizer_config.json"]   # never pytorch_model.bin
+    tokens = [t["token"] for t in json.loads(out.read_text())["vocab"]["promotes"]]
+    assert tokens and all(not t.startswith("#") for t in tokens)
+
+
+def test_shard_names_are_fetched_as_literal_names(llama_sharded: Path, llama_scan: pd.DataFrame, hub_cache: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded repo: the shards the index names, each as a pattern that matches only itself."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from mmdetect.io.hub import literal
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    shards = sorted(p.name for p in llama_sharded.glob("model-*-of-*.safetensors"))
+    fake = FakeHub(hub_cache, "owner/sharded", {"main": (SHA, llama_sharded), SHA: (SHA, llama_sharded)})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert_same_rows(mmdetect.scan("owner/sharded"), llama_scan)
+    assert fake.calls[1] == (SHA, tuple(shards))
+    assert literal("model-[1]*?.safetensors") == "model-[[]1][*][?].safetensors"
+
+
 # -- GGUF -------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def gguf_llama(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama")
-
-
-@pytest.fixture(scope="module")
-def gguf_gemma3(tmp_path_factory: pytest.TempPathFactory) -> GGUFModel:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf", "gemma3", seed=1)
+# gguf_llama and gguf_gemma3 (builders.write_gguf, seeds 0 and 1) are session fixtures in conftest.py.
 
 
 def check_against_reference(df: pd.DataFrame, model: GGUFModel, raw: bool) -> None:
@@ -248,7 +379,10 @@ def test_gemma3_270m_published_facts(gemma3_270m: Path) -> None:
     raw = mmdetect.scan(str(gemma3_270m), raw=True)
     below = (raw["cos"] < -0.5).groupby(raw["layer"]).sum()
     share = below / raw.groupby("layer").size()
-    assert int(below[17]) == 154
+    # The counts, independently: the gguf package's own reader and dequantiser, then numpy (builders).
+    reference = [int((cos < -0.5).sum()) for cos in gguf_file_cosines(gemma3_270m, raw=True)]
+    assert below.tolist() == reference
+    assert int(below[17]) == 154                                       # 7.5% of 2,048, as the notes say
     assert share[17] == pytest.approx(0.075, abs=5e-4)
     assert share.idxmax() == 17 and (share.drop(17) < share[17]).all()
     summary = {s["layer"]: s for s in raw.attrs["layers"]}

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from builders import Tiny, reference
+from builders import SHARED_MODELS, Tiny, reference
 from mmdetect import sweep as zoo
 from zoo import (HAVE_SHARED, ROOT, SHARED, entries, full, models, no_step_summary, rewritten, run, scans,  # noqa: F401
                  write_config)
@@ -467,9 +467,11 @@ def test_shipped_configs_validate():
     assert by_name["Llama-3.1-8B"].expect.values[31] == pytest.approx(0.056, abs=5e-4)
     assert not any(e.model.startswith(("google-bert/", "google-t5/", "Baidicoot/")) for e in published.entries)
     assert len(published.entries) == 30
+    # the published numbers were made on TransformerLens-processed weights (docs/conventions.md)
+    assert {e.convention for e in published.entries} == {"transformerlens"}
 
 
-PUBLISHED_CSV = ROOT.parent / "shared" / "research" / "published_weakening_by_layer.csv"
+PUBLISHED_CSV = SHARED_MODELS.parent / "research" / "published_weakening_by_layer.csv"
 
 
 @pytest.mark.skipif(not PUBLISHED_CSV.exists(), reason="../shared/research not present")

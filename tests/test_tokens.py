@@ -23,7 +23,7 @@ from mmdetect.analysis.corpus import DEFAULT, Vocab, load_vocab
 
 tokenizers = pytest.importorskip("tokenizers")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+from builders import SHARED_MODELS as SHARED  # noqa: E402  (../shared/models, or $MMDETECT_SHARED/models)
 SHARED_MODELS = ["stories260K", "aidreams260K", "babyllama-tok105"]
 # Qwen2 / Llama 3 style split: a letter run may carry one leading non-letter (so '\tTokenName' is one pre-token)
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"

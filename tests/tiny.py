@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -29,7 +34,7 @@ SIZE_FIELDS: dict[str, Any] = {
     "moe_intermediate_size": I_MOE, "expert_ffn_hidden_size": I_MOE, "moe_ffn_hidden_size": I_MOE,
     "expert_intermediate_size": I_MOE,
     "shared_expert_intermediate_size": I_SHARED, "moe_shared_expert_intermediate_size": I_SHARED,
-    "shared_intermediate_size": I_SHARED,
+    "shared_intermediate_size": I_SHARED, "shared_experts_intermediate_size": I_SHARED,
     "num_hidden_layers": NLAYERS, "n_layer": NLAYERS, "num_layers": NLAYERS, "n_layers": NLAYERS,
     "decoder_layers": NLAYERS, "encoder_layers": NLAYERS,
     "num_attention_heads": NHEADS, "n_head": NHEADS, "num_heads": NHEADS, "n_heads": NHEADS,
@@ -64,18 +69,36 @@ OVERRIDES: dict[str, dict[str, Any]] = {
              "ffn_config": {"ffn_hidden_size": I_MOE, "moe_num_experts": NEXP, "moe_top_k": TOPK}},
     "dots1": {"n_shared_experts": 1},
     "lfm2_moe": {"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
+    # mrope_section sums to head_dim / 2: transformers 5.20's default [22, 22, 20] does not fit head_dim 16.
     "cohere_compass_text": {"layer_types": ["full_attention", "full_attention"],
-                            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+                            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [2, 2, 4]}}},
     "zaya": {"num_experts_per_tok": 1},
     "dots3_note_text": {"num_key_value_heads": NHEADS},
     "falcon_h1": {"mamba_d_ssm": 128, "mamba_n_heads": 8, "mamba_d_head": 16},
-    "inkling2_text": {"unpadded_vocab_size": VOCAB},
-    "inkling2_loop_text": {"unpadded_vocab_size": VOCAB},
+    # Attention sizes that are not under a common name: at their defaults these models were the slowest to build
+    # and trace by far (Kimi's linear attention 32 x 128, Inkling's sliding-window attention 64 x 128, RoC-BERT's
+    # 24858-row shape embedding, Dots3's layer-2 MLA with rank 1024).
+    "inkling_text": {"swa_num_attention_heads": NHEADS, "swa_num_key_value_heads": NKV, "swa_head_dim": HEADDIM},
+    "inkling2_text": {"unpadded_vocab_size": VOCAB, "swa_num_attention_heads": NHEADS,
+                      "swa_num_key_value_heads": NKV, "swa_head_dim": HEADDIM},
+    "inkling2_loop_text": {"unpadded_vocab_size": VOCAB, "swa_num_attention_heads": NHEADS,
+                           "swa_num_key_value_heads": NKV, "swa_head_dim": HEADDIM},
+    "kimi_linear": {"linear_num_heads": NHEADS, "linear_head_dim": HEADDIM},
+    "roc_bert": {"pronunciation_embed_dim": 32, "pronunciation_vocab_size": 64, "shape_embed_dim": 32,
+                 "shape_vocab_size": 64},
     "deepseek_v32": {"num_key_value_heads": NHEADS}, "glm_moe_dsa": {"num_key_value_heads": NHEADS},
     # Two zero-compute experts instead of 256, so that tokens reach the real ones.
     "longcat_flash": {"num_key_value_heads": NHEADS, "head_dim": 8, "zero_expert_num": 2},
     "ctrl": {"dff": I_DENSE},
     "prophetnet": {"num_encoder_layers": NLAYERS, "num_decoder_layers": NLAYERS},
+}
+
+# Keyword arguments that are not config fields (``__post_init__`` consumes them), passed as they are.
+INIT_KWARGS: dict[str, dict[str, Any]] = {
+    "dots3_note_text": {"swa_num_attention_heads": NHEADS, "swa_num_key_value_heads": NHEADS, "swa_q_lora_rank": 32,
+                        "swa_kv_lora_rank": 16, "swa_head_dim": HEADDIM, "swa_qk_nope_head_dim": 8,
+                        "swa_v_head_dim": HEADDIM},
 }
 
 
@@ -102,6 +125,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "minimax_m3_vl_text+dense_layer_0": ("minimax_m3_vl_text", {"mlp_layer_types": ["dense", "sparse"],
                                                                 "dense_intermediate_size": I_DENSE}),
 }
+SURVEYED = "5.24.0"   # the transformers version the registry's layouts were measured on
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 
 
@@ -140,16 +164,18 @@ def tiny_config(model_type: str, extra: dict[str, Any] | None = None) -> Any:
         kw = {k: v for k, v in kw.items() if k in fields}
     if "layer_types" in fields and "layer_types" not in kw:
         kw.update(_layers_for_every_type(cls, kw))
-    return cls(**kw)
+    return cls(**kw, **INIT_KWARGS.get(model_type, {}))
 
 
 def _layers_for_every_type(cls: type, kw: dict[str, Any]) -> dict[str, int]:
     """Enough layers for the default ``layer_types`` pattern to contain every layer type (2 unless a hybrid model
     puts e.g. its full-attention layer only every 4th layer), as layer-count config fields."""
+    from huggingface_hub.errors import StrictDataclassError
+
     def types(n: int) -> set[str] | None:
         try:
             return set(cls(**{**kw, **{k: n for k in LAYER_COUNT_FIELDS if k in kw}}).layer_types or [])
-        except Exception:  # a pattern that needs more layers than n, or an explicit per-layer list
+        except (ValueError, StrictDataclassError):  # a pattern that needs more layers than n, or a per-layer list
             return None
 
     every = types(8)
@@ -174,8 +200,10 @@ def randomise(model: Any, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
 
 
-def build_model(model_type: str, extra: dict[str, Any] | None = None, seed: int = 0) -> Any:
-    """A tiny random float32 ``*ForCausalLM`` for ``model_type``."""
+def build_model(model_type: str, extra: dict[str, Any] | None = None, seed: int = 0,
+                init: Callable[[Any, int], None] | None = None) -> Any:
+    """A tiny random float32 ``*ForCausalLM`` for ``model_type``; ``init(model, seed)`` fills the parameters
+    (``randomise`` by default)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -186,10 +214,22 @@ def build_model(model_type: str, extra: dict[str, Any] | None = None, seed: int 
     cfg = tiny_config(model_type, extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
     model.eval()
-    randomise(model, seed)
+    (init or randomise)(model, seed)
     return model
+
+
+def require_model_type(model_type: str) -> None:
+    """Skip when the installed transformers predates the model type (Python 3.10 gets transformers 5.20 at most;
+    the registry was surveyed on 5.24). On 5.24 or later a missing model type is a failure, not a skip."""
+    import transformers
+    from packaging.version import Version
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING and Version(transformers.__version__) < Version(SURVEYED):
+        pytest.skip(f"transformers {transformers.__version__} has no model type {model_type!r} (added before "
+                    f"{SURVEYED}, which the registry was surveyed on)")
 
 
 def save(model: Any, dest: Path) -> Path:
@@ -200,7 +240,11 @@ def save(model: Any, dest: Path) -> Path:
 
 
 def load(folder: Path) -> Any:
-    """The slow path: the full transformers model, as a user of transformers would load it."""
+    """The slow path: the full transformers model, as a user of transformers would load it.
+
+    MoE experts run transformers' eager loop (the reference implementation) rather than the default ``grouped_mm``,
+    whose CPU fallback takes ~20 ms per tiny call and made the MoE families the slowest tests by far.
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -209,4 +253,52 @@ def load(folder: Path) -> Any:
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager").eval()
+
+
+def case_spec(case: str) -> tuple[str, dict[str, Any] | None]:
+    """A family test case id -> (model type, config overrides): a model type, or a key of ``VARIANTS``."""
+    return VARIANTS.get(case, (case, None))
+
+
+class Families:
+    """Tiny random checkpoints per case (``case_spec``), each built and saved once per session.
+
+    ``folder(case)``: the saved checkpoint. ``model(case)`` / ``units(case)``: the model transformers loads from that
+    folder and the slow path's MLPs in it (``slowpath.find_units``; the units are views of the model's parameters).
+    The last ``keep`` loaded models stay in memory (some are large, e.g. RoC-BERT's embeddings); conftest.py runs the
+    family tests case by case, so each is loaded and traced once. A test that writes into a cached model must put
+    the values back. ``init`` replaces ``randomise`` for callers that need another parameter fill.
+    """
+
+    def __init__(self, root: Path, keep: int = 4, init: Callable[[Any, int], None] | None = None) -> None:
+        self.root, self.keep, self.init = root, keep, init
+        self._folders: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, tuple[Any, list[Any]]] = OrderedDict()
+
+    def folder(self, case: str) -> Path:
+        if case not in self._folders:
+            model_type, extra = case_spec(case)
+            require_model_type(model_type)
+            folder = self.root / re.sub(r"\W", "_", case)
+            save(build_model(model_type, extra, init=self.init), folder)
+            self._folders[case] = folder
+        return self._folders[case]
+
+    def _load(self, case: str) -> tuple[Any, list[Any]]:
+        import slowpath
+
+        if case in self._loaded:
+            self._loaded.move_to_end(case)
+        else:
+            model = load(self.folder(case))
+            self._loaded[case] = (model, slowpath.find_units(model))
+            while len(self._loaded) > self.keep:
+                self._loaded.popitem(last=False)
+        return self._loaded[case]
+
+    def model(self, case: str) -> Any:
+        return self._load(case)[0]
+
+    def units(self, case: str) -> list[Any]:
+        return self._load(case)[1]

@@ -23,11 +23,11 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from builders import Tiny
+from builders import SHARED_MODELS, Tiny
 from mmdetect.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
+SHARED = SHARED_MODELS  # ../shared/models, or $MMDETECT_SHARED/models
 HAVE_SHARED = (SHARED / "stories260K" / "model.safetensors").exists()
 
 

@@ -7,10 +7,10 @@ families that need a human decision (hyper-connections, weightless-or-unknown no
 with the survey's own note. Hand-written families (``ctrl.yaml``, ``longcat_flash.yaml``, ``gguf_*.yaml``, ...) are
 left alone.
 
-The survey knows nothing about attention. Each model type's attention and embedding sections (with their variants and
-defaults) are read from the files being replaced and written into whichever family the type lands in: the most common
-layout becomes the file's own, the others ``when: {model_type: ...}`` variants. A type new to the registry gets
-``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written, every model type is
+The survey knows nothing about attention. Each model type's attention, embedding and transformerlens sections (with
+their variants and defaults) are read from the files being replaced and written into whichever family the type lands
+in: the most common layout becomes the file's own, the others ``when: {model_type: ...}`` variants. A type new to
+the registry gets ``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written, every model type is
 resolved under every combination of its variants' config keys in the old files and the new ones, and any difference
 in its attention layout (or its reason) stops the import.
 
@@ -83,7 +83,10 @@ REFUSE = {
 }
 PARTS = ("q", "k", "v")
 FIELD_ORDER = ["name", "heads", "parallel", "pre_norm", "post_norm", "q", "k", "v", "qkv", "o", "embed", "embed_norm",
-               "unembed", "final_norm"]
+               "unembed", "final_norm", "fold_ln", "center_writing_weights", "logit_scale"]
+TL_DEFAULTS = {"fold_ln": True, "center_writing_weights": True, "logit_scale": None}  # registry.Processing's
+# Per-model-type sections carried over from the files being replaced (the survey measures only the MLPs).
+SECTIONS = ("attention", "embedding", "transformerlens")
 PREFERRED_NAMES = ["llama", "gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "phi3", "gemma", "gemma2",
                    "gemma3_text", "olmo", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss",
                    "llama4_text", "dbrx", "granitemoe", "bert", "bart", "mpt", "nemotron", "stablelm"]
@@ -253,32 +256,40 @@ def programs(doc: dict) -> dict[str, dict]:
 
     out = {}
     variants = doc.get("variants") or []
-    generic = [v for v in variants if "model_type" not in v["when"] and {"attention", "embedding"} & set(v)]
+    generic = [v for v in variants if "model_type" not in v["when"] and set(SECTIONS) & set(v)]
     for model_type in doc["model_types"]:
         own = [v for v in variants if v["when"].get("model_type") == model_type]
         attention, embedding = doc["attention"], doc.get("embedding") or {}
+        tl = doc.get("transformerlens") or {}
         rest = generic
         if own:
             reset, *own = own
             if set(reset["when"]) != {"model_type"}:
                 raise SystemExit(f"{doc['family']}: the first variant for {model_type} must be "
                                  f"when: {{model_type: {model_type}}} alone")
-            for section in ("attention", "embedding"):
+            for section in SECTIONS:
                 if section == "attention" and "unsupported" in (reset.get(section) or {}):
                     continue
                 if not _touched(generic, section) <= _fields(reset.get(section)):
                     raise SystemExit(f"{doc['family']}: the model_type variant of {model_type} does not replace every "
                                      f"{section} field the file's other variants set; edit the file by hand")
-            attention = patch_section(attention, reset.get("attention") or {})
-            embedding = patch_section(embedding, reset.get("embedding") or {})
+            if "attention" in reset:  # (an empty patch would turn an unsupported reason into an empty layout)
+                attention = patch_section(attention, reset["attention"])
+            if "embedding" in reset:
+                embedding = patch_section(embedding, reset["embedding"])
+            tl = {**tl, **(reset.get("transformerlens") or {})}
             rest = [{**v, "when": {k: x for k, x in v["when"].items() if k != "model_type"}} for v in own]
         if "unsupported" in attention:
-            out[model_type] = {"attention": dict(attention), "embedding": {}, "defaults": {}, "variants": []}
+            # the heads' sections go; the transformerlens one (and the variants that change it) stays
+            tl_variants = [{k: copy.deepcopy(v[k]) for k in ("when", "transformerlens")}
+                           for v in rest if "transformerlens" in v]
+            out[model_type] = {"attention": dict(attention), "embedding": {}, "transformerlens": dict(tl),
+                               "defaults": {}, "variants": tl_variants}
             continue
         attention = {"name": attention.get("name", doc["family"]), **attention}
-        out[model_type] = {"attention": attention, "embedding": dict(embedding),
+        out[model_type] = {"attention": attention, "embedding": dict(embedding), "transformerlens": dict(tl),
                            "defaults": dict(doc.get("defaults") or {}),
-                           "variants": [{k: copy.deepcopy(v[k]) for k in ("when", "attention", "embedding") if k in v}
+                           "variants": [{k: copy.deepcopy(v[k]) for k in ("when", *SECTIONS) if k in v}
                                         for v in rest]}
     return out
 
@@ -290,8 +301,10 @@ def _canonical(program: dict) -> str:
         if isinstance(out.get("unembed"), str):
             out["unembed"] = [out["unembed"]]
         return out
-    return json.dumps({**program, "attention": clean(program["attention"]),
-                       "embedding": clean(program["embedding"])}, sort_keys=True)
+    return json.dumps({**program, "attention": clean(program["attention"]), "embedding": clean(program["embedding"]),
+                       "transformerlens": {k: v for k, v in program["transformerlens"].items()
+                                           if v is not True and v is not None}},
+                      sort_keys=True)
 
 
 def _patch(old: dict, new: dict, forced: set[str]) -> dict:
@@ -310,9 +323,9 @@ def _patch(old: dict, new: dict, forced: set[str]) -> dict:
 
 
 def compose(family: str, types: list[str], kept: dict[str, dict], mlp_variants: list[dict]) -> dict:
-    """The attention, embedding, defaults and variants of a family file holding ``types``."""
-    progs = {t: kept.get(t) or {"attention": {"unsupported": NO_LAYOUT}, "embedding": {}, "defaults": {},
-                                "variants": []} for t in types}
+    """The attention, embedding, transformerlens, defaults and variants of a family file holding ``types``."""
+    progs = {t: kept.get(t) or {"attention": {"unsupported": NO_LAYOUT}, "embedding": {}, "transformerlens": {},
+                                "defaults": {}, "variants": []} for t in types}
     counts = Counter(_canonical(p) for p in progs.values())
     first = min(types, key=lambda t: (-counts[_canonical(progs[t])], t != family, t))
     base = progs[first]
@@ -337,7 +350,8 @@ def compose(family: str, types: list[str], kept: dict[str, dict], mlp_variants: 
             continue
         reset: dict[str, Any] = {"when": {"model_type": model_type}}
         if "unsupported" in prog["attention"]:
-            reset["attention"] = prog["attention"]
+            if prog["attention"] != base["attention"]:
+                reset["attention"] = prog["attention"]
         elif "unsupported" in base["attention"]:
             reset["attention"] = {k: v for k, v in prog["attention"].items() if (k, v) != ("name", family)}
             reset["embedding"] = prog["embedding"]
@@ -346,15 +360,20 @@ def compose(family: str, types: list[str], kept: dict[str, dict], mlp_variants: 
                 change = _patch(base[section], prog[section], _touched(base["variants"], section))
                 if change:
                     reset[section] = change
+        tl = _patch(base["transformerlens"], prog["transformerlens"], _touched(base["variants"], "transformerlens"))
+        if tl:  # a field the base sets and this type does not: back to its default
+            reset["transformerlens"] = {k: prog["transformerlens"].get(k, TL_DEFAULTS[k]) for k in tl}
         variants.append(reset)
         variants += [{**v, "when": {"model_type": model_type, **v["when"]}} for v in prog["variants"]]
     out: dict[str, Any] = {"attention": attention}
     if base["embedding"]:
         out["embedding"] = base["embedding"]
+    if base["transformerlens"]:
+        out["transformerlens"] = base["transformerlens"]
     if defaults:
         out["defaults"] = defaults
     if variants:
-        out["variants"] = [{k: v[k] for k in ("when", "mlps", "attention", "embedding") if k in v} for v in variants]
+        out["variants"] = [{k: v[k] for k in ("when", "mlps", *SECTIONS) if k in v} for v in variants]
     return out
 
 
@@ -384,6 +403,9 @@ def check_attention_kept(old: dict[str, Any], new: dict[str, Any]) -> None:
             if (a.attention, a.attention_gap) != (b.attention, b.attention_gap):
                 raise SystemExit(f"{model_type} ({fmt}), config {config}: attention would change from "
                                  f"{a.attention or a.attention_gap} to {b.attention or b.attention_gap}")
+            if a.processing != b.processing:
+                raise SystemExit(f"{model_type} ({fmt}), config {config}: the transformerlens section would change "
+                                 f"from {a.processing} to {b.processing}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Each deleter keeps its ``per_deleter`` best writers; the table ranks all pairs b
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,11 +31,14 @@ from mmdetect.errors import MMDetectError
 from mmdetect.report.provenance import Provenance
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
 COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_expert", "writer_index", "deleter",
            "deleter_kind", "deleter_layer", "deleter_expert", "deleter_index", "align", "erase", "writer_cos"]
 
 
-def _neuron_deleters(circuit: Circuit, threshold: float, wanted: set[int] | None) -> list[dict[str, Any]]:
+def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] | None) -> list[dict[str, Any]]:
     """Every MLP neuron with cos(r_j, o_j) <= threshold, most negative first, with its (sign-canonical) read r_j.
 
     One streamed pass (the scan's pipeline: a block per worker). cos needs no sign canonicalisation (flipping r_j and
@@ -133,7 +137,8 @@ def _head_deleters(circuit: Circuit, flagged: list[dict[str, Any]]) -> list[dict
 
 
 def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold: float = -0.5,
-                   per_deleter: int = 3, max_deleters: int = 200, layers: Any = None, heads: bool = True) -> Any:
+                   per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
+                   heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of an open circuit as a DataFrame ranked by score (see the module docstring)."""
     import pandas as pd
 
@@ -215,7 +220,7 @@ def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, 
 
 def find_chains(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = -0.5,
                 head_threshold: float = -0.5, per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
-                heads: bool = True) -> Any:
+                heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of ``model`` ranked by align * erase; one DataFrame row per pair."""
     if per_deleter < 1 or max_deleters < 1:
         raise MMDetectError("--per-deleter and --max-deleters must be at least 1")

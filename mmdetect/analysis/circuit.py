@@ -18,29 +18,15 @@ the model; tensors are read one at a time as in ``scan``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 
-from mmdetect.convention import (
-    DEFAULT,
-    Convention,
-    Fold,
-    MLPFold,
-    Rule,
-    actual_write,
-    canonical_sign,
-    embedding_fold,
-    fold,
-    fold_mlp,
-    get_convention,
-    head_fold,
-    layernorm_model,
-    mlp_fold,
-    unembedding_fold,
-)
+from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, canonical_sign,
+                                 embedding_fold, fold, fold_mlp, for_model, get_convention, head_fold,
+                                 layernorm_model, mlp_fold, unembedding_fold)
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
@@ -103,7 +89,10 @@ class Circuit:
         self.located: dict = {}
         try:
             self.family = resolve_family(ckpt)
-            self.specs, self.located = locate_mlps(ckpt, self.family.mlps_for(ckpt.config))
+            resolved = self.family.resolve(ckpt.config)
+            # a convention that follows a tool gets the registry's exceptions for this model type
+            self.convention = for_model(self.convention, resolved, ckpt.config)
+            self.specs, self.located = locate_mlps(ckpt, resolved.mlps)
         except MMDetectError:
             if need_mlps:
                 raise
@@ -226,7 +215,13 @@ class Circuit:
             raise MMDetectError(f"layer {layer}: fused qkv has {rows} rows, which is not (heads + 2 kv_heads) x "
                                 f"{dh} for {n_heads} heads")
         n_kv = (rows // dh - n_heads) // 2
-        groups = {"heads": n_heads, "kv_heads": n_kv}.get(proj.groups, proj.groups)
+        if isinstance(proj.groups, int):
+            groups = proj.groups
+        elif proj.groups in ("heads", "kv_heads"):
+            groups = n_heads if proj.groups == "heads" else n_kv
+        else:  # the registry loader admits only these for a fused projection
+            raise MMDetectError(f"layer {layer}: fused qkv groups {proj.groups!r} is not heads, kv_heads or an "
+                                f"integer")
         if n_heads % groups or n_kv % groups:
             raise MMDetectError(f"layer {layer}: {n_heads} heads and {n_kv} kv heads do not split into {groups} "
                                 f"groups as the attention registry says")
@@ -264,7 +259,7 @@ class Circuit:
         r, g = fold(block.w_in[idx], f.read), fold(block.w_gate[idx], f.gate)
         return canonical_sign((g * r).sum(dim=1)).tolist()
 
-    def iter_neurons(self, layers: set[int] | None = None) -> Iterator[Neurons]:
+    def iter_neurons(self, layers: Container[int] | None = None) -> Iterator[Neurons]:
         from mmdetect.scanner.pipeline import iter_blocks
         from mmdetect.scanner.read import plan_jobs
 
@@ -312,7 +307,14 @@ class Circuit:
     def embedding_fold_rows(self, raw: torch.Tensor) -> torch.Tensor:
         """[c, d] stored embedding rows -> what each token writes: an embedding norm's gain, centred in LayerNorm
         models (``convention.embedding_fold``)."""
-        return fold(raw, self.token_fold)
+        rows = fold(raw, replace(self.token_fold, centre_rows=False))
+        return rows if self.token_mean is None else rows - self.token_mean
+
+    @cached_property
+    def token_mean(self) -> torch.Tensor | None:
+        """The mean folded embedding row when the convention centres rows over the vocabulary, read once."""
+        key = self.embedding_key()
+        return None if key is None else self._row_mean(key, self.token_fold)
 
     def unembedding_key(self) -> str:
         lay = self.require_attention()
@@ -327,13 +329,14 @@ class Circuit:
 
     def unembedding_rows(self, chunk: int = ROW_CHUNK) -> Iterator[tuple[int, torch.Tensor]]:
         """(first token id, [c, d]): row t is the residual direction that raises token t's logit, folded by
-        ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm)."""
+        ``convention.unembedding_fold`` (final-norm gain, centred when the final norm is a LayerNorm; under
+        ``center_unembed`` minus the mean row over the whole vocabulary, which costs one more pass)."""
         for start, stop in self.unembedding_spans(chunk):
             yield start, self.unembedding_slab(start, stop)
 
     def unembedding_spans(self, chunk: int | None = None) -> list[tuple[int, int]]:
         """Token ranges [start, stop) of ``chunk`` rows covering the unembedding; reads its fold's gain first."""
-        _ = self.logit_fold  # checks the shape and reads the final norm's gain, on the calling thread
+        _ = self.logit_fold, self.logit_mean  # checks the shape, reads the final norm's gain, on the calling thread
         n, chunk = int(self.ckpt.tensors[self.unembedding_key()].shape[0]), chunk or ROW_CHUNK
         return [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
 
@@ -355,10 +358,28 @@ class Circuit:
 
     def logit_fold_rows(self, raw: torch.Tensor) -> torch.Tensor:
         """[c, d] stored unembedding rows -> the residual directions raising each token's logit."""
-        return fold(raw, self.logit_fold)
+        rows = fold(raw, replace(self.logit_fold, centre_rows=False))
+        return rows if self.logit_mean is None else rows - self.logit_mean
+
+    @cached_property
+    def logit_mean(self) -> torch.Tensor | None:
+        """The mean folded unembedding row under ``center_unembed`` (one more pass over it), read once."""
+        return self._row_mean(self.unembedding_key(), self.logit_fold)
 
     def vocab_size(self) -> int:
         return int(self.ckpt.tensors[self.unembedding_key()].shape[0])
+
+    def _row_mean(self, key: str, f: Fold) -> torch.Tensor | None:
+        """The mean folded row over all rows of ``key`` when ``f`` centres rows (``center_unembed``), else None:
+        one pass over the matrix, in float64."""
+        if not f.centre_rows:
+            return None
+        f = replace(f, centre_rows=False)
+        n = int(self.ckpt.tensors[key].shape[0])
+        total = torch.zeros(int(self.ckpt.tensors[key].shape[-1]), dtype=torch.float64)
+        for start in range(0, n, ROW_CHUNK):
+            total += fold(self.ckpt.read(key, start, min(n, start + ROW_CHUNK)), f).sum(dim=0, dtype=torch.float64)
+        return (total / max(n, 1)).float()
 
     def close(self) -> None:
         self.ckpt.close()

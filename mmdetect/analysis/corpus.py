@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from mmdetect.analysis import tokens as tok_text
-from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError
+from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
+from mmdetect.io import hub
 
 DEFAULT = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
 CHARS_PER_TOKEN = 64             # more characters than any tokenizer's tokens average (see _budget)
@@ -270,31 +271,30 @@ class Vocab:
 
 
 def load_vocab(ckpt: Any, size: int, *, transformers: bool = True) -> Vocab:
-    """The checkpoint's tokenizer when it ships one (folder or HF cache): transformers' ``AutoTokenizer``, else (or
-    with ``transformers=False``) its ``tokenizer.json`` through the ``tokenizers`` package; a GGUF's own token list;
-    else bare ids."""
+    """The checkpoint's tokenizer when it ships one: transformers' ``AutoTokenizer``, else (or with
+    ``transformers=False``) its ``tokenizer.json`` through the ``tokenizers`` package; a GGUF's own token list; else
+    bare ids. For a hub id the tokenizer files of the weights' commit are fetched first (``io.hub.tokenizer``)."""
     if ckpt.format == "gguf":
         return Vocab(size, tokens=_gguf_tokens(ckpt.path))
     path = Path(ckpt.path)
+    if getattr(ckpt, "from_hub", False):
+        try:
+            path = hub.tokenizer(ckpt.ref, ckpt.revision)
+        except NotFoundError as exc:  # the weights are here: go on with what the snapshot has
+            warn(f"the tokenizer of {ckpt.ref} could not be fetched ({exc})")
     _no_special_files(path)
-    candidates: list[tuple[str, dict[str, Any]]] = []
-    if any((path / name).exists() for name in TOKENIZER_FILES):
-        candidates.append((str(path), {}))
-    if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
-        candidates.append((ckpt.ref, {"revision": ckpt.revision, "local_files_only": True}))
-    for source, kw in candidates if transformers else []:
+    if transformers and any((path / name).exists() for name in TOKENIZER_FILES):
         try:
             from transformers import AutoTokenizer
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
-            return Vocab(size, tokenizer=AutoTokenizer.from_pretrained(source, **kw))
+            return Vocab(size, tokenizer=AutoTokenizer.from_pretrained(str(path)))
         except Exception:  # no usable tokenizer there (or no transformers): try tokenizer.json, then ids
-            continue
-    for folder in _tokenizer_folders(ckpt, path):
-        json_tok = tok_text.load_tokenizer_json(folder)
-        if json_tok is not None:
-            return Vocab(size, tokenizer=json_tok)
+            pass
+    json_tok = tok_text.load_tokenizer_json(path)
+    if json_tok is not None:
+        return Vocab(size, tokenizer=json_tok)
     return Vocab(size)
 
 
@@ -312,21 +312,6 @@ def _no_special_files(folder: Path) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise UnsupportedError(f"{entry} is a {kind(mode)}, not a regular file: the tokenizer would block reading "
                                    f"it; remove it from the model folder")
-
-
-def _tokenizer_folders(ckpt: Any, path: Path) -> list[Path]:
-    """Where a tokenizer.json may be: the checkpoint folder, or the HF cache snapshot of a hub id."""
-    folders = [path] if (path / "tokenizer.json").is_file() else []
-    if ckpt.ref != str(ckpt.path) and not Path(ckpt.ref).expanduser().exists():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(ckpt.ref, "tokenizer.json", revision=ckpt.revision)
-            if isinstance(hit, str):
-                folders.append(Path(hit).parent)
-        except Exception:
-            pass
-    return folders
 
 
 def _gguf_tokens(path: Path) -> tok_text.TokenTable | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from mmdetect.analysis.stream import ordered_map, single_threaded
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError
 from mmdetect.report import Provenance
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 COLUMNS = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig", "min_eig_rel", "max_abs_eig",
            "ov_norm", "flagged"]
@@ -99,7 +102,7 @@ def null_copying(d: int, dh: int, level: float = 0.95, samples: int = NULL_SAMPL
 
 
 def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = None,
-                 progress: bool | None = False) -> Any:
+                 progress: bool | None = False) -> pd.DataFrame:
     """Score every head of every (selected) layer; one DataFrame row per head, ranked by copying (ascending)."""
     import pandas as pd
 
@@ -140,7 +143,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     df.attrs["provenance"] = Provenance.of(
         circuit.ckpt, "heads", convention=circuit.convention.name, threshold=threshold,
         layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
-        family=circuit.family.family if circuit.family else None, attention_family=circuit.attention.family,
+        family=circuit.family.family if circuit.family else None, attention_family=circuit.require_attention().family,
         heuristic=circuit.family.heuristic if circuit.family else None,
         score="copying = sum Re(eig) / sum |eig| of W_V W_O").to_dict()
     summary = []
@@ -160,7 +163,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
 
 
 def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0.5,
-               convention: str = DEFAULT, layers: Any = None, progress: bool | None = False) -> Any:
+               convention: str = DEFAULT, layers: Any = None, progress: bool | None = False) -> pd.DataFrame:
     """Rank every attention head of ``model`` by the copying score of its OV circuit (most anti-copying first).
 
     Columns: see ``COLUMNS``; ``df.attrs["provenance"]`` and ``df.attrs["layers"]`` (per-layer counts and the null

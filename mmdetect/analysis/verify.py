@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.writers import upstream_writers
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, warn
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 VERIFY_COLUMNS = ["deletion", "top_writer", "writer_score", "writer_cos"]
 
@@ -71,7 +74,7 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
     return cols, info
 
 
-def verify(df: Any, model: str, k: int, **options: Any) -> Any:
+def verify(df: pd.DataFrame, model: str, k: int, **options: Any) -> pd.DataFrame:
     """A new DataFrame: ``df``'s rows and attrs with the ``VERIFY_COLUMNS`` of its top ``k`` flagged rows added, and
     ``attrs["provenance"]["options"]["verify"]`` recording the corpus and how many rows. ``options``: see ``verify_columns``.
     ``df`` itself is not changed."""

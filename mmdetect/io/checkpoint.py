@@ -57,7 +57,8 @@ class Checkpoint:
     format: str                       # "safetensors" | "bin" | "gguf"
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    revision: str | None = None
+    revision: str | None = None       # for a hub id: the commit its snapshot holds
+    from_hub: bool = False            # ref is a hub id and path its snapshot in the HF cache
     files: list[Path] = field(default_factory=list)   # the weight files
     inputs: list[Path] = field(default_factory=list)  # every file read: weights, config.json, index
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
@@ -257,9 +258,10 @@ def open_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> Chec
     elif _looks_like_path(ref):
         raise NotFoundError(f"{ref} does not exist: check the path, or pass a hub id such as gpt2")
     else:
-        snapshot = hub.download(ref, revision)
+        snapshot = hub.weights(ref, revision)
         ckpt = _open_folder(ref, snapshot)
         ckpt.revision = snapshot.name if hub.is_commit(snapshot.name) else revision
+        ckpt.from_hub = True
     protect(ckpt.inputs)
     return ckpt
 

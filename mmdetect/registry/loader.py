@@ -16,11 +16,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, PARTS, Family, MLPSpec, NormSpec, Proj,
-                                      Registry, RegistryError, TensorSpec, Variant)
+from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, PARTS, PROCESSING_FIELDS, Family, MLPSpec,
+                                      NormSpec, Proj, Registry, RegistryError, TensorSpec, Variant)
 
 HERE = Path(__file__).parent / "families"
-TOP = {"family", "format", "model_types", "mlps", "attention", "embedding", "defaults", "variants", "notes"}
+TOP = {"family", "format", "model_types", "mlps", "attention", "embedding", "transformerlens", "defaults", "variants",
+       "notes"}
 ATTENTION = {"name", "heads", "parallel", "pre_norm", "post_norm", "q", "k", "v", "qkv", "o"}
 EMBEDDING = {"embed", "embed_norm", "unembed", "final_norm"}
 MLP_ROLES = ("gate", "up", "in", "gate_up", "out")
@@ -192,22 +193,37 @@ def _embedding(where: str, data: Any) -> dict[str, Any]:
     return out
 
 
+def _processing(where: str, data: Any) -> dict[str, Any]:
+    """A ``transformerlens`` section: which of its adapter's ``supports_*`` flags are false (true when absent), and
+    ``logit_scale`` (a positive number, or null) where the adapter folds the config's logit scale."""
+    _mapping(where, data, set(PROCESSING_FIELDS))
+    for name, value in data.items():
+        if name == "logit_scale":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise _fail(_at(where, name), "must be a positive number or null")
+        elif not isinstance(value, bool):
+            raise _fail(_at(where, name), "must be true or false")
+    return dict(data)
+
+
 # -- files -----------------------------------------------------------------------------------------------------------
 
 def _variant(where: str, data: Any, model_types: tuple[str, ...]) -> Variant:
-    _mapping(where, data, {"when", "mlps", "attention", "embedding"}, {"when"})
+    _mapping(where, data, {"when", "mlps", "attention", "embedding", "transformerlens"}, {"when"})
     when = data["when"]
     if not isinstance(when, dict) or not when:
         raise _fail(_at(where, "when"), "must be a non-empty mapping of config keys to values")
     if "model_type" in when and when["model_type"] not in model_types:
         raise _fail(_at(where, "when"), f"model_type {when['model_type']!r} is not one of this file's model_types")
-    if not {"mlps", "attention", "embedding"} & set(data):
-        raise _fail(where, "must give mlps, attention or embedding")
+    if not {"mlps", "attention", "embedding", "transformerlens"} & set(data):
+        raise _fail(where, "must give mlps, attention, embedding or transformerlens")
     return Variant(
         when=tuple(when.items()),
         mlps=_mlps(_at(where, "mlps"), data["mlps"]) if "mlps" in data else None,
         attention=_attention(_at(where, "attention"), data["attention"]) if "attention" in data else None,
-        embedding=_embedding(_at(where, "embedding"), data["embedding"]) if "embedding" in data else None)
+        embedding=_embedding(_at(where, "embedding"), data["embedding"]) if "embedding" in data else None,
+        transformerlens=(_processing(_at(where, "transformerlens"), data["transformerlens"])
+                         if "transformerlens" in data else None))
 
 
 def parse_family(data: Any, source: str) -> Family:
@@ -232,6 +248,7 @@ def parse_family(data: Any, source: str) -> Family:
         mlps=_mlps(_at(where, "mlps"), data["mlps"]),
         attention=_attention(_at(where, "attention"), data["attention"]),
         embedding=_embedding(_at(where, "embedding"), data.get("embedding") or {}),
+        transformerlens=_processing(_at(where, "transformerlens"), data.get("transformerlens") or {}),
         defaults=tuple(defaults.items()),
         variants=tuple(_variant(_at(where, f"variants[{n}]"), v, types) for n, v in enumerate(variants)),
         notes=dict(notes), source=source)

@@ -16,6 +16,11 @@ NORM_KINDS = ("rms", "rms1p", "layernorm", "layernorm1p")
 EXPERT_KINDS = ("none", "indexed", "fused", "stacked")
 FORMATS = ("safetensors", "gguf")
 PARTS = ("q", "k", "v")
+# The weight processing a tool's adapter for a model type does: TransformerLens 4.3's ``supports_fold_ln`` and
+# ``supports_center_writing_weights`` (both true unless a family file's ``transformerlens`` section says not), and
+# whether it folds config.json's ``logit_scale`` into the unembedding (Cohere's adapter).
+PROCESSING_FIELDS = ("fold_ln", "center_writing_weights", "logit_scale")
+PROCESSING_TOOLS = ("transformerlens",)
 
 
 class RegistryError(ValueError):
@@ -94,6 +99,19 @@ class MLPSpec:
 
 
 @dataclass(frozen=True)
+class Processing:
+    """What one tool's weight processing does to one model type (a family file's ``transformerlens`` section, variants
+    applied). ``fold_ln``: norm gains are folded into the weights that read through them (and LayerNorm reads
+    centred); ``center_writing_weights``: writes to the residual stream are centred in LayerNorm models;
+    ``logit_scale``: when set, the unembedding is multiplied by config.json's ``logit_scale`` (this value where the
+    config has none). A convention that follows the tool (``convention.Convention.processing``) follows these."""
+
+    fold_ln: bool = True
+    center_writing_weights: bool = True
+    logit_scale: float | None = None
+
+
+@dataclass(frozen=True)
 class Proj:
     """One attention projection. ``axis`` indexes heads x head_dim in the stored tensor (the other axis is d_model)."""
 
@@ -147,14 +165,16 @@ class AttentionLayout:
 class Variant:
     """Config values (``when``, all must match) and the fields they replace.
 
-    ``mlps`` replaces the MLP list; ``attention`` and ``embedding`` replace the fields they name (parsed values, see
-    :mod:`.loader`). An ``attention`` with the key ``unsupported`` replaces the whole section with that reason.
+    ``mlps`` replaces the MLP list; ``attention``, ``embedding`` and ``transformerlens`` replace the fields they name
+    (parsed values, see :mod:`.loader`). An ``attention`` with the key ``unsupported`` replaces the whole section with
+    that reason.
     """
 
     when: tuple[tuple[str, Any], ...]
     mlps: tuple[MLPSpec, ...] | None = None
     attention: dict[str, Any] | None = field(default=None, hash=False)
     embedding: dict[str, Any] | None = field(default=None, hash=False)
+    transformerlens: dict[str, Any] | None = field(default=None, hash=False)
 
     def matches(self, values: dict[str, Any]) -> bool:
         return all(values.get(k) == v for k, v in self.when)
@@ -162,11 +182,13 @@ class Variant:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A family specialised to one config: its MLP specs and its attention layout, or the reason there is none."""
+    """A family specialised to one config: its MLP specs, its attention layout (or the reason there is none), and
+    per tool (``PROCESSING_TOOLS``) the weight processing that tool's adapter allows for it."""
 
     mlps: tuple[MLPSpec, ...]
     attention: AttentionLayout | None
     attention_gap: str | None
+    processing: dict[str, Processing] = field(default_factory=dict, hash=False, compare=False)
 
 
 def patch_section(current: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
@@ -213,11 +235,12 @@ class Family:
     notes: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     source: str = ""
     heuristic: bool = False
+    transformerlens: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def resolve(self, config: dict[str, Any]) -> Resolved:
         """Apply every variant whose ``when`` matches ``config`` (``defaults`` fill keys it lacks), in file order."""
         values = {**dict(self.defaults), **{k: v for k, v in config.items() if v is not None}}
-        mlps, attention, embedding = self.mlps, self.attention, self.embedding
+        mlps, attention, embedding, tl = self.mlps, self.attention, self.embedding, self.transformerlens
         for variant in self.variants:
             if not variant.matches(values):
                 continue
@@ -227,11 +250,14 @@ class Family:
                 attention = patch_section(attention, variant.attention)
             if variant.embedding is not None:
                 embedding = patch_section(embedding, variant.embedding)
+            if variant.transformerlens is not None:
+                tl = {**tl, **variant.transformerlens}
+        processing = {"transformerlens": Processing(**tl)}
         if self.heuristic:
-            return Resolved(mlps, None, "a header-based heuristic layout has no attention layout")
+            return Resolved(mlps, None, "a header-based heuristic layout has no attention layout", processing)
         if "unsupported" in attention:
-            return Resolved(mlps, None, str(attention["unsupported"]))
-        return Resolved(mlps, build_attention(self.family, attention, embedding, self.source), None)
+            return Resolved(mlps, None, str(attention["unsupported"]), processing)
+        return Resolved(mlps, build_attention(self.family, attention, embedding, self.source), None, processing)
 
     def mlps_for(self, config: dict[str, Any]) -> tuple[MLPSpec, ...]:
         """The MLP specs that apply to a checkpoint with this config.json."""

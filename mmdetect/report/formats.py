@@ -18,14 +18,18 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from mmdetect.errors import MMDetectError, OutputError
 from mmdetect.report.rows import ScanResult
 
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "markdown")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
-              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown"}
+              ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown",
+              ".html": "html", ".htm": "html"}  # html: the report page (report/build.py), not a row format
 FLOAT_FORMAT = "%.8g"
 COMPACT = (",", ":")  # the rows' JSON separators since the first version (pandas' to_json wrote them this way)
 
@@ -191,7 +195,8 @@ def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
     }
 
 
-def write(rows: Any, fmt: str, path: str | os.PathLike | None = None, *, key: str = "neurons") -> None:
+def write(rows: ScanResult | pd.DataFrame | list[dict[str, Any]], fmt: str, path: str | os.PathLike | None = None, *,
+          key: str = "neurons") -> None:
     """Write ``rows`` (all of them) in ``fmt`` to ``path`` atomically, or to stdout when ``path`` is None.
 
     ``rows`` is a ``ScanResult`` (CSV, TSV, JSON and JSONL are then written from its numpy columns without pandas,

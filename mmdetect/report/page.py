@@ -42,6 +42,10 @@ CONVENTIONS = {
               "cos(gate, up) ≥ 0; these are the directions the network really reads and writes.",
     "raw": "Raw: plain cos(w_in, w_out) of the stored weights, with no norm gains folded in, no centring and no sign "
            "flip; norm gains can create or hide negative cosines, so compare raw numbers only with raw numbers.",
+    "transformerlens": "TransformerLens: the weights as TransformerLens processes them by default (fold_ln, "
+                       "center_writing_weights, center_unembed) with Gerstner & Schütze's gate sign flip, the route "
+                       "of their published numbers. As folded, except that the gate is not centred and no norm after "
+                       "the MLP (Gemma 2/3, OLMo 2) is folded into the write vector.",
 }
 UNKNOWN_CONVENTION = "The convention was not recorded with these results: say which one a number is in before " \
                      "comparing it."
@@ -303,7 +307,7 @@ def _panels(explain: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
 
 def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, Any] | None, *,
                explain: Iterable[Mapping[str, Any]] | None, heads: Any, chains: Any, top_rows: int,
-               max_rows: int) -> dict[str, Any]:
+               max_rows: int, notes: Mapping[str, str] | None = None) -> dict[str, Any]:
     if _is_frame(columns) or hasattr(columns, "attrs"):
         attrs = getattr(columns, "attrs", {}) or {}
         layers = attrs.get("layers") if layers is None else layers
@@ -342,22 +346,25 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
         "tables": {"neurons": table, "heads": frame_spec(heads, max_rows, "heads"),
                    "chains": frame_spec(chains, max_rows, "chains")},
         "panels": _panels(explain),
+        "notes": {str(k): str(v) for k, v in (notes or {}).items()},
     }
 
 
 def scan_page(columns: Any, layers: list[dict] | None = None, provenance: Mapping[str, Any] | None = None, *,
               explain: Iterable[Mapping[str, Any]] | None = None, heads: Any = None, chains: Any = None,
-              top_rows: int = 2000, max_rows: int = MAX_ROWS, title: str | None = None) -> str:
+              top_rows: int = 2000, max_rows: int = MAX_ROWS, title: str | None = None,
+              notes: Mapping[str, str] | None = None) -> str:
     """The complete HTML document for one scan.
 
     columns: the scan's rows as a dict of numpy arrays (``ScanResult.columns``), a ``ScanResult`` or a DataFrame
     (then ``layers`` and ``provenance`` default to its ``attrs``). layers: the per-layer summary
     (``attrs["layers"]``). provenance: ``attrs["provenance"]``. explain: ``explain()`` documents, one per neuron
     panel. heads, chains: the DataFrames of ``heads`` and ``chains``. top_rows: the table holds every flagged neuron
-    plus this many of the most negative others; max_rows caps the table whatever the flagged count.
+    plus this many of the most negative others; max_rows caps the table whatever the flagged count. notes: what was
+    left out and why, by section ("heads", "chains", "panels"), shown where that section would be.
     """
     data = scan_data(columns, layers, provenance, explain=explain, heads=heads, chains=chains,
-                      top_rows=top_rows, max_rows=max_rows)
+                     top_rows=top_rows, max_rows=max_rows, notes=notes)
     model = data["provenance"].get("model") or "scan"
     return render_page(data, title or f"mmdetect · {model}")
 
@@ -378,6 +385,8 @@ def sweep_page(summary: Any, per_model: Mapping[str, Any] | None = None, *, titl
     models = []
     for i, name in enumerate(names):
         entry = per_model.get(name)
+        layers: list[Any]
+        prov: dict[str, Any]
         layers, prov, n_layers = [], {}, None
         if entry is not None:
             layers, prov = entry[0] or [], entry[1] or {}

@@ -16,13 +16,20 @@ from mmdetect import __version__
 
 
 class CheckpointLike(Protocol):
-    """What provenance needs of an open checkpoint (``io.checkpoint.Checkpoint``), without importing it."""
+    """What provenance needs of an open checkpoint (``io.checkpoint.Checkpoint``), without importing it.
 
-    ref: str
-    path: Any
-    format: str
-    model_type: str
-    revision: str | None
+    Read-only members: provenance only reads them, and ``Checkpoint.model_type`` is a property."""
+
+    @property
+    def ref(self) -> str: ...
+    @property
+    def path(self) -> Any: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def model_type(self) -> str: ...
+    @property
+    def revision(self) -> str | None: ...
 
     def fingerprint(self) -> str: ...
 

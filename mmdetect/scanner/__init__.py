@@ -6,11 +6,12 @@ cosines in the chosen convention, and ``scanner.stats`` flags, classifies and su
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 
 import numpy as np
 
-from mmdetect.convention import DEFAULT, Convention, get_convention, mlp_fold
+from mmdetect.convention import DEFAULT, Convention, for_model, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
@@ -22,6 +23,9 @@ from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
 from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, plan_jobs
 from mmdetect.scanner.stats import finish_rows, layer_summary
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 
 def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
@@ -39,7 +43,7 @@ def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
     }
 
 
-def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> "Any":
+def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> pd.DataFrame:
     """Scan an open checkpoint into a DataFrame; see ``scan`` and ``scan_result``."""
     return scan_result(ckpt, **options).to_frame()
 
@@ -53,7 +57,9 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     conv = get_convention(convention)
     selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
-    specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
+    resolved = family.resolve(ckpt.config)
+    conv = for_model(conv, resolved, ckpt.config)  # where conv follows a tool: the registry's exceptions for this type
+    specs, located = locate_mlps(ckpt, resolved.mlps)
     if not located:
         raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
                             f"{ckpt.ref}: the checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
@@ -90,14 +96,29 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     return ScanResult(columns, attrs)
 
 
-def scan(model: str, *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: Literal[True] = ...) -> pd.DataFrame: ...
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: Literal[False]) -> ScanResult: ...
+@overload
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+         raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
+         as_frame: bool = ...) -> pd.DataFrame | ScanResult: ...
+
+
+def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
          raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
-         as_frame: bool = True) -> "Any":
+         as_frame: bool = True) -> pd.DataFrame | ScanResult:
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.
 
     model: a local checkpoint folder, a hub id (``revision`` selects a branch, tag or commit) or a ``.gguf`` file.
     threshold: a neuron is flagged when cos <= threshold. convention: a name in ``mmdetect.convention.CONVENTIONS``
-    (``folded``, or ``raw`` for plain cosines of the stored weights); ``raw=True`` is an alias of
+    (``folded``; ``raw`` for plain cosines of the stored weights; ``transformerlens`` for TransformerLens's processing
+    with Gerstner & Schütze's sign flip, the route of their published numbers); ``raw=True`` is an alias of
     ``convention="raw"``. layers: ``"0-5,10"`` or an iterable of ints. device: ``cpu``, ``cuda`` or ``mps``.
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
     the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.

@@ -99,8 +99,13 @@ def mlp_cosines(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | 
         if fold.flip_sign:
             # The joint flip of up_j and out_j: cos(up, out) is invariant, cos(gate, up) and cos(gate, out) change
             # sign with it.
-            sign = canonical_sign(gate_in)
+            sign = canonical_sign(gate_in, fold.zero_ties)
             gate_in, gate_out = gate_in * sign, gate_out * sign
+            if fold.zero_ties:
+                # sign 0 on an exact tie zeroes up_j and out_j (torch.sign in the flip): no direction, no cosine
+                tie = sign == 0
+                cos, gate_in, gate_out = (torch.where(tie, nan, c) for c in (cos, gate_in, gate_out))
+                sq_in, sq_out = torch.where(tie, 0.0, sq_in), torch.where(tie, 0.0, sq_out)
     return NeuronStats(cos=cos.cpu(), cos_gate_out=gate_out.cpu(), cos_gate_in=gate_in.cpu(),
                        norm_in=sq_in.sqrt().cpu(), norm_out=sq_out.sqrt().cpu(), norm_gate=sq_gate.sqrt().cpu(),
                        mismatched=mismatched.cpu())

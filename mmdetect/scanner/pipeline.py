@@ -36,7 +36,7 @@ def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:
             nxt = jobs[k + 1] if k + 1 < len(jobs) else None
             ahead = nxt is not None and \
                 block_nbytes(ckpt, job) + block_nbytes(ckpt, nxt) <= READ_AHEAD_BYTES
-            if ahead:
+            if ahead and nxt is not None:  # (ahead implies nxt; this says so to the type checker)
                 pending = pool.submit(load_block, ckpt, nxt)
             yield block
             del block

@@ -8,6 +8,7 @@ byte range at a time; a large MLP is split into parts of neurons so memory stays
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from collections.abc import Container
 from typing import Any
 
 import torch
@@ -53,10 +54,12 @@ def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int |
                             f"match the registry layout for {ckpt.model_type!r}")
     shape = ckpt.tensors[key].shape
     if job.spec.experts == "fused":
+        assert job.expert is not None, "fused jobs are planned one per expert"
         if len(shape) != 3:
             raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects fused 3-D experts")
         return key, job.expert, job.expert + 1
     if job.spec.experts == "stacked":
+        assert job.expert is not None, "stacked jobs are planned one per expert"
         rows = shape[0] // job.n_experts
         return key, job.expert * rows, (job.expert + 1) * rows
     return key, None, None
@@ -151,6 +154,7 @@ def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> to
 def load_block(ckpt: Checkpoint, job: Job) -> Block:
     """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains."""
     spec = job.spec
+    w_gate: torch.Tensor | None
     if spec.gate_up is not None:
         both = _read_canonical(ckpt, spec.gate_up, job)
         half = both.shape[0] // 2
@@ -159,7 +163,9 @@ def load_block(ckpt: Checkpoint, job: Job) -> Block:
         else:
             w_gate, w_in = both[:half], both[half:]
     else:
-        w_in = _read_canonical(ckpt, spec.in_ if spec.in_ is not None else spec.up, job)
+        in_spec = spec.in_ if spec.in_ is not None else spec.up
+        assert in_spec is not None, "the registry loader requires in+out or gate+up+out without gate_up"
+        w_in = _read_canonical(ckpt, in_spec, job)
         w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
     w_out = _read_canonical(ckpt, spec.out, job)
     if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
@@ -180,7 +186,7 @@ def _n_experts(ckpt: Checkpoint) -> int:
                         f"{', '.join(EXPERT_COUNT_KEYS)}")
 
 
-def plan_jobs(ckpt: Checkpoint, located: dict, layers: set[int] | None) -> list[Job]:
+def plan_jobs(ckpt: Checkpoint, located: dict, layers: Container[int] | None) -> list[Job]:
     jobs: list[Job] = []
     for layer, entries in located.items():
         if layers is not None and layer not in layers:

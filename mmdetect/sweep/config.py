@@ -42,10 +42,9 @@ def _rule(check: Callable[[Any], Any]) -> dict[str, Any]:
 
 def conventions() -> list[str]:
     """The conventions a config may name: the keys of ``convention.CONVENTIONS``."""
-    from mmdetect import convention
+    from mmdetect.convention import CONVENTIONS
 
-    # Until convention.CONVENTIONS lands (the convention module is being rebuilt alongside), today's two.
-    return list(getattr(convention, "CONVENTIONS", None) or ("folded", "raw"))
+    return list(CONVENTIONS)
 
 
 # -- field rules ----------------------------------------------------------------------------------------------------

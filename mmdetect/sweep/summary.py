@@ -9,13 +9,16 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmdetect import __version__
 from mmdetect.errors import OutputError, warn
 from mmdetect.report.provenance import now
 from mmdetect.sweep.gates import exit_code
 from mmdetect.sweep.records import STATUSES, Drift, ModelRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 
 def counts(records: list[ModelRecord]) -> dict[str, int]:
@@ -45,7 +48,7 @@ def _totals(layers: list[dict[str, Any]]) -> tuple[int, int, list[float]]:
     return n, k, mins
 
 
-def summary_frame(records: list[ModelRecord]) -> Any:
+def summary_frame(records: list[ModelRecord]) -> pd.DataFrame:
     """One row per model in config order. Per-layer flagged shares are wide columns share_L0, share_L1, …
 
     ``status`` is the outcome (ok, drift, failed) whether or not the model was scanned in this run; ``rescanned``

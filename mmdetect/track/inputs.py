@@ -108,7 +108,7 @@ def plan_units(sources: list[str], revisions: list[str], steps: list[int] | None
     if revisions:
         if len(sources) != 1:
             raise MMDetectError("--revisions tracks one hub id: give exactly one model with it")
-        refs = [(sources[0], rev, rev) for rev in revisions]
+        refs: list[tuple[str, str | None, str]] = [(sources[0], rev, rev) for rev in revisions]
     else:
         refs = [(src, None, Path(src).name or src) for src in sources]
         if len(refs) < 1:

@@ -743,8 +743,15 @@
         onRow: function (tb, i) { openDrawer(neuronPanel(tb, i, panels[panelKey(tb, i)])); },
         onClearLayer: function () { pickLayer(layerSel.cur); }
       });
+    var notes = D.notes || {};
+    if (notes.panels) neurons.section.insertBefore(h("p", {class: "note", id: "panels-note"}, "Panels: " + notes.panels),
+      neurons.table.box);
     app.append(neurons.section);
     layerSel.listeners.push(function (layer) { neurons.table.setLayer(layer); });
+    function leftOut(title, id, note) {  // a section that is not on this page, and why
+      app.append(h("section", {id: id + "-section"}, h("h2", null, title),
+        h("p", {class: "note left-out"}, "Not on this page: " + note)));
+    }
     var mounted = [neurons.table];
 
     if (tables.heads) {
@@ -754,7 +761,7 @@
           label: function (tb, i) { return "L" + tb.value("layer", i) + "H" + tb.value("head", i); }});
       app.append(heads.section);
       mounted.push(heads.table);
-    }
+    } else if (notes.heads) leftOut("Attention heads", "heads", notes.heads);
     if (tables.chains) {
       var chains = tableSection("Writer → deleter chains", "chains", tables.chains, "Pairs ranked by align × erase: " +
         "the writer's output along what the deleter reads, times how much of it the deleter erases. Click a row whose " +
@@ -766,9 +773,10 @@
               String(tb.value("deleter_index", i));
             for (var r = 0; r < nt.n; r++) if (panelKey(nt, r) === key) { nt.pick(r); return; }
           }});
+      if (notes.chains) chains.section.insertBefore(h("p", {class: "note"}, notes.chains), chains.table.box);
       app.append(chains.section);
       mounted.push(chains.table);
-    }
+    } else if (notes.chains) leftOut("Writer → deleter chains", "chains", notes.chains);
     app.append(h("footer", null, "mmdetect " + ((D.provenance || {}).version || "") + " · this page is self-contained " +
       "(no network access); it carries the per-layer summary, per-layer histograms and " + int(t.rows_in_table) +
       " rows; the scan's CSV has all " + int(t.rows_given) + "."));
@@ -982,6 +990,98 @@
     }
   }
 
-  if (D.kind === "sweep") sweepPage(); else scanPage();
+  // -- track page -------------------------------------------------------------------------------------------------------
+
+  function drawTrackHeat(box, W) {
+    var H0 = D.heat, steps = H0.steps, ids = H0.layers, share = H0.share_flagged || [];
+    var rowH = clamp(Math.floor(480 / Math.max(1, ids.length)), 8, 22), M = {l: 48, r: 14, t: 6, b: 84};
+    var H = M.t + ids.length * rowH + M.b, pw = W - M.l - M.r, cw = pw / Math.max(1, steps.length);
+    var peak = 0;
+    share.forEach(function (r) { r.forEach(function (v) { if (isNum(v)) peak = Math.max(peak, v); }); });
+    var svg = s("svg", {class: "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img",
+      "aria-label": "flagged share by layer and training step"});
+    function cell(k, j, name) { var g = H0[name]; return g && g[k] ? g[k][j] : null; }
+    ids.forEach(function (layer, k) {
+      var y0 = M.t + k * rowH;
+      if (rowH >= 9 || k % Math.ceil(9 / rowH) === 0)
+        svg.append(s("text", {x: M.l - 6, y: y0 + rowH / 2 + 4, "text-anchor": "end"}, "L" + layer));
+      steps.forEach(function (step, j) {
+        var v = cell(k, j, "share_flagged");
+        var c = s("rect", {class: "cell", x: M.l + j * cw, y: y0 + 0.5, width: Math.max(1, cw - (cw > 4 ? 1 : 0)),
+          height: rowH - 1, fill: heatColor(isNum(v) ? Math.sqrt(v / (peak || 1)) : NaN), "data-layer": layer,
+          "data-step": step});
+        c.addEventListener("mousemove", function (ev) {
+          showTip(ev, ["layer " + layer + " · step " + int(step),
+            isNum(cell(k, j, "n_flagged")) ? int(cell(k, j, "n_flagged")) + " of " + int(cell(k, j, "n_neurons")) +
+              " neurons flagged (" + pct(v, 2) + ")" : "flagged " + pct(v, 2),
+            "min cos " + sg(cell(k, j, "min")) + " · median " + sg(cell(k, j, "median")),
+            "click: show this layer in the tables"]);
+        });
+        c.addEventListener("mouseleave", hideTip);
+        c.addEventListener("click", function () { pickLayer(layer); });
+        svg.append(c);
+      });
+    });
+    var yb = M.t + ids.length * rowH, every = Math.max(1, Math.ceil(steps.length / Math.max(1, pw / 70)));
+    steps.forEach(function (step, j) {
+      if (j % every && j !== steps.length - 1) return;
+      var x = M.l + (j + 0.5) * cw;
+      svg.append(s("line", {x1: x, x2: x, y1: yb, y2: yb + 4, stroke: "#9aa4ad"}));
+      svg.append(s("text", {x: x, y: yb + 16, "text-anchor": "middle"}, int(step)));
+    });
+    svg.append(s("text", {x: M.l + pw / 2, y: yb + 32, "text-anchor": "middle"},
+      "training step (checkpoints in order, equally spaced)"));
+    var lw = Math.min(260, pw), n = 48;
+    for (var q = 0; q < n; q++) svg.append(s("rect", {x: M.l + q * lw / n, y: yb + 44, width: lw / n + 0.5, height: 10,
+      fill: heatColor(q / (n - 1))}));
+    svg.append(s("text", {x: M.l, y: yb + 68}, "0%"));
+    svg.append(s("text", {x: M.l + lw, y: yb + 68, "text-anchor": "end"}, pct(peak, 2)));
+    svg.append(s("text", {x: M.l + lw + 8, y: yb + 53}, "flagged share of the layer (colour ∝ √share)"));
+    box.append(svg);
+  }
+
+  function trackPage() {
+    var T = D.track, tables = D.tables, steps = T.steps || [];
+    var title = T.models.length === 1 ? T.models[0] : "track of " + steps.length + " checkpoints";
+    var head = h("header", null, h("h1", null, title));
+    if (T.models.length > 1) head.append(h("div", {class: "muted"}, T.models[0] + " … " + T.models[T.models.length - 1]));
+    head.append(conventionBox(D.convention.name, D.convention.note));
+    var stats = h("div", {class: "stats"});
+    stats.append(stat("checkpoints", int(steps.length)));
+    if (steps.length) stats.append(stat("steps", int(steps[0]) + " … " + int(steps[steps.length - 1])));
+    stats.append(stat("threshold", isNum(D.threshold) ? "cos ≤ " + D.threshold : "unknown"));
+    stats.append(stat("neurons", int(T.n_neurons)));
+    stats.append(stat("flagged at the last step", int(T.n_final_flagged), T.n_final_flagged > 0));
+    stats.append(stat("mmdetect", T.version ? String(T.version) : "?"));
+    head.append(stats);
+    head.append(h("details", {class: "prov", id: "provenance"}, h("summary", null, "Track options (as recorded)"),
+      kv(Object.assign({}, T.options, {files: (T.files || []).join(", ")}))));
+    app.append(head);
+    var heat = h("div", {class: "chart-box", id: "track-heat"});
+    app.append(h("section", {id: "heat-section"}, h("h2", null, "Flagged share by layer and training step"),
+      h("p", {class: "note"}, "One row per layer, one column per checkpoint. Hover for the numbers; click a layer " +
+        "to show only its rows in the tables below."), heat));
+    var label = function (tb, i) { return neuronLabel(tb.value("layer", i), tb.value("expert", i), tb.value("neuron", i)); };
+    var em = tableSection("Emergence", "emergence", tables.emergence, "Each neuron flagged at the last step (all " +
+      "ever flagged with track --all): emerged_step starts its final flagged run, first_flagged_step is its first " +
+      "flag, flips counts threshold crossings.", {name: "neurons", label: label,
+        placeholder: "search: L3N7, layer=3, emerged_step>1000",
+        rowClass: function (tb, i) { return isNum(tb.value("emerged_step", i)) ? " flagged" : ""; },
+        onClearLayer: function () { pickLayer(layerSel.cur); }});
+    var st = tableSection("Stability", "stability", tables.stability, "Per layer and pair of consecutive " +
+      "checkpoints: Spearman's rank correlation of cos (1: the ranking held) and the Jaccard overlap of the flagged " +
+      "sets.", {name: "rows", placeholder: "filter: layer=3, spearman<0.9",
+        onClearLayer: function () { pickLayer(layerSel.cur); }});
+    var ck = tableSection("Checkpoints", "checkpoints", tables.checkpoints, null, {name: "checkpoints",
+      placeholder: "search checkpoints"});
+    [em, st, ck].forEach(function (x) { app.append(x.section); });
+    layerSel.listeners.push(function (layer) { em.table.setLayer(layer); st.table.setLayer(layer); });
+    app.append(h("footer", null, "mmdetect " + (T.version || "") + " · this page is self-contained (no network " +
+      "access); the long table (one row per neuron and step) stays in the track's folder."));
+    chart(heat, drawTrackHeat)();
+    [em, st, ck].forEach(function (x) { x.table.mounted(); });
+  }
+
+  if (D.kind === "sweep") sweepPage(); else if (D.kind === "track") trackPage(); else scanPage();
   document.documentElement.setAttribute("data-ready", "1");
 })();

@@ -1,0 +1,429 @@
+"""SOURCE -> the report page: ``mmdetect report SOURCE -o page.html`` and ``mmdetect scan MODEL --format html``.
+
+``detect`` tells what SOURCE is by looking at it:
+
+* ``model``: a checkpoint folder, a hub id or a .gguf file. It is scanned with the scan options; then, with one open
+  circuit, the top K flagged neurons are explained (upstream writers, the vocabulary view, and the activation
+  evidence when transformers is importable), and the heads and the writer -> deleter chains are computed when the
+  attention layout is supported. What was left out, and why, is written on the page.
+* ``scan``: a scan's csv, tsv, json, jsonl or parquet output with its provenance (inside JSON and Parquet; from a
+  sibling ``.meta.json``, ``.json`` or ``.parquet`` for the text formats).
+* ``sweep``: a ``mmdetect sweep`` output folder (summary.csv and results.json).
+* ``track``: a ``mmdetect track`` output folder (track.json).
+
+A model or a scan output also takes extra files (``extras``): heads or chains outputs of any file format, and
+``mmdetect explain --format json`` documents. They are used instead of computing the same thing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
+
+TOP_K = 20                      # neurons explained (panels)
+TOP_ROWS = 2000                 # table rows besides the flagged ones
+HEAD_THRESHOLD = -0.5           # heads and chains: the defaults of `mmdetect heads` / `mmdetect chains`
+SCAN_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq")
+Log = Callable[[str], None]
+
+
+def library_convention(convention: str) -> dict[str, Any]:
+    """The convention as keyword arguments of ``scan``, ``open_circuit``, ``explain``, heads and chains."""
+    return {"convention": convention}
+
+
+@dataclass
+class Built:
+    """A page and the one line that says what is on it (for stderr)."""
+
+    html: str
+    kind: str
+    summary: str
+
+
+# -- what SOURCE is ---------------------------------------------------------------------------------------------------
+
+def detect(source: str) -> str:
+    """``model``, ``scan``, ``sweep`` or ``track``; a one-line MMDetectError for anything else."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "track.json").is_file():
+            return "track"
+        if (path / "summary.csv").is_file() and (path / "results.json").is_file():
+            return "sweep"
+        if (path / "config.json").is_file():
+            return "model"
+        raise NotFoundError(f"{source} is a folder but not a checkpoint (config.json), a sweep output (summary.csv and "
+                            f"results.json) or a track output (track.json): give one of those")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return "model"
+        if suffix in SCAN_SUFFIXES:
+            return "scan"
+        raise UnsupportedError(f"{source} is neither a .gguf model nor a scan output ({', '.join(SCAN_SUFFIXES)}): "
+                               f"give a model, a scan output, or a sweep or track output folder")
+    if path.suffix.lower() in SCAN_SUFFIXES + (".gguf",) or source.startswith((".", "/", "~")) \
+            or (str(path.parent) != "." and path.parent.is_dir()):
+        raise NotFoundError(f"{source} does not exist: check the path")
+    return "model"  # a hub id: the checkpoint loader finds it in the cache, or says why not
+
+
+# -- extra files: heads, chains, explain documents ---------------------------------------------------------------------
+
+@dataclass
+class Extras:
+    heads: Any = None
+    chains: Any = None
+    explain: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _table_file(path: Path) -> Any:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    if suffix in (".jsonl", ".ndjson"):
+        return pd.read_json(path, lines=True)
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    raise UnsupportedError(f"--with {path}: give a heads or chains output (csv, tsv, json, jsonl, parquet) or an "
+                           f"explain JSON document")
+
+
+def read_extras(paths: Iterable[str]) -> Extras:
+    """Sort ``--with`` files by what they hold: ``copying`` -> heads, ``deleter`` -> chains, an explain document."""
+    out = Extras()
+    for name in paths:
+        import pandas as pd
+
+        path = Path(name)
+        try:
+            if path.suffix.lower() == ".json":
+                doc = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(doc, dict) and "neuron" in doc and "writers" in doc:
+                    out.explain.append(doc)
+                    continue
+                key = next((k for k in ("heads", "chains") if isinstance(doc, dict) and isinstance(doc.get(k), list)),
+                           None)
+                if key is None:
+                    raise CorruptInputError(f"--with {name}: a JSON file that is not a heads, chains or explain output")
+                frame = pd.DataFrame(doc[key])
+            else:
+                frame = _table_file(path)
+        except (ValueError, OSError, KeyError) as exc:
+            raise CorruptInputError(f"--with {name} cannot be read ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+        if "copying" in frame.columns:
+            out.heads = frame
+        elif "deleter" in frame.columns:
+            out.chains = frame
+        else:
+            raise CorruptInputError(f"--with {name} has neither a copying column (heads) nor a deleter column (chains)"
+                                    + ("; a scan output is the SOURCE, not --with" if "cos" in frame.columns else ""))
+    return out
+
+
+# -- a model ----------------------------------------------------------------------------------------------------------
+
+def top_flagged(columns: dict[str, Any], k: int) -> list[tuple[int, Any, int]]:
+    """(layer, expert label or None, neuron) of the first ``k`` flagged rows (rows are ranked by cos)."""
+    import numpy as np
+
+    idx = np.flatnonzero(np.asarray(columns["flagged"], dtype=bool))[:k]
+    out = []
+    for i in idx.tolist():
+        expert = columns["expert"][i]
+        if expert is not None and isinstance(expert, float) and math.isnan(expert):
+            expert = None
+        out.append((int(columns["layer"][i]), expert.item() if hasattr(expert, "item") else expert,
+                    int(columns["neuron"][i])))
+    return out
+
+
+def vocab_views(circuit: Any, targets: list[Any], vocab: Any, k: int = 10) -> list[dict[str, Any]]:
+    """``analysis.explain.vocab_view`` for many targets in one pass over the unembedding (the pass dominates: on
+    Gemma 3 270M, 262,144 quantised rows, it takes seconds, once per target otherwise). Same values, same dicts.
+
+    u_t (rows of the folded unembedding, [c, d] per chunk); reads: the largest cos(u_t, r_j), reads_negative: the
+    smallest; promotes / suppresses: the largest / smallest u_t . o_j, minus its mean over the vocabulary.
+    """
+    import torch
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        n = x.norm(dim=-1, keepdim=True)
+        return torch.where(n > 0, x / n.clamp(min=1e-30), torch.zeros_like(x))
+
+    m = len(targets)
+    rhat = unit(torch.stack([t.r.float() for t in targets]))                  # [m, d]
+    o = torch.stack([t.o.float() for t in targets])                           # [m, d]
+    signs = {"reads": 1.0, "reads_negative": -1.0, "promotes": 1.0, "suppresses": -1.0}
+    best = {name: (torch.empty(0, m), torch.empty(0, m, dtype=torch.long)) for name in signs}  # [<=k, m] each
+    total, count = torch.zeros(m, dtype=torch.float64), 0
+    for start, rows in circuit.unembedding_rows():
+        cos = unit(rows) @ rhat.T                                             # [c, m]
+        logit = rows @ o.T                                                    # [c, m]
+        total += logit.double().sum(dim=0)
+        count += rows.shape[0]
+        for name, sign in signs.items():
+            vals = sign * (cos if name.startswith("reads") else logit)
+            v, i = vals.topk(min(k, vals.shape[0]), dim=0)
+            bv, bi = best[name]
+            v, i = torch.cat([bv, v]), torch.cat([bi, i + start])
+            top = v.topk(min(k, v.shape[0]), dim=0).indices                   # [k, m] rows of the merged pool
+            best[name] = (v.gather(0, top), i.gather(0, top))
+    mean = (total / max(1, count)).tolist()
+    final_norm = circuit.attention.final_norm
+    out = []
+    for t in range(m):
+        view: dict[str, Any] = {"unembedding": circuit.unembedding_key(),
+                                "final_norm": final_norm.weight if final_norm else None}
+        for name, sign in signs.items():
+            key, centre = ("cos", 0.0) if name.startswith("reads") else ("logit", mean[t])
+            vals, ids = best[name]
+            view[name] = [{"token_id": int(tid), "token": vocab.label(int(tid)), key: sign * float(v) - centre}
+                          for v, tid in zip(vals[:, t].tolist(), ids[:, t].tolist())]
+        view["logit_mean"] = mean[t]
+        out.append(view)
+    return out
+
+
+def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations: bool, text: str | None = None,
+                dataset: str | None = None, field_name: str = "text", max_tokens: int = 4096, seq_len: int = 128,
+                top: int = 10, n_contexts: int = 8, off: str = "--no-activations") -> list[dict[str, Any]]:
+    """``explain`` for many neurons of one open circuit: the documents ``analysis.explain.explain`` returns, one per
+    neuron of ``wanted``, with the costly parts done once for all of them (one pass over the earlier layers and the
+    embedding for the upstream writers, one model load and one run over the text for the activation evidence).
+    ``off``: why there is no activation evidence when ``activations`` is false."""
+    import torch
+
+    from mmdetect.analysis.corpus import load_corpus, load_vocab
+    from mmdetect.analysis.explain import evidence, find_targets, head_null_hi, neuron_stats, upstream_writers
+    from mmdetect.scanner.stats import null_band
+
+    targets = find_targets(circuit, wanted)
+    d = circuit.d_model
+    vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
+    writers = upstream_writers(circuit, torch.stack([t.r for t in targets]), [t.layer for t in targets], k=top,
+                               vocab=vocab)
+    lo, hi = null_band(d)
+    dh = circuit.heads(circuit.attention_layers[0]).head_dim if circuit.attention is not None else None
+    shared = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
+              "parallel_block": bool(circuit.attention and circuit.attention.parallel)}
+    views = vocab_views(circuit, targets, vocab, top) if vocab is not None else [None] * len(targets)
+    docs = []
+    for target, found, view in zip(targets, writers, views):
+        docs.append({"provenance": {"attention_gap": circuit.attention_gap}, "neuron": neuron_stats(target),
+                     "writers": {**shared, **found}, "vocab": view,
+                     "tokens": vocab.kind if vocab is not None else None})
+    if not activations:
+        skipped: dict[str, Any] = {"skipped": off}
+    elif importlib.util.find_spec("transformers") is None:
+        skipped = {"skipped": "transformers is not installed (pip install 'mmdetect[slow]')"}
+    else:
+        try:
+            corpus = load_corpus(text, dataset, field_name)
+            if vocab is None:
+                size = circuit.ckpt.config.get("vocab_size")
+                if not isinstance(size, int):
+                    raise MMDetectError(f"cannot tell the vocabulary size of {circuit.ckpt.ref}")
+                vocab = load_vocab(circuit.ckpt, size)
+            found_ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len,
+                                n_contexts=n_contexts)
+            for doc, ev in zip(docs, found_ev):
+                doc["activations"] = ev
+            return docs
+        except MMDetectError as exc:
+            if text or dataset:
+                raise
+            warn(f"no activation evidence: {exc}")
+            skipped = {"skipped": str(exc)}
+    for doc in docs:
+        doc["activations"] = dict(skipped)
+    return docs
+
+
+def model_page(model: str, *, revision: str | None = None, convention: str = "folded", threshold: float = -0.5,
+               layers: str | None = None, device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
+               top_rows: int = TOP_ROWS, heads: bool = True, chains: bool = True, activations: bool | None = None,
+               text: str | None = None, dataset: str | None = None, field_name: str = "text",
+               max_tokens: int = 4096, seq_len: int = 128, extras: Iterable[str] = (), log: Log | None = None,
+               leave_out: str | None = None, no_activations: str = "--no-activations") -> Built:
+    """Scan ``model`` and put the scan, the explained top ``top_k`` flagged neurons, the heads and the chains on one
+    page. ``activations``: None = when transformers is importable. ``leave_out`` and ``no_activations``: why heads
+    and chains, and the activation evidence, were not asked for (said on the page instead of "--no-heads"...)."""
+    import numpy as np
+
+    from mmdetect.analysis.circuit import open_circuit
+    from mmdetect.report.page import scan_page
+    from mmdetect.scanner import scan
+
+    say = log or (lambda _m: None)
+    conv = library_convention(convention)
+    add = read_extras(extras)
+    result = scan(model, revision=revision, threshold=threshold, layers=layers, device=device, progress=progress,
+                  as_frame=False, **conv)
+    cols = result.columns
+    n_flagged = int(np.asarray(cols["flagged"], dtype=bool).sum())
+    say(f"scanned {len(result):,} neurons, {n_flagged:,} flagged")
+    wanted = top_flagged(cols, top_k)
+    notes: dict[str, str] = {}
+    docs: list[dict[str, Any]] = []
+    heads_df, chains_df = add.heads, add.chains
+    want_heads, want_chains = heads and heads_df is None, chains and chains_df is None
+    if not heads:
+        notes["heads"] = leave_out or "not computed (--no-heads)"
+    if not chains:
+        notes["chains"] = leave_out or "not computed (--no-chains)"
+    if wanted or want_heads or want_chains:
+        with open_circuit(model, revision=revision, **conv) as circuit:
+            if wanted:
+                # None: when transformers is importable (explain_top says so on each panel when it is not)
+                on = activations is not False
+                say(f"explaining the top {len(wanted)} flagged neurons" + (" (with activation evidence)" if on and
+                    importlib.util.find_spec("transformers") is not None else ""))
+                docs = explain_top(circuit, wanted, activations=on, text=text, dataset=dataset,
+                                   field_name=field_name, max_tokens=max_tokens, seq_len=seq_len,
+                                   off=no_activations)
+            if want_heads and circuit.attention is None:
+                notes["heads"], want_heads = str(circuit.attention_gap), False
+            if want_heads:
+                say("scoring attention heads")
+                heads_df = _optional("heads", notes, lambda: _heads(circuit, layers))
+            if want_chains:
+                chains_df = _chains(circuit, threshold, layers, n_flagged, heads_df, notes, say)
+    if not wanted:
+        notes.setdefault("panels", f"no neuron is flagged (cos ≤ {threshold:g}), so no neuron was explained"
+                         if not n_flagged else "no neuron was explained (--top-k 0)")
+    docs = _merge_docs(docs, add.explain)
+    html = scan_page(result.columns, result.attrs["layers"], result.attrs["provenance"], explain=docs,
+                     heads=heads_df, chains=chains_df, top_rows=top_rows, notes=notes)
+    parts = [f"{len(result):,} neurons", f"{n_flagged:,} flagged", f"{len(docs)} panels"]
+    parts += [f"{len(df):,} {name}" for name, df in (("heads", heads_df), ("chains", chains_df)) if df is not None]
+    return Built(html, "model", f"scan of {result.attrs['provenance'].get('model')}: {', '.join(parts)}")
+
+
+def _optional(what: str, notes: dict[str, str], compute: Callable[[], Any]) -> Any:
+    """A section of the page that may fail on its own (a layout this part does not support): the page says why."""
+    try:
+        return compute()
+    except MMDetectError as exc:
+        warn(f"{what} left out: {exc}")
+        notes[what] = str(exc)
+        return None
+
+
+def _heads(circuit: Any, layers: str | None) -> Any:
+    from mmdetect.analysis.heads import scan_circuit
+
+    return scan_circuit(circuit, threshold=HEAD_THRESHOLD, layers=layers)
+
+
+def _chains(circuit: Any, threshold: float, layers: str | None, n_flagged: int, heads_df: Any,
+            notes: dict[str, str], say: Log) -> Any:
+    """Writer -> deleter pairs; skipped when it is known that nothing is flagged (the table would be empty)."""
+    import numpy as np
+
+    from mmdetect.analysis.chains import chains_circuit
+
+    head_deleters = 0 if circuit.attention is None else (
+        None if heads_df is None else int(np.asarray(heads_df["flagged"], dtype=bool).sum()))
+    if n_flagged == 0 and head_deleters == 0:
+        notes["chains"] = "no neuron and no head is flagged, so there is no deleter to list writers for"
+        return None
+    if circuit.attention is None:
+        notes["chains"] = f"neuron deleters only: {circuit.attention_gap}"
+    say("finding writer -> deleter chains")
+    return _optional("chains", notes, lambda: chains_circuit(circuit, threshold=threshold,
+                                                              head_threshold=HEAD_THRESHOLD, layers=layers,
+                                                              heads=circuit.attention is not None))
+
+
+def _merge_docs(computed: list[dict[str, Any]], given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Explain documents, those given with --with replacing computed ones for the same neuron."""
+    def key(doc: dict[str, Any]) -> tuple:
+        n = doc.get("neuron") or {}
+        return n.get("layer"), None if n.get("expert") is None else str(n.get("expert")), n.get("neuron")
+
+    out = {key(d): d for d in computed}
+    out.update({key(d): d for d in given})
+    return list(out.values())
+
+
+# -- existing outputs -------------------------------------------------------------------------------------------------
+
+def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[str] = ()) -> Built:
+    """The page of a scan output file (and --with files)."""
+    from mmdetect.report.page import scan_page
+    from mmdetect.report.plot import read_scan
+
+    add = read_extras(extras)
+    df, meta = read_scan(path)
+    if "cos" not in df.columns:
+        raise CorruptInputError(f"{path} has no cos column: it is not an mmdetect scan output")
+    if not meta:
+        warn(f"no provenance for {path} (no sibling .meta.json, .json or .parquet): the page cannot say which "
+             f"convention or threshold the numbers are in")
+    hint = "not part of this report: add a `mmdetect {0} MODEL -o {0}.csv` output with --with {0}.csv"
+    notes = {"heads": hint.format("heads")} if add.heads is None else {}
+    if add.chains is None:
+        notes["chains"] = hint.format("chains")
+    if not add.explain:
+        notes["panels"] = "no explain results: add `mmdetect explain MODEL -l L -n N --format json -o n.json` " \
+                          "outputs with --with n.json"
+    html = scan_page(df, meta.get("layers") or None, meta.get("provenance") or {}, explain=add.explain,
+                     heads=add.heads, chains=add.chains, top_rows=top_rows, notes=notes)
+    model = (meta.get("provenance") or {}).get("model") or Path(path).name
+    return Built(html, "scan", f"scan output {path} ({model}): {len(df):,} rows, {len(add.explain)} panels")
+
+
+def sweep_output_page(folder: str) -> Built:
+    from mmdetect.report.page import load_sweep, sweep_page
+
+    try:
+        summary, per_model = load_sweep(folder)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CorruptInputError(f"{folder} is not a readable sweep output ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+    if "name" not in summary.columns:
+        raise CorruptInputError(f"{folder}/summary.csv has no name column: it is not a sweep's summary")
+    return Built(sweep_page(summary, per_model), "sweep", f"sweep {folder}: {len(summary)} models")
+
+
+def track_output_page(folder: str) -> Built:
+    from mmdetect.report.trackpage import load_track, track_page
+
+    data = load_track(folder)
+    steps = data["doc"].get("steps") or []
+    return Built(track_page(**data), "track", f"track {folder}: {len(steps)} checkpoints")
+
+
+# -- any source -------------------------------------------------------------------------------------------------------
+
+def build(source: str, **options: Any) -> Built:
+    """The page for ``source`` (see the module docstring); ``options`` are ``model_page``'s, of which a scan output
+    uses ``top_rows`` and ``extras`` and a sweep or track folder none."""
+    kind = detect(source)
+    if kind == "model":
+        return model_page(source, **options)
+    if kind == "scan":
+        return scan_output_page(source, top_rows=options.get("top_rows", TOP_ROWS), extras=options.get("extras", ()))
+    if kind == "sweep":
+        return sweep_output_page(source)
+    return track_output_page(source)
+
+
+def write(built: Built, output: str) -> int:
+    """Write the page atomically; returns its size in bytes."""
+    from mmdetect.report import atomic_open
+
+    data = built.html.encode("utf-8")
+    with atomic_open(output, binary=True) as fh:
+        fh.write(data)
+    return len(data)
