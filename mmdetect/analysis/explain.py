@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Vocab, load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
 from mmdetect.analysis.stream import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
-from mmdetect.analysis.writers import TOP, ReadTargets, TopK, head_null_hi, unit
+from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi, unit
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.report.provenance import Provenance
@@ -28,73 +30,88 @@ from mmdetect.scanner.stats import null_band
 
 
 class VocabView:
-    """A :class:`~mmdetect.analysis.stream.Consumer` of unembedding rows u_t (``Slab.u``): the tokens the read vector
-    aligns with, and the tokens the write vector promotes and suppresses (see the module docstring)."""
+    """A :class:`~mmdetect.analysis.stream.Consumer` of unembedding rows u_t (``Slab.u``), for m targets at once:
+    the tokens each read vector aligns with, and the tokens each write vector promotes and suppresses (see the module
+    docstring). One [c, d] x [d, m] product per slab, whatever m is."""
 
-    def __init__(self, target: Target, k: int) -> None:
-        self.rhat = unit(target.r.float())
-        self.o = target.o.float()
-        self.k = k
-        self.best = [TopK(k) for _ in range(4)]     # reads, reads_negative, promotes, suppresses
-        self.total, self.count = 0.0, 0
+    NAMES = (("reads", 1.0), ("reads_negative", -1.0), ("promotes", 1.0), ("suppresses", -1.0))
+
+    def __init__(self, targets: list[Target], k: int) -> None:
+        self.m, self.k = len(targets), k
+        self.rhat = unit(torch.stack([t.r.float() for t in targets]))       # [m, d]
+        self.o = torch.stack([t.o.float() for t in targets])                # [m, d]
+        self.best = {name: (torch.empty(0, self.m), torch.empty(0, self.m, dtype=torch.long)) for name, _ in self.NAMES}
+        self.total, self.count = torch.zeros(self.m, dtype=torch.float64), 0
 
     def score(self, slab: Slab) -> Any:
         rows = slab.u
         if rows is None:
             return None
-        cos = unit(rows) @ self.rhat
-        logit = rows @ self.o
-        tops = []
-        for vals, sign in ((cos, 1), (cos, -1), (logit, 1), (logit, -1)):
-            v, i = (sign * vals).topk(min(self.k, vals.numel()))
-            tops.append([(vv, slab.start + ii) for vv, ii in zip(v.tolist(), i.tolist())])
-        return float(logit.double().sum()), rows.shape[0], tops
+        cos = unit(rows) @ self.rhat.T                                      # [c, m]
+        logit = rows @ self.o.T                                             # [c, m]
+        tops = {}
+        for name, sign in self.NAMES:
+            vals = sign * (cos if name.startswith("reads") else logit)
+            v, i = vals.topk(min(self.k, vals.shape[0]), dim=0)             # [<=k, m]
+            tops[name] = (v, i + slab.start)
+        return logit.double().sum(dim=0), rows.shape[0], tops
 
     def take(self, slab: Slab, result: Any) -> None:
         part, n, tops = result
         self.total += part
         self.count += n
-        for best, sign, found in zip(self.best, (1, -1, 1, -1), tops):
-            for vv, tid in found:
-                best.push(vv, {"token_id": tid, "value": sign * vv})
+        for name, (v, i) in tops.items():
+            bv, bi = self.best[name]
+            v, i = torch.cat([bv, v]), torch.cat([bi, i])   # earlier tokens first: ties keep the lower token id
+            top = v.topk(min(self.k, v.shape[0]), dim=0, sorted=True).indices
+            self.best[name] = (v.gather(0, top), i.gather(0, top))
 
-    def result(self, circuit: Circuit, vocab: Vocab) -> dict[str, Any]:
-        mean = self.total / max(1, self.count)
-
-        def items(best: TopK, key: str, centre: bool = False) -> list[dict]:
-            return [{"token_id": e["token_id"], "token": vocab.label(e["token_id"]),
-                     key: e["value"] - (mean if centre else 0.0)} for e in best.sorted()]
-
-        reads, against, promotes, suppresses = self.best
+    def result(self, circuit: Circuit, vocab: Vocab) -> list[dict[str, Any]]:
+        mean = (self.total / max(1, self.count)).tolist()
         final_norm = circuit.require_attention().final_norm
-        return {"unembedding": circuit.unembedding_key(),
-                "final_norm": final_norm.weight if final_norm else None,
-                "reads": items(reads, "cos"), "reads_negative": items(against, "cos"),
-                "promotes": items(promotes, "logit", True), "suppresses": items(suppresses, "logit", True),
-                "logit_mean": mean}
+        out = []
+        for t in range(self.m):
+            view: dict[str, Any] = {"unembedding": circuit.unembedding_key(),
+                                    "final_norm": final_norm.weight if final_norm else None}
+            for name, sign in self.NAMES:
+                key, centre = ("cos", 0.0) if name.startswith("reads") else ("logit", mean[t])
+                vals, ids = self.best[name]
+                view[name] = [{"token_id": int(tid), "token": vocab.label(int(tid)), key: sign * float(v) - centre}
+                              for v, tid in zip(vals[:, t].tolist(), ids[:, t].tolist())]
+            view["logit_mean"] = mean[t]
+            out.append(view)
+        return out
 
 
-def writers_and_vocab(circuit: Circuit, target: Target, vocab: Vocab | None, k: int = TOP) \
-        -> tuple[dict[str, list[dict]], dict[str, Any] | None]:
-    """The target's upstream writers and (with a vocabulary) its vocabulary view, from one streamed pass: the
-    unembedding rides along with the writers (and is the embedding read once when the two are tied)."""
-    writers = ReadTargets(target.r[None], [target.layer], k, parallel=bool(circuit.attention is not None
-                                                                          and circuit.attention.parallel))
-    view = VocabView(target, k) if vocab is not None else None
-    top = target.layer
-    attention = {x for x in circuit.attention_layers if x <= top} if circuit.attention is not None else set()
-    items = writer_items(circuit, {x for x in circuit.located if x < top}, attention,
+def writers_and_vocab(circuit: Circuit, targets: list[Target], vocab: Vocab | None, k: int = TOP) \
+        -> tuple[list[dict[str, list[dict]]], list[dict[str, Any] | None]]:
+    """Each target's upstream writers and (with a vocabulary) its vocabulary view, from one streamed pass over the
+    checkpoint for all targets: the unembedding rides along with the writers (and is the embedding read once when
+    the two are tied)."""
+    writers = ReadTargets(torch.stack([t.r for t in targets]), [t.layer for t in targets], k,
+                          parallel=bool(circuit.attention is not None and circuit.attention.parallel))
+    view = VocabView(targets, k) if vocab is not None and circuit.attention is not None else None
+    items = writer_items(circuit, *_upstream(circuit, max(t.layer for t in targets)),
                          tokens=circuit.attention is not None, logits=view is not None)
     writer_pass(circuit, [writers] + ([view] if view is not None else []), items)
     writers.add_subspace(circuit)
-    return writers.result(vocab)[0], view.result(circuit, vocab) if view is not None and vocab is not None else None
+    views: list[dict[str, Any] | None] = [None] * len(targets)
+    if view is not None and vocab is not None:
+        views = list(view.result(circuit, vocab))
+    return writers.result(vocab), views
+
+
+def _upstream(circuit: Circuit, top: int) -> tuple[set[int], set[int]]:
+    """The MLP layers below ``top`` and the attention layers up to it."""
+    attention = {x for x in circuit.attention_layers if x <= top} if circuit.attention is not None else set()
+    return {x for x in circuit.located if x < top}, attention
 
 
 def vocab_view(circuit: Circuit, target: Target, vocab: Vocab, k: int = TOP) -> dict[str, Any]:
     """Tokens the read vector aligns with, and tokens the write vector promotes and suppresses."""
-    view = VocabView(target, k)
+    view = VocabView([target], k)
     writer_pass(circuit, [view], writer_items(circuit, set(), set(), tokens=False, logits=True))
-    return view.result(circuit, vocab)
+    return view.result(circuit, vocab)[0]
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -114,7 +131,7 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
             vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
         else:
             warn(f"{circuit.attention_gap}; upstream heads, the embedding and the vocabulary view are left out")
-        writers, view = writers_and_vocab(circuit, target, vocab, top)
+        (writers,), (view,) = writers_and_vocab(circuit, [target], vocab, top)
         lo, hi = null_band(d)
         dh = circuit.head_dim(circuit.attention_layers[0]) if circuit.attention is not None else None
         doc["writers"] = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,

@@ -147,53 +147,6 @@ def top_flagged(columns: dict[str, Any], k: int) -> list[tuple[int, Any, int]]:
     return out
 
 
-def vocab_views(circuit: Any, targets: list[Any], vocab: Any, k: int = 10) -> list[dict[str, Any]]:
-    """``analysis.explain.vocab_view`` for many targets in one pass over the unembedding (the pass dominates: on
-    Gemma 3 270M, 262,144 quantised rows, it takes seconds, once per target otherwise). Same values, same dicts.
-
-    u_t (rows of the folded unembedding, [c, d] per chunk); reads: the largest cos(u_t, r_j), reads_negative: the
-    smallest; promotes / suppresses: the largest / smallest u_t . o_j, minus its mean over the vocabulary.
-    """
-    import torch
-
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        n = x.norm(dim=-1, keepdim=True)
-        return torch.where(n > 0, x / n.clamp(min=1e-30), torch.zeros_like(x))
-
-    m = len(targets)
-    rhat = unit(torch.stack([t.r.float() for t in targets]))                  # [m, d]
-    o = torch.stack([t.o.float() for t in targets])                           # [m, d]
-    signs = {"reads": 1.0, "reads_negative": -1.0, "promotes": 1.0, "suppresses": -1.0}
-    best = {name: (torch.empty(0, m), torch.empty(0, m, dtype=torch.long)) for name in signs}  # [<=k, m] each
-    total, count = torch.zeros(m, dtype=torch.float64), 0
-    for start, rows in circuit.unembedding_rows():
-        cos = unit(rows) @ rhat.T                                             # [c, m]
-        logit = rows @ o.T                                                    # [c, m]
-        total += logit.double().sum(dim=0)
-        count += rows.shape[0]
-        for name, sign in signs.items():
-            vals = sign * (cos if name.startswith("reads") else logit)
-            v, i = vals.topk(min(k, vals.shape[0]), dim=0)
-            bv, bi = best[name]
-            v, i = torch.cat([bv, v]), torch.cat([bi, i + start])
-            top = v.topk(min(k, v.shape[0]), dim=0).indices                   # [k, m] rows of the merged pool
-            best[name] = (v.gather(0, top), i.gather(0, top))
-    mean = (total / max(1, count)).tolist()
-    final_norm = circuit.attention.final_norm
-    out = []
-    for t in range(m):
-        view: dict[str, Any] = {"unembedding": circuit.unembedding_key(),
-                                "final_norm": final_norm.weight if final_norm else None}
-        for name, sign in signs.items():
-            key, centre = ("cos", 0.0) if name.startswith("reads") else ("logit", mean[t])
-            vals, ids = best[name]
-            view[name] = [{"token_id": int(tid), "token": vocab.label(int(tid)), key: sign * float(v) - centre}
-                          for v, tid in zip(vals[:, t].tolist(), ids[:, t].tolist())]
-        view["logit_mean"] = mean[t]
-        out.append(view)
-    return out
-
-
 def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations: bool, text: str | None = None,
                 dataset: str | None = None, field_name: str = "text", max_tokens: int = 4096, seq_len: int = 128,
                 top: int = 10, n_contexts: int = 8, off: str = "--no-activations") -> list[dict[str, Any]]:
@@ -201,22 +154,19 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     neuron of ``wanted``, with the costly parts done once for all of them (one pass over the earlier layers and the
     embedding for the upstream writers, one model load and one run over the text for the activation evidence).
     ``off``: why there is no activation evidence when ``activations`` is false."""
-    import torch
-
     from mmdetect.analysis.corpus import load_corpus, load_vocab
-    from mmdetect.analysis.explain import evidence, find_targets, head_null_hi, neuron_stats, upstream_writers
+    from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
+    from mmdetect.analysis.explain import find_targets, head_null_hi, neuron_stats, writers_and_vocab
     from mmdetect.scanner.stats import null_band
 
     targets = find_targets(circuit, wanted)
     d = circuit.d_model
     vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
-    writers = upstream_writers(circuit, torch.stack([t.r for t in targets]), [t.layer for t in targets], k=top,
-                               vocab=vocab)
+    writers, views = writers_and_vocab(circuit, targets, vocab, top)
     lo, hi = null_band(d)
-    dh = circuit.heads(circuit.attention_layers[0]).head_dim if circuit.attention is not None else None
+    dh = circuit.head_dim(circuit.attention_layers[0]) if circuit.attention is not None else None
     shared = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
               "parallel_block": bool(circuit.attention and circuit.attention.parallel)}
-    views = vocab_views(circuit, targets, vocab, top) if vocab is not None else [None] * len(targets)
     docs = []
     for target, found, view in zip(targets, writers, views):
         docs.append({"provenance": {"attention_gap": circuit.attention_gap}, "neuron": neuron_stats(target),
@@ -229,13 +179,11 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     else:
         try:
             corpus = load_corpus(text, dataset, field_name)
+            model_hf = load_hf_model(circuit)  # first: a model transformers cannot build needs no vocabulary
             if vocab is None:
-                size = circuit.ckpt.config.get("vocab_size")
-                if not isinstance(size, int):
-                    raise MMDetectError(f"cannot tell the vocabulary size of {circuit.ckpt.ref}")
-                vocab = load_vocab(circuit.ckpt, size)
+                vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))
             found_ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len,
-                                n_contexts=n_contexts)
+                                n_contexts=n_contexts, model=model_hf)
             for doc, ev in zip(docs, found_ev):
                 doc["activations"] = ev
             return docs
