@@ -46,6 +46,7 @@ _protected_paths: set[str] = set()
 _protected_inodes: dict[tuple[int, int], str] = {}
 _swept: set[str] = set()
 _lock = threading.Lock()
+_expected: dict[str, str] = {}   # outputs checked before a run (real path -> as given), re-checked as its inputs open
 
 
 # -- inputs that no output may replace --------------------------------------------------------------------------
@@ -61,6 +62,23 @@ def protect(paths: Iterable[str | os.PathLike]) -> None:
             except OSError:
                 continue
             _protected_inodes[(st.st_dev, st.st_ino)] = os.path.basename(path)
+        expected = list(_expected.items())
+    for real, given in expected:  # `scan ./m -o ./m/config.json`: refused as the model opens, before any scanning
+        name = protected(real)
+        if name is not None:
+            with _lock:
+                _expected.pop(real, None)
+            raise OutputError(f"cannot write {given}: it is {name}, a file of the model this run reads; choose "
+                              f"another --output")
+
+
+def expect(path: str | os.PathLike) -> Path:
+    """``check_target``, and remember ``path`` until it is written, so that opening a model one of whose files it is
+    fails at once (a run checks its output before it knows the model's files)."""
+    target = check_target(path)
+    with _lock:
+        _expected[os.path.realpath(target)] = str(path)
+    return target
 
 
 def protected(path: str | os.PathLike) -> str | None:
@@ -219,6 +237,8 @@ def atomic_write(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[A
                 raise KeyboardInterrupt
             _final_mode(tmp, target)
             os.replace(tmp, target)
+            with _lock:
+                _expected.pop(os.path.realpath(target), None)
         except BaseException as exc:
             if tmp is not None:
                 with contextlib.suppress(OSError):

@@ -45,10 +45,11 @@ def infer_format(path: str | os.PathLike) -> str:
 # -- writing files safely: the single entry point (the IO layer may swap the bodies) --------------------------------
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any scanning, if ``path`` cannot be written (see ``io.output``)."""
-    from mmdetect.io.output import check_target
+    """Fail early, before any scanning, if ``path`` cannot be written (see ``io.output``); and again as soon as the
+    model opens if ``path`` turns out to be one of its files."""
+    from mmdetect.io.output import expect
 
-    return check_target(path)
+    return expect(path)
 
 
 @contextlib.contextmanager

@@ -117,6 +117,26 @@ def test_output_onto_the_models_own_file_is_refused(model: Path, tmp_path: Path,
                   "a file of the model this run reads")
 
 
+def test_output_onto_the_models_own_file_is_refused_before_scanning(model: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output is checked before the model's files are known, and again the moment the model opens: no scan runs
+    (the scan would be wasted work, minutes on a large model)."""
+    import mmdetect.scanner as scanner
+
+    def no_scan(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the scan ran although its output was the model's own file")
+
+    monkeypatch.setattr(scanner, "scan_result", no_scan)
+    folder = _sharded_copy(model, tmp_path / "m")
+    (tmp_path / "soft.csv").symlink_to(folder / "model.safetensors")
+    with unchanged(tmp_path):
+        assert_user_error(cli("scan", str(folder), "-o", str(folder / "config.json")),
+                          f"cannot write {folder / 'config.json'}: it is config.json, a file of the model this run "
+                          f"reads; choose another --output")
+        assert_user_error(cli("scan", str(folder), "-o", str(tmp_path / "soft.csv")),
+                          f"cannot write {tmp_path / 'soft.csv'}: it is model.safetensors, a file of the model")
+
+
 def test_a_hard_link_or_a_symlink_to_the_weights_is_refused(model: Path, tmp_path: Path) -> None:
     folder = _sharded_copy(model, tmp_path / "m")
     os.link(folder / "model.safetensors", tmp_path / "hard.csv")
