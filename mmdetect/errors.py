@@ -29,6 +29,14 @@ class OutputError(MMDetectError):
     """An output path cannot be written: not a regular file, an input of the scan, no space, no permission."""
 
 
+def check_unit(value: float, flag: str = "--threshold", what: str = "cosines") -> float:
+    """A threshold on a score that lies in [-1, 1] (a cosine, a copying score): NaN or 1.5 would flag nothing or
+    everything without a word, so it is refused in one line, for the CLI and the Python API alike."""
+    if not -1.0 <= value <= 1.0:
+        raise CorruptInputError(f"{flag} {value} is outside [-1, 1]: {what} lie in [-1, 1]")
+    return value
+
+
 def quoted(value: object, limit: int = 80) -> str:
     """A name taken from a file (a tensor, a shard, a key) for a message: repr, so control characters cannot reach the
     terminal, and cut to ``limit`` characters, so a hostile header cannot flood it."""

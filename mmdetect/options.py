@@ -36,11 +36,11 @@ def debug_option(fn: F) -> F:
 
 def check_threshold(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """--threshold and --head-threshold: cosines and copying scores lie in [-1, 1], so NaN or 1.5 flags nothing."""
-    from mmdetect.errors import CorruptInputError
+    from mmdetect.errors import check_unit
 
-    if value is not None and not -1.0 <= value <= 1.0:
-        what = "copying scores" if param.name == "head_threshold" or ctx.info_name == "heads" else "cosines"
-        raise CorruptInputError(f"{param.opts[0]} {value} is outside [-1, 1]: {what} lie in [-1, 1]")
+    if value is not None:
+        check_unit(value, param.opts[0],
+                   "copying scores" if param.name == "head_threshold" or ctx.info_name == "heads" else "cosines")
     return value
 
 

@@ -27,7 +27,7 @@ from mmdetect.analysis.corpus import load_vocab
 from mmdetect.analysis.stream import Slab, ordered_map, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label, unit
 from mmdetect.convention import DEFAULT, fold
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.report.provenance import Provenance
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
@@ -224,6 +224,8 @@ def find_chains(model: str, *, revision: str | None = None, convention: str = DE
     """Writer -> deleter pairs of ``model`` ranked by align * erase; one DataFrame row per pair."""
     if per_deleter < 1 or max_deleters < 1:
         raise MMDetectError("--per-deleter and --max-deleters must be at least 1")
+    check_unit(threshold)
+    check_unit(head_threshold, "--head-threshold", "copying scores")
     with open_circuit(model, revision=revision, convention=convention) as circuit:
         return chains_circuit(circuit, threshold=threshold, head_threshold=head_threshold, per_deleter=per_deleter,
                               max_deleters=max_deleters, layers=layers, heads=heads)

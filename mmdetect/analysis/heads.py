@@ -28,7 +28,7 @@ import torch
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.analysis.stream import ordered_map, single_threaded
 from mmdetect.convention import DEFAULT
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.report import Provenance
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,5 +169,6 @@ def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0
     Columns: see ``COLUMNS``; ``df.attrs["provenance"]`` and ``df.attrs["layers"]`` (per-layer counts and the null
     band of the copying score) as for ``scan``. Raises MMDetectError for attention layouts not yet registered.
     """
+    check_unit(threshold, "--threshold", "copying scores")
     with open_circuit(model, revision=revision, convention=convention, need_mlps=False) as circuit:
         return scan_circuit(circuit, threshold=threshold, layers=layers, progress=progress)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, overload
 import numpy as np
 
 from mmdetect.convention import DEFAULT, Convention, for_model, get_convention, mlp_fold
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.report.progress import progress as _progress_bar
@@ -52,8 +52,7 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
                 layers: Any = None, device: str = "cpu", progress: bool | None = None,
                 on_block: Callable[[BlockResult], None] | None = None) -> ScanResult:
     """Scan an open checkpoint; see ``scan``."""
-    if not -1.0 <= threshold <= 1.0:
-        raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
+    check_unit(threshold)
     conv = get_convention(convention)
     selection = LayerSet.of(layers)
     family = resolve_family(ckpt)
@@ -123,7 +122,8 @@ def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshol
     Columns: see ``COLUMNS``. ``df.attrs["provenance"]`` records what was scanned and how; ``df.attrs["layers"]`` is
     the per-layer summary (counts, quantiles, null bands). ``as_frame=False`` returns the ``ScanResult`` instead.
     """
-    conv = get_convention(convention)  # an unknown name fails before the checkpoint is opened
+    check_unit(threshold)               # a bad threshold or convention fails before the checkpoint is opened
+    conv = get_convention(convention)
     if raw:
         if conv.name not in (DEFAULT, "raw"):
             raise MMDetectError(f"raw=True contradicts convention={conv.name!r}: pass one of them")

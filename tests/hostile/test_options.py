@@ -78,6 +78,22 @@ def test_thresholds_outside_minus_one_to_one_are_refused_everywhere(tmp_path: Pa
     assert "does not exist" not in line
 
 
+@pytest.mark.parametrize("value", [float("nan"), 1.5, -1.01, float("inf")])
+def test_the_python_api_refuses_the_same_thresholds_before_opening_the_model(tmp_path: Path, value: float) -> None:
+    from mmdetect.analysis.chains import find_chains
+    from mmdetect.analysis.heads import scan_heads
+
+    absent = str(tmp_path / "absent")
+    api_error(lambda: mmdetect.scan(absent, threshold=value), CorruptInputError,
+              f"--threshold {value} is outside [-1, 1]: cosines lie in [-1, 1]")
+    api_error(lambda: scan_heads(absent, threshold=value), CorruptInputError,
+              f"--threshold {value} is outside [-1, 1]: copying scores lie in [-1, 1]")
+    api_error(lambda: find_chains(absent, threshold=value), CorruptInputError,
+              f"--threshold {value} is outside [-1, 1]: cosines lie in [-1, 1]")
+    api_error(lambda: find_chains(absent, head_threshold=value), CorruptInputError,
+              f"--head-threshold {value} is outside [-1, 1]: copying scores lie in [-1, 1]")
+
+
 # -- --text and --dataset ---------------------------------------------------------------------------------------
 
 def _big_text(path: Path, size: int = 300 << 20) -> Path:
