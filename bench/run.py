@@ -8,7 +8,8 @@ cache with posix_fadvise(POSIX_FADV_DONTNEED) first. Results: a table on stdout 
                                              # page (scan --format html) against the CSV scan, warm
     python -m bench.run --shapes tinyllama,llama3-8b-2l,mixtral-2l
     python -m bench.run --big                # also a 32 GB checkpoint, bigger than this machine's memory
-    python -m bench.run --analysis           # Qwen2-1.5B shape: scan, heads, chains, explain side by side
+    python -m bench.run --analysis           # Qwen2-1.5B shape, safetensors and GGUF: scan, heads, chains, explain
+                                             # side by side (bench/analysis.py)
 """
 from __future__ import annotations
 
@@ -102,61 +103,6 @@ def routes(folder: Path, name: str) -> dict[str, list[str]]:
     }
 
 
-ANALYSIS_SHAPE = "qwen2-1.5b"
-# The deepest layer's neuron 0: explain then streams every earlier MLP, every attention layer and both vocabularies.
-EXPLAIN_AT = ("27", "0")
-
-
-def analysis_routes(folder: Path, name: str) -> dict[str, list[str]]:
-    """scan and the three analysis commands on one checkpoint, each writing its file as a user would."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    tool = str(BIN / "mmdetect")
-    return {
-        "scan": [tool, "scan", str(folder), "--format", "csv", "-o", str(OUT / f"{name}.csv")],
-        "heads": [tool, "heads", str(folder), "--format", "csv", "-o", str(OUT / f"{name}-heads.csv")],
-        "chains": [tool, "chains", str(folder), "--format", "csv", "-o", str(OUT / f"{name}-chains.csv")],
-        # (no target: where chains' time goes without its head deleters)
-        "chains --no-heads": [tool, "chains", str(folder), "--no-heads", "--format", "csv", "-o",
-                              str(OUT / f"{name}-chains-no-heads.csv")],
-        "explain --no-activations": [tool, "explain", str(folder), "-l", EXPLAIN_AT[0], "-n", EXPLAIN_AT[1],
-                                     "--no-activations", "--format", "json", "-o", str(OUT / f"{name}-explain.json")],
-    }
-
-
-def bench_analysis(repeat: int) -> str:
-    """Each repeat runs the four commands one after another (warm cache), so each ratio to the scan compares runs
-    made under the same load; medians over the repeats. The 1-minute load average is read before every run."""
-    folder = ensure(ANALYSIS_SHAPE)
-    cmds = analysis_routes(folder, ANALYSIS_SHAPE)
-    runs: dict[str, list[Run]] = {route: [] for route in cmds}
-    loads: list[float] = []
-    for k in range(repeat):
-        for route, cmd in cmds.items():
-            warm(folder)
-            loads.append(os.getloadavg()[0])
-            runs[route].append(run(cmd))
-            print(f"  {ANALYSIS_SHAPE} #{k + 1} {route}: {runs[route][-1].seconds:.2f} s, peak RSS "
-                  f"{runs[route][-1].rss_mb:.0f} MB (load {loads[-1]:.1f})", flush=True)
-    med = {route: Run(statistics.median(r.seconds for r in rs), statistics.median(r.rss_mb for r in rs))
-           for route, rs in runs.items()}
-    # The ratio of each repeat's pair, then its median: robust to a load that changed between repeats.
-    ratio = {route: statistics.median(a.seconds / b.seconds for a, b in zip(rs, runs["scan"]))
-             for route, rs in runs.items()}
-    lines = [f"| command | seconds (median of {repeat}) | ratio to scan | peak RSS | all runs |", "|---|---:|---:|---:|---|"]
-    for route in cmds:
-        lines.append(f"| `mmdetect {route}` | {med[route].seconds:.1f} s | {ratio[route]:.2f} | {med[route].rss_mb:.0f} MB | "
-                     + ", ".join(f"{r.seconds:.1f}" for r in runs[route]) + " |")
-    targets = {"heads": 2.0, "chains": 4.0, "explain --no-activations": 2.0}
-    verdicts = [f"- {route} / scan {ratio[route]:.2f} (target ≤ {t:g}): {'met' if ratio[route] <= t else 'MISSED'}"
-                for route, t in targets.items()]
-    verdicts.append(f"- chains peak RSS {med['chains'].rss_mb:.0f} MB (target ≤ 1536 MB): "
-                    f"{'met' if med['chains'].rss_mb <= 1536 else 'MISSED'}")
-    return (f"Shape: {ANALYSIS_SHAPE} (bench/generate.py: 28 layers, d_model 1536, d_mlp 8960, 12/2 heads, 151,936 "
-            f"tied tokens, bf16, 448 planted deleter neurons and 14 planted deleter heads). 1-minute load average "
-            f"before the runs: {min(loads):.1f} to {max(loads):.1f} (median {statistics.median(loads):.1f}) on "
-            f"{os.cpu_count()} cores.\n\n" + "\n".join(lines) + "\n\nTargets:\n" + "\n".join(verdicts) + "\n")
-
-
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -202,10 +148,12 @@ def main(argv: list[str] | None = None) -> None:
                              "(bench/results-analysis.md)")
     args = parser.parse_args(argv)
     if args.analysis:
+        from bench import analysis
+
         text = (f"# mmdetect analysis benchmark\n\nMachine: {machine()}.  \nDate: "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Peak RSS from wait4; warm cache. Reproduce: "
                 f"`make bench ARGS=--analysis` (`python -m bench.run {' '.join(argv or sys.argv[1:])}`).\n\n"
-                + bench_analysis(args.repeat))
+                + analysis.bench_analysis(args.repeat))
         print("\n" + text)
         (HERE / "results-analysis.md").write_text(text)
         return
