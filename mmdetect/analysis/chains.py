@@ -90,7 +90,8 @@ class HeadTargets:
             if group not in self.stacks:
                 dh = self.deleters[group[0]]["v"].shape[0]
                 keys: dict[tuple[int, int], int] = {}
-                rows, cols = [], []
+                rows: list[torch.Tensor] = []
+                cols: list[tuple[int, slice, slice]] = []
                 for t in group:
                     key = self.deleters[t]["layer"], self.deleters[t]["kv_head"]
                     if key not in keys:  # query heads of one key/value head read the same W_V (GQA): p once

@@ -98,13 +98,6 @@ class Slab:
         self.w = None
         return out
 
-    @cached_property
-    def unit_rows(self) -> torch.Tensor:
-        """``unit`` in row-major memory (a neuron block's write rows come column-major from a transposed ``down``
-        weight): the same numbers, for elementwise products with row-major [n, d] results, which are several times
-        faster when both sides have one layout."""
-        return self.unit.contiguous()
-
     def signs(self, rows: list[int]) -> list[float]:
         """The canonical sign (+1 / -1) of the given rows (block-relative); 1 for tokens and heads."""
         if self.kind != "neuron" or self.block is None or self.circuit is None:
