@@ -46,14 +46,16 @@ def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] 
     """
     def work(job: Job) -> list[dict[str, Any]]:
         with lock:
-            block = load_block(circuit.ckpt, job)
+            block = load_block(circuit.ckpt, job, gate=False)   # cos needs no gate; the signs read their rows
         f = circuit.mlp_fold(block)
         r, o = fold(block.w_in, f.read), fold(block.w_out, f.write)              # [n, d]
         cos = (r * o).sum(1) / (r.norm(dim=1) * o.norm(dim=1))                    # [n], NaN for dead neurons
         rows = torch.nonzero(cos <= threshold).flatten().tolist()
         start = job.part[0] if job.part else 0
+        with lock:
+            signs = circuit.row_signs(job, rows)
         return [{"layer": job.layer, "expert": block.expert_label, "index": start + j, "cos": float(cos[j]),
-                 "r": (r[j] * sign).clone()} for j, sign in zip(rows, circuit.row_signs(block, rows))]
+                 "r": (r[j] * sign).clone()} for j, sign in zip(rows, signs)]
 
     lock = threading.Lock()
     found = [x for part in ordered_map(work, plan_jobs(circuit.ckpt, circuit.located, wanted)) for x in part]
@@ -218,6 +220,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
     if consumers:
         writer_pass(circuit, consumers, writer_items(circuit, mlp_layers, attention_layers, tokens))
     if used:
+        neuron_side.finish(circuit)
         for dele, w in zip(used, neuron_side.result(vocab)):
             for e in w["top"]:
                 rows.append(_row(e, "neuron", dele["layer"], dele["expert"], dele["index"], e["score"],

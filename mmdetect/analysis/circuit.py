@@ -31,7 +31,7 @@ from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
 from mmdetect.registry.resolve import resolve_attention
-from mmdetect.scanner.read import Block
+from mmdetect.scanner.read import Block, Job, Writes, load_input_rows, read_gain
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
 
@@ -230,7 +230,7 @@ class Circuit:
         start = sum(sizes[p] for p in proj.order[: proj.order.index("v")])
         return blocks[:, start:start + sizes["v"]].reshape(n_kv * dh, d)
 
-    def mlp_fold(self, block: Block) -> MLPFold:
+    def mlp_fold(self, block: Block | Writes) -> MLPFold:
         """How this circuit's convention folds one scanner Block: the scan's own ``convention.mlp_fold``."""
         return mlp_fold(self.convention, block.job.spec, block.pre_gain, block.post_gain)
 
@@ -240,7 +240,7 @@ class Circuit:
         return Neurons(block.job.layer, block.job.spec, block.job.expert, block.expert_label, rows.read, rows.write,
                        rows.gate, actual_write(block.w_out, block.post_gain), rows.sign)
 
-    def write_rows(self, block: Block) -> torch.Tensor:
+    def write_rows(self, block: Block | Writes) -> torch.Tensor:
         """[n, d] float32: the block's write rows folded as ``neurons`` folds them, *before* the canonical sign flip.
 
         What a writer scan needs: |cos|, a head's align and erase are the same for o_j and -o_j (bit for bit: a
@@ -249,15 +249,19 @@ class Circuit:
         """
         return fold(block.w_out, self.mlp_fold(block).write)
 
-    def row_signs(self, block: Block, rows: list[int]) -> list[float]:
-        """The canonical sign (+1.0 / -1.0) that ``neurons`` applies to the given rows of ``block`` (block-relative
-        indices): sign(g_j . r_j) of the folded gate and read rows for a gated MLP where the convention flips."""
-        f = self.mlp_fold(block)
-        if block.w_gate is None or not f.flip_sign or not rows:
+    def row_signs(self, job: Job, rows: list[int]) -> list[float]:
+        """The canonical sign (+1.0 / -1.0) that ``neurons`` applies to the given rows of ``job``'s block
+        (block-relative indices): sign(g_j . r_j) of the folded gate and read rows for a gated MLP where the
+        convention flips. Reads only those rows of the input and gate weights (``load_input_rows``)."""
+        spec = job.spec
+        gated = spec.gate is not None or spec.gate_up is not None
+        if not gated or not self.convention.flip_gate_sign or not rows:
             return [1.0] * len(rows)
-        idx = torch.tensor(rows)
-        r, g = fold(block.w_in[idx], f.read), fold(block.w_gate[idx], f.gate)
-        return canonical_sign((g * r).sum(dim=1)).tolist()
+        w_in, w_gate = load_input_rows(self.ckpt, job, rows)
+        assert w_gate is not None
+        f = mlp_fold(self.convention, spec, read_gain(self.ckpt, spec.pre_norm, job.layer, self.d_model), None)
+        r, g = fold(w_in, f.read), fold(w_gate, f.gate)
+        return canonical_sign((g * r).sum(dim=1), f.zero_ties).tolist()
 
     def iter_neurons(self, layers: Container[int] | None = None) -> Iterator[Neurons]:
         from mmdetect.scanner.pipeline import iter_blocks

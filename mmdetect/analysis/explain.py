@@ -94,7 +94,7 @@ def writers_and_vocab(circuit: Circuit, targets: list[Target], vocab: Vocab | No
     items = writer_items(circuit, *_upstream(circuit, max(t.layer for t in targets)),
                          tokens=circuit.attention is not None, logits=view is not None)
     writer_pass(circuit, [writers] + ([view] if view is not None else []), items)
-    writers.add_subspace(circuit)
+    writers.finish(circuit)
     views: list[dict[str, Any] | None] = [None] * len(targets)
     if view is not None and vocab is not None:
         views = list(view.result(circuit, vocab))

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads
-from mmdetect.scanner.read import Block, Job, load_block, plan_jobs
+from mmdetect.scanner.read import Job, load_writes, plan_jobs
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,8 +70,9 @@ class Slab:
     """One group of writers, folded by the circuit's convention.
 
     kind "neuron": ``w`` [n, d] is one MLP block's write rows *before* the canonical sign flip (|cos|, align and
-    erase do not depend on it; ``signs`` gives it for the few rows that are reported), ``start`` the index of its
-    first neuron (a large MLP is read in parts). kind "head": ``heads`` is the layer's folded heads. kind "token":
+    erase do not depend on it; ``Circuit.row_signs(job, rows)`` gives it for the few rows reported in the end), read
+    without the block's input weights (``load_writes``), ``start`` the index of its first neuron (a large MLP is
+    read in parts). kind "head": ``heads`` is the layer's folded heads. kind "token":
     ``w`` [c, d] is a chunk of the token embedding starting at token ``start``, and ``u`` the same tokens'
     unembedding rows when the vocabulary view is streamed too and the two are one tensor (tied embeddings: one read,
     one conversion). kind "logit": only ``u``, a chunk of a separate unembedding.
@@ -84,8 +85,7 @@ class Slab:
     w: torch.Tensor | None = None
     heads: Heads | None = None
     u: torch.Tensor | None = None
-    block: Block | None = field(default=None, repr=False)
-    circuit: Circuit | None = field(default=None, repr=False)
+    job: Job | None = field(default=None, repr=False)   # a neuron slab's block, for the signs of reported rows
 
     @cached_property
     def unit(self) -> torch.Tensor:
@@ -97,12 +97,6 @@ class Slab:
         out = unit(self.w)
         self.w = None
         return out
-
-    def signs(self, rows: list[int]) -> list[float]:
-        """The canonical sign (+1 / -1) of the given rows (block-relative); 1 for tokens and heads."""
-        if self.kind != "neuron" or self.block is None or self.circuit is None:
-            return [1.0] * len(rows)
-        return self.circuit.row_signs(self.block, rows)
 
 
 class Consumer(Protocol):
@@ -149,10 +143,9 @@ def writer_pass(circuit: Circuit, consumers: list[Consumer], items: list[Item]) 
         if item.kind == "neuron":
             assert item.job is not None
             with lock:
-                block = load_block(circuit.ckpt, item.job)
+                writes = load_writes(circuit.ckpt, item.job)
             start = item.job.part[0] if item.job.part else 0
-            return Slab("neuron", item.job.layer, block.expert_label, start, circuit.write_rows(block), block=block,
-                        circuit=circuit)
+            return Slab("neuron", item.job.layer, writes.expert_label, start, circuit.write_rows(writes), job=item.job)
         if item.kind == "head":
             with lock:
                 heads = circuit.heads(int(item.layer))  # type: ignore[arg-type]
@@ -173,7 +166,7 @@ def writer_pass(circuit: Circuit, consumers: list[Consumer], items: list[Item]) 
         slab = load(item)
         results = [c.score(slab) for c in consumers]
         # Keep only what ``take`` reads: the slab's labels, not its tensors (the block's mapping is released here).
-        return Slab(slab.kind, slab.layer, slab.expert, slab.start), results
+        return Slab(slab.kind, slab.layer, slab.expert, slab.start, job=slab.job), results
 
     for slab, results in ordered_map(work, items):
         for consumer, result in zip(consumers, results):

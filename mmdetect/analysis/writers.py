@@ -29,8 +29,10 @@ from mmdetect.analysis.stream import (
     writer_items,
     writer_pass,
 )
+from mmdetect.scanner.read import Job
 
 TOP = 10
+SIGN_OF = "_sign_of"   # a kept neuron entry's (Job, block row) until ``ReadTargets.add_signs`` has used it
 
 
 class TopK:
@@ -100,10 +102,9 @@ class ReadTargets:
         for t in targets:
             col = s[:, t]
             vals, idx = col.abs().topk(min(self.k, col.numel()))
-            rows = idx.tolist()
-            signs = slab.signs(rows)   # cos of the sign-canonical write: |cos| is the same either way
-            out.append((t, [(v, slab.start + i, float(col[i]) * sign)
-                            for v, i, sign in zip(vals.tolist(), rows, signs)]))
+            # cos of the write as stored: the sign-canonical write's cos differs only in sign (``add_signs``, for the
+            # rows that are kept in the end)
+            out.append((t, [(v, i, float(col[i])) for v, i in zip(vals.tolist(), idx.tolist())]))
         return out
 
     def _heads(self, slab: Slab) -> Any:
@@ -132,8 +133,31 @@ class ReadTargets:
                 continue
             kind = "neurons" if slab.kind == "neuron" else "tokens"
             for v, i, cos in entries:
-                self.best[kind][t].push(v, {"kind": slab.kind, "layer": slab.layer, "expert": slab.expert,
-                                            "index": i, "cos": cos, "score": v})
+                entry = {"kind": slab.kind, "layer": slab.layer, "expert": slab.expert, "index": slab.start + i,
+                         "cos": cos, "score": v}
+                if slab.job is not None:
+                    entry[SIGN_OF] = (slab.job, i)   # the block and its row, for ``add_signs``
+                self.best[kind][t].push(v, entry)
+
+    def finish(self, circuit: Circuit) -> None:
+        """After the pass: the kept neuron writers' signs, and the kept heads' ``subspace``."""
+        self.add_signs(circuit)
+        self.add_subspace(circuit)
+
+    def add_signs(self, circuit: Circuit) -> None:
+        """``cos`` of the kept neuron writers with their canonical sign (what ``scan``'s rows hold): each block's
+        kept rows are read once (a few input and gate rows, ``Circuit.row_signs``)."""
+        by_job: dict[int, tuple[Job, dict[int, list[dict[str, Any]]]]] = {}
+        for t in range(self.m):
+            for _s, _n, e in self.best["neurons"][t].heap:
+                if SIGN_OF in e:
+                    job, row = e.pop(SIGN_OF)
+                    by_job.setdefault(id(job), (job, {}))[1].setdefault(row, []).append(e)
+        for job, rows in by_job.values():
+            order = sorted(rows)
+            for row, sign in zip(order, circuit.row_signs(job, order)):
+                for e in rows[row]:
+                    e["cos"] = e["cos"] * sign
 
     def add_subspace(self, circuit: Circuit) -> None:
         """``subspace`` = ||P_h r̂|| of the heads that made a top list: an orthonormal basis of each head's outputs
@@ -187,7 +211,7 @@ def upstream_writers(circuit: Circuit, reads: torch.Tensor, layers: list[int], *
     parallel = bool(circuit.attention is not None and circuit.attention.parallel) or not same_layer_heads
     consumer = ReadTargets(reads, layers, k, parallel)
     writer_pass(circuit, [consumer], consumer.items(circuit))
-    consumer.add_subspace(circuit)
+    consumer.finish(circuit)
     return consumer.result(vocab)
 
 

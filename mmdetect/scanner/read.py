@@ -40,10 +40,29 @@ class Block:
 
     @property
     def expert_label(self) -> Any:
-        job = self.job
-        if job.spec.label:
-            return job.spec.label if job.expert is None else f"{job.spec.label}{job.expert}"
-        return job.expert
+        return expert_label(self.job)
+
+
+@dataclass
+class Writes:
+    """One MLP block's write side only: ``w_out`` [n, d] (canonical orientation) and the norm gains. What a writer
+    pass reads; the few input rows it needs later come from ``load_input_rows``."""
+    job: Job
+    w_out: torch.Tensor
+    pre_gain: torch.Tensor | None
+    post_gain: torch.Tensor | None
+
+    @property
+    def expert_label(self) -> Any:
+        return expert_label(self.job)
+
+
+def expert_label(job: Job) -> Any:
+    """How a job's MLP is named in the ``expert`` column: None for a dense MLP, the routed expert's index, or the
+    spec's label (``shared``, ``mlps.1``, plus the expert index when it has one)."""
+    if job.spec.label:
+        return job.spec.label if job.expert is None else f"{job.spec.label}{job.expert}"
+    return job.expert
 
 
 def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
@@ -151,8 +170,9 @@ def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> to
     return total
 
 
-def load_block(ckpt: Checkpoint, job: Job) -> Block:
-    """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains."""
+def load_block(ckpt: Checkpoint, job: Job, gate: bool = True) -> Block:
+    """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains.
+    ``gate=False`` leaves a separate gate weight unread (``w_gate`` None) for callers that need only cos(in, out)."""
     spec = job.spec
     w_gate: torch.Tensor | None
     if spec.gate_up is not None:
@@ -166,7 +186,7 @@ def load_block(ckpt: Checkpoint, job: Job) -> Block:
         in_spec = spec.in_ if spec.in_ is not None else spec.up
         assert in_spec is not None, "the registry loader requires in+out or gate+up+out without gate_up"
         w_in = _read_canonical(ckpt, in_spec, job)
-        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None else None
+        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None and gate else None
     w_out = _read_canonical(ckpt, spec.out, job)
     if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
         where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
@@ -175,6 +195,43 @@ def load_block(ckpt: Checkpoint, job: Job) -> Block:
     d = w_in.shape[1]
     return Block(job, w_in, w_out, w_gate, read_gain(ckpt, spec.pre_norm, job.layer, d),
                  read_gain(ckpt, spec.post_norm, job.layer, d))
+
+
+def load_writes(ckpt: Checkpoint, job: Job) -> Writes:
+    """The output weight of one MLP (or expert, or part), oriented [n, d], and the norm gains: the input weights are
+    not read (for a GGUF file, not dequantised), which is two thirds of a writer pass's reading."""
+    w_out = _read_canonical(ckpt, job.spec.out, job)
+    d = w_out.shape[1]
+    return Writes(job, w_out, read_gain(ckpt, job.spec.pre_norm, job.layer, d),
+                  read_gain(ckpt, job.spec.post_norm, job.layer, d))
+
+
+def load_input_rows(ckpt: Checkpoint, job: Job, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``rows`` (block-relative neuron indices) of the block's input and gate weights, [len(rows), d] each in
+    canonical orientation (gate None for an ungated MLP). In the common layout (a 2-D weight with neurons on its
+    first axis, gate and up separate) only those rows are read; any other layout reads the block and indexes it."""
+    spec = job.spec
+    in_spec = spec.in_ if spec.in_ is not None else spec.up
+    plain = spec.gate_up is None and spec.experts in ("none", "indexed") and in_spec is not None and \
+        all(ts.axis == 0 and ts.split is None for ts in (in_spec, spec.gate) if ts is not None)
+    if not plain:
+        block = load_block(ckpt, job)
+        idx = torch.tensor(rows, dtype=torch.long)
+        return block.w_in[idx], None if block.w_gate is None else block.w_gate[idx]
+    assert in_spec is not None
+    n0 = job.part[0] if job.part else 0
+
+    def read(ts: TensorSpec) -> torch.Tensor:
+        key = tensor_key(ts.key, job.layer, job.expert)
+        if key not in ckpt:
+            raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does "
+                                f"not match the registry layout for {ckpt.model_type!r}")
+        if len(ckpt.tensors[key].shape) != 2:
+            raise MMDetectError(f"tensor {key!r} has shape {list(ckpt.tensors[key].shape)}; the registry expects a "
+                                f"2-D weight")
+        return torch.cat([ckpt.read(key, n0 + j, n0 + j + 1) for j in rows]) if rows else ckpt.read(key, n0, n0)
+
+    return read(in_spec), read(spec.gate) if spec.gate is not None else None
 
 
 def _n_experts(ckpt: Checkpoint) -> int:
