@@ -311,3 +311,38 @@ def test_scanning_in_neuron_parts_gives_the_same_rows(families: tiny.Families, c
     a = whole.assign(expert=whole["expert"].map(_label))[key + ["expert"]]
     b = parts.assign(expert=parts["expert"].map(_label))[key + ["expert"]]
     pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2", "phi3", "glm", "mixtral", "qwen2_moe", "dbrx", "gpt_oss"])
+@pytest.mark.parametrize("part_bytes", [64 << 20, 4096])
+def test_input_rows_read_alone_equal_the_blocks_rows(families: tiny.Families, case: str, part_bytes: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer pass reads only the output weight (``load_writes``) and, for the few rows it reports, those rows of
+    the input and gate weights (``load_input_rows``: row reads in the plain layout, the whole block otherwise). Both
+    must be exactly what the whole block holds, for every layout and for MLPs read in parts."""
+    import torch
+
+    from mmdetect.scanner.read import load_block, load_input_rows, load_writes
+
+    monkeypatch.setattr(mmdetect.scanner.read, "PART_BYTES", part_bytes)
+    folder = families.folder(case)
+    with mmdetect.io.checkpoint.open_checkpoint(str(folder)) as ckpt:
+        family = mmdetect.registry.resolve.resolve_family(ckpt)
+        _, located = mmdetect.registry.resolve.locate_mlps(ckpt, family.mlps_for(ckpt.config))
+        jobs = mmdetect.scanner.read.plan_jobs(ckpt, located, None)
+        assert jobs
+        for job in jobs:
+            block = load_block(ckpt, job)
+            n = block.w_in.shape[0]
+            rows = sorted({0, n - 1, n // 3, n // 2})[::-1]             # out of order, first and last included
+            w_in, w_gate = load_input_rows(ckpt, job, rows)
+            idx = torch.tensor(rows)
+            assert torch.equal(w_in, block.w_in[idx])
+            assert (w_gate is None) == (block.w_gate is None)
+            if w_gate is not None:
+                assert block.w_gate is not None and torch.equal(w_gate, block.w_gate[idx])
+            writes = load_writes(ckpt, job)
+            assert torch.equal(writes.w_out, block.w_out)
+            for mine, theirs in ((writes.pre_gain, block.pre_gain), (writes.post_gain, block.post_gain)):
+                assert (mine is None and theirs is None) or torch.equal(mine, theirs)
+            assert load_input_rows(ckpt, job, [])[0].shape == (0, block.w_in.shape[1])

@@ -387,3 +387,24 @@ def test_gemma3_270m_published_facts(gemma3_270m: Path) -> None:
     assert share.idxmax() == 17 and (share.drop(17) < share[17]).all()
     summary = {s["layer"]: s for s in raw.attrs["layers"]}
     assert summary[17]["n_flagged"] == 154 and summary[17]["n_neurons"] == 2048
+
+
+@pytest.mark.parametrize("which", ["gguf_llama", "gguf_gemma3"])
+def test_a_gguf_input_row_read_alone_is_the_dequantised_row(which: str, request: pytest.FixtureRequest) -> None:
+    """Writer passes read a GGUF's up and gate rows one at a time, for the few writers they report: each such row
+    is the row the ``gguf`` package dequantises (Q8_0 up, F16 gate in layer 1), and w_out is its down transposed."""
+    from mmdetect.io.checkpoint import open_checkpoint
+    from mmdetect.registry.resolve import locate_mlps, resolve_family
+    from mmdetect.scanner.read import load_input_rows, load_writes, plan_jobs
+
+    model = request.getfixturevalue(which)
+    with open_checkpoint(str(model.path)) as ckpt:
+        family = resolve_family(ckpt)
+        _, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
+        for job in plan_jobs(ckpt, located, None):
+            rows = [5, 0, 77]
+            w_in, w_gate = load_input_rows(ckpt, job, rows)
+            assert w_gate is not None
+            np.testing.assert_array_equal(w_in.numpy(), model.up[job.layer][rows])
+            np.testing.assert_array_equal(w_gate.numpy(), model.gate[job.layer][rows])
+            np.testing.assert_array_equal(load_writes(ckpt, job).w_out.numpy(), model.down[job.layer].T)
