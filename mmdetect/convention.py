@@ -250,13 +250,14 @@ def unembedding_fold(conv: Convention, final_norm: NormSpec | None, gain: torch.
 
 # -- applying a fold ---------------------------------------------------------------------------------------------------
 
-TILE = 64  # columns of d per transposing copy: a [m, 64] tile of a column-major chunk stays in L1/L2
+TILE = 128  # columns of d per transposing copy: a [m, 128] tile of a column-major chunk stays in L1/L2
+HALF = (torch.bfloat16, torch.float16)  # stored dtypes that widen to float32 exactly
 
 
 def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
     """out[m, d] (float32, may be a view into a work buffer) <- fold(w[m, d]) without intermediate copies.
 
-    A row-major chunk converts and scales in one pass. A column-major chunk (an ``out`` weight stored [d, n], seen
+    A row-major chunk is converted, then scaled in place. A column-major chunk (an ``out`` weight stored [d, n], seen
     through a transposed view) is converted and transposed in [m, TILE] tiles, which keeps both sides of the copy in
     cache: about 3x faster than one strided copy of the whole chunk. ``f.gain`` must be float32 on out's device.
     """
@@ -265,6 +266,11 @@ def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
             out[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
         if f.gain is not None:
             out.mul_(f.gain)
+    elif f.gain is not None and w.dtype in HALF and w.device == out.device:
+        # The same float32 product as torch.mul(w, gain) (which widens w first), but a mixed-dtype mul is not
+        # vectorised: widening, then an in-place float32 mul, is about 3x faster.
+        out.copy_(w)
+        out.mul_(f.gain)
     elif f.gain is not None:
         torch.mul(w.to(out.device), f.gain, out=out)
     else:
