@@ -287,8 +287,9 @@ def test_pages_are_dropped_only_for_a_checkpoint_larger_than_memory(wide: Path, 
 
 def one_slab_at_a_time(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None,
                        fold: MLPFold) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Gram matrices [n, k, k], mismatched [n]) as the first version computed them: each slab of CHUNK rows folded
-    whole into one buffer, one bmm, and the null pairs of the slab's first NULL_PAIRS rows."""
+    """(Gram matrices [n, k, k], mismatched [n]) as the first version computed them (commit 8cf29f3): each slab of
+    CHUNK rows folded whole into one buffer by ``fold_into_v1``, one bmm, and the null pairs of the first NULL_PAIRS
+    rows."""
     n, d = w_in.shape
     k = 3 if w_gate is not None else 2
     gram = torch.empty(n, k, k)
@@ -297,10 +298,10 @@ def one_slab_at_a_time(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Te
     for j0 in range(0, n, CHUNK):
         j1 = min(n, j0 + CHUNK)
         b = buf[: j1 - j0]
-        b[:, 0] = fold_ref(w_in[j0:j1], fold.read)
-        b[:, 1] = fold_ref(w_out[j0:j1], fold.write)
+        fold_into_v1(b[:, 0], w_in[j0:j1], fold.read)
+        fold_into_v1(b[:, 1], w_out[j0:j1], fold.write)
         if w_gate is not None:
-            b[:, 2] = fold_ref(w_gate[j0:j1], fold.gate)
+            fold_into_v1(b[:, 2], w_gate[j0:j1], fold.gate)
         torch.bmm(b, b.transpose(1, 2), out=gram[j0:j1])
         if j1 - j0 > 1 and j0 < NULL_PAIRS:
             dots = torch.bmm(b[:-1, 0:1], b[1:, 1:2].transpose(1, 2)).reshape(-1)
@@ -308,18 +309,28 @@ def one_slab_at_a_time(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Te
     return gram, mismatched
 
 
-def fold_ref(w: torch.Tensor, f: Fold) -> torch.Tensor:
-    out = w.float() if f.gain is None else torch.mul(w, f.gain)   # the promoting mul: float32 products
-    return out - out.mean(dim=1, keepdim=True) if f.centre else out
+def fold_into_v1(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
+    """The first version's fold_into: a promoting mul for rows, [m, 64] tiles for a column-major chunk."""
+    if w.stride(-1) != 1 and w.stride(0) == 1:
+        for k0 in range(0, w.shape[1], 64):
+            out[:, k0:k0 + 64].copy_(w[:, k0:k0 + 64])
+        if f.gain is not None:
+            out.mul_(f.gain)
+    elif f.gain is not None:
+        torch.mul(w, f.gain, out=out)
+    else:
+        out.copy_(w)
+    if f.centre:
+        out.sub_(out.mean(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("gated,centre", [(True, False), (False, True)])
 def test_pieces_and_sub_slabs_change_no_bit(dtype: torch.dtype, gated: bool, centre: bool) -> None:
-    """2600 neurons, d 2048: slabs are folded in sub-slabs (SUB_BYTES), rows arrive in pieces of whole slabs out of
+    """2600 neurons, d 2560: slabs are folded in sub-slabs (SUB_BYTES), rows arrive in pieces of whole slabs out of
     order; Gram matrices, cosines and the null pairs equal the one-slab-at-a-time computation and one mlp_cosines
     call, to the bit."""
-    n, d = 2600, 2048
+    n, d = 2600, 2560
     g = torch.Generator().manual_seed(5)
     w_in = torch.randn(n, d, generator=g).to(dtype)
     w_out = torch.randn(d, n, generator=g).to(dtype).T                      # column-major, as down_proj is read

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,6 +273,8 @@ class Checkpoint:
 
 @functools.lru_cache(maxsize=1)
 def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):  # MADV_POPULATE_READ's number means something else, or nothing, elsewhere
+        return None
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):  # no C library to call (Windows)

@@ -119,11 +119,12 @@ def _answer(loaded: dict[Range, torch.Tensor]) -> Reader:
     return read
 
 
-def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int = PIECE_BYTES,
-               budget: int = READ_AHEAD_BYTES) -> Plan | None:
+def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int | None = None,
+               budget: int | None = None) -> Plan | None:
     """The reads of a streaming scan of ``jobs``; None when some range is not stored as it is read (GGUF, FP8 with
     scales, .bin), whose scan takes ``pipeline.compute_blocks``. Raises what ``load_block`` raises (a missing tensor,
     shapes that disagree) before any byte is read."""
+    piece_bytes = piece_bytes or PIECE_BYTES
     file_index = {str(path): k for k, path in enumerate(ckpt.files)}
     groups: dict[tuple, list[tuple[Piece, list[Range]]]] = {}  # per MLP (all parts of one), in job order
     for index, job in enumerate(jobs):
@@ -152,7 +153,7 @@ def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int = PIECE_BYTES
             order += sorted((slots[r] for r in set(ranges) if slots[r].users == 1), key=lambda s: s.where)
         ordered.append((min((s.where for s in order), default=(0, 0)), order, members))
     ordered.sort(key=lambda group: group[0])  # file order; the sort is stable, so ties keep the job order
-    plan = Plan(jobs, [], [], budget)
+    plan = Plan(jobs, [], [], 0)
     need = 0
     for _, order, members in ordered:
         position = {slot.range: len(plan.slots) + k for k, slot in enumerate(order)}
@@ -163,7 +164,8 @@ def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int = PIECE_BYTES
             need = max(need, shared + sum(plan.slots[k].nbytes for k in set(piece.slots.values())
                                           if plan.slots[k].users == 1))
             plan.pieces.append(piece)
-    plan.budget = max(budget, need)  # the reader must be able to hold any one piece with its MLP's shared ranges
+    # The reader must be able to hold any one piece with its MLP's shared ranges, or it could wait for ever.
+    plan.budget = max(budget or READ_AHEAD_BYTES, need)
     return plan
 
 
@@ -262,21 +264,25 @@ class _Run:
             scratch = kernel.scratch()
         kernel.add(piece.row, block.w_in, block.w_out, block.w_gate, scratch)
         del block, loaded  # no view of a range may outlive its slot
-        gone: list[tuple[Range, torch.Tensor]] = []
+        gone: list[tuple[int, torch.Tensor]] = []
         with self.cond:
             for k in set(piece.slots.values()):
                 self.users[k] -= 1
                 if not self.users[k]:
-                    gone.append((self.plan.slots[k].range, self.loaded.pop(k)))
-                    self.in_flight -= self.plan.slots[k].nbytes
+                    gone.append((k, self.loaded.pop(k)))
             self.pending[piece.index] -= 1
             done = not self.pending[piece.index]
-            self.cond.notify_all()
+        freed = 0
         while gone:
-            r, tensor = gone.pop()
+            k, tensor = gone.pop()
             del tensor  # the last reference: the range is unmapped here, outside the lock, before it is dropped
+            r = self.plan.slots[k].range
             if self.drop:
                 self.ckpt.drop_cached(r.key, r.start, r.stop)
+            freed += self.plan.slots[k].nbytes
+        with self.cond:
+            self.in_flight -= freed  # only now: the budget bounds what is mapped
+            self.cond.notify_all()
         if done:
             result = self.finish(self.plan.jobs[piece.index], self.kernels.pop(piece.index).stats(), kernel.d)
             with self.cond:
