@@ -17,13 +17,18 @@ import pandas as pd
 import pytest
 import tiny
 import torch
-from builders import build_llama, llama_config
+from builders import llama_config
 
 import mmdetect
 import mmdetect.scanner
 from mmdetect.convention import HALF, Fold, MLPFold, fold_into
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.io.stream import HEADROOM, cgroup_available, drop_behind, meminfo_available
+from mmdetect.io.stream import (
+    HEADROOM,
+    cgroup_available,
+    drop_behind,
+    meminfo_available,
+)
 from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.scanner import read, stream
 from mmdetect.scanner.neurons import CHUNK, NULL_PAIRS, NeuronCosines, mlp_cosines

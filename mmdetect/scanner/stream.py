@@ -32,7 +32,7 @@ from mmdetect.scanner.neurons import CHUNK, NeuronCosines, NeuronStats
 from mmdetect.scanner.pipeline import READ_AHEAD_BYTES, BlockResult, compute_workers
 from mmdetect.scanner.read import Block, Job, Reader, load_block, neuron_count
 
-PIECE_BYTES = 32 << 20  # row-major bytes per piece: a few slabs of neurons, a large read
+PIECE_BYTES = 32 << 20  # row-major bytes per piece, at most: a few slabs of neurons, a large read
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class Plan:
     pieces: list[Piece]      # in the order they become ready
     slots: list[Slot]        # in the order the reader loads them
     budget: int              # bytes loaded and not yet released, at most
+    backlog: int = 0         # pieces whose reading takes as long as the largest shared range's
 
     @property
     def nbytes(self) -> int:
@@ -97,8 +98,9 @@ def _record(ckpt: Checkpoint, job: Job) -> tuple[list[Range], int]:
 
 
 def _pieces(ckpt: Checkpoint, job: Job, piece_bytes: int) -> list[tuple[Job, int]]:
-    """(piece job, its first neuron counted from the job's first): whole slabs of CHUNK neurons, about ``piece_bytes``
-    of row-major weights each. Fused and stacked experts are one piece (one expert's rows are one small range)."""
+    """(piece job, its first neuron counted from the job's first): whole slabs of CHUNK neurons, at most
+    ``piece_bytes`` of row-major weights and a quarter of the MLP each. Fused and stacked experts are one piece (one
+    expert's rows are one small range)."""
     n = neuron_count(ckpt, job)
     if not n:
         return [(job, 0)]
@@ -108,7 +110,8 @@ def _pieces(ckpt: Checkpoint, job: Job, piece_bytes: int) -> list[tuple[Job, int
         info = ckpt.tensors[tensor_key(ts.key, job.layer, job.expert)]
         if ts.axis == 0 and info.shape:
             per_neuron += (info.end - info.start) // max(1, info.shape[0]) * (2 if ts.split else 1)
-    rows = max(CHUNK, piece_bytes // max(1, per_neuron) // CHUNK * CHUNK)
+    # At most a quarter of the MLP, so that a small model's reads run only a few MB ahead of the compute.
+    rows = max(CHUNK, min(piece_bytes // max(1, per_neuron), n // 4) // CHUNK * CHUNK)
     return [(replace(job, part=(a, min(n1, a + rows))), a - n0) for a in range(n0, n1, rows)]
 
 
@@ -166,6 +169,9 @@ def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int | None = None
             plan.pieces.append(piece)
     # The reader must be able to hold any one piece with its MLP's shared ranges, or it could wait for ever.
     plan.budget = max(budget or READ_AHEAD_BYTES, need)
+    own = [sum(plan.slots[k].nbytes for k in set(p.slots.values()) if plan.slots[k].users == 1) for p in plan.pieces]
+    shared = max((s.nbytes for s in plan.slots if s.users > 1), default=0)
+    plan.backlog = -(-shared // max(1, sum(own) // max(1, len(own))))
     return plan
 
 
@@ -179,7 +185,9 @@ def stream_blocks(ckpt: Checkpoint, plan: Plan, fold: Callable[[Block], MLPFold]
     in ``pipeline.compute_blocks``: the parallelism is whole pieces side by side.
     """
     workers = workers or compute_workers()
-    run = _Run(ckpt, plan, fold, finish, drop)
+    # Pieces read ahead of the compute: one computing per worker and one waiting, and enough more to keep the workers
+    # busy while the reader reads the next MLP's shared ranges (a whole column-major weight).
+    run = _Run(ckpt, plan, fold, finish, drop, ahead=2 * workers + plan.backlog)
     threads = [threading.Thread(target=run.reader, name="mmdetect-read", daemon=True)]
     threads += [threading.Thread(target=run.worker, name=f"mmdetect-scan-{k}", daemon=True) for k in range(workers)]
     torch_threads = torch.get_num_threads()
@@ -200,7 +208,7 @@ class _Run:
     """The state one streaming scan shares between its reader, its workers and the caller, under one condition."""
 
     def __init__(self, ckpt: Checkpoint, plan: Plan, fold: Callable[[Block], MLPFold],
-                 finish: Callable[[Job, NeuronStats, int], BlockResult], drop: bool) -> None:
+                 finish: Callable[[Job, NeuronStats, int], BlockResult], drop: bool, ahead: int) -> None:
         self.ckpt, self.plan, self.fold, self.finish, self.drop = ckpt, plan, fold, finish, drop
         self.cond = threading.Condition()
         self.loaded: dict[int, torch.Tensor] = {}
@@ -210,6 +218,12 @@ class _Run:
         for p, piece in enumerate(plan.pieces):
             for k in set(piece.slots.values()):
                 self.readers[k].append(p)
+        # A piece's own ranges are read at most ``ahead`` pieces beyond the compute; the shared ranges of the next MLP
+        # (a whole column-major weight) only wait for the budget, so they are in by the time its first piece is.
+        self.first = [min(pieces) if plan.slots[k].users == 1 and pieces else -1
+                      for k, pieces in enumerate(self.readers)]
+        self.computed = 0  # pieces done
+        self.ahead = ahead
         self.pending = [0] * len(plan.jobs)
         for piece in plan.pieces:
             self.pending[piece.index] += 1
@@ -240,8 +254,10 @@ class _Run:
             self.fail(exc)
 
     def may_load(self, k: int) -> bool:
-        """Slot k fits in the byte budget (or the run has stopped)."""
-        return self.stopped or self.in_flight + self.plan.slots[k].nbytes <= self.plan.budget
+        """Slot k fits in the byte budget and, if it is one piece's own, that piece is at most ``ahead`` pieces beyond
+        the compute; or the run has stopped."""
+        return self.stopped or (self.in_flight + self.plan.slots[k].nbytes <= self.plan.budget
+                                and self.first[k] < self.computed + self.ahead)
 
     def worker(self) -> None:
         scratch: torch.Tensor | None = None
@@ -271,6 +287,7 @@ class _Run:
                 if not self.users[k]:
                     gone.append((k, self.loaded.pop(k)))
             self.pending[piece.index] -= 1
+            self.computed += 1
             done = not self.pending[piece.index]
         freed = 0
         while gone:
