@@ -1,8 +1,9 @@
 """The scan: checkpoint -> registry layout -> per-MLP blocks -> neuron rows, ranked by cos.
 
 Data flow: ``registry.resolve`` finds the layout, ``scanner.read`` reads one block at a time in the canonical
-orientation, ``scanner.pipeline`` reads and computes blocks side by side, ``scanner.neurons`` computes each neuron's
-cosines in the chosen convention, and ``scanner.stats`` flags, classifies and summarises the rows.
+orientation, ``scanner.stream`` reads every MLP byte range once in file order on a reader thread and computes pieces
+of blocks side by side (``scanner.pipeline``: whole blocks, for GGUF, .bin, FP8 and GPUs), ``scanner.neurons`` computes
+each neuron's cosines in the chosen convention, and ``scanner.stats`` flags, classifies and summarises the rows.
 """
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def plan_reads(ckpt: Checkpoint, jobs: list[Job], piece_bytes: int | None = None
     for members in groups.values():
         slots: dict[Range, Slot] = {}
         for _, ranges in members:
-            for r in ranges:
+            for r in dict.fromkeys(ranges):  # a piece is one user, however often it reads a range (a norm twice)
                 if r not in slots:
                     extent = ckpt.extent(r.key, r.start, r.stop)
                     assert extent is not None  # _record checked it
