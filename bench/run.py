@@ -238,7 +238,7 @@ def shape_table(args: argparse.Namespace, before: Path | None) -> tuple[list[str
     head += [f"before{ref}", "before peak RSS"] if before else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     verdicts = []
-    for name in args.shapes.split(","):
+    for name in [n for n in args.shapes.split(",") if n]:
         for row in bench_shape(name, args.repeat, not args.no_cold, name != "mixtral-2l", before):
             scan, floor, mlp_floor = row["mmdetect scan"], row["floor"], row["mlp floor"]
             peer = row.get("peer route")
