@@ -42,6 +42,7 @@ unembedding           final norm                   the final norm is a LayerNorm
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -250,21 +251,50 @@ def unembedding_fold(conv: Convention, final_norm: NormSpec | None, gain: torch.
 
 # -- applying a fold ---------------------------------------------------------------------------------------------------
 
-TILE = 64  # columns of d per transposing copy: a [m, 64] tile of a column-major chunk stays in L1/L2
+TILE = 128  # columns of d per transposing copy: a [m, 128] tile of a column-major chunk stays in L1/L2
+GATHER_BYTES = 4 << 20  # a column-major chunk is gathered into a contiguous buffer of at most this many bytes
+HALF = (torch.bfloat16, torch.float16)  # stored dtypes that widen to float32 exactly
+_GATHER = threading.local()  # each thread's gather buffer, per dtype
+
+
+def _gathered(w: torch.Tensor) -> torch.Tensor:
+    """A column-major chunk w [m, d] (rows of the stored [d, n] matrix, n apart) copied into this thread's contiguous
+    [d, m] buffer: each of the d reads is m contiguous elements."""
+    m, d = w.shape
+    buffers = _GATHER.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(w.dtype)
+    if buf is None or buf.numel() < m * d:
+        buf = buffers[w.dtype] = torch.empty(m * d, dtype=w.dtype)
+    out = buf[: m * d].view(d, m)
+    out.copy_(w.T)
+    return out
 
 
 def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
     """out[m, d] (float32, may be a view into a work buffer) <- fold(w[m, d]) without intermediate copies.
 
-    A row-major chunk converts and scales in one pass. A column-major chunk (an ``out`` weight stored [d, n], seen
-    through a transposed view) is converted and transposed in [m, TILE] tiles, which keeps both sides of the copy in
-    cache: about 3x faster than one strided copy of the whole chunk. ``f.gain`` must be float32 on out's device.
+    A row-major chunk is converted, then scaled in place. A column-major chunk (an ``out`` weight stored [d, n], seen
+    through a transposed view) on the CPU is first gathered into a contiguous [d, m] buffer (rows of m elements), then
+    converted and transposed in one copy: the stored matrix's rows are often a multiple of 4 KB apart (14336 bf16
+    neurons are 28 KB), so reading many of them at once, as a transposing copy from the stored matrix does, keeps
+    evicting its own cache lines (3.5 ns per element; 0.85 ns this way). Elsewhere it is converted and transposed in
+    [m, TILE] tiles. ``f.gain`` must be float32 on out's device.
     """
     if w.stride(-1) != 1 and w.stride(0) == 1 and w.device == out.device:
-        for k0 in range(0, w.shape[1], TILE):
-            out[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
+        if out.device.type == "cpu":
+            rows = max(1, GATHER_BYTES // max(1, w.shape[1] * w.element_size()))
+            for r0 in range(0, w.shape[0], rows):
+                out[r0:r0 + rows].copy_(_gathered(w[r0:r0 + rows]).T)
+        else:
+            for k0 in range(0, w.shape[1], TILE):
+                out[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
         if f.gain is not None:
             out.mul_(f.gain)
+    elif f.gain is not None and w.dtype in HALF and w.device == out.device:
+        # The same float32 product as torch.mul(w, gain) (which widens w first), but a mixed-dtype mul is not
+        # vectorised: widening, then an in-place float32 mul, is about 3x faster.
+        out.copy_(w)
+        out.mul_(f.gain)
     elif f.gain is not None:
         torch.mul(w.to(out.device), f.gain, out=out)
     else:

@@ -12,9 +12,12 @@ recorded with ``io.output.protect`` so that no output can overwrite it.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +32,7 @@ from mmdetect.io.safetensors import DTYPES, FLOATS, FP8, read_header
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Checkpoint", "TensorInfo", "check_quantization", "open_checkpoint", "read_config"]
+__all__ = ["Checkpoint", "Extent", "TensorInfo", "check_quantization", "open_checkpoint", "read_config"]
 
 # quant_method values in config.json that mmdetect cannot dequantise, with the name users know them by.
 QUANT_METHODS = {
@@ -46,6 +49,22 @@ QUANT_SUFFIXES = {
 FP8_BLOCK = 128             # DeepSeek-V3's weight_block_size, when the config does not give one
 MAP_MIN_BYTES = 1 << 20     # tensors at least this big are memory-mapped instead of copied
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is missing before 3.12
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Bytes [begin, end) of ``file``, validated against its header, holding a tensor of ``shape`` and ``dtype`` (a
+    torch dtype name) as stored."""
+
+    file: str
+    begin: int
+    end: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 @dataclass
@@ -112,6 +131,24 @@ class Checkpoint:
         begin, end, _ = self._byte_range(info, start, stop)
         return end - begin
 
+    def extent(self, key: str, start: int | None = None, stop: int | None = None) -> Extent | None:
+        """Where ``read(key, start, stop)`` finds its bytes, when it reads them as they are stored (a float tensor of a
+        safetensors file): the file, the validated byte range and the shape. None where it dequantises instead
+        (GGUF, FP8 with scales) or loads a pickle (.bin)."""
+        info = self.tensors[key]
+        if self.format != "safetensors" or info.dtype not in FLOATS:
+            return None
+        begin, end, shape = self._byte_range(info, start, stop)
+        return Extent(info.file, begin, end, tuple(shape), DTYPES[info.dtype][0])
+
+    def drop_cached(self, key: str, start: int | None = None, stop: int | None = None) -> None:
+        """Tell the kernel that the bytes of ``read(key, start, stop)`` will not be read again (POSIX_FADV_DONTNEED), so
+        it drops them from the page cache rather than what the rest of the machine has cached. For a reader streaming a
+        checkpoint larger than memory, once nothing maps the range any more (mapped pages are not dropped)."""
+        extent = self.extent(key, start, stop)
+        if extent is not None and extent.nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(extent.file), extent.begin, extent.nbytes, os.POSIX_FADV_DONTNEED)
+
     def read(self, key: str, start: int | None = None, stop: int | None = None,
              populate: bool = True) -> "torch.Tensor":
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
@@ -161,8 +198,8 @@ class Checkpoint:
     def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype", populate: bool = True) -> "torch.Tensor":
         """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
 
-        The page tables are filled up front (MADV_POPULATE_READ, Linux 5.14+; elsewhere MADV_WILLNEED starts the
-        read-ahead), so the caller's thread does the I/O and the threads computing on the tensor take no faults.
+        The page tables are filled up front (``populate_mapping``), so the caller's thread does the I/O and the
+        threads computing on the tensor take no faults.
         The mapping is private and writable (copy-on-write: nothing is written back), which torch needs, and it is
         unmapped when the last tensor viewing it is freed.
         """
@@ -175,10 +212,7 @@ class Checkpoint:
         mm = mmap.mmap(self._fd(file), end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=base)
         if populate:
-            try:
-                mm.madvise(MADV_POPULATE_READ, begin - base, end - begin)
-            except (OSError, ValueError):
-                mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
+            populate_mapping(mm)
         itemsize = torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(mm, dtype=dtype, offset=begin - base, count=(end - begin) // itemsize)
 
@@ -235,6 +269,37 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):  # MADV_POPULATE_READ's number means something else, or nothing, elsewhere
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # no C library to call (Windows)
+        return None
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return madvise
+
+
+def populate_mapping(mm: mmap.mmap) -> None:
+    """Read a whole mapping in and fill its page tables now (MADV_POPULATE_READ, Linux 5.14+), so the calling thread
+    does the I/O and the threads computing on it take no page faults; elsewhere MADV_WILLNEED starts the read-ahead.
+
+    madvise is called through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it, and while it
+    waited for the disk (0.1 s for a 180 MB weight) every other thread of the scan stopped at its next torch call.
+    The range starts at the mapping's start: madvise wants a page-aligned start, which a tensor's rarely is.
+    """
+    madvise = _libc_madvise()
+    if madvise is not None and len(mm):
+        view = (ctypes.c_char * len(mm)).from_buffer(mm)
+        try:
+            if madvise(ctypes.addressof(view), len(mm), MADV_POPULATE_READ) == 0:
+                return
+        finally:
+            del view  # the buffer export; the mapping stays
+    mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
 
 
 # -- resolving a model reference ---------------------------------------------------------------------------------

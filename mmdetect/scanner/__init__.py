@@ -1,19 +1,21 @@
 """The scan: checkpoint -> registry layout -> per-MLP blocks -> neuron rows, ranked by cos.
 
 Data flow: ``registry.resolve`` finds the layout, ``scanner.read`` reads one block at a time in the canonical
-orientation, ``scanner.pipeline`` reads and computes blocks side by side, ``scanner.neurons`` computes each neuron's
-cosines in the chosen convention, and ``scanner.stats`` flags, classifies and summarises the rows.
+orientation, ``scanner.stream`` reads every MLP byte range once in file order on a reader thread and computes pieces
+of blocks side by side (``scanner.pipeline``: whole blocks, for GGUF, .bin, FP8 and GPUs), ``scanner.neurons`` computes
+each neuron's cosines in the chosen convention, and ``scanner.stats`` flags, classifies and summarises the rows.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Literal, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, overload
 
 import numpy as np
 
-from mmdetect.convention import DEFAULT, Convention, for_model, get_convention, mlp_fold
+from mmdetect.convention import DEFAULT, Convention, MLPFold, for_model, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
+from mmdetect.io.stream import available_memory, drop_behind
 from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.report.progress import progress as _progress_bar
 from mmdetect.report.provenance import Provenance
@@ -21,26 +23,49 @@ from mmdetect.report.rows import COLUMNS, ScanResult
 from mmdetect.scanner.neurons import NeuronStats, mlp_cosines
 from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
 from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
-from mmdetect.scanner.read import Block, plan_jobs
+from mmdetect.scanner.read import Block, Job, plan_jobs
+from mmdetect.scanner.stream import plan_reads, stream_blocks
 from mmdetect.scanner.stats import finish_rows, layer_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 
-def _block_rows(block: Block, stats: NeuronStats) -> dict[str, np.ndarray]:
-    n, d = block.w_in.shape
+def _block_rows(job: Job, stats: NeuronStats, d: int) -> dict[str, np.ndarray]:
+    n = len(stats.cos)
     return {
-        "layer": np.full(n, block.job.layer, dtype=np.int64),
-        "expert": np.full(n, block.expert_label, dtype=object),
-        "neuron": np.arange(n, dtype=np.int64) + (block.job.part[0] if block.job.part else 0),
+        "layer": np.full(n, job.layer, dtype=np.int64),
+        "expert": np.full(n, job.expert_label, dtype=object),
+        "neuron": np.arange(n, dtype=np.int64) + (job.part[0] if job.part else 0),
         "cos": stats.cos.numpy().astype(np.float64),
         "cos_gate_out": stats.cos_gate_out.numpy().astype(np.float64),
         "cos_gate_in": stats.cos_gate_in.numpy().astype(np.float64),
         "norm_in": stats.norm_in.numpy().astype(np.float64), "norm_out": stats.norm_out.numpy().astype(np.float64),
         "norm_gate": stats.norm_gate.numpy().astype(np.float64),
-        "_gated": np.full(n, block.w_gate is not None), "_d": np.full(n, d, dtype=np.int64),
+        "_gated": np.full(n, job.spec.gated), "_d": np.full(n, d, dtype=np.int64),
     }
+
+
+def _blocks(ckpt: Checkpoint, jobs: list[Job], conv: Convention, dev: str) -> Iterator[BlockResult]:
+    """Each job's result, in job order. A checkpoint whose MLP weights are stored as they are read (float
+    safetensors) streams (``scanner.stream``: file order, a reader thread, pages dropped behind the reader when it is
+    larger than the page cache); GGUF, .bin, FP8 and a GPU take ``pipeline.compute_blocks``, one block per job."""
+
+    def fold(block: Block) -> MLPFold:
+        return mlp_fold(conv, block.job.spec, block.pre_gain, block.post_gain)
+
+    def finish(job: Job, stats: NeuronStats, d: int) -> BlockResult:
+        return BlockResult(job, _block_rows(job, stats, d), stats.mismatched.numpy(), d)
+
+    plan = plan_reads(ckpt, jobs) if dev == "cpu" else None
+    if plan is not None:
+        return stream_blocks(ckpt, plan, fold, finish, drop=drop_behind(plan.nbytes, available_memory()))
+
+    def compute(block: Block) -> BlockResult:
+        stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, fold(block), device=dev)
+        return finish(block.job, stats, int(block.w_in.shape[1]))
+
+    return compute_blocks(ckpt, jobs, compute, workers=1 if dev != "cpu" else None)
 
 
 def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> pd.DataFrame:
@@ -69,13 +94,8 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
     mismatched: dict[int, list[np.ndarray]] = {}
     d_model: dict[int, int] = {}
 
-    def compute(block: Block) -> BlockResult:
-        fold = mlp_fold(conv, block.job.spec, block.pre_gain, block.post_gain)
-        stats = mlp_cosines(block.w_in, block.w_out, block.w_gate, fold, device=dev)
-        return BlockResult(block.job, _block_rows(block, stats), stats.mismatched.numpy(), int(block.w_in.shape[1]))
-
     with _progress_bar(progress, len(jobs), ckpt.ref) as advance:
-        for result in compute_blocks(ckpt, jobs, compute, workers=1 if dev != "cpu" else None):
+        for result in _blocks(ckpt, jobs, conv, dev):
             parts.append(result.rows)
             mismatched.setdefault(result.job.layer, []).append(result.mismatched)
             d_model[result.job.layer] = result.d_model

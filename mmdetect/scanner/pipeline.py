@@ -1,4 +1,9 @@
-"""The reader/compute pipeline: blocks read on worker threads, computed side by side, results in job order."""
+"""The block-by-block pipeline: whole blocks read on worker threads, computed side by side, results in job order.
+
+The scan of a float safetensors checkpoint on the CPU streams instead (``scanner.stream``: file order, one reader
+thread, pieces of blocks); this path serves what is dequantised or unpickled as it is read (GGUF, FP8 with scales,
+.bin), scans on a GPU, and the analysis commands' ``iter_blocks``.
+"""
 from __future__ import annotations
 
 import os
@@ -15,7 +20,7 @@ from mmdetect.errors import MMDetectError, warn
 from mmdetect.io.checkpoint import Checkpoint
 from mmdetect.scanner.read import Block, Job, block_nbytes, load_block
 
-READ_AHEAD_BYTES = 512 << 20  # blocks in flight (read ahead, or computed side by side) must fit in this much
+READ_AHEAD_BYTES = 512 << 20  # blocks (or streamed ranges) in flight, read ahead or computed, must fit in this much
 
 
 def iter_blocks(ckpt: Checkpoint, jobs: list[Job]) -> Iterator[Block]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from collections.abc import Container
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +28,21 @@ class Job:
     n_experts: int = 1        # for stacked 2-D experts
     part: tuple[int, int] | None = None  # neurons [n0, n1) of a large MLP, which is scanned in parts
 
+    @property
+    def expert_label(self) -> Any:
+        """What the scan's ``expert`` column says for this MLP: the routed expert index, a shared expert's label
+        (``shared``, or ``shared3`` for one of several), or None for a dense MLP."""
+        if self.spec.label:
+            return self.spec.label if self.expert is None else f"{self.spec.label}{self.expert}"
+        return self.expert
+
+
+class Reader(Protocol):
+    """``Checkpoint.read``'s signature: how ``load_block`` gets its tensors (the streaming scan hands in buffers)."""
+
+    def __call__(self, key: str, start: int | None = None, stop: int | None = None,
+                 populate: bool = True) -> torch.Tensor: ...
+
 
 @dataclass
 class Block:
@@ -40,7 +55,7 @@ class Block:
 
     @property
     def expert_label(self) -> Any:
-        return expert_label(self.job)
+        return self.job.expert_label
 
 
 @dataclass
@@ -54,15 +69,7 @@ class Writes:
 
     @property
     def expert_label(self) -> Any:
-        return expert_label(self.job)
-
-
-def expert_label(job: Job) -> Any:
-    """How a job's MLP is named in the ``expert`` column: None for a dense MLP, the routed expert's index, or the
-    spec's label (``shared``, ``mlps.1``, plus the expert index when it has one)."""
-    if job.spec.label:
-        return job.spec.label if job.expert is None else f"{job.spec.label}{job.expert}"
-    return job.expert
+        return self.job.expert_label
 
 
 def _tensor_rows(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> tuple[str, int | None, int | None]:
@@ -101,24 +108,32 @@ def block_nbytes(ckpt: Checkpoint, job: Job) -> int:
 PART_BYTES = 64 << 20  # a 2-D MLP whose row-major weights are bigger than this is scanned in parts of neurons
 
 
+def neuron_count(ckpt: Checkpoint, job: Job) -> int | None:
+    """How many neurons a dense MLP (or indexed expert) has, when it can be read in neuron ranges (``Job.part``):
+    2-D weights whose neurons are rows or columns. None for fused and stacked experts, and where a tensor is missing
+    (``load_block`` reports that)."""
+    gate_up = job.spec.gate_up
+    if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
+        return None
+    keys = [tensor_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
+    if not all(key in ckpt for key in keys):
+        return None
+    out = job.spec.out
+    shape = ckpt.tensors[tensor_key(out.key, job.layer, job.expert)].shape
+    return shape[out.axis] if len(shape) == 2 else None
+
+
 def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
     """A large dense MLP (or indexed expert) as several jobs over neuron ranges, so memory stays bounded.
 
     A 16B-parameter model's MLP is ~550 MB; in parts, each maps only its rows of the input weights and touches only
     its columns' pages of a column-major output weight.
     """
-    gate_up = job.spec.gate_up
-    if job.spec.experts not in ("none", "indexed") or (gate_up is not None and gate_up.axis != 0):
+    n = neuron_count(ckpt, job)
+    if n is None:
         return [job]
-    out = job.spec.out
-    keys = [tensor_key(ts.key, job.layer, job.expert) for ts in job.spec.tensors().values()]
-    if not all(key in ckpt for key in keys):
-        return [job]  # load_block reports the missing tensor
-    shape = ckpt.tensors[tensor_key(out.key, job.layer, job.expert)].shape
-    if len(shape) != 2:
-        return [job]
-    n = shape[out.axis]
-    biggest = max(ckpt.nbytes(key) // (2 if ts.split else 1) for key, ts in zip(keys, job.spec.tensors().values()))
+    specs = job.spec.tensors().values()
+    biggest = max(ckpt.nbytes(tensor_key(ts.key, job.layer, job.expert)) // (2 if ts.split else 1) for ts in specs)
     parts = -(-biggest // PART_BYTES)
     if parts <= 1:
         return [job]
@@ -126,34 +141,48 @@ def split_parts(ckpt: Checkpoint, job: Job) -> list[Job]:
     return [replace(job, part=(n0, min(n, n0 + step))) for n0 in range(0, n, step)]
 
 
-def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job) -> torch.Tensor:
+def _read_canonical(ckpt: Checkpoint, ts: TensorSpec, job: Job, read: Reader) -> torch.Tensor:
     """The tensor (this expert's part of it) with neurons on axis 0: [n, d] or, for fused gate_up, [2n, d]."""
     key, start, stop = _tensor_rows(ckpt, ts, job)
     shape = ckpt.tensors[key].shape
     if job.spec.experts == "fused":
-        t = ckpt.read(key, start, stop)[0]
+        t = read(key, start, stop)[0]
         return t if ts.axis == 1 else t.transpose(0, 1)
     if job.spec.experts == "stacked":
-        t = ckpt.read(key, start, stop)
+        t = read(key, start, stop)
         return t if ts.axis == 0 else t.transpose(0, 1)
     if len(shape) != 2:
         raise MMDetectError(f"tensor {key!r} has shape {list(shape)}; the registry expects a 2-D weight")
     if job.part is None:
-        t = ckpt.read(key)
+        t = read(key)
         return t if ts.axis == 0 else t.transpose(0, 1)
     n0, n1 = job.part
     if ts.axis == 0:  # neuron rows are one contiguous byte range: read only those
         if ts.split is None:
-            return ckpt.read(key, n0, n1)
-        if ts.split == "interleave":
-            return ckpt.read(key, 2 * n0, 2 * n1)
-        half = shape[0] // 2  # halves: this part's gate rows, then its up rows
-        return torch.cat([ckpt.read(key, n0, n1), ckpt.read(key, half + n0, half + n1)])
+            return read(key, n0, n1)
+        assert ts.split == "interleave", "a part of gate_up halves is read by _read_gate_up"
+        return read(key, 2 * n0, 2 * n1)
     # Neuron columns: map the whole tensor without touching it; only the pages of these columns are faulted in.
-    return ckpt.read(key, populate=False)[:, n0:n1].transpose(0, 1)
+    return read(key, populate=False)[:, n0:n1].transpose(0, 1)
 
 
-def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> torch.Tensor | None:
+def _read_gate_up(ckpt: Checkpoint, ts: TensorSpec, job: Job, read: Reader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up), [n, d] each, from a fused gate_up weight: interleaved rows (g0, u0, g1, ...) or two halves."""
+    if job.part is not None and ts.split == "halves" and ts.axis == 0 and job.spec.experts in ("none", "indexed"):
+        key, _, _ = _tensor_rows(ckpt, ts, job)
+        shape = ckpt.tensors[key].shape
+        if len(shape) == 2:  # this part's gate rows and its up rows: two ranges, each read as it is
+            half, (n0, n1) = shape[0] // 2, job.part
+            return read(key, n0, n1), read(key, half + n0, half + n1)
+    both = _read_canonical(ckpt, ts, job, read)
+    if ts.split == "interleave":
+        return both[0::2], both[1::2]
+    half = both.shape[0] // 2
+    return both[:half], both[half:]
+
+
+def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int,
+              read: Reader | None = None) -> torch.Tensor | None:
     """The norm's effective gain [d]; for norms applied one after another, the product of their gains."""
     if norm is None or norm.weight is None:
         return None
@@ -163,44 +192,44 @@ def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int) -> to
         if key not in ckpt:
             raise MMDetectError(f"norm weight {key!r} is missing from {ckpt.ref}: the checkpoint does not match the "
                                 f"registry layout for {ckpt.model_type!r}")
-        gain = ckpt.read(key).float().reshape(-1) + norm.offset
+        gain = (read or ckpt.read)(key).float().reshape(-1) + norm.offset
         if gain.numel() != d:
             raise MMDetectError(f"norm weight {key!r} has {gain.numel()} entries but d_model is {d}")
         total = gain if total is None else total * gain
     return total
 
 
-def load_block(ckpt: Checkpoint, job: Job, gate: bool = True) -> Block:
+def load_block(ckpt: Checkpoint, job: Job, read: Reader | None = None, gate: bool = True) -> Block:
     """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains.
-    ``gate=False`` leaves a separate gate weight unread (``w_gate`` None) for callers that need only cos(in, out)."""
+
+    ``read`` (default ``ckpt.read``) is called once per byte range, in this order; ``scanner.stream`` records the
+    calls to plan its reads, then answers them from its buffers. ``gate=False`` leaves a separate gate weight unread
+    (``w_gate`` None) for callers that need only cos(in, out).
+    """
+    read = read or ckpt.read
     spec = job.spec
     w_gate: torch.Tensor | None
     if spec.gate_up is not None:
-        both = _read_canonical(ckpt, spec.gate_up, job)
-        half = both.shape[0] // 2
-        if spec.gate_up.split == "interleave":
-            w_gate, w_in = both[0::2], both[1::2]
-        else:
-            w_gate, w_in = both[:half], both[half:]
+        w_gate, w_in = _read_gate_up(ckpt, spec.gate_up, job, read)
     else:
         in_spec = spec.in_ if spec.in_ is not None else spec.up
         assert in_spec is not None, "the registry loader requires in+out or gate+up+out without gate_up"
-        w_in = _read_canonical(ckpt, in_spec, job)
-        w_gate = _read_canonical(ckpt, spec.gate, job) if spec.gate is not None and gate else None
-    w_out = _read_canonical(ckpt, spec.out, job)
+        w_in = _read_canonical(ckpt, in_spec, job, read)
+        w_gate = _read_canonical(ckpt, spec.gate, job, read) if spec.gate is not None and gate else None
+    w_out = _read_canonical(ckpt, spec.out, job, read)
     if w_out.shape != w_in.shape or (w_gate is not None and w_gate.shape != w_in.shape):
         where = f"layer {job.layer} {spec.name}" + (f" expert {job.expert}" if job.expert is not None else "")
         raise MMDetectError(f"{where}: input {list(w_in.shape)} and output {list(w_out.shape)} weights disagree "
                             f"after orientation; the registry layout for {ckpt.model_type!r} does not fit this file")
     d = w_in.shape[1]
-    return Block(job, w_in, w_out, w_gate, read_gain(ckpt, spec.pre_norm, job.layer, d),
-                 read_gain(ckpt, spec.post_norm, job.layer, d))
+    return Block(job, w_in, w_out, w_gate, read_gain(ckpt, spec.pre_norm, job.layer, d, read),
+                 read_gain(ckpt, spec.post_norm, job.layer, d, read))
 
 
 def load_writes(ckpt: Checkpoint, job: Job) -> Writes:
     """The output weight of one MLP (or expert, or part), oriented [n, d], and the norm gains: the input weights are
     not read (for a GGUF file, not dequantised), which is two thirds of a writer pass's reading."""
-    w_out = _read_canonical(ckpt, job.spec.out, job)
+    w_out = _read_canonical(ckpt, job.spec.out, job, ckpt.read)
     d = w_out.shape[1]
     return Writes(job, w_out, read_gain(ckpt, job.spec.pre_norm, job.layer, d),
                   read_gain(ckpt, job.spec.post_norm, job.layer, d))
