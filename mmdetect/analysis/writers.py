@@ -189,6 +189,8 @@ class ReadTargets:
             entry = {kind: self.best[kind][t].sorted() for kind in self.best}
             for kind in entry:
                 for e in entry[kind]:
+                    if SIGN_OF in e:
+                        raise RuntimeError("ReadTargets.result before finish(circuit): a neuron writer's sign is unknown")
                     token = vocab.label(e["index"]) if (vocab is not None and e["kind"] == "token") else None
                     if token is not None:
                         e["token"] = token
