@@ -124,7 +124,7 @@ def writer_items(circuit: Circuit, mlp_layers: set[int], attention_layers: set[i
     items += [Item("head", layer=layer) for layer in circuit.attention_layers if layer in attention_layers]
     tied = False
     if logits:
-        _ = circuit.logit_fold, circuit.logit_mean  # the final norm's gain (and vocabulary mean) here, not on a worker thread
+        _ = circuit.logit_fold, circuit.logit_mean  # the final norm's gain and vocabulary mean: here, not on a worker
         tied = circuit.unembedding_key() == circuit.embedding_key()
     if tokens and circuit.has_embedding():
         _ = circuit.token_fold, circuit.token_mean  # the embedding norm's gain here, not on a worker thread

@@ -190,7 +190,7 @@ class ReadTargets:
             for kind in entry:
                 for e in entry[kind]:
                     if SIGN_OF in e:
-                        raise RuntimeError("ReadTargets.result before finish(circuit): a neuron writer's sign is unknown")
+                        raise RuntimeError("ReadTargets.result before finish(circuit): a writer's sign is unknown")
                     token = vocab.label(e["index"]) if (vocab is not None and e["kind"] == "token") else None
                     if token is not None:
                         e["token"] = token
