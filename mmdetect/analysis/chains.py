@@ -16,6 +16,7 @@ Each deleter keeps its ``per_deleter`` best writers; the table ranks all pairs b
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +84,11 @@ class HeadTargets:
         self.best = [TopK(k) for _ in deleters]
         self.gram = [x["o"] @ x["o"].T for x in deleters]                    # G = W_O W_O^T [dh, dh]
         self.vnorm = [x["v"].norm().clamp(min=1e-30) for x in deleters]
-        self.stacks: dict[tuple[int, ...], tuple[torch.Tensor, list[tuple[int, slice, slice]]]] = {}
+        # Stacks by group of deleters. Slabs arrive in layer order, and the deleters downstream of a slab only shrink,
+        # so a group's stack is reused until the next deleter layer; keeping two rounds of groups bounds the memory
+        # (a stack is (K + T) dh x d floats, 12 MB for 8 heads of 128 x 1536).
+        self.stacks: OrderedDict[tuple[int, ...], tuple[torch.Tensor, list[tuple[int, slice, slice]]]] = OrderedDict()
+        self.keep = 2 * -(-len(deleters) // self.GROUP) + 2
         self.lock = threading.Lock()
 
     def _stack(self, group: tuple[int, ...]) -> tuple[torch.Tensor, list[tuple[int, slice, slice]]]:
@@ -105,6 +110,9 @@ class HeadTargets:
                     cols.append((t, slice(k * dh, (k + 1) * dh), slice(len(rows) * dh, (len(rows) + 1) * dh)))
                     rows.append(self.deleters[t]["o"])
                 self.stacks[group] = torch.cat(rows).T.contiguous(), cols
+                while len(self.stacks) > self.keep:
+                    self.stacks.popitem(last=False)
+            self.stacks.move_to_end(group)
             return self.stacks[group]
 
     def score(self, slab: Slab) -> Any:
