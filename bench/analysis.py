@@ -34,15 +34,6 @@ def ensure_gguf(folder: Path) -> Path:
     return path
 
 
-def warm_source(source: Path) -> None:
-    if source.is_dir():
-        warm(source)
-        return
-    with open(source, "rb") as fh:
-        while fh.read(64 << 20):
-            pass
-
-
 def routes(source: Path, tag: str) -> dict[str, list[str]]:
     """scan and the three analysis commands on one checkpoint, each writing its file as a user would."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -109,7 +100,7 @@ def bench_analysis(repeat: int) -> str:
         runs: dict[str, list[Run]] = {route: [] for route in cmds}
         for k in range(repeat):
             for route, cmd in cmds.items():
-                warm_source(source)
+                warm(source)
                 loads.append(os.getloadavg()[0])
                 runs[route].append(run(cmd))
                 print(f"  {label} #{k + 1} {route}: {runs[route][-1].seconds:.2f} s, peak RSS "

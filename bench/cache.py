@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 
-def weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors"))
+def weight_files(source: Path) -> list[Path]:
+    """A checkpoint folder's safetensors files, or a single-file checkpoint (a .gguf) itself."""
+    return [source] if source.is_file() else sorted(source.glob("*.safetensors"))
 
 
 def evict(folder: Path) -> None:

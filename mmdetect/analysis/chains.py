@@ -25,11 +25,12 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
-from mmdetect.analysis.stream import Slab, ordered_map, writer_items, writer_pass
+from mmdetect.analysis.stream import Slab, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label, unit
 from mmdetect.convention import DEFAULT, fold
 from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.report.provenance import Provenance
+from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
-from mmdetect.analysis.stream import ordered_map, single_threaded
+from mmdetect.scanner.pipeline import ordered_map, single_threaded
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.report import Provenance

@@ -13,54 +13,15 @@ at once.
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads
+from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_writes, plan_jobs
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """torch on one thread inside the block (small LAPACK calls are many times slower with its pool on a busy
-    machine), restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
-    """``fn(item)`` for every item on worker threads (torch single-threaded meanwhile), yielded in item order.
-
-    Only ``workers`` items run at a time, and a result is handed on as soon as it and every earlier one are done, so
-    memory stays at about ``workers`` items' working sets plus their (small) results.
-    """
-    from mmdetect.scanner.pipeline import compute_workers
-
-    items = list(items)
-    if not items:
-        return
-    with single_threaded():
-        pool = ThreadPoolExecutor(max(1, workers or compute_workers()), thread_name_prefix="mmdetect-analysis")
-        try:
-            futures: deque = deque(pool.submit(fn, item) for item in items)
-            while futures:
-                yield futures.popleft().result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- writer slabs --------------------------------------------------------------------------------------------------

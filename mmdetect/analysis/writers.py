@@ -22,13 +22,8 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.corpus import Vocab
-from mmdetect.analysis.stream import (
-    Item,
-    Slab,
-    single_threaded,
-    writer_items,
-    writer_pass,
-)
+from mmdetect.analysis.stream import Item, Slab, writer_items, writer_pass
+from mmdetect.scanner.pipeline import single_threaded
 from mmdetect.scanner.read import Job
 
 TOP = 10

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ import torch
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.io.checkpoint import Checkpoint
 from mmdetect.scanner.read import Block, Job, block_nbytes, load_block
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 READ_AHEAD_BYTES = 512 << 20  # blocks (or streamed ranges) in flight, read ahead or computed, must fit in this much
 
@@ -87,16 +92,36 @@ def compute_blocks(ckpt: Checkpoint, jobs: list[Job], compute: Callable[[Block],
             block = load_block(ckpt, job)
         return compute(block)  # the block (and its mapped pages) is released when this returns
 
+    yield from ordered_map(run, jobs, workers, name="mmdetect-scan")
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch on one thread inside the block, restored after: per-slab kernels and small LAPACK calls are many times
+    slower with torch's own thread pool spinning against the caller's threads on a busy machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="mmdetect-scan")
     try:
-        futures: deque = deque(pool.submit(run, job) for job in jobs)
-        while futures:
-            yield futures.popleft().result()
+        yield
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
+                name: str = "mmdetect-work") -> Iterator[R]:
+    """``fn(item)`` for every item on ``workers`` threads (default ``compute_workers()``; torch single-threaded
+    meanwhile), yielded in item order: a result is handed on as soon as it and every earlier one are done."""
+    items = list(items)
+    if not items:
+        return
+    with single_threaded():
+        pool = ThreadPoolExecutor(max(1, workers or compute_workers()), thread_name_prefix=name)
+        try:
+            futures: deque = deque(pool.submit(fn, item) for item in items)
+            while futures:
+                yield futures.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pick_device(device: str | None) -> str:

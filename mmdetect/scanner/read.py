@@ -251,10 +251,7 @@ def load_input_rows(ckpt: Checkpoint, job: Job, rows: list[int]) -> tuple[torch.
     n0 = job.part[0] if job.part else 0
 
     def read(ts: TensorSpec) -> torch.Tensor:
-        key = tensor_key(ts.key, job.layer, job.expert)
-        if key not in ckpt:
-            raise MMDetectError(f"tensor {key!r} is missing from {ckpt.ref}: the checkpoint is incomplete or does "
-                                f"not match the registry layout for {ckpt.model_type!r}")
+        key, _, _ = _tensor_rows(ckpt, ts, job)   # (names a missing tensor in one line)
         if len(ckpt.tensors[key].shape) != 2:
             raise MMDetectError(f"tensor {key!r} has shape {list(ckpt.tensors[key].shape)}; the registry expects a "
                                 f"2-D weight")

@@ -29,7 +29,7 @@ from mmdetect.io.checkpoint import Checkpoint
 from mmdetect.io.info import check_fits
 from mmdetect.registry import tensor_key
 from mmdetect.scanner.neurons import CHUNK, NeuronCosines, NeuronStats
-from mmdetect.scanner.pipeline import READ_AHEAD_BYTES, BlockResult, compute_workers
+from mmdetect.scanner.pipeline import READ_AHEAD_BYTES, BlockResult, compute_workers, single_threaded
 from mmdetect.scanner.read import Block, Job, Reader, load_block, neuron_count
 
 PIECE_BYTES = 32 << 20  # row-major bytes per piece, at most: a few slabs of neurons, a large read
@@ -190,18 +190,16 @@ def stream_blocks(ckpt: Checkpoint, plan: Plan, fold: Callable[[Block], MLPFold]
     run = _Run(ckpt, plan, fold, finish, drop, ahead=2 * workers + plan.backlog)
     threads = [threading.Thread(target=run.reader, name="mmdetect-read", daemon=True)]
     threads += [threading.Thread(target=run.worker, name=f"mmdetect-scan-{k}", daemon=True) for k in range(workers)]
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for thread in threads:
-            thread.start()
-        for index in range(len(plan.jobs)):
-            yield run.result(index)
-    finally:
-        run.stop(len(threads))
-        for thread in threads:
-            thread.join()
-        torch.set_num_threads(torch_threads)
+    with single_threaded():
+        try:
+            for thread in threads:
+                thread.start()
+            for index in range(len(plan.jobs)):
+                yield run.result(index)
+        finally:
+            run.stop(len(threads))
+            for thread in threads:
+                thread.join()
 
 
 class _Run:
