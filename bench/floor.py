@@ -5,7 +5,7 @@
 
 ``read`` goes through the ranges in file order with large preads (64 MB) into one reusable buffer, and, like the
 scan, drops the pages behind it when the ranges exceed the memory the page cache could hold (the same decision,
-``mmdetect.io.stream.drop_behind``, taken in ``plan``), so scan/floor compares like with like. A floor run adds the
+``mmdetect.io.memory.drop_behind``, taken in ``plan``), so scan/floor compares like with like. A floor run adds the
 time to import torch (measured separately), as the `cat` floor does.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ CHUNK = 64 << 20
 
 def plan(folder: Path, out: Path) -> None:
     from mmdetect.io.checkpoint import open_checkpoint
-    from mmdetect.io.stream import available_memory, drop_behind
+    from mmdetect.io.memory import available_memory, drop_behind
     from mmdetect.registry.resolve import locate_mlps, resolve_family
     from mmdetect.scanner.read import plan_jobs
-    from mmdetect.scanner.stream import plan_reads
+    from mmdetect.scanner.readahead import plan_reads
 
     with open_checkpoint(folder) as ckpt:
         family = resolve_family(ckpt)

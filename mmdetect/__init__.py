@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
 __all__ = ["scan", "MMDetectError", "__version__"]
 
 from mmdetect.errors import MMDetectError
+from mmdetect.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     # Type checkers see the scanner's full (overloaded) signature; at run time a thin wrapper defers the heavy imports.

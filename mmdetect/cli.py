@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from mmdetect import __version__
+from mmdetect.version import __version__
+from mmdetect.commands.report import report_command
 from mmdetect.errors import MMDetectError, one_line
 from mmdetect.options import (convention_option, debug_option, device_option, force_option, format_option,
                               gate_options, layers_option, model_options, output_dir_option, output_option,
@@ -87,12 +88,13 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
     MODEL is a local checkpoint folder, a hub id (cached files are used, HF_HUB_OFFLINE=1 works) or a .gguf file.
     """
     from mmdetect import report
+    from mmdetect.results import flagged_rows
     from mmdetect.scanner import parse_layers, scan as run_scan
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
-    if fmt == "html":  # the page of `mmdetect report MODEL` (mmdetect/report/command.py)
-        from mmdetect.report.command import scan_html
+    if fmt == "html":  # the page of `mmdetect report MODEL` (mmdetect/commands/report.py)
+        from mmdetect.commands.report import scan_html
         return scan_html(model, output, verify=verify, revision=revision, convention=convention,
                          threshold=threshold, layers=layers, device=device, progress=progress, text=text,
                          dataset=dataset, field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
@@ -107,7 +109,7 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
 
         df = run_verify(df, model, verify, revision=revision, convention=convention, text=text, dataset=dataset,
                         field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
-    rows = report.flagged_rows(df) if flagged_only else df
+    rows = flagged_rows(df) if flagged_only else df
 
     def draw(console: Any) -> None:
         report.render(rows, top=top, console=console)
@@ -371,6 +373,7 @@ def heads(model: str, revision: str | None, convention: str, threshold: float, l
     """
     from mmdetect import report
     from mmdetect.analysis.heads import scan_heads
+    from mmdetect.results import flagged_rows
     from mmdetect.report.panels import render_heads as render
     from mmdetect.scanner import parse_layers
 
@@ -378,7 +381,7 @@ def heads(model: str, revision: str | None, convention: str, threshold: float, l
     fmt, output = resolve_output(fmt, output)
     df = scan_heads(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
                     progress=progress)
-    rows = report.flagged_rows(df) if flagged_only else df
+    rows = flagged_rows(df) if flagged_only else df
     _wrote(report.emit(rows, fmt, output, lambda console: render(rows, top=top, console=console), key="heads"),
            output)
 
@@ -422,7 +425,6 @@ def chains(model: str, revision: str | None, convention: str, threshold: float, 
     _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console), key="chains"), output)
 
 
-from mmdetect.report.command import report_command  # noqa: E402
 main.add_command(report_command, "report")
 
 

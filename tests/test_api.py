@@ -123,7 +123,7 @@ def test_attrs_provenance_and_layers(df: pd.DataFrame, llama: Tiny) -> None:
 def test_provenance_has_one_schema_and_reads_older_files(df: pd.DataFrame) -> None:
     import dataclasses
 
-    from mmdetect.report import Provenance
+    from mmdetect.results import Provenance
 
     prov = df.attrs["provenance"]
     assert list(prov) == [f.name for f in dataclasses.fields(Provenance)]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import mmdetect
-from mmdetect import report
+from mmdetect import report, results
 from mmdetect.cli import main
 from mmdetect.scanner.stats import null_band
 from builders import Tiny, reference
@@ -325,7 +325,7 @@ def test_numpy_rows_and_their_frame_write_the_same_bytes(llama: Tiny, tmp_path: 
     from mmdetect.scanner import scan
 
     rows = scan(str(llama.path), as_frame=False)
-    assert isinstance(rows, report.ScanResult) and not isinstance(rows.to_frame(), report.ScanResult)
+    assert isinstance(rows, results.ScanResult) and not isinstance(rows.to_frame(), results.ScanResult)
     report.write(rows, fmt, tmp_path / "a")
     report.write(rows.to_frame(), fmt, tmp_path / "b")
     assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
@@ -334,7 +334,7 @@ def test_numpy_rows_and_their_frame_write_the_same_bytes(llama: Tiny, tmp_path: 
 def test_every_command_writes_one_provenance_schema(llama: Tiny, tmp_path: Path) -> None:
     import dataclasses
 
-    keys = [f.name for f in dataclasses.fields(report.Provenance)]
+    keys = [f.name for f in dataclasses.fields(results.Provenance)]
     docs = {}
     for command, extra in (("scan", []), ("heads", []), ("chains", []),
                            ("explain", ["-l", "1", "-n", "7", "--no-activations"])):
@@ -343,7 +343,7 @@ def test_every_command_writes_one_provenance_schema(llama: Tiny, tmp_path: Path)
         docs[command] = json.loads(path.read_text())["provenance"]
         assert list(docs[command]) == keys, command
         assert docs[command]["command"] == command
-        assert report.Provenance.from_dict(docs[command]).to_dict() == docs[command]
+        assert results.Provenance.from_dict(docs[command]).to_dict() == docs[command]
     assert len({d["fingerprint"] for d in docs.values()}) == 1 and docs["scan"]["fingerprint"]
     assert {d["model_type"] for d in docs.values()} == {"llama"}
     assert docs["chains"]["options"] == {"head_threshold": -0.5, "per_deleter": 3, "max_deleters": 200,

@@ -461,7 +461,7 @@ def test_page_of_a_real_scan_of_the_planted_llama(llama, opened, tmp_path: Path)
 
 def sweep_folder(out: Path) -> list[dict]:
     """A sweep output folder written by sweep.write_reports: three scanned models (one drifted), one failed."""
-    from mmdetect.report.provenance import Provenance
+    from mmdetect.results.provenance import Provenance
     from mmdetect.sweep import Drift, ModelRecord
     from mmdetect.sweep.summary import write_reports
 

@@ -229,7 +229,7 @@ def test_explain_top_matches_explain_neuron_by_neuron(llama: Tiny) -> None:
     """One pass for many neurons (report) gives what one explain() call per neuron gives, to float rounding."""
     from mmdetect.analysis.circuit import open_circuit
     from mmdetect.analysis.explain import explain
-    from mmdetect.report.build import explain_top
+    from mmdetect.commands.page import explain_top
 
     wanted = [(LLAMA_PLANT[0], None, LLAMA_PLANT[1]), (0, None, 5), (1, None, 100)]
     with open_circuit(str(llama.path)) as circuit:

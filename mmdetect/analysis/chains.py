@@ -25,11 +25,12 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import load_vocab
-from mmdetect.analysis.stream import Slab, writer_items, writer_pass
-from mmdetect.analysis.writers import ReadTargets, TopK, component_label, unit
+from mmdetect.analysis.passes import Slab, writer_items, writer_pass
+from mmdetect.analysis.writers import ReadTargets, TopK, component_label
 from mmdetect.convention import DEFAULT, fold
 from mmdetect.errors import MMDetectError, check_unit
-from mmdetect.report.provenance import Provenance
+from mmdetect.results.provenance import Provenance
+from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
@@ -66,7 +67,7 @@ def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] 
 
 
 class HeadTargets:
-    """A :class:`~mmdetect.analysis.stream.Consumer`: the best writers of each head deleter (dicts with layer, kv_head,
+    """A :class:`~mmdetect.analysis.passes.Consumer`: the best writers of each head deleter (dicts with layer, kv_head,
     v and o [dh, d]). For a writer direction ô: p = W_V ô [dh], align = ||p|| / ||W_V||_F, and with q = W_O ô [dh]
     and G = W_O W_O^T [dh, dh], erase = -cos(M ô, ô) = -(q . p) / sqrt(p^T G p) (M ô = W_O^T p, so
     ô . M ô = q . p and ||M ô||^2 = p^T G p): everything per writer is d_head-sized once p and q are known.

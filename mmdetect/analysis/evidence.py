@@ -20,9 +20,9 @@ import torch
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.corpus import Corpus, Vocab
 from mmdetect.analysis.targets import Target
-from mmdetect.analysis.writers import unit
 from mmdetect.errors import MMDetectError, UnsupportedError
 from mmdetect.registry import tensor_key
+from mmdetect.scanner.neurons import unit
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 

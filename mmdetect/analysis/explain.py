@@ -20,17 +20,18 @@ import torch
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.corpus import Vocab, load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
-from mmdetect.analysis.stream import Slab, writer_items, writer_pass
+from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
-from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi, unit
+from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, warn
-from mmdetect.report.provenance import Provenance
+from mmdetect.results.provenance import Provenance
+from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.stats import null_band
 
 
 class VocabView:
-    """A :class:`~mmdetect.analysis.stream.Consumer` of unembedding rows u_t (``Slab.u``), for m targets at once:
+    """A :class:`~mmdetect.analysis.passes.Consumer` of unembedding rows u_t (``Slab.u``), for m targets at once:
     the tokens each read vector aligns with, and the tokens each write vector promotes and suppresses (see the module
     docstring). One [c, d] x [d, m] product per slab, whatever m is."""
 

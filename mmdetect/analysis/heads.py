@@ -29,7 +29,7 @@ from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.scanner.pipeline import ordered_map, single_threaded
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, check_unit
-from mmdetect.report import Provenance
+from mmdetect.results import Provenance
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -106,7 +106,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     """Score every head of every (selected) layer; one DataFrame row per head, ranked by copying (ascending)."""
     import pandas as pd
 
-    from mmdetect.report.progress import progress as _progress
+    from mmdetect.results.progress import progress as _progress
     from mmdetect.scanner import parse_layers
 
     circuit.require_attention()

@@ -22,7 +22,8 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.corpus import Vocab
-from mmdetect.analysis.stream import Item, Slab, writer_items, writer_pass
+from mmdetect.analysis.passes import Item, Slab, writer_items, writer_pass
+from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import single_threaded
 from mmdetect.scanner.read import Job
 
@@ -50,17 +51,6 @@ class TopK:
         return [e for _s, _n, e in sorted(self.heap, key=lambda t: (-t[0], t[1]))]
 
 
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> rows scaled to unit length (all-zero and NaN rows become zero). One pass over x besides the norm:
-    the rare rows without a length are zeroed afterwards rather than by a full-size ``where``."""
-    n = x.norm(dim=-1, keepdim=True)
-    out = x / n.clamp(min=1e-30)
-    bad = ~(n > 0)
-    if bool(bad.any()):
-        out = out.masked_fill(bad, 0.0)
-    return out
-
-
 def component_label(kind: str, layer: int | None, index: Any, expert: Any = None, token: str | None = None) -> str:
     """How a component is named in every table: ``L3N12``, ``L3/Eshared N12``, ``L2H5``, ``embed 'the'``."""
     if kind == "token":
@@ -71,7 +61,7 @@ def component_label(kind: str, layer: int | None, index: Any, expert: Any = None
 
 
 class ReadTargets:
-    """A :class:`~mmdetect.analysis.stream.Consumer`: the k best upstream writers of each read direction.
+    """A :class:`~mmdetect.analysis.passes.Consumer`: the k best upstream writers of each read direction.
 
     reads [m, d] (row t read in layer ``layers[t]``). Neurons and tokens score |cos(w, r̂)| (one [n, m] product per
     slab); heads score ``align`` with ``subspace`` beside it. Per target and kind a TopK keeps the best.

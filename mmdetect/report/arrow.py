@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmdetect.report.rows import ScanResult
+from mmdetect.results.rows import ScanResult
 
 
 def _expert_strings(values: Any) -> list:

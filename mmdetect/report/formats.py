@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from mmdetect.errors import MMDetectError, OutputError
-from mmdetect.report.rows import ScanResult
+from mmdetect.results.rows import ScanResult
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FILE_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "markdown")
 EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl",
               ".parquet": "parquet", ".pq": "parquet", ".md": "markdown", ".markdown": "markdown",
-              ".html": "html", ".htm": "html"}  # html: the report page (report/build.py), not a row format
+              ".html": "html", ".htm": "html"}  # html: the report page (commands/page.py), not a row format
 FLOAT_FORMAT = "%.8g"
 COMPACT = (",", ":")  # the rows' JSON separators since the first version (pandas' to_json wrote them this way)
 
@@ -105,7 +105,7 @@ def metadata(data: Any) -> dict[str, Any]:
 def document(data: Any, key: str = "neurons") -> dict[str, Any]:
     """The JSON document of a table: provenance, per-layer summary, any other ``attrs``, then the rows under
     ``key`` (``neurons`` for a scan, ``heads``, ``chains``)."""
-    from mmdetect.report.records import records
+    from mmdetect.report.json_rows import records
 
     extra = {k: clean(v) for k, v in data.attrs.items() if k not in ("provenance", "layers")}
     return {**metadata(data), **extra, key: records(data)}
@@ -172,7 +172,7 @@ def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
     def jsonl(rows: Any, fh: IO[Any]) -> None:
         import orjson
 
-        from mmdetect.report.records import records
+        from mmdetect.report.json_rows import records
 
         fh.write(b"".join(orjson.dumps(record) + b"\n" for record in records(rows)))
 

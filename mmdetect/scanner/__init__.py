@@ -1,7 +1,7 @@
 """The scan: checkpoint -> registry layout -> per-MLP blocks -> neuron rows, ranked by cos.
 
 Data flow: ``registry.resolve`` finds the layout, ``scanner.read`` reads one block at a time in the canonical
-orientation, ``scanner.stream`` reads every MLP byte range once in file order on a reader thread and computes pieces
+orientation, ``scanner.readahead`` reads every MLP byte range once in file order on a reader thread and computes pieces
 of blocks side by side (``scanner.pipeline``: whole blocks, for GGUF, .bin, FP8 and GPUs), ``scanner.neurons`` computes
 each neuron's cosines in the chosen convention, and ``scanner.stats`` flags, classifies and summarises the rows.
 """
@@ -15,16 +15,16 @@ import numpy as np
 from mmdetect.convention import DEFAULT, Convention, MLPFold, for_model, get_convention, mlp_fold
 from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.io.stream import available_memory, drop_behind
+from mmdetect.io.memory import available_memory, drop_behind
 from mmdetect.registry.resolve import locate_mlps, resolve_family
-from mmdetect.report.progress import progress as _progress_bar
-from mmdetect.report.provenance import Provenance
-from mmdetect.report.rows import COLUMNS, ScanResult
+from mmdetect.results.progress import progress as _progress_bar
+from mmdetect.results.provenance import Provenance
+from mmdetect.results.rows import COLUMNS, ScanResult
 from mmdetect.scanner.neurons import NeuronStats, mlp_cosines
 from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
 from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, Job, plan_jobs
-from mmdetect.scanner.stream import plan_reads, stream_blocks
+from mmdetect.scanner.readahead import plan_reads, stream_blocks
 from mmdetect.scanner.stats import finish_rows, layer_summary
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +48,7 @@ def _block_rows(job: Job, stats: NeuronStats, d: int) -> dict[str, np.ndarray]:
 
 def _blocks(ckpt: Checkpoint, jobs: list[Job], conv: Convention, dev: str) -> Iterator[BlockResult]:
     """Each job's result, in job order. A checkpoint whose MLP weights are stored as they are read (float
-    safetensors) streams (``scanner.stream``: file order, a reader thread, pages dropped behind the reader when it is
+    safetensors) streams (``scanner.readahead``: file order, a reader thread, pages dropped behind the reader when it is
     larger than the page cache); GGUF, .bin, FP8 and a GPU take ``pipeline.compute_blocks``, one block per job."""
 
     def fold(block: Block) -> MLPFold:

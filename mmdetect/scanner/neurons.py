@@ -21,6 +21,17 @@ CHUNK = 512  # rows per slab; the empirical null pairs neighbours inside a slab,
 SUB_BYTES = 8 << 20  # on the CPU a slab is folded and multiplied in sub-slabs of at most this many float32 bytes
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> rows scaled to unit length (all-zero and NaN rows become zero). One pass over x besides the norm:
+    the rare rows without a length are zeroed afterwards rather than by a full-size ``where``."""
+    n = x.norm(dim=-1, keepdim=True)
+    out = x / n.clamp(min=1e-30)
+    bad = ~(n > 0)
+    if bool(bad.any()):
+        out = out.masked_fill(bad, 0.0)
+    return out
+
+
 @dataclass
 class NeuronStats:
     """Per-neuron results, float32 tensors of shape [n]. cos_gate_* and norm_gate are NaN for non-gated MLPs.

@@ -1,6 +1,6 @@
 """The block-by-block pipeline: whole blocks read on worker threads, computed side by side, results in job order.
 
-The scan of a float safetensors checkpoint on the CPU streams instead (``scanner.stream``: file order, one reader
+The scan of a float safetensors checkpoint on the CPU streams instead (``scanner.readahead``: file order, one reader
 thread, pieces of blocks); this path serves what is dequantised or unpickled as it is read (GGUF, FP8 with scales,
 .bin), scans on a GPU, and the analysis commands' ``iter_blocks``.
 """

@@ -202,7 +202,7 @@ def read_gain(ckpt: Checkpoint, norm: NormSpec | None, layer: int, d: int,
 def load_block(ckpt: Checkpoint, job: Job, read: Reader | None = None, gate: bool = True) -> Block:
     """Read one MLP (or one expert) and orient it: w_in, w_out, w_gate as [n, d] views, plus the norm gains.
 
-    ``read`` (default ``ckpt.read``) is called once per byte range, in this order; ``scanner.stream`` records the
+    ``read`` (default ``ckpt.read``) is called once per byte range, in this order; ``scanner.readahead`` records the
     calls to plan its reads, then answers them from its buffers. ``gate=False`` leaves a separate gate weight unread
     (``w_gate`` None) for callers that need only cos(in, out).
     """

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from mmdetect import __version__
-from mmdetect.report.provenance import Provenance
+from mmdetect.version import __version__
+from mmdetect.results.provenance import Provenance
 from mmdetect.sweep.config import META_SUFFIX, NAME_RE, OUTPUT_FORMATS
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mmdetect.errors import MMDetectError
-from mmdetect.report.provenance import Provenance
+from mmdetect.results.provenance import Provenance
 from mmdetect.sweep.config import DEFAULT_TOLERANCE, Entry, Zoo
 from mmdetect.sweep.gates import apply_gates, exit_code, read_baseline
 from mmdetect.sweep.lock import folder_lock

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmdetect import __version__
+from mmdetect.version import __version__
 from mmdetect.errors import OutputError, warn
-from mmdetect.report.provenance import now
+from mmdetect.results.provenance import now
 from mmdetect.sweep.gates import exit_code
 from mmdetect.sweep.records import STATUSES, Drift, ModelRecord
 

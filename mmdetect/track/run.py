@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mmdetect import __version__
+from mmdetect.version import __version__
 from mmdetect.errors import MMDetectError
 from mmdetect.track.accumulate import NO_STEP, Tracker
 from mmdetect.track.inputs import Unit, plan_units

@@ -1,4 +1,4 @@
-"""The streaming reader (scanner/stream.py) and what it relies on: the same rows as the block-by-block path, bit for bit,
+"""The streaming reader (scanner/readahead.py) and what it relies on: the same rows as the block-by-block path, bit for bit,
 whatever the tensor order in the files, the pieces, the parts and the page-cache mode; bounded memory; and the
 decision to drop pages behind the reader, which only a checkpoint larger than the page cache gets.
 
@@ -23,14 +23,14 @@ import mmdetect
 import mmdetect.scanner
 from mmdetect.convention import HALF, Fold, MLPFold, fold_into
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.io.stream import (
+from mmdetect.io.memory import (
     HEADROOM,
     cgroup_available,
     drop_behind,
     meminfo_available,
 )
 from mmdetect.registry.resolve import locate_mlps, resolve_family
-from mmdetect.scanner import read, stream
+from mmdetect.scanner import read, readahead
 from mmdetect.scanner.neurons import CHUNK, NULL_PAIRS, NeuronCosines, mlp_cosines
 from mmdetect.scanner.read import plan_jobs
 
@@ -78,11 +78,11 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_wide_llama(tmp_path_factory.mktemp("wide") / "llama", max_shard_size="1MB")
 
 
-def plan_of(folder: Path, **kw: Any) -> tuple[Checkpoint, stream.Plan]:
+def plan_of(folder: Path, **kw: Any) -> tuple[Checkpoint, readahead.Plan]:
     ckpt = open_checkpoint(str(folder))
     family = resolve_family(ckpt)
     _, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
-    plan = stream.plan_reads(ckpt, plan_jobs(ckpt, located, None), **kw)
+    plan = readahead.plan_reads(ckpt, plan_jobs(ckpt, located, None), **kw)
     assert plan is not None
     return ckpt, plan
 
@@ -96,7 +96,7 @@ def test_streaming_gives_the_blocks_rows_bit_for_bit(wide: Path, monkeypatch: py
     """A gated MLP of 2560 neurons in sharded files: pieces of one slab each (PIECE_BYTES tiny), and with
     PART_BYTES lowered, parts of 640 neurons whose pieces start at 0 and 512 of each part."""
     monkeypatch.setattr(read, "PART_BYTES", part_bytes)
-    monkeypatch.setattr(stream, "PIECE_BYTES", 1)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", 1)
     ckpt, plan = plan_of(wide)
     ckpt.close()
     n_parts = 1 if part_bytes > 1 << 20 else 4
@@ -125,7 +125,7 @@ def test_gguf_and_bin_keep_the_block_path(gguf_llama: Any, llama: Any, tmp_path:
         with open_checkpoint(str(folder)) as ckpt:
             family = resolve_family(ckpt)
             _, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
-            assert stream.plan_reads(ckpt, plan_jobs(ckpt, located, None)) is None
+            assert readahead.plan_reads(ckpt, plan_jobs(ckpt, located, None)) is None
 
 
 # -- file order ----------------------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def test_reads_follow_the_file_and_rows_keep_layer_order(tmp_path: Path, monkeyp
     src = save_wide_llama(tmp_path / "src")
     dst = tmp_path / "reordered"
     write_reordered(src, dst)
-    monkeypatch.setattr(stream, "PIECE_BYTES", 1)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", 1)
     ckpt, plan = plan_of(dst)
     with ckpt:
         firsts = []
@@ -188,7 +188,7 @@ def test_each_range_is_read_once(wide: Path, monkeypatch: pytest.MonkeyPatch) ->
     """Every byte the scan reads is read once: the ranges of the plan are disjoint, and the scan reads each once
     (counted at Checkpoint.read); together they are the MLP weights and norm gains, exactly."""
     monkeypatch.setattr(read, "PART_BYTES", 200_000)
-    monkeypatch.setattr(stream, "PIECE_BYTES", 1)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", 1)
     ckpt, plan = plan_of(wide)
     with ckpt:
         extents = sorted((e.file, e.begin, e.end) for e in
@@ -214,7 +214,7 @@ def test_each_range_is_read_once(wide: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_bytes_in_flight_stay_within_the_budget(wide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the smallest budget a plan allows (one piece and its MLP's shared ranges), the bytes read and not yet
     released never exceed it; releases are seen as drop_cached calls, one per range."""
-    monkeypatch.setattr(stream, "PIECE_BYTES", 1)
+    monkeypatch.setattr(readahead, "PIECE_BYTES", 1)
     ckpt, plan = plan_of(wide, budget=1)
     shared = {s.range.key for s in plan.slots if s.users > 1}
     down = ckpt.nbytes("model.layers.0.mlp.down_proj.weight")
@@ -227,12 +227,12 @@ def test_bytes_in_flight_stay_within_the_budget(wide: Path, monkeypatch: pytest.
     real_read, real_drop = Checkpoint.read, Checkpoint.drop_cached
 
     def reading(self: Checkpoint, key: str, start: Any = None, stop: Any = None, populate: bool = True) -> Any:
-        held[0] += sizes[stream.Range(key, start, stop)]
+        held[0] += sizes[readahead.Range(key, start, stop)]
         peak[0] = max(peak[0], held[0])
         return real_read(self, key, start, stop, populate)
 
     def dropping(self: Checkpoint, key: str, start: Any = None, stop: Any = None) -> None:
-        held[0] -= sizes[stream.Range(key, start, stop)]
+        held[0] -= sizes[readahead.Range(key, start, stop)]
         real_drop(self, key, start, stop)
 
     monkeypatch.setattr(Checkpoint, "read", reading)
@@ -244,7 +244,7 @@ def test_bytes_in_flight_stay_within_the_budget(wide: Path, monkeypatch: pytest.
                                             block.pre_gain, block.post_gain)
 
     with ckpt:
-        results = list(stream.stream_blocks(ckpt, plan, fold, lambda job, stats, d: (job, stats), drop=True,
+        results = list(readahead.stream_blocks(ckpt, plan, fold, lambda job, stats, d: (job, stats), drop=True,
                                             workers=3))
     assert family.family == "llama" and len(results) == len(plan.jobs)
     assert held[0] == 0 and 0 < peak[0] <= plan.budget

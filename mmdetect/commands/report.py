@@ -1,4 +1,4 @@
-"""``mmdetect report``: one self-contained HTML page of a model, a scan output, a sweep or a track (``report.build``).
+"""``mmdetect report``: one self-contained HTML page of a model, a scan output, a sweep or a track (``commands.page``).
 
 ``cli.py`` registers ``report_command``; ``scan --format html`` calls ``scan_html`` with the scan's own options.
 """
@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from mmdetect.options import debug_option, model_options, progress_option, text_options
-from mmdetect.report.build import TOP_K, TOP_ROWS
+from mmdetect.commands.page import TOP_K, TOP_ROWS
 
 # Options that only mean something when SOURCE is a model (a scan output, sweep or track folder is read as it is).
 MODEL_ONLY = ("revision", "convention", "raw_alias", "threshold", "layers", "device", "top_k", "heads", "chains",
@@ -64,7 +64,7 @@ def report_command(ctx: click.Context, source: str, revision: str | None, conven
     json, jsonl or parquet, with its provenance), a sweep output folder, or a track output folder.
     """
     from mmdetect.report import check_writable
-    from mmdetect.report.build import build, detect, write
+    from mmdetect.commands.page import build, detect, write
     from mmdetect.scanner import parse_layers
 
     check_writable(output)
@@ -90,7 +90,7 @@ def scan_html(model: str, output: str | None, *, verify: int | None, **scan_opti
     weights only (panels for the top 20 flagged neurons) unless --verify K asks for the activation evidence (of the
     top K); heads and chains are left to ``mmdetect report``."""
     from mmdetect.errors import MMDetectError
-    from mmdetect.report.build import model_page, write
+    from mmdetect.commands.page import model_page, write
 
     if output is None:
         raise MMDetectError("--format html writes a page: give -o PAGE.html")

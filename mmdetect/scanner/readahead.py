@@ -12,7 +12,7 @@ Run (``stream_blocks``). A reader thread loads the ranges in that order while th
 stay within a budget; worker threads compute each piece as soon as its ranges are in (``NeuronCosines.add``), and a
 job's result is made when its last piece is done. A range is mapped and read in by ``Checkpoint.read`` on the reader
 thread (no copy: the compute reads the page-cache pages), and, when the checkpoint is larger than the page cache can
-hold (``io.stream.drop_behind``), dropped from the cache once its last piece is computed.
+hold (``io.memory.drop_behind``), dropped from the cache once its last piece is computed.
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def stream_blocks(ckpt: Checkpoint, plan: Plan, fold: Callable[[Block], MLPFold]
     """Run ``plan`` (see the module docstring): yield each job's ``finish(job, stats, d_model)`` in job order.
 
     fold(block): the job's MLPFold from the gains of its first piece. drop: drop each range from the page cache once
-    its last piece is computed (``io.stream.drop_behind`` decides). Torch runs single-threaded inside each worker, as
+    its last piece is computed (``io.memory.drop_behind`` decides). Torch runs single-threaded inside each worker, as
     in ``pipeline.compute_blocks``: the parallelism is whole pieces side by side.
     """
     workers = workers or compute_workers()

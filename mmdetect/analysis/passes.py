@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads
+from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_writes, plan_jobs
 
@@ -52,8 +53,6 @@ class Slab:
     def unit(self) -> torch.Tensor:
         """[n, d] the rows scaled to unit length (computed once, shared by every consumer). The folded rows ``w`` are
         dropped then: every consumer reads the unit rows, and a worker holds one [n, d] copy less."""
-        from mmdetect.analysis.writers import unit
-
         assert self.w is not None
         out = unit(self.w)
         self.w = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmdetect.report.rows import ScanResult
+from mmdetect.results.rows import ScanResult
 
 DECIMALS = 10
 _SCALE = 10.0 ** DECIMALS

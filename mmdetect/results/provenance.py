@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
-from mmdetect import __version__
+from mmdetect.version import __version__
 
 
 class CheckpointLike(Protocol):
