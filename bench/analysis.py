@@ -123,8 +123,9 @@ def bench_analysis(repeat: int) -> str:
         lines.append(f"- chains peak RSS {med['chains'].rss_mb:.0f} MB (target ≤ {CHAINS_RSS_MB} MB): "
                      f"{'met' if med['chains'].rss_mb <= CHAINS_RSS_MB else 'MISSED'}")
         lines.append(f"- head deleters' arithmetic: {2 * macs / 1e12:.2f} TFLOP, {floor:.1f} s at the measured "
-                     f"{rate:.0f} GFLOP/s; chains --no-heads plus that is {med['chains --no-heads'].seconds + floor:.1f}"
-                     f" s, {(med['chains --no-heads'].seconds + floor) / med['scan'].seconds:.2f}× the scan")
+                     f"{rate:.0f} GFLOP/s; chains --no-heads plus that is "
+                     f"{med['chains --no-heads'].seconds + floor:.1f} s, "
+                     f"{(med['chains --no-heads'].seconds + floor) / med['scan'].seconds:.2f}× the scan")
         text.append("\n".join(lines))
     return (f"Shape: {SHAPE} (bench/generate.py: 28 layers, d_model 1536, d_mlp 8960, 12/2 heads, 151,936 tied "
             f"tokens, bf16, 448 planted deleter neurons and 14 planted deleter heads), and the same weights as a "

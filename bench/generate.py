@@ -187,7 +187,8 @@ SHAPES = {
     # q/k/v biases), 3.1 GB bf16 in one file, with 16 deleter neurons per layer and a deleter head in every other
     # layer planted (448 neurons, 14 heads) so that chains has deleters to explain.
     "qwen2-1.5b": Shape("qwen2-1.5b", hidden=1536, mlp=8960, layers=28, vocab=151936, heads=12, kv_heads=2,
-                        arch="qwen2", qkv_bias=True, tied=True, plant=(16, 2), extra={"rms_norm_eps": 1e-6, "rope_theta": 1e6}),
+                        arch="qwen2", qkv_bias=True, tied=True, plant=(16, 2),
+                        extra={"rms_norm_eps": 1e-6, "rope_theta": 1e6}),
     # Bigger than this machine's 24 GiB of memory: ~16B parameters, 32 GB bf16 in 4 GB shards.
     "big-16b": Shape("big-16b", hidden=5120, mlp=17920, layers=46, vocab=32000, heads=40, kv_heads=8,
                      shard_bytes=4 << 30),

@@ -58,7 +58,7 @@ def write_gguf(folder: Path, out: Path, weights: str = "Q4_0", embedding: str = 
     qw, qe = gguf.GGMLQuantizationType[weights], gguf.GGMLQuantizationType[embedding]
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            for hf in f.keys():
+            for hf in f:
                 t = f.get_tensor(hf).to(torch.float32).numpy()
                 name = gguf_name(hf)
                 qtype = qe if name == "token_embd.weight" else qw if t.ndim == 2 else None

@@ -6,8 +6,9 @@ cache with posix_fadvise(POSIX_FADV_DONTNEED) first. mmdetect runs from this che
 virtual environment has installed. Results: a table on stdout and bench/results.md.
 
 Two floors: `cat` of every weight file (plus importing torch), and the MLP floor: exactly the byte ranges the scan
-reads (MLP weights and norm gains, from mmdetect's own read plan), read in file order with large preads (bench/floor.py),
-plus importing torch. The first is what a user sees next to the scan; the second compares like with like.
+reads (MLP weights and norm gains, from mmdetect's own read plan), read in file order with large preads
+(bench/floor.py), plus importing torch. The first is what a user sees next to the scan; the second compares like
+with like.
 
     python -m bench.run                      # TinyLlama-, Llama-3-8B- and Mixtral-shaped: scan vs peer vs floors,
                                              # warm and cold; the report page (scan --format html) against the CSV
@@ -131,8 +132,9 @@ def routes(folder: Path, name: str) -> dict[str, list[str]]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    with open("/proc/cpuinfo") as fh:
+        cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                   platform.processor())
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     from importlib.metadata import version
 
@@ -190,7 +192,8 @@ def shape_table(args: argparse.Namespace, before: Path | None) -> tuple[list[str
             peer = row.get("peer route")
             cells = [name, row["mode"], f"{row['torch import'].seconds:.2f} s", f"{row['cat weights'].seconds:.2f} s",
                      f"{floor:.2f} s", f"{mlp_floor:.2f} s", f"{scan.seconds:.2f} s",
-                     f"{peer.seconds:.2f} s" if peer else "n/a", f"{scan.seconds / peer.seconds:.2f}" if peer else "n/a",
+                     f"{peer.seconds:.2f} s" if peer else "n/a",
+                     f"{scan.seconds / peer.seconds:.2f}" if peer else "n/a",
                      f"{scan.seconds / floor:.2f}", f"{scan.seconds / mlp_floor:.2f}", f"{scan.rss_mb:.0f} MB",
                      f"{peer.rss_mb:.0f} MB" if peer else "n/a"]
             if before:
@@ -218,7 +221,8 @@ def shape_verdicts(name: str, row: dict) -> list[str]:
                 f"- warm report page: `scan --format html` {row['scan html'].seconds:.2f} s against `--format csv` "
                 f"{scan.seconds:.2f} s, {page:+.2f} s (target ≤ +1 s): {verdict(page <= 1.0)}"]
     if name == "tinyllama" and row["mode"] == "cold":
-        out.append(f"- cold scan/floor {scan.seconds / floor:.2f} (target ≤ 1.3): {verdict(scan.seconds <= 1.3 * floor)}")
+        out.append(f"- cold scan/floor {scan.seconds / floor:.2f} (target ≤ 1.3): "
+                   f"{verdict(scan.seconds <= 1.3 * floor)}")
     if name == "llama3-8b-2l" and row["mode"] == "warm":
         per_layer = (scan.seconds - row["torch import"].seconds) / 2
         out.append(f"- Llama-3-8B, extrapolated from 2 layers to 32 (not measured): about "
@@ -227,8 +231,8 @@ def shape_verdicts(name: str, row: dict) -> list[str]:
         out.append(f"- Mixtral-like warm scan/floor {scan.seconds / floor:.2f} (target ≤ 1.5): "
                    f"{verdict(scan.seconds <= 1.5 * floor)}")
     if "cached after" in row:
-        out.append(f"- {name}: after a cold scan {100 * row['cached after']:.0f}% of the bytes it reads are in the page "
-                   f"cache (a second scan is warm)")
+        out.append(f"- {name}: after a cold scan {100 * row['cached after']:.0f}% of the bytes it reads are in the "
+                   f"page cache (a second scan is warm)")
     return out
 
 
@@ -252,8 +256,9 @@ def big_section(args: argparse.Namespace, before: Path | None) -> tuple[list[str
             runs[label].append(run(scan_cmd, tree))
             if other:
                 kept[label].append(cached_fraction(other))
-            print(f"  big-16b #{k + 1} {label}: {runs[label][-1].seconds:.1f} s, peak RSS {runs[label][-1].rss_mb:.0f} MB "
-                  f"(load {runs[label][-1].load:.1f})", flush=True)
+            last = runs[label][-1]
+            print(f"  big-16b #{k + 1} {label}: {last.seconds:.1f} s, peak RSS {last.rss_mb:.0f} MB "
+                  f"(load {last.load:.1f})", flush=True)
         evict(folder)
         runs["MLP ranges"].append(run([PY, "-m", "bench.floor", "read", str(ranges)]))
         print(f"  big-16b #{k + 1} MLP ranges: {runs['MLP ranges'][-1].seconds:.1f} s", flush=True)
@@ -263,7 +268,8 @@ def big_section(args: argparse.Namespace, before: Path | None) -> tuple[list[str
              f"bytes; cold (evicted before every run). MLP floor: torch import {torch_import:.2f} s + the MLP ranges "
              f"{median(runs['MLP ranges']).seconds:.2f} s ({mlp_bytes / 1e9 / median(runs['MLP ranges']).seconds:.2f} "
              f"GB/s) = {floor:.2f} s.\n",
-             "| big-16b | scan | scan/MLP floor | effective GB/s | peak RSS | TinyLlama still cached after | all runs |",
+             "| big-16b | scan | scan/MLP floor | effective GB/s | peak RSS | TinyLlama still cached after "
+             "| all runs |",
              "|---|---|---|---|---|---|---|"]
     verdicts = []
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -311,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += [""] + big_lines
         verdicts += big_verdicts
     start_help = run([str(BIN / "mmdetect"), "--help"])
-    verdicts.append(f"- `mmdetect --help` {start_help.seconds:.2f} s (target ≤ 0.5 s): {verdict(start_help.seconds <= 0.5)}")
+    verdicts.append(f"- `mmdetect --help` {start_help.seconds:.2f} s (target ≤ 0.5 s): "
+                    f"{verdict(start_help.seconds <= 0.5)}")
     header = ["# mmdetect benchmark\n", f"Machine: {machine()}.  ",
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Medians of {args.repeat} runs; peak RSS "
               f"from wait4; 1-minute load average before the runs {min(LOADS):.1f} to {max(LOADS):.1f} (median "

@@ -7,13 +7,31 @@ from typing import Any
 
 import click
 
-from mmdetect.version import __version__
 from mmdetect.commands.report import report_command
 from mmdetect.errors import MMDetectError, one_line
-from mmdetect.options import (convention_option, debug_option, device_option, force_option, format_option,
-                              gate_options, layers_option, model_options, output_dir_option, output_option,
-                              output_options, plots_option, progress_option, resolve_output, revision_option,
-                              shard_option, sweep_scan_options, text_options, threshold_option, top_option)
+from mmdetect.options import (
+    convention_option,
+    debug_option,
+    device_option,
+    force_option,
+    format_option,
+    gate_options,
+    layers_option,
+    model_options,
+    output_dir_option,
+    output_option,
+    output_options,
+    plots_option,
+    progress_option,
+    resolve_output,
+    revision_option,
+    shard_option,
+    sweep_scan_options,
+    text_options,
+    threshold_option,
+    top_option,
+)
+from mmdetect.version import __version__
 
 
 def _example(*lines: str) -> str:
@@ -89,7 +107,8 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
     """
     from mmdetect import report
     from mmdetect.results import flagged_rows
-    from mmdetect.scanner import parse_layers, scan as run_scan
+    from mmdetect.scanner import parse_layers
+    from mmdetect.scanner import scan as run_scan
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
@@ -260,7 +279,8 @@ def track(ctx: click.Context, sources: tuple[str, ...], revisions: str | None, r
     scanned writes the track. Exit code: 0 ok, 1 a checkpoint failed, 2 a usage error.
     """
     from mmdetect import sweep as zoo
-    from mmdetect.track import parse_revisions, parse_steps, track as run_track
+    from mmdetect.track import parse_revisions, parse_steps
+    from mmdetect.track import track as run_track
 
     result = run_track(list(sources), output_dir=output_dir, revisions=parse_revisions(revisions, revisions_from),
                        steps=parse_steps(steps), convention=convention, threshold=threshold, layers=layers,
@@ -373,8 +393,8 @@ def heads(model: str, revision: str | None, convention: str, threshold: float, l
     """
     from mmdetect import report
     from mmdetect.analysis.heads import scan_heads
-    from mmdetect.results import flagged_rows
     from mmdetect.report.panels import render_heads as render
+    from mmdetect.results import flagged_rows
     from mmdetect.scanner import parse_layers
 
     parse_layers(layers)

@@ -209,7 +209,7 @@ def write_bin(src: Path, dst: Path, shards: int = 1) -> Path:
         name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
         part = {k: state[k] for k in keys[s::shards]}
         torch.save(part, dst / name)
-        weight_map.update({k: name for k in part})
+        weight_map.update(dict.fromkeys(part, name))
     (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
 

@@ -35,30 +35,37 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
+def transformers() -> Any:
+    """transformers, for the tests that build or run a model with it; a test without it skips, with the reason,
+    and the tests that need only torch still run."""
+    return pytest.importorskip("transformers", reason="needs transformers: pip install 'mmdetect[test]'")
+
+
+@pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="session")
-def llama(models_dir: Path) -> Tiny:
+def llama(models_dir: Path, transformers: Any) -> Tiny:
     """Llama, hidden 64, 2 layers x 128 neurons, seed 0; layer 1 neuron 7 planted at folded cos = -1."""
     return Tiny(build_llama(models_dir / "llama"), "llama", LLAMA_PLANT)
 
 
 @pytest.fixture(scope="session")
-def gpt2(models_dir: Path) -> Tiny:
+def gpt2(models_dir: Path, transformers: Any) -> Tiny:
     """GPT-2 (Conv1D), n_embd 64, 2 layers x 256 neurons, seed 0; layer 0 neuron 3 planted at folded cos = -1."""
     return Tiny(build_gpt2(models_dir / "gpt2"), "gpt2", GPT2_PLANT)
 
 
 @pytest.fixture(scope="session")
-def llama_sharded(models_dir: Path) -> Path:
+def llama_sharded(models_dir: Path, transformers: Any) -> Path:
     """The ``llama`` weights (same seed) saved by ``save_pretrained`` in shards of 50 KB plus an index."""
     return build_llama(models_dir / "llama-sharded", max_shard_size="50KB")
 
 
 @pytest.fixture(scope="session")
-def planted_chain(models_dir: Path) -> Path:
+def planted_chain(models_dir: Path, transformers: Any) -> Path:
     """``builders.build_planted_chain``: writer, deleter and head with known answers for explain, heads, chains."""
     return build_planted_chain(models_dir / "planted-chain")
 

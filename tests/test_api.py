@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import Tiny, build_llama, build_peer, reference
 from click.testing import CliRunner
 
 import mmdetect
-from builders import Tiny, build_llama, build_peer, reference
 from mmdetect.cli import main
 from mmdetect.scanner import COLUMNS
 

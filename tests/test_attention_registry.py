@@ -21,13 +21,12 @@ import warnings
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
-
 from mmdetect.analysis.circuit import open_circuit
-from mmdetect.scanner.read import read_gain  # noqa: E402
-from mmdetect.registry import load_registry, tensor_key  # noqa: E402
-from mmdetect.registry.resolve import registry_has_heads  # noqa: E402
+from mmdetect.registry import load_registry, tensor_key
+from mmdetect.registry.resolve import registry_has_heads
+from mmdetect.scanner.read import read_gain
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 D, HEADS, KV, HEAD_DIM = 64, 4, 2, 16
 SIZES = {
@@ -92,7 +91,7 @@ def _capture(module: torch.nn.Module, store: dict, name: str, output: bool = Fal
 
 @pytest.mark.parametrize("model_type,extra", CASES, ids=[f"{t}{''.join(f'-{k}={v}' for k, v in e.items())}"
                                                          for t, e in CASES])
-def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp_path) -> None:
+def test_attention_layout_matches_transformers(model_type: str, extra: dict, tmp_path, transformers) -> None:
     model = build(model_type, extra)
     model.save_pretrained(tmp_path)
     modules = dict(model.named_modules())
@@ -177,7 +176,7 @@ def _check_norm_kind(module: torch.nn.Module, kind: str, gain: torch.Tensor, x: 
     assert bool((cos > 1 - 1e-6).all()), f"{name} is not a {kind} norm with the stored gain (cos {cos.min():.6f})"
 
 
-def test_unknown_attention_layout_is_a_clear_gap(tmp_path) -> None:
+def test_unknown_attention_layout_is_a_clear_gap(tmp_path, transformers) -> None:
     model = build("llama", {})
     model.save_pretrained(tmp_path)
     import json
@@ -185,8 +184,8 @@ def test_unknown_attention_layout_is_a_clear_gap(tmp_path) -> None:
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "deepseek_v3"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    from mmdetect.errors import MMDetectError
     from mmdetect.analysis.heads import scan_heads
+    from mmdetect.errors import MMDetectError
 
     with pytest.raises(MMDetectError, match="deepseek_v3.*not supported: multi-head latent attention"):
         scan_heads(str(tmp_path))

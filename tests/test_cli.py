@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import Tiny, reference
 from click.testing import CliRunner, Result
 
 import mmdetect
 from mmdetect import report, results
 from mmdetect.cli import main
 from mmdetect.scanner.stats import null_band
-from builders import Tiny, reference
 
 FORMATS = ["csv", "tsv", "json", "jsonl", "parquet", "markdown"]
 SUFFIX = {"csv": "csv", "tsv": "tsv", "json": "json", "jsonl": "jsonl", "parquet": "parquet", "markdown": "md"}

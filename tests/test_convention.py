@@ -22,21 +22,29 @@ from typing import Any
 
 import numpy as np
 import pytest
+import slowpath
+import tiny
 import torch
 
-pytest.importorskip("transformers")
-
-import slowpath  # noqa: E402
-import tiny  # noqa: E402
-from mmdetect.analysis.chains import chains_circuit  # noqa: E402
-from mmdetect.analysis.circuit import open_circuit  # noqa: E402
-from mmdetect.analysis.explain import explain  # noqa: E402
-from mmdetect.analysis.targets import find_targets, neuron_stats  # noqa: E402
-from mmdetect.convention import (CONVENTIONS, Convention, Fold, Rule, canonical_sign, fold, fold_into,  # noqa: E402
-                                 for_model, get_convention, mlp_fold)
-from mmdetect.errors import MMDetectError  # noqa: E402
-from mmdetect.registry import MLPSpec, NormSpec, TensorSpec  # noqa: E402
-from mmdetect.scanner import scan  # noqa: E402
+from mmdetect.analysis.chains import chains_circuit
+from mmdetect.analysis.circuit import open_circuit
+from mmdetect.analysis.explain import explain
+from mmdetect.analysis.targets import find_targets, neuron_stats
+from mmdetect.convention import (
+    CONVENTIONS,
+    Convention,
+    Fold,
+    Rule,
+    canonical_sign,
+    fold,
+    fold_into,
+    for_model,
+    get_convention,
+    mlp_fold,
+)
+from mmdetect.errors import MMDetectError
+from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
+from mmdetect.scanner import scan
 
 MODEL_TYPES = ["gpt2", "opt", "bloom", "olmo", "llama", "gemma", "gemma2", "olmo2", "gptj", "gpt_neox", "phi3",
                "qwen2_moe"]
@@ -57,7 +65,7 @@ class Built:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+def built(tmp_path_factory: pytest.TempPathFactory, transformers: Any) -> dict[str, Built]:
     """model type -> its checkpoint folder, its MLPs as transformers runs them, and its tensors (numpy)."""
     from safetensors.numpy import load_file
 

@@ -16,10 +16,10 @@ from typing import IO, Callable
 import numpy as np
 import pandas as pd
 import pytest
+from builders import Tiny, build_llama, write_gguf
 from click.testing import CliRunner, Result
 
 import mmdetect
-from builders import Tiny, build_llama, write_gguf
 from mmdetect import report
 from mmdetect.cli import main
 

@@ -15,24 +15,23 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from builders import CHAIN_DELETER, CHAIN_HEAD, CHAIN_HEAD_DIM, CHAIN_WRITER, D_MODEL, SHARED_MODELS
 from click.testing import CliRunner
 
-transformers = pytest.importorskip("transformers")
-
-from builders import CHAIN_DELETER, CHAIN_HEAD, CHAIN_HEAD_DIM, CHAIN_WRITER, D_MODEL, SHARED_MODELS  # noqa: E402
-from mmdetect.analysis.chains import find_chains  # noqa: E402
-from mmdetect.analysis.circuit import open_circuit  # noqa: E402
-from mmdetect.cli import main  # noqa: E402
-from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab  # noqa: E402
-from mmdetect.errors import MMDetectError  # noqa: E402
-from mmdetect.analysis.evidence import evidence  # noqa: E402
-from mmdetect.analysis.explain import explain  # noqa: E402
-from mmdetect.analysis.targets import find_targets  # noqa: E402
-from mmdetect.analysis.verify import VERIFY_COLUMNS, verify  # noqa: E402
-from mmdetect.analysis.heads import scan_heads, spectrum_scores  # noqa: E402
+from mmdetect.analysis.chains import find_chains
+from mmdetect.analysis.circuit import open_circuit
+from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab
+from mmdetect.analysis.evidence import evidence
+from mmdetect.analysis.explain import explain
+from mmdetect.analysis.heads import scan_heads, spectrum_scores
+from mmdetect.analysis.targets import find_targets
+from mmdetect.analysis.verify import VERIFY_COLUMNS, verify
+from mmdetect.cli import main
+from mmdetect.errors import MMDetectError
 
 SHARED = SHARED_MODELS
 REAL = ["stories260K", "aidreams260K", "babyllama-tok105"]
@@ -201,7 +200,7 @@ def test_spectrum_scores_known_answers() -> None:
     assert math.isnan(spectrum_scores(torch.zeros(3, dtype=torch.complex128))["copying"])
 
 
-def test_planted_head_in_gpt2_fused_conv1d(tmp_path: Path) -> None:
+def test_planted_head_in_gpt2_fused_conv1d(tmp_path: Path, transformers: Any) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -286,7 +285,7 @@ def test_cli_user_errors_are_one_line(planted: str, tmp_path: Path) -> None:
 # -- real checkpoints ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_checkpoint_explain_has_real_tokens_and_contexts(name: str) -> None:
+def test_real_checkpoint_explain_has_real_tokens_and_contexts(name: str, transformers: Any) -> None:
     path = SHARED / name
     if not path.exists():
         pytest.skip(f"{path} not present")
@@ -367,7 +366,7 @@ def test_deletion_matches_an_ablation_through_transformers(which: str, planted: 
 # -- GGUF through transformers ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def stories_gguf(tmp_path_factory) -> Path:
+def stories_gguf(tmp_path_factory, transformers) -> Path:
     if not (SHARED / "stories260K").exists():
         pytest.skip("the shared stories260K checkpoint is not present")
     pytest.importorskip("accelerate")
@@ -417,7 +416,7 @@ def test_cli_gguf_explain_and_verify_have_activation_evidence(stories_gguf: Path
     assert df["deletion"].notna().sum() == 2
 
 
-def test_gguf_architecture_transformers_cannot_load_is_one_line(tmp_path: Path) -> None:
+def test_gguf_architecture_transformers_cannot_load_is_one_line(tmp_path: Path, transformers: Any) -> None:
     from builders import write_gguf
 
     path = write_gguf(tmp_path / "granite.gguf", "granite").path   # registered here, unknown to transformers' GGUF
@@ -447,7 +446,7 @@ def save_float32_copy(model: object, folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gemma3_270m_gguf_deletion_equals_its_safetensors_copy(tmp_path: Path) -> None:
+def test_gemma3_270m_gguf_deletion_equals_its_safetensors_copy(tmp_path: Path, transformers: Any) -> None:
     """The real Gemma 3 270M Q4_K_M GGUF against a safetensors copy of the same weights (transformers' own
     dequantisation, saved with save_pretrained): the same deletion scores. The forward passes are the same model;
     the targets differ only in the norm gains, which GGUF stores as g and transformers as w = g - 1 (read back as

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from builders import Tiny
 from safetensors.torch import load_file, save_file
 
 import mmdetect
-from builders import Tiny
 
 BLOCK = 48  # does not divide the tiny model's 128 x 64 weights: several tiles per tensor, ragged ones included
 

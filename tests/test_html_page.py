@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from browser import column, search, shown
+
 from mmdetect.report import page as htmlpage
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"

@@ -1,4 +1,5 @@
-"""The streaming reader (scanner/readahead.py) and what it relies on: the same rows as the block-by-block path, bit for bit,
+"""The streaming reader (scanner/readahead.py) and what it relies on: the same rows as the block-by-block path, bit
+for bit,
 whatever the tensor order in the files, the pieces, the parts and the page-cache mode; bounded memory; and the
 decision to drop pages behind the reader, which only a checkpoint larger than the page cache gets.
 
@@ -128,7 +129,7 @@ def test_gguf_and_bin_keep_the_block_path(gguf_llama: Any, llama: Any, tmp_path:
             assert readahead.plan_reads(ckpt, plan_jobs(ckpt, located, None)) is None
 
 
-# -- file order ----------------------------------------------------------------------------------------------------------
+# -- file order --------------------------------------------------------------------------------------------------------
 
 def write_reordered(src: Path, dst: Path) -> list[str]:
     """``src``'s model.safetensors rewritten with its tensors in reverse order of name (layer 1 before layer 0, and
@@ -209,7 +210,7 @@ def test_each_range_is_read_once(wide: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert len(calls) == len(set(calls)) == len(plan.slots)
 
 
-# -- memory --------------------------------------------------------------------------------------------------------------
+# -- memory ------------------------------------------------------------------------------------------------------------
 
 def test_bytes_in_flight_stay_within_the_budget(wide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the smallest budget a plan allows (one piece and its MLP's shared ranges), the bytes read and not yet
@@ -250,7 +251,7 @@ def test_bytes_in_flight_stay_within_the_budget(wide: Path, monkeypatch: pytest.
     assert held[0] == 0 and 0 < peak[0] <= plan.budget
 
 
-# -- dropping pages behind the reader --------------------------------------------------------------------------------
+# -- dropping pages behind the reader ----------------------------------------------------------------------------------
 
 def test_drop_behind_only_when_the_reads_exceed_available_memory() -> None:
     gib = 1 << 30
@@ -288,7 +289,7 @@ def test_pages_are_dropped_only_for_a_checkpoint_larger_than_memory(wide: Path, 
     assert sorted((k, a or -1, b or -1) for k, a, b in dropped) == (expected if not available else [])
 
 
-# -- the kernel in pieces ------------------------------------------------------------------------------------------------
+# -- the kernel in pieces ----------------------------------------------------------------------------------------------
 
 def one_slab_at_a_time(w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None,
                        fold: MLPFold) -> tuple[torch.Tensor, torch.Tensor]:

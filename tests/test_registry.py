@@ -25,7 +25,7 @@ from mmdetect.registry.loader import find_family, refusal
 from mmdetect.registry.resolve import Rebase, resolve_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import import_survey  # noqa: E402
+import import_survey
 
 LLAMA_ATTENTION = {
     "heads": ["num_attention_heads"],

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import yaml
+from browser import Opened, column, search, shown
+from builders import LLAMA_PLANT, Tiny, build_llama, llama_config
 from click.testing import CliRunner, Result
 
-from builders import LLAMA_PLANT, Tiny, build_llama, llama_config
 from mmdetect.cli import main
-from browser import Opened, column, search, shown
 
 N_HEADS = 2 * llama_config().num_attention_heads     # 2 layers x 4 heads
 N_NEURONS = 2 * llama_config().intermediate_size      # 2 layers x 128 neurons
@@ -113,6 +113,7 @@ def test_scan_format_html_is_the_report_page_of_the_scan(llama: Tiny, opened: An
 def test_report_of_a_gguf_says_why_there_is_no_activation_evidence(tmp_path: Path) -> None:
     """No activation evidence for a GGUF file: the panel carries the reason `mmdetect explain` gives."""
     from builders import GGUF_PLANT, write_gguf
+
     from mmdetect.analysis.explain import explain
 
     model = write_gguf(tmp_path / "tiny.gguf")

@@ -16,11 +16,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import (
+    GGUF_PLANT,
+    GGUFModel,
+    Tiny,
+    build_llama,
+    gguf_file_cosines,
+    reference_gguf,
+    write_bin,
+    write_hub_cache,
+)
 from click.testing import CliRunner
 
 import mmdetect
-from builders import (GGUF_PLANT, GGUFModel, Tiny, build_llama, gguf_file_cosines, reference_gguf, write_bin,
-                      write_hub_cache)
 from mmdetect import report
 from mmdetect.cli import main
 

@@ -5,7 +5,6 @@ whole and in shards, resumed, gated, and drawn. The hostile cases (tampered file
 from __future__ import annotations
 
 # ruff: noqa: F811  (the zoo fixtures are imported by name, and pytest passes them back as arguments)
-
 import json
 import shutil
 from pathlib import Path
@@ -14,11 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from builders import SHARED_MODELS, Tiny, reference
+from zoo import HAVE_SHARED, ROOT, SHARED, entries, full, models, no_step_summary, rewritten, run, scans, write_config  # noqa: F401
+
 from mmdetect import sweep as zoo
-from zoo import (HAVE_SHARED, ROOT, SHARED, entries, full, models, no_step_summary, rewritten, run, scans,  # noqa: F401
-                 write_config)
 
 
 def single_scan(tmp: Path, model: Path, *opts: str) -> bytes:
@@ -94,7 +92,7 @@ def test_summary_md_and_results_json(full, models):
     assert doc["exit_code"] == 1 and doc["counts"]["failed"] == 1 and doc["counts"]["reused"] == 0
     by_name = {m["name"]: m for m in doc["models"]}
     llama = by_name["tiny-llama"]
-    assert llama["path"] == str((config.parent / "models" / "tiny-llama"))       # resolved against the config
+    assert llama["path"] == str(config.parent / "models" / "tiny-llama")       # resolved against the config
     assert llama["status"] == "ok" and llama["rescanned"] is True
     assert llama["provenance"]["model_type"] == "llama" and llama["provenance"]["convention"] == "folded"
     assert llama["provenance"]["command"] == "scan" and llama["provenance"]["fingerprint"]

@@ -8,7 +8,6 @@ $GITHUB_STEP_SUMMARY that cannot be written.
 from __future__ import annotations
 
 # ruff: noqa: F811  (the zoo fixtures are imported by name, and pytest passes them back as arguments)
-
 import errno
 import json
 import os
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from builders import Tiny, build_llama
-from mmdetect.sweep.lock import LOCK_NAME, folder_lock
 from zoo import entries, models, no_step_summary, rewritten, run, scans, sha256, snapshot, write_config  # noqa: F401
+
+from mmdetect.sweep.lock import LOCK_NAME, folder_lock
 
 ITEMS = entries()[:2]  # tiny-llama and tiny-gpt2: two good models are enough here
 
@@ -75,6 +74,11 @@ def _edit_meta(out: Path, edit) -> None:
     path.write_text(json.dumps(doc))
 
 
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+
+
 def _redigest(doc: dict) -> None:
     """What a careful forger does: recompute the sidecar's digest after the edit."""
     import hashlib
@@ -105,7 +109,7 @@ TAMPERING = {
     "meta names another file": (lambda out: _edit_meta(out, lambda d: (d["files"].update(data="../x.csv"),
                                                                        _redigest(d))),
                                 "files: data is '../x.csv', expected 'tiny-llama.csv'"),
-    "csv appended to": (lambda out: open(out / "tiny-llama.csv", "a").write("garbage\n"),
+    "csv appended to": (lambda out: _append(out / "tiny-llama.csv", "garbage\n"),
                         "tiny-llama.csv does not match its recorded sha256"),
     "csv row edited": (lambda out: (out / "tiny-llama.csv").write_text(
         (out / "tiny-llama.csv").read_text().replace("true", "false", 1)),
@@ -168,7 +172,7 @@ def _edit_results(folder: Path, edit) -> None:
 
 
 MERGE_TAMPERING = {
-    "csv edited": (lambda a: open(a / "tiny-llama.csv", "a").write("1,0,,0,0,0,0,false,,0,0,0,0,0\n"),
+    "csv edited": (lambda a: _append(a / "tiny-llama.csv", "1,0,,0,0,0,0,false,,0,0,0,0,0\n"),
                    "tiny-llama: tiny-llama.csv does not match its recorded sha256"),
     "meta edited": (lambda a: _edit_meta(a, _more_flagged), "tiny-llama: tiny-llama.meta.json: its digest does not "
                                                             "match its content"),
@@ -292,7 +296,7 @@ def _full_disk(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
         def __init__(self, fh) -> None:
             self.fh = fh
 
-        def __enter__(self) -> "Full":
+        def __enter__(self) -> Full:
             return self
 
         def __exit__(self, *exc: object) -> None:

@@ -24,6 +24,7 @@ from mmdetect.analysis.corpus import DEFAULT, Vocab, load_vocab
 tokenizers = pytest.importorskip("tokenizers")
 
 from builders import SHARED_MODELS as SHARED  # noqa: E402  (../shared/models, or $MMDETECT_SHARED/models)
+
 SHARED_MODELS = ["stories260K", "aidreams260K", "babyllama-tok105"]
 # Qwen2 / Llama 3 style split: a letter run may carry one leading non-letter (so '\tTokenName' is one pre-token)
 SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -334,7 +335,7 @@ def test_shared_tokenizers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         # the decoder strips the first token's leading space: decode after an anchor and keep what the token adds
         want = tok.decode([anchor, token_id])[len(head):]
         if "\ufffd" in want:                                           # a lone byte >= 0x80
-            assert repr(table.label(token_id)) == "'\\x%s'" % tok.id_to_token(token_id)[3:5].lower()
+            assert repr(table.label(token_id)) == f"'\\x{tok.id_to_token(token_id)[3:5].lower()}'"
         else:
             assert table.label(token_id) == want, token_id
     for s in PROBES:

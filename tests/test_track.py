@@ -10,15 +10,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import build_llama, reference_llama, write_hub_cache
 from click.testing import CliRunner
+from training import SAVE_AT, train_tiny_llama
 
 import mmdetect
-from builders import build_llama, reference_llama, write_hub_cache
 from mmdetect.cli import main
 from mmdetect.errors import MMDetectError
 from mmdetect.track import expand_pattern, parse_revisions, plan_units, step_from_name, track
 from mmdetect.track.accumulate import jaccard, spearman
-from training import SAVE_AT, train_tiny_llama
 
 THRESHOLD = -0.5
 
@@ -274,10 +274,10 @@ def test_revision_patterns_and_step_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, phrase", [
-    (dict(sources=["m"], revisions=["step5", "step1"], steps=None), "steps must increase"),
-    (dict(sources=["a", "b"], revisions=["step1"], steps=None), "exactly one model"),
-    (dict(sources=["final", "last"], revisions=[], steps=None), "cannot tell the training step of 'final'"),
-    (dict(sources=["a", "b"], revisions=[], steps=[1]), "gives 1 steps for 2 checkpoints"),
+    ({"sources": ["m"], "revisions": ["step5", "step1"], "steps": None}, "steps must increase"),
+    ({"sources": ["a", "b"], "revisions": ["step1"], "steps": None}, "exactly one model"),
+    ({"sources": ["final", "last"], "revisions": [], "steps": None}, "cannot tell the training step of 'final'"),
+    ({"sources": ["a", "b"], "revisions": [], "steps": [1]}, "gives 1 steps for 2 checkpoints"),
 ])
 def test_bad_track_inputs(args: dict, phrase: str) -> None:
     with pytest.raises(MMDetectError, match=phrase):

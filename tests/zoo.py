@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+from builders import SHARED_MODELS, Tiny
 from click.testing import CliRunner, Result
 
-from builders import SHARED_MODELS, Tiny
 from mmdetect.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

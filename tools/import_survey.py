@@ -10,9 +10,9 @@ left alone.
 The survey knows nothing about attention. Each model type's attention, embedding and transformerlens sections (with
 their variants and defaults) are read from the files being replaced and written into whichever family the type lands
 in: the most common layout becomes the file's own, the others ``when: {model_type: ...}`` variants. A type new to
-the registry gets ``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written, every model type is
-resolved under every combination of its variants' config keys in the old files and the new ones, and any difference
-in its attention layout (or its reason) stops the import.
+the registry gets ``attention: {unsupported: ...}`` saying no layout is registered yet. Before anything is written,
+every model type is resolved under every combination of its variants' config keys in the old files and the new
+ones, and any difference in its attention layout (or its reason) stops the import.
 
 Usage: python tools/import_survey.py PATH/TO/mlp_registry.json [FAMILIES_DIR]
 """
@@ -153,7 +153,8 @@ def _mlps(group: dict) -> list[dict]:
         specs.append({"name": "shared", "experts": "fused", "label": "shared", **norms, **shared_fused})
     if plain:
         shared = bool(routed) or "shared" in (group["mlp"] or "")
-        specs.append({"name": "shared" if shared else "mlp", **({"label": "shared"} if shared else {}), **norms, **plain})
+        label = {"label": "shared"} if shared else {}
+        specs.append({"name": "shared" if shared else "mlp", **label, **norms, **plain})
     return specs
 
 
@@ -333,7 +334,7 @@ def compose(family: str, types: list[str], kept: dict[str, dict], mlp_variants: 
     if attention.get("name") == family:
         del attention["name"]
     defaults: dict[str, Any] = {}
-    for model_type, prog in progs.items():
+    for prog in progs.values():
         for key, value in prog["defaults"].items():
             if defaults.setdefault(key, value) != value:
                 raise SystemExit(f"{family}: model types disagree on the default of {key!r}; edit the file by hand")

@@ -191,7 +191,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold:
     from mmdetect.analysis.heads import scan_circuit
     from mmdetect.scanner import parse_layers
 
-    wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else set(int(x) for x in layers)
+    wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else {int(x) for x in layers}
     vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
     rows: list[dict[str, Any]] = []
     flagged = _neuron_deleters(circuit, threshold, wanted)

@@ -24,9 +24,24 @@ from functools import cached_property
 
 import torch
 
-from mmdetect.convention import (DEFAULT, Convention, Fold, MLPFold, Rule, actual_write, canonical_sign,
-                                 embedding_fold, fold, fold_mlp, for_model, get_convention, head_fold,
-                                 layernorm_model, mlp_fold, unembedding_fold)
+from mmdetect.convention import (
+    DEFAULT,
+    Convention,
+    Fold,
+    MLPFold,
+    Rule,
+    actual_write,
+    canonical_sign,
+    embedding_fold,
+    fold,
+    fold_mlp,
+    for_model,
+    get_convention,
+    head_fold,
+    layernorm_model,
+    mlp_fold,
+    unembedding_fold,
+)
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
@@ -388,7 +403,7 @@ class Circuit:
     def close(self) -> None:
         self.ckpt.close()
 
-    def __enter__(self) -> "Circuit":
+    def __enter__(self) -> Circuit:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,9 +12,9 @@ Sources, in the order ``explain`` and ``scan --verify`` look for them:
 
 A :class:`Vocab` turns text into ids with the checkpoint's own tokenizer (transformers', else its ``tokenizer.json``
 through the ``tokenizers`` package), or, when there is none, with the text's UTF-8 bytes as ids (modulo the vocabulary
-size when it is smaller than 256). Token ids read as the tokenizer means them (``mmdetect.analysis.tokens``: byte-level BPE,
-SentencePiece ``▁`` and ``<0x0A>`` byte tokens, a GGUF's own token list); with no vocabulary at all they are shown as
-``#id`` in weight views, and contexts are shown as the bytes they were fed as.
+size when it is smaller than 256). Token ids read as the tokenizer means them (``mmdetect.analysis.tokens``:
+byte-level BPE, SentencePiece ``▁`` and ``<0x0A>`` byte tokens, a GGUF's own token list); with no vocabulary at all they
+are shown as ``#id`` in weight views, and contexts are shown as the bytes they were fed as.
 """
 from __future__ import annotations
 
@@ -195,7 +195,8 @@ class Vocab:
         return self.table
 
     def label(self, token_id: int) -> str:
-        """What token ``token_id`` reads as, leading space included: its text (a :class:`mmdetect.analysis.tokens.TokenText`,
+        """What token ``token_id`` reads as, leading space included: its text (a
+        :class:`mmdetect.analysis.tokens.TokenText`,
         whose ``repr`` shows control characters and partial UTF-8 as escapes), or ``#id``."""
         token_id = int(token_id)
         if token_id not in self._labels:

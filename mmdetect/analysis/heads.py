@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
-from mmdetect.scanner.pipeline import ordered_map, single_threaded
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import MMDetectError, check_unit
 from mmdetect.results import Provenance
+from mmdetect.scanner.pipeline import ordered_map, single_threaded
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -77,7 +77,7 @@ def score_heads(heads: Heads) -> list[dict[str, Any]]:
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def null_copying(d: int, dh: int, level: float = 0.95, samples: int = NULL_SAMPLES) -> tuple[float, float]:
     """Central ``level`` band of ``copying`` for random heads (independent Gaussian W_V, W_O of shape [dh, d]).
 
@@ -110,7 +110,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     from mmdetect.scanner import parse_layers
 
     circuit.require_attention()
-    wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else set(int(x) for x in layers)
+    wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else {int(x) for x in layers}
     all_layers = circuit.attention_layers
     chosen = [layer for layer in all_layers if wanted is None or layer in wanted]
     if not chosen:

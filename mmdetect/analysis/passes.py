@@ -24,7 +24,6 @@ from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_writes, plan_jobs
 
-
 # -- writer slabs --------------------------------------------------------------------------------------------------
 
 @dataclass

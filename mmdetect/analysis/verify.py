@@ -76,7 +76,8 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
 
 def verify(df: pd.DataFrame, model: str, k: int, **options: Any) -> pd.DataFrame:
     """A new DataFrame: ``df``'s rows and attrs with the ``VERIFY_COLUMNS`` of its top ``k`` flagged rows added, and
-    ``attrs["provenance"]["options"]["verify"]`` recording the corpus and how many rows. ``options``: see ``verify_columns``.
+    ``attrs["provenance"]["options"]["verify"]`` recording the corpus and how many rows. ``options``: see
+    ``verify_columns``.
     ``df`` itself is not changed."""
     cols, info = verify_columns(df, model, k, **options)
     out = df.drop(columns=[c for c in VERIFY_COLUMNS if c in df.columns]).join(cols)

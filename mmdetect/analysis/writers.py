@@ -181,7 +181,8 @@ class ReadTargets:
                         e["token"] = token
                     e["label"] = component_label(e["kind"], e["layer"], e["index"], e["expert"],
                                                  token or f"#{e['index']}")
-            entry["top"] = sorted(entry["neurons"] + entry["heads"] + entry["tokens"], key=lambda e: -e["score"])[:self.k]
+            everything = entry["neurons"] + entry["heads"] + entry["tokens"]
+            entry["top"] = sorted(everything, key=lambda e: -e["score"])[:self.k]
             out.append(entry)
         return out
 

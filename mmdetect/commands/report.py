@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from mmdetect.options import debug_option, model_options, progress_option, text_options
 from mmdetect.commands.page import TOP_K, TOP_ROWS
+from mmdetect.options import debug_option, model_options, progress_option, text_options
 
 # Options that only mean something when SOURCE is a model (a scan output, sweep or track folder is read as it is).
 MODEL_ONLY = ("revision", "convention", "raw_alias", "threshold", "layers", "device", "top_k", "heads", "chains",
@@ -63,8 +63,8 @@ def report_command(ctx: click.Context, source: str, revision: str | None, conven
     SOURCE is a model (checkpoint folder, hub id or .gguf: scanned with the options below), a scan output (csv, tsv,
     json, jsonl or parquet, with its provenance), a sweep output folder, or a track output folder.
     """
-    from mmdetect.report import check_writable
     from mmdetect.commands.page import build, detect, write
+    from mmdetect.report import check_writable
     from mmdetect.scanner import parse_layers
 
     check_writable(output)
@@ -89,8 +89,8 @@ def scan_html(model: str, output: str | None, *, verify: int | None, **scan_opti
     """``mmdetect scan MODEL --format html -o PAGE``: the report page of this scan. Like the scan itself it reads
     weights only (panels for the top 20 flagged neurons) unless --verify K asks for the activation evidence (of the
     top K); heads and chains are left to ``mmdetect report``."""
-    from mmdetect.errors import MMDetectError
     from mmdetect.commands.page import model_page, write
+    from mmdetect.errors import MMDetectError
 
     if output is None:
         raise MMDetectError("--format html writes a page: give -o PAGE.html")

@@ -150,7 +150,7 @@ class Checkpoint:
             os.posix_fadvise(self._fd(extent.file), extent.begin, extent.nbytes, os.POSIX_FADV_DONTNEED)
 
     def read(self, key: str, start: int | None = None, stop: int | None = None,
-             populate: bool = True) -> "torch.Tensor":
+             populate: bool = True) -> torch.Tensor:
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
         Only those bytes are touched. Large safetensors tensors are memory-mapped (see ``_map``) rather than copied;
@@ -182,8 +182,8 @@ class Checkpoint:
             return torch.empty(shape, dtype=dtype)
         return self._read_bytes(info.file, begin, end, shape, dtype, populate)
 
-    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: "torch.dtype",
-                    populate: bool) -> "torch.Tensor":
+    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: torch.dtype,
+                    populate: bool) -> torch.Tensor:
         """Bytes [begin, end) of ``file`` as a tensor: mapped when large, read with pread when small."""
         import torch
 
@@ -195,7 +195,7 @@ class Checkpoint:
                                     f"download the checkpoint again")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def _map(self, file: str, begin: int, end: int, dtype: "torch.dtype", populate: bool = True) -> "torch.Tensor":
+    def _map(self, file: str, begin: int, end: int, dtype: torch.dtype, populate: bool = True) -> torch.Tensor:
         """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
 
         The page tables are filled up front (``populate_mapping``), so the caller's thread does the I/O and the
@@ -222,7 +222,7 @@ class Checkpoint:
             fd = self._fds[file] = open_regular(Path(file))
         return fd
 
-    def _read_fp8(self, key: str, info: TensorInfo) -> "torch.Tensor":
+    def _read_fp8(self, key: str, info: TensorInfo) -> torch.Tensor:
         """An FP8 weight times its scales: one scalar, one per output row, or (block-wise, DeepSeek-V3 style) one per
         tile of ``quantization_config.weight_block_size`` (default 128 x 128) over the last two axes."""
         import torch
@@ -264,7 +264,7 @@ class Checkpoint:
         self._bin.clear()
         self._gguf = {}
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

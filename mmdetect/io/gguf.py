@@ -192,7 +192,7 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[
     return config, tensors, entries
 
 
-def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) -> "torch.Tensor":
+def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) -> torch.Tensor:
     """Rows ``rows`` of the tensor's first numpy axis, dequantised to float32 from a mapping of only its bytes."""
     import numpy as np
     import torch

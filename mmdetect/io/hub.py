@@ -62,8 +62,12 @@ def _snapshot(repo_id: str, revision: str | None, patterns: Iterable[str]) -> Pa
     (downloaded now, or already in the cache); huggingface_hub's errors become MMDetectErrors."""
     try:
         import huggingface_hub
-        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, \
-            RevisionNotFoundError
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover
         raise UnsupportedError("huggingface_hub is not installed: pip install huggingface_hub") from exc
     where = f"hub id {repo_id!r} (revision {revision or 'main'})"

@@ -36,12 +36,7 @@ MAX_HEADER_BYTES = 100 << 20       # the safetensors library's own limit
 
 def _counts(values: Any) -> bool:
     """A JSON list of non-negative integers (not bools, not floats such as 3.0)."""
-    if type(values) is not list:
-        return False
-    for value in values:
-        if type(value) is not int or value < 0:
-            return False
-    return True
+    return type(values) is list and all(type(value) is int and value >= 0 for value in values)
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:

@@ -17,9 +17,24 @@ variant applies, in file order). ``docs/architectures.md`` documents every field
 from __future__ import annotations
 
 from mmdetect.registry.loader import HERE, find_family, load_registry, parse_family
-from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, AttentionLayout, Family, MLPSpec, NormSpec,
-                                      Processing, Proj, Registry, RegistryError, Resolved, TensorSpec, Variant,
-                                      key_pattern, tensor_key)
+from mmdetect.registry.schema import (
+                                      EXPERT_KINDS,
+                                      FORMATS,
+                                      NORM_KINDS,
+                                      AttentionLayout,
+                                      Family,
+                                      MLPSpec,
+                                      NormSpec,
+                                      Processing,
+                                      Proj,
+                                      Registry,
+                                      RegistryError,
+                                      Resolved,
+                                      TensorSpec,
+                                      Variant,
+                                      key_pattern,
+                                      tensor_key,
+)
 
 __all__ = ["EXPERT_KINDS", "FORMATS", "HERE", "NORM_KINDS", "AttentionLayout", "Family", "MLPSpec", "NormSpec",
            "Processing", "Proj", "Registry", "RegistryError", "Resolved", "TensorSpec", "Variant", "find_family",

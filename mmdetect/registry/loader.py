@@ -16,8 +16,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mmdetect.registry.schema import (EXPERT_KINDS, FORMATS, NORM_KINDS, PARTS, PROCESSING_FIELDS, Family, MLPSpec,
-                                      NormSpec, Proj, Registry, RegistryError, TensorSpec, Variant)
+from mmdetect.registry.schema import (
+    EXPERT_KINDS,
+    FORMATS,
+    NORM_KINDS,
+    PARTS,
+    PROCESSING_FIELDS,
+    Family,
+    MLPSpec,
+    NormSpec,
+    Proj,
+    Registry,
+    RegistryError,
+    TensorSpec,
+    Variant,
+)
 
 HERE = Path(__file__).parent / "families"
 TOP = {"family", "format", "model_types", "mlps", "attention", "embedding", "transformerlens", "defaults", "variants",

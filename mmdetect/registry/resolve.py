@@ -15,8 +15,16 @@ from typing import TYPE_CHECKING
 
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.registry.loader import find_family, load_registry, refusal
-from mmdetect.registry.schema import (AttentionLayout, Family, MLPSpec, NormSpec, Proj, TensorSpec, key_pattern,
-                                      tensor_key)
+from mmdetect.registry.schema import (
+    AttentionLayout,
+    Family,
+    MLPSpec,
+    NormSpec,
+    Proj,
+    TensorSpec,
+    key_pattern,
+    tensor_key,
+)
 
 if TYPE_CHECKING:
     from mmdetect.io.checkpoint import Checkpoint

@@ -6,9 +6,23 @@ sweep's display on stderr. The result types themselves live below, in ``mmdetect
 """
 from __future__ import annotations
 
-from mmdetect.report.formats import (EXTENSIONS, FILE_FORMATS, FLOAT_FORMAT, append_text, atomic_open,
-                                     check_writable, clean, document, dumps, infer_format, metadata, read_metadata,
-                                     write, write_document, write_text)
+from mmdetect.report.formats import (
+                                     EXTENSIONS,
+                                     FILE_FORMATS,
+                                     FLOAT_FORMAT,
+                                     append_text,
+                                     atomic_open,
+                                     check_writable,
+                                     clean,
+                                     document,
+                                     dumps,
+                                     infer_format,
+                                     metadata,
+                                     read_metadata,
+                                     write,
+                                     write_document,
+                                     write_text,
+)
 from mmdetect.report.tables import emit, fmt_cell, render, render_to
 
 __all__ = ["EXTENSIONS", "FILE_FORMATS", "FLOAT_FORMAT", "append_text", "atomic_open", "check_writable", "clean",

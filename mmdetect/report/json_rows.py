@@ -42,7 +42,7 @@ def pandas_floats(values: Any) -> list[float | None]:
     result: list[float | None] = out.tolist()
     for i in np.flatnonzero(exponent | large).tolist():
         if exponent[i]:
-            result[i] = float("%.10g" % a[i])
+            result[i] = float(f"{a[i]:.10g}")
         else:
             digits = f"{int(whole[i])}.{int(frac[i]):0{DECIMALS}d}"
             result[i] = float(digits) if a[i] >= 0 else -float(digits)

@@ -108,7 +108,7 @@ def _null_bands(layers: list[dict] | None, d_model: int | None, ids: list[int]) 
         from mmdetect.scanner.stats import null_band
 
         lo, hi = null_band(int(d_model))
-        return {i: (lo, hi) for i in ids}
+        return dict.fromkeys(ids, (lo, hi))
     return {}
 
 

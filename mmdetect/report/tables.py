@@ -62,8 +62,9 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
         table.add_column(col, justify="left" if col in ("class", "expert") else "right")
     for row in df.head(top).to_dict(orient="records"):
         style = "bold red" if row["flagged"] else None
-        table.add_row(*[fmt_cell(row.get(c), 2 if c in ("z", "z_layer") else 3) if c not in ("rank", "layer", "neuron") else
-                        ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
+        table.add_row(*[fmt_cell(row.get(c), 2 if c in ("z", "z_layer") else 3)
+                        if c not in ("rank", "layer", "neuron")
+                        else ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
     console.print(table)
     layers = df.attrs.get("layers", [])
     if layers:

@@ -59,7 +59,7 @@ class Provenance:
     @classmethod
     def of(cls, ckpt: CheckpointLike, command: str, *, convention: str, threshold: float | None = None,
            layers: Any = None, device: str | None = None, family: str | None = None,
-           attention_family: str | None = None, heuristic: bool | None = None, **options: Any) -> "Provenance":
+           attention_family: str | None = None, heuristic: bool | None = None, **options: Any) -> Provenance:
         """The provenance of ``command`` run on an open checkpoint, stamped now."""
         return cls(command=command, model=ckpt.ref, path=str(ckpt.path), format=ckpt.format,
                    model_type=ckpt.model_type, family=family, attention_family=attention_family,
@@ -71,7 +71,7 @@ class Provenance:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Provenance":
+    def from_dict(cls, data: Mapping[str, Any]) -> Provenance:
         """Read a provenance dict, also one written by an older version: missing keys take their defaults, and keys
         this schema does not know (older versions kept ``score``, ``per_deleter``, ``verify`` … at the top level)
         move under ``options``."""

@@ -24,20 +24,20 @@ class ScanResult:
     of a second); ``to_frame`` gives the DataFrame that the Python API returns.
     """
 
-    columns: dict[str, "np.ndarray"]
+    columns: dict[str, np.ndarray]
     attrs: dict[str, Any]
 
     def __len__(self) -> int:
         return len(self.columns["cos"])
 
-    def select(self, mask: "np.ndarray") -> "ScanResult":
+    def select(self, mask: np.ndarray) -> ScanResult:
         """The rows where ``mask`` is true (ranks are kept), with the same attrs."""
         return ScanResult({k: v[mask] for k, v in self.columns.items()}, self.attrs)
 
-    def flagged(self) -> "ScanResult":
+    def flagged(self) -> ScanResult:
         return self.select(self.columns["flagged"])
 
-    def to_frame(self) -> "pd.DataFrame":
+    def to_frame(self) -> pd.DataFrame:
         import numpy as np
         import pandas as pd
 

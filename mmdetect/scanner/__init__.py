@@ -20,9 +20,9 @@ from mmdetect.registry.resolve import locate_mlps, resolve_family
 from mmdetect.results.progress import progress as _progress_bar
 from mmdetect.results.provenance import Provenance
 from mmdetect.results.rows import COLUMNS, ScanResult
+from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.neurons import NeuronStats, mlp_cosines
 from mmdetect.scanner.pipeline import BlockResult, compute_blocks, pick_device
-from mmdetect.scanner.layers import LayerSet, parse_layers  # noqa: F401 (parse_layers: the API's entry)
 from mmdetect.scanner.read import Block, Job, plan_jobs
 from mmdetect.scanner.readahead import plan_reads, stream_blocks
 from mmdetect.scanner.stats import finish_rows, layer_summary
@@ -116,20 +116,24 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | 
 
 
 @overload
-def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ...,
+         convention: str | Convention = ...,
          raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
          as_frame: Literal[True] = ...) -> pd.DataFrame: ...
 @overload
-def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ...,
+         convention: str | Convention = ...,
          raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
          as_frame: Literal[False]) -> ScanResult: ...
 @overload
-def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ..., convention: str | Convention = ...,
+def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold: float = ...,
+         convention: str | Convention = ...,
          raw: bool = ..., layers: Any = ..., device: str = ..., progress: bool | None = ...,
          as_frame: bool = ...) -> pd.DataFrame | ScanResult: ...
 
 
-def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = -0.5,
+         convention: str | Convention = DEFAULT,
          raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
          as_frame: bool = True) -> pd.DataFrame | ScanResult:
     """Scan every MLP neuron of ``model`` and return a pandas DataFrame, one row per neuron, ranked by cos.

@@ -40,7 +40,7 @@ class LayerSet:
         return all(layer in self for layer in other)
 
     @classmethod
-    def of(cls, layers: Any) -> "LayerSet | None":
+    def of(cls, layers: Any) -> LayerSet | None:
         """A selection from the API's ``layers=``: a spec string, None (all layers), or an iterable of layer ints."""
         if layers is None or isinstance(layers, (str, int)):
             return parse_layers(None if layers is None else str(layers))

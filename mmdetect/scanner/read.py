@@ -7,8 +7,8 @@ byte range at a time; a large MLP is split into parts of neurons so memory stays
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Container
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch

@@ -248,7 +248,7 @@ class _Run:
                         self.missing[p] -= 1
                         if not self.missing[p]:
                             self.ready.put(p)
-        except Exception as exc:  # noqa: BLE001 (any error goes to the caller, which raises it)
+        except Exception as exc:
             self.fail(exc)
 
     def may_load(self, k: int) -> bool:
@@ -262,7 +262,7 @@ class _Run:
         while (p := self.ready.get()) is not None:
             try:
                 scratch = self.compute(self.plan.pieces[p], scratch)
-            except Exception as exc:  # noqa: BLE001 (any error goes to the caller, which raises it)
+            except Exception as exc:
                 self.fail(exc)
                 return
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from mmdetect.version import __version__
 from mmdetect.results.provenance import Provenance
 from mmdetect.sweep.config import META_SUFFIX, NAME_RE, OUTPUT_FORMATS
+from mmdetect.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmdetect.sweep.config import Entry
@@ -64,14 +64,14 @@ class ModelRecord:
     n_layers: int | None = None       # the model's depth (for relative depth in the overview)
 
     @classmethod
-    def new(cls, entry: "Entry") -> "ModelRecord":
+    def new(cls, entry: Entry) -> ModelRecord:
         expect = dataclasses.asdict(entry.expect) if entry.expect else None
         return cls(name=entry.name, index=entry.index, model=entry.model, path=entry.ref, revision=entry.revision,
                    options={**entry.options(), "device": entry.device}, options_hash=entry.options_hash(),
                    expect=expect)
 
     @classmethod
-    def missing(cls, name: str, index: int, error: str) -> "ModelRecord":
+    def missing(cls, name: str, index: int, error: str) -> ModelRecord:
         return cls(name=name, index=index, model="", path="", revision=None, options={}, options_hash="",
                    error=error)
 
@@ -95,7 +95,7 @@ class ModelRecord:
         return {**doc, "digest": _digest(doc)}
 
     @classmethod
-    def from_meta(cls, doc: Any, index: int) -> "ModelRecord":
+    def from_meta(cls, doc: Any, index: int) -> ModelRecord:
         """The record a sidecar stores; RecordError if it is malformed or its digest does not match its content."""
         if not isinstance(doc, dict):
             raise RecordError("it is not a JSON object")
@@ -108,7 +108,7 @@ class ModelRecord:
     # -- reading ----------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, doc: Any) -> "ModelRecord":
+    def from_dict(cls, doc: Any) -> ModelRecord:
         """A record from JSON, checked field by field (RecordError names the first bad one). Records written by
         earlier versions read too: ``resumed`` becomes ``rescanned``, status ``skipped`` the outcome it stood for."""
         if not isinstance(doc, dict):

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmdetect.version import __version__
 from mmdetect.errors import OutputError, warn
 from mmdetect.results.provenance import now
 from mmdetect.sweep.gates import exit_code
 from mmdetect.sweep.records import STATUSES, Drift, ModelRecord
+from mmdetect.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mmdetect.version import __version__
 from mmdetect.errors import MMDetectError
 from mmdetect.track.accumulate import NO_STEP, Tracker
 from mmdetect.track.inputs import Unit, plan_units
+from mmdetect.version import __version__
 
 CHECKPOINTS = "checkpoints"
 TRACK_FILES = {"parquet": "track.parquet", "csv": "track.csv"}

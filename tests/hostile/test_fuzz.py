@@ -89,7 +89,7 @@ def test_fuzzed_files_scan_or_fail_in_one_line(valid: dict[str, tuple[Path, int]
     for label, data in _variants(source.read_bytes(), header, SEED + len(kind)):
         ref = _place(kind, source, tmp_path, data)
         try:
-            outcome = _outcome(lambda: mmdetect.scan(str(ref), as_frame=False))
+            outcome = _outcome(lambda ref=ref: mmdetect.scan(str(ref), as_frame=False))
         except Exception as exc:  # the failure names the variant, so it can be rebuilt from the seed
             raise AssertionError(f"{kind} variant with {label}: {type(exc).__name__}: {exc}") from exc
         outcomes[outcome.split(":")[0]] = outcomes.get(outcome.split(":")[0], 0) + 1

@@ -19,9 +19,27 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-from harness import (ARRAY, D, N, STRING, U32, U64, api_error, assert_process_error, assert_user_error, cli,
-                     gguf_bytes, llama_config, llama_kvs, llama_tensors, run_limited, safetensors_bytes,
-                     split_safetensors, tiny_llama, unchanged)
+from harness import (
+    ARRAY,
+    STRING,
+    U32,
+    U64,
+    D,
+    N,
+    api_error,
+    assert_process_error,
+    assert_user_error,
+    cli,
+    gguf_bytes,
+    llama_config,
+    llama_kvs,
+    llama_tensors,
+    run_limited,
+    safetensors_bytes,
+    split_safetensors,
+    tiny_llama,
+    unchanged,
+)
 
 import mmdetect
 from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError
@@ -214,7 +232,7 @@ def test_a_tensor_type_the_gguf_package_cannot_dequantise_is_named(tmp_path: Pat
 
 def _sharded(tmp_path: Path, shard_name: Any) -> Path:
     folder = tiny_llama(tmp_path / "m")
-    weight_map = {k: "model.safetensors" for k in split_safetensors(folder / "model.safetensors")[0]}
+    weight_map = dict.fromkeys(split_safetensors(folder / "model.safetensors")[0], "model.safetensors")
     weight_map[UP] = shard_name
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
@@ -245,7 +263,7 @@ def test_symlinks_inside_the_folder_keep_working(tmp_path: Path) -> None:
     for name in ("config.json", "model.safetensors"):
         shutil.copy(src / name, blobs / f"blob-{name}")
         (snap / name).symlink_to(Path("..") / "blobs" / f"blob-{name}")
-    index = {"weight_map": {k: "model.safetensors" for k in split_safetensors(src / "model.safetensors")[0]}}
+    index = {"weight_map": dict.fromkeys(split_safetensors(src / "model.safetensors")[0], "model.safetensors")}
     (blobs / "blob-index").write_text(json.dumps(index))
     (snap / "model.safetensors.index.json").symlink_to(Path("..") / "blobs" / "blob-index")
     assert mmdetect.scan(str(snap))["cos"].round(6).tolist() == mmdetect.scan(str(src))["cos"].round(6).tolist()
