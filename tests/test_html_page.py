@@ -370,16 +370,15 @@ def test_fifty_thousand_rows_stay_responsive(opened, tmp_path: Path) -> None:
     layer_ms = timed("sort", "layer")
     scroll_ms = timed("scroll")
     mid = p.evaluate("+document.querySelector('#neurons tbody tr.r').getAttribute('data-i')")
-    start = time.perf_counter()
     count = search(p, "neurons", "weakening")
-    search_s = time.perf_counter() - start - 0.25
+    # Timings are printed for a person to read, never asserted: they measure the machine, not the page. What the page
+    # guarantees is asserted: after scrolling half-way the drawn rows are from the middle of the table, the DOM still
+    # holds only what is visible, and the search finds the weakening rows.
     print(f"50,000 rows: {len(page.encode()) / 1e6:.1f} MB, generated in {gen:.2f} s, loaded in {o.load_s:.2f} s; "
-          f"sort {sort_ms:.0f} ms, reverse {sort2_ms:.0f} ms, by layer {layer_ms:.0f} ms, scroll {scroll_ms:.0f} ms, "
-          f"search {1000 * search_s:.0f} ms")
-    assert mid > 0 and count > 0
+          f"sort {sort_ms:.0f} ms, reverse {sort2_ms:.0f} ms, by layer {layer_ms:.0f} ms, scroll {scroll_ms:.0f} ms")
+    assert 10_000 < mid < 40_000 and count > 0
+    assert p.locator("#neurons tbody tr.r").count() < 200
     assert len(page.encode()) < 10e6
-    # generous bounds: this guards against pathologies (seconds), not for speed on a busy CI machine
-    assert max(sort_ms, sort2_ms, layer_ms, scroll_ms) < 3000 and search_s < 5 and o.load_s < 20
     o.shot(tmp_path / "big.png", full=False)
     o.check_clean()
 

@@ -268,13 +268,14 @@ def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_run_removes(model: 
 
 # -- SIGINT -----------------------------------------------------------------------------------------------------
 
-SLOW_WRITE = """
-import sys, types
+INTERRUPTED_WRITE = """
+import os, signal, sys, types
 import numpy as np, pandas as pd
 from mmdetect.cli import entry
+from mmdetect.io import output
 
-def scan(model, **kw):  # a scan with a million rows: its JSON takes a second or more to serialise
-    n = 1_000_000
+def scan(model, **kw):
+    n = 200_000
     df = pd.DataFrame({"layer": np.zeros(n, dtype=int), "neuron": np.arange(n), "cos": np.linspace(-1, 1, n),
                        "flagged": np.zeros(n, dtype=bool), "class": "orthogonal output"})
     df.attrs = {"provenance": {"model": model}, "layers": []}
@@ -283,23 +284,28 @@ def scan(model, **kw):  # a scan with a million rows: its JSON takes a second or
 scanner = types.ModuleType("mmdetect.scanner")  # stands in for the real one, which would import torch
 scanner.scan, scanner.parse_layers = scan, lambda text: None
 sys.modules["mmdetect.scanner"] = scanner
+
+# SIGINT arrives from inside the write, at its N-th call on the temporary file: mid-write by construction, whatever
+# the machine's speed.
+write, calls, at = output._Interruptible.write, [], int(sys.argv[2])
+def interrupting(self, data):
+    calls.append(len(data))
+    if len(calls) == at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return write(self, data)
+output._Interruptible.write = interrupting
 sys.argv = ["mmdetect", "scan", "fake-model", "-o", sys.argv[1]]
 entry()
 """
 
 
-@pytest.mark.parametrize("fmt, delay", [("json", 0.2), ("csv", 0.0)])
-def test_sigint_while_a_file_is_written(tmp_path: Path, fmt: str, delay: float) -> None:
-    """SIGINT once the temporary exists (and a little later): exit 130, one line, the old file, no temporary."""
+@pytest.mark.parametrize("fmt, at", [("json", 1), ("csv", 1), ("csv", 100)])  # JSON is one write, CSV ~200
+def test_sigint_while_a_file_is_written(tmp_path: Path, fmt: str, at: int) -> None:
+    """SIGINT at the first (or a middle) write into the temporary: exit 130, one line, the old file, no temporary."""
     target = tmp_path / f"scan.{fmt}"
     target.write_bytes(PRECIOUS)
-    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(target)], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _temporaries(tmp_path):
-        assert child.poll() is None and time.time() < deadline, "the write never started"
-        time.sleep(0.005)
-    time.sleep(delay)
-    child.send_signal(signal.SIGINT)
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_WRITE, str(target), str(at)], stderr=subprocess.PIPE,
+                             text=True)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130, err
     assert err == "interrupted\n"
