@@ -32,11 +32,6 @@ SCAN_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq"
 Log = Callable[[str], None]
 
 
-def library_convention(convention: str) -> dict[str, Any]:
-    """The convention as keyword arguments of ``scan``, ``open_circuit``, ``explain``, heads and chains."""
-    return {"convention": convention}
-
-
 @dataclass
 class Built:
     """A page and the one line that says what is on it (for stderr)."""
@@ -213,10 +208,9 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
     from mmdetect.scanner import scan
 
     say = log or (lambda _m: None)
-    conv = library_convention(convention)
     add = read_extras(extras)
     result = scan(model, revision=revision, threshold=threshold, layers=layers, device=device, progress=progress,
-                  as_frame=False, **conv)
+                  as_frame=False, convention=convention)
     cols = result.columns
     n_flagged = int(np.asarray(cols["flagged"], dtype=bool).sum())
     say(f"scanned {len(result):,} neurons, {n_flagged:,} flagged")
@@ -230,7 +224,7 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
     if not chains:
         notes["chains"] = leave_out or "not computed (--no-chains)"
     if wanted or want_heads or want_chains:
-        with open_circuit(model, revision=revision, **conv) as circuit:
+        with open_circuit(model, revision=revision, convention=convention) as circuit:
             if wanted:
                 # None: when transformers is importable (explain_top says so on each panel when it is not)
                 on = activations is not False

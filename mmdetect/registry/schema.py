@@ -83,16 +83,6 @@ class MLPSpec:
     def gated(self) -> bool:
         return self.gate_up is not None or self.gate is not None
 
-    @property
-    def centre_reads(self) -> bool:
-        """The pre-MLP norm is a LayerNorm, which centres its input: centre read (and gate) vectors."""
-        return self.pre_norm is not None and self.pre_norm.centres
-
-    @property
-    def centre_writes(self) -> bool:
-        """Centre write vectors in LayerNorm models: every reader of the residual removes the mean."""
-        return any(n is not None and n.centres for n in (self.pre_norm, self.post_norm))
-
     def tensors(self) -> dict[str, TensorSpec]:
         return {role: spec for role, spec in (("gate", self.gate), ("up", self.up), ("in", self.in_),
                                                ("gate_up", self.gate_up), ("out", self.out)) if spec is not None}
@@ -143,11 +133,6 @@ class AttentionLayout:
     embed_norm: NormSpec | None = None
     unembed: tuple[str, ...] = ()
     final_norm: NormSpec | None = None
-
-    @property
-    def centres(self) -> bool:
-        """A LayerNorm reads the residual stream around this attention (so writes are centred)."""
-        return any(n is not None and n.centres for n in (self.pre_norm, self.post_norm, self.final_norm))
 
     def n_heads(self, config: dict[str, Any]) -> int | None:
         """The number of query heads from config.json (or GGUF metadata), or None when no listed key is there."""

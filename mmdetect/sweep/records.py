@@ -109,14 +109,10 @@ class ModelRecord:
 
     @classmethod
     def from_dict(cls, doc: Any) -> ModelRecord:
-        """A record from JSON, checked field by field (RecordError names the first bad one). Records written by
-        earlier versions read too: ``resumed`` becomes ``rescanned``, status ``skipped`` the outcome it stood for."""
+        """A record from JSON, checked field by field (RecordError names the first bad one)."""
         if not isinstance(doc, dict):
             raise RecordError("a record must be a JSON object")
         doc = dict(doc)
-        if "resumed" in doc and "rescanned" not in doc:
-            doc["rescanned"] = not doc.pop("resumed")
-        doc.pop("resumed", None)
         _need(doc, "name", str)
         if not NAME_RE.fullmatch(doc["name"]) or doc["name"].endswith(".meta"):
             raise RecordError(f"name {doc['name']!r} is not a file-safe id")
@@ -131,7 +127,7 @@ class ModelRecord:
         _need(doc, "seconds", (int, float), default=0.0)
         _need(doc, "n_layers", (int, type(None)), default=None)
         _need(doc, "status", str, default="failed")
-        if doc["status"] not in STATUSES + ("skipped",):
+        if doc["status"] not in STATUSES:
             raise RecordError(f"status {doc['status']!r} is not one of {', '.join(STATUSES)}")
         files = _need(doc, "files", dict, default={})
         for key, value in files.items():
@@ -142,10 +138,7 @@ class ModelRecord:
         doc["provenance"] = Provenance.from_dict(prov) if prov is not None else None
         doc["layers"] = check_layers(_need(doc, "layers", list, default=[]))
         unknown = set(doc) - {f.name for f in dataclasses.fields(cls)}
-        record = cls(**{k: v for k, v in doc.items() if k not in unknown})
-        if record.status == "skipped":  # before 0.2: a reused model, whatever its outcome
-            record.finish_status()
-        return record
+        return cls(**{k: v for k, v in doc.items() if k not in unknown})
 
 
 def _drift(doc: Any) -> Drift:
