@@ -2,7 +2,7 @@
 
 The CLI prints any :class:`MMDetectError` as one line on stderr and exits with code 2; anything else is an internal
 error (exit 1). The kinds follow huggingface_hub's: what was asked for is not there, is not supported, is broken, or
-cannot be written.
+cannot be written. ``THRESHOLD`` and ``check_unit`` are the default threshold and its one check, for every command.
 """
 from __future__ import annotations
 
@@ -29,12 +29,20 @@ class OutputError(MMDetectError):
     """An output path cannot be written: not a regular file, an input of the scan, no space, no permission."""
 
 
+class UsageError(MMDetectError):
+    """An option or argument the command cannot take: out of its range, or the wrong kind of value."""
+
+
+THRESHOLD = -0.5  # the default threshold: a neuron is flagged when cos <= -0.5, a head when its copying score is
+
+
 def check_unit(value: float, flag: str = "--threshold", what: str = "cosines") -> float:
-    """A threshold on a score that lies in [-1, 1] (a cosine, a copying score): NaN or 1.5 would flag nothing or
-    everything without a word, so it is refused in one line, for the CLI and the Python API alike."""
-    if not -1.0 <= value <= 1.0:
-        raise CorruptInputError(f"{flag} {value} is outside [-1, 1]: {what} lie in [-1, 1]")
-    return value
+    """The one check of a threshold on a score that lies in [-1, 1] (a cosine, a copying score): NaN or 1.5 would flag
+    nothing or everything without a word, so it is refused in one line (a usage error), for the CLI, the Python API
+    and a sweep config alike."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not -1.0 <= value <= 1.0:
+        raise UsageError(f"{flag} {value!r} is outside [-1, 1]: {what} lie in [-1, 1]")
+    return float(value)
 
 
 def quoted(value: object, limit: int = 80) -> str:

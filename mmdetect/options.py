@@ -10,6 +10,8 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from mmdetect.errors import THRESHOLD, check_unit
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 FORMAT_CHOICES = ["table", "csv", "tsv", "json", "jsonl", "parquet", "markdown", "html"]
@@ -36,8 +38,6 @@ def debug_option(fn: F) -> F:
 
 def check_threshold(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """--threshold and --head-threshold: cosines and copying scores lie in [-1, 1], so NaN or 1.5 flags nothing."""
-    from mmdetect.errors import check_unit
-
     if value is not None:
         check_unit(value, param.opts[0],
                    "copying scores" if param.name == "head_threshold" or ctx.info_name == "heads" else "cosines")
@@ -99,7 +99,7 @@ def convention_option(override: bool = False) -> Callable[[F], F]:
     return decorate
 
 
-def threshold_option(what: str, default: float | None = -0.5, name: str = "--threshold") -> Callable[[F], F]:
+def threshold_option(what: str, default: float | None = THRESHOLD, name: str = "--threshold") -> Callable[[F], F]:
     """``--threshold T`` (or ``name``): ``what`` completes the help's "Flag ..." (e.g. "neurons with cos <= T")."""
     return click.option(name, type=float, default=default, show_default=default is not None, metavar="T",
                         callback=check_threshold, help=f"Flag {what}.")

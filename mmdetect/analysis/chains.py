@@ -28,7 +28,7 @@ from mmdetect.analysis.corpus import load_vocab
 from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label
 from mmdetect.convention import DEFAULT, fold
-from mmdetect.errors import MMDetectError, check_unit
+from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results.provenance import Provenance
 from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import ordered_map
@@ -182,7 +182,7 @@ def _head_deleters(circuit: Circuit, flagged: list[dict[str, Any]]) -> list[dict
     return out
 
 
-def chains_circuit(circuit: Circuit, *, threshold: float = -0.5, head_threshold: float = -0.5,
+def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_threshold: float = THRESHOLD,
                    per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
                    heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of an open circuit as a DataFrame ranked by score (see the module docstring)."""
@@ -265,8 +265,8 @@ def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, 
             "writer_cos": float(writer_cos)}
 
 
-def find_chains(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = -0.5,
-                head_threshold: float = -0.5, per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
+def find_chains(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = THRESHOLD,
+                head_threshold: float = THRESHOLD, per_deleter: int = 3, max_deleters: int = 200, layers: Any = None,
                 heads: bool = True) -> pd.DataFrame:
     """Writer -> deleter pairs of ``model`` ranked by align * erase; one DataFrame row per pair."""
     if per_deleter < 1 or max_deleters < 1:

@@ -27,7 +27,7 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.convention import DEFAULT
-from mmdetect.errors import MMDetectError, check_unit
+from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results import Provenance
 from mmdetect.scanner.pipeline import ordered_map, single_threaded
 
@@ -101,7 +101,7 @@ def null_copying(d: int, dh: int, level: float = 0.95, samples: int = NULL_SAMPL
     return -half, half
 
 
-def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = None,
+def scan_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, layers: Any = None,
                  progress: bool | None = False) -> pd.DataFrame:
     """Score every head of every (selected) layer; one DataFrame row per head, ranked by copying (ascending)."""
     import pandas as pd
@@ -162,7 +162,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = -0.5, layers: Any = Non
     return df
 
 
-def scan_heads(model: str, *, revision: str | None = None, threshold: float = -0.5,
+def scan_heads(model: str, *, revision: str | None = None, threshold: float = THRESHOLD,
                convention: str = DEFAULT, layers: Any = None, progress: bool | None = False) -> pd.DataFrame:
     """Rank every attention head of ``model`` by the copying score of its OV circuit (most anti-copying first).
 

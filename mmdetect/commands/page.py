@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
+from mmdetect.errors import THRESHOLD, CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
 
 TOP_K = 20                      # neurons explained (panels)
 TOP_ROWS = 2000                 # table rows besides the flagged ones
-HEAD_THRESHOLD = -0.5           # heads and chains: the defaults of `mmdetect heads` / `mmdetect chains`
 SCAN_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".parquet", ".pq")
 Log = Callable[[str], None]
 
@@ -192,7 +191,7 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     return docs
 
 
-def model_page(model: str, *, revision: str | None = None, convention: str = "folded", threshold: float = -0.5,
+def model_page(model: str, *, revision: str | None = None, convention: str = "folded", threshold: float = THRESHOLD,
                layers: str | None = None, device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
                top_rows: int = TOP_ROWS, heads: bool = True, chains: bool = True, activations: bool | None = None,
                text: str | None = None, dataset: str | None = None, field_name: str = "text",
@@ -264,7 +263,7 @@ def _optional(what: str, notes: dict[str, str], compute: Callable[[], Any]) -> A
 def _heads(circuit: Any, layers: str | None) -> Any:
     from mmdetect.analysis.heads import scan_circuit
 
-    return scan_circuit(circuit, threshold=HEAD_THRESHOLD, layers=layers)
+    return scan_circuit(circuit, threshold=THRESHOLD, layers=layers)
 
 
 def _chains(circuit: Any, threshold: float, layers: str | None, n_flagged: int, heads_df: Any,
@@ -283,7 +282,7 @@ def _chains(circuit: Any, threshold: float, layers: str | None, n_flagged: int, 
         notes["chains"] = f"neuron deleters only: {circuit.attention_gap}"
     say("finding writer -> deleter chains")
     return _optional("chains", notes, lambda: chains_circuit(circuit, threshold=threshold,
-                                                              head_threshold=HEAD_THRESHOLD, layers=layers,
+                                                              head_threshold=THRESHOLD, layers=layers,
                                                               heads=circuit.attention is not None))
 
 

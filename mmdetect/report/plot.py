@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import THRESHOLD, MMDetectError
 
 THRESHOLD_COLOR = "#c0392b"
 FLAGGED_COLOR = "#c0392b"
@@ -113,7 +113,7 @@ def _null_bands(layers: list[dict] | None, d_model: int | None, ids: list[int]) 
 
 
 def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | None = None,
-                 threshold: float | None = -0.5, title: str | None = None, convention: str | None = None) -> Any:
+                 threshold: float | None = THRESHOLD, title: str | None = None, convention: str | None = None) -> Any:
     """Per layer: the distribution of cos (violin, median tick), each flagged neuron as a red dot, the
     random-direction 95% band in grey and the threshold as a dashed line; above it, the flagged share per layer.
 
@@ -132,7 +132,7 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
         raise MMDetectError("the scan output has no rows to plot")
     data = [cos_all[(layer_all == i) & np.isfinite(cos_all)] for i in ids]
     if threshold is None:
-        threshold = float(prov.get("threshold", -0.5))
+        threshold = float(prov.get("threshold", THRESHOLD))
     flagged = df["flagged"].to_numpy(dtype=bool) if "flagged" in df else np.isfinite(cos_all) & (cos_all <= threshold)
     counts = np.array([int((layer_all == i).sum()) for i in ids])
     n_flag = np.array([int(((layer_all == i) & flagged).sum()) for i in ids])

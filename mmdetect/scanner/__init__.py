@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, overload
 import numpy as np
 
 from mmdetect.convention import DEFAULT, Convention, MLPFold, for_model, get_convention, mlp_fold
-from mmdetect.errors import MMDetectError, check_unit
+from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.io.memory import available_memory, drop_behind
 from mmdetect.registry.resolve import locate_mlps, resolve_family
@@ -73,7 +73,7 @@ def scan_checkpoint(ckpt: Checkpoint, **options: Any) -> pd.DataFrame:
     return scan_result(ckpt, **options).to_frame()
 
 
-def scan_result(ckpt: Checkpoint, *, threshold: float = -0.5, convention: str | Convention = DEFAULT,
+def scan_result(ckpt: Checkpoint, *, threshold: float = THRESHOLD, convention: str | Convention = DEFAULT,
                 layers: Any = None, device: str = "cpu", progress: bool | None = None,
                 on_block: Callable[[BlockResult], None] | None = None) -> ScanResult:
     """Scan an open checkpoint; see ``scan``."""
@@ -132,7 +132,7 @@ def scan(model: str | os.PathLike[str], *, revision: str | None = ..., threshold
          as_frame: bool = ...) -> pd.DataFrame | ScanResult: ...
 
 
-def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = -0.5,
+def scan(model: str | os.PathLike[str], *, revision: str | None = None, threshold: float = THRESHOLD,
          convention: str | Convention = DEFAULT,
          raw: bool = False, layers: Any = None, device: str = "cpu", progress: bool | None = False,
          as_frame: bool = True) -> pd.DataFrame | ScanResult:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from mmdetect.errors import MMDetectError, warn
+from mmdetect.errors import THRESHOLD, MMDetectError, UsageError, check_unit, warn
 
 OUTPUT_FORMATS = {"csv": ".csv", "tsv": ".tsv", "json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}
 RESERVED_NAMES = {"summary", "results", "overview"}
@@ -54,9 +54,10 @@ def _number(v: Any) -> bool:
 
 
 def _threshold(v: Any) -> float:
-    if not _number(v) or not -1.0 <= float(v) <= 1.0:
-        raise Invalid(f"threshold must be a number in [-1, 1], got {v!r}")
-    return float(v)
+    try:
+        return check_unit(v, "threshold")
+    except UsageError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def _convention(v: Any) -> str:
@@ -159,7 +160,7 @@ def _tolerance(v: Any) -> float:
 class ScanOptions:
     """The scan options a config's ``defaults:``, an entry or the command line sets (built-in defaults here)."""
 
-    threshold: float = field(default=-0.5, metadata=_rule(_threshold))
+    threshold: float = field(default=THRESHOLD, metadata=_rule(_threshold))
     convention: str = field(default="folded", metadata=_rule(_convention))
     layers: str | None = field(default=None, metadata=_rule(_layers))
     format: str = field(default="csv", metadata=_rule(_format))

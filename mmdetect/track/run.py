@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from mmdetect.errors import MMDetectError
+from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.track.accumulate import NO_STEP, Tracker
 from mmdetect.track.inputs import Unit, plan_units
 from mmdetect.version import __version__
@@ -54,7 +54,7 @@ def _ref(source: str) -> str:
 
 
 def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[str] | None = None,
-          steps: list[int] | None = None, convention: str = "folded", threshold: float = -0.5,
+          steps: list[int] | None = None, convention: str = "folded", threshold: float = THRESHOLD,
           layers: str | None = None, device: str = "cpu", fmt: str = "parquet", everything: bool = False,
           shard: tuple[int, int] | None = None, force: bool = False, top: int = 10, plots: bool = True,
           progress: bool | None = None) -> TrackResult:
@@ -67,8 +67,7 @@ def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[
 
     if fmt not in TRACK_FILES:
         raise MMDetectError(f"--format {fmt!r}: a track is written as {' or '.join(TRACK_FILES)}")
-    if not -1.0 <= threshold <= 1.0:
-        raise MMDetectError(f"--threshold {threshold} is outside [-1, 1]: cosines lie in [-1, 1]")
+    check_unit(threshold)
     units = plan_units(list(sources), list(revisions or []), steps)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():

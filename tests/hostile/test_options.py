@@ -13,7 +13,7 @@ from harness import api_error, assert_user_error, cli, run_limited, tiny_llama, 
 
 import mmdetect
 from mmdetect.analysis.corpus import load_corpus
-from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError
+from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, UsageError
 from mmdetect.scanner import parse_layers
 
 
@@ -84,14 +84,29 @@ def test_the_python_api_refuses_the_same_thresholds_before_opening_the_model(tmp
     from mmdetect.analysis.heads import scan_heads
 
     absent = str(tmp_path / "absent")
-    api_error(lambda: mmdetect.scan(absent, threshold=value), CorruptInputError,
+    api_error(lambda: mmdetect.scan(absent, threshold=value), UsageError,
               f"--threshold {value} is outside [-1, 1]: cosines lie in [-1, 1]")
-    api_error(lambda: scan_heads(absent, threshold=value), CorruptInputError,
+    api_error(lambda: scan_heads(absent, threshold=value), UsageError,
               f"--threshold {value} is outside [-1, 1]: copying scores lie in [-1, 1]")
-    api_error(lambda: find_chains(absent, threshold=value), CorruptInputError,
+    api_error(lambda: find_chains(absent, threshold=value), UsageError,
               f"--threshold {value} is outside [-1, 1]: cosines lie in [-1, 1]")
-    api_error(lambda: find_chains(absent, head_threshold=value), CorruptInputError,
+    api_error(lambda: find_chains(absent, head_threshold=value), UsageError,
               f"--head-threshold {value} is outside [-1, 1]: copying scores lie in [-1, 1]")
+
+
+
+
+@pytest.mark.parametrize("value", [1.5, "x", True])
+def test_a_track_and_a_sweep_config_refuse_a_bad_threshold_with_the_same_check(tmp_path: Path, value: object) -> None:
+    from mmdetect.sweep.config import Invalid, ScanOptions, _threshold
+    from mmdetect.track import track
+
+    with pytest.raises(Invalid, match=r"^threshold .* is outside \[-1, 1\]: cosines lie in \[-1, 1\]$"):
+        _threshold(value)
+    assert ScanOptions().threshold == -0.5
+    if isinstance(value, float):
+        api_error(lambda: track([str(tmp_path / "absent")], output_dir=tmp_path / "out", threshold=value),
+                  UsageError, f"--threshold {value} is outside [-1, 1]: cosines lie in [-1, 1]")
 
 
 # -- --text and --dataset ---------------------------------------------------------------------------------------
