@@ -157,28 +157,9 @@ def archs(fmt: str, gguf: bool) -> None:
 
         write(rows, "csv")
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from mmdetect.report.tables import render_archs
 
-        types = sorted({r["model_type"] for r in rows})
-        with_heads = sorted({r["model_type"] for r in rows if r["heads"]})
-        table = Table(title=f"{len(types)} supported {'GGUF architectures' if gguf else 'model types'}",
-                      title_justify="left", header_style="bold")
-        for col in ("model_type", "mlp", "gated", "experts", "pre_norm", "post_norm", "tensors", "heads"):
-            table.add_column(col)
-        shown = set()
-        for r in rows:
-            heads = "" if r["model_type"] in shown else "yes" if r["heads"] else f"no: {r['heads_reason']}"
-            shown.add(r["model_type"])
-            table.add_row(r["model_type"], r["mlp"], "yes" if r["gated"] else "", r["experts"], r["pre_norm"],
-                          r["post_norm"], r["tensors"], heads)
-        console = Console()
-        console.print(table)
-        console.print(f"[bold]Attention heads:[/bold] {len(with_heads)} of {len(types)} have an attention layout; "
-                      f"the heads column gives the reason for the others.")
-        if not gguf and unsupported:
-            console.print("[bold]Known but unsupported:[/bold] " + "; ".join(
-                f"{k} ({v})" for k, v in sorted(unsupported.items())))
+        render_archs(rows, {} if gguf else unsupported, "GGUF architectures" if gguf else "model types")
 
 
 @main.command(epilog=_example("mmdetect sweep configs/examples/tiny-local.yaml --output-dir sweep-out",
@@ -205,12 +186,12 @@ def sweep(ctx: click.Context, config: str, output_dir: str, shard: str | None, o
     same weights). Exit code: 0 ok, 1 a model failed, 3 drift from an expect: gate or --baseline, 2 a config error
     (nothing scanned) or another sweep writing to the same folder.
     """
-    from mmdetect import sweep as zoo
+    from mmdetect.sweep import load_config, parse_shard, run_sweep
 
-    parsed = zoo.parse_shard(shard)
-    spec = zoo.load_config(config, {"threshold": threshold, "convention": convention, "layers": layers,
+    parsed = parse_shard(shard)
+    spec = load_config(config, {"threshold": threshold, "convention": convention, "layers": layers,
                                     "device": device, "format": fmt})
-    result = zoo.run_sweep(spec, output_dir, shard=parsed, only=only, force=force, baseline=baseline,
+    result = run_sweep(spec, output_dir, shard=parsed, only=only, force=force, baseline=baseline,
                            tolerance=tolerance, plots=plots, progress=progress,
                            debug=bool(ctx.find_root().meta.get("mmdetect.debug")))
     click.echo(f"{result.describe()} · wrote {output_dir}/summary.csv, summary.md, results.json"
@@ -233,9 +214,9 @@ def merge(ctx: click.Context, folders: tuple[str, ...], output_dir: str, baselin
     Models are listed in config order; one that no folder has, or whose files do not match their recorded checksums,
     is reported as failed. Exit codes as for sweep.
     """
-    from mmdetect import sweep as zoo
+    from mmdetect.sweep import merge as merge_folders
 
-    result = zoo.merge(list(folders), output_dir, baseline=baseline, tolerance=tolerance, plots=plots)
+    result = merge_folders(list(folders), output_dir, baseline=baseline, tolerance=tolerance, plots=plots)
     click.echo(f"merged {len(folders)} folders: {result.describe()} · wrote {output_dir}/summary.csv", err=True)
     ctx.exit(result.exit_code)
 
@@ -278,18 +259,18 @@ def track(ctx: click.Context, sources: tuple[str, ...], revisions: str | None, r
     order. Each checkpoint is scanned once (a rerun resumes); with --shard, the run that finds every checkpoint
     scanned writes the track. Exit code: 0 ok, 1 a checkpoint failed, 2 a usage error.
     """
-    from mmdetect import sweep as zoo
+    from mmdetect.sweep import parse_shard
     from mmdetect.track import parse_revisions, parse_steps
     from mmdetect.track import track as run_track
 
     result = run_track(list(sources), output_dir=output_dir, revisions=parse_revisions(revisions, revisions_from),
                        steps=parse_steps(steps), convention=convention, threshold=threshold, layers=layers,
-                       device=device, fmt=fmt, everything=everything, shard=zoo.parse_shard(shard), force=force,
+                       device=device, fmt=fmt, everything=everything, shard=parse_shard(shard), force=force,
                        top=top, plots=plots, progress=progress)
     for name, error in result.failed:
         click.echo(f"failed: {name}: {error}", err=True)
     if result.complete:
-        click.echo(f"tracked {len(result.units)} checkpoints · wrote {output_dir}/{', '.join(result.files)}", err=True)
+        click.echo(f"tracked {len(result.points)} checkpoints · wrote {output_dir}/{', '.join(result.files)}", err=True)
     elif not result.failed:
         click.echo(f"scanned this shard; {len(result.missing)} checkpoint(s) still to scan "
                    f"({', '.join(result.missing[:5])}{', ...' if len(result.missing) > 5 else ''}); rerun without "

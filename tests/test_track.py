@@ -17,7 +17,7 @@ from training import SAVE_AT, train_tiny_llama
 import mmdetect
 from mmdetect.cli import main
 from mmdetect.errors import MMDetectError
-from mmdetect.track import expand_pattern, parse_revisions, plan_units, step_from_name, track
+from mmdetect.track import expand_pattern, parse_revisions, plan_points, step_from_name, track
 from mmdetect.track.accumulate import jaccard, spearman
 
 THRESHOLD = -0.5
@@ -270,7 +270,7 @@ def test_revision_patterns_and_step_names(tmp_path: Path) -> None:
     assert step_from_name("global_step_20") == 20
     assert step_from_name("step143000") == 143000
     assert step_from_name("final") is None
-    assert [u.step for u in plan_units(["m"], ["step10", "step2000"], None)] == [10, 2000]
+    assert [u.step for u in plan_points(["m"], ["step10", "step2000"], None)] == [10, 2000]
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -281,7 +281,7 @@ def test_revision_patterns_and_step_names(tmp_path: Path) -> None:
 ])
 def test_bad_track_inputs(args: dict, phrase: str) -> None:
     with pytest.raises(MMDetectError, match=phrase):
-        plan_units(args["sources"], args["revisions"], args["steps"])
+        plan_points(args["sources"], args["revisions"], args["steps"])
 
 
 def test_bad_patterns() -> None:
@@ -325,8 +325,8 @@ def test_api_is_exported() -> None:
 def test_pythia_revisions_file_lists_the_154_published_checkpoints_in_order() -> None:
     path = Path(__file__).resolve().parents[1] / "configs" / "pythia-revisions.txt"
     revisions = parse_revisions(None, str(path))
-    units = plan_units(["EleutherAI/pythia-70m"], revisions, None)
-    steps = [u.step for u in units]
+    points = plan_points(["EleutherAI/pythia-70m"], revisions, None)
+    steps = [u.step for u in points]
     assert len(steps) == 154
     assert steps[:12] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
     assert steps[-1] == 143000 and all(b - a == 1000 for a, b in zip(steps[11:], steps[12:]))

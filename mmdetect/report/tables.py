@@ -79,3 +79,29 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
                             fmt_cell(s["median"]), fmt_cell(s.get("mad")), f"±{s['null_hi']:.3f}",
                             f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
         console.print(summary)
+
+
+def render_archs(rows: list[dict[str, Any]], unsupported: dict[str, str], what: str, console: Any = None) -> None:
+    """``mmdetect archs``: one row per registered layout, the attention-heads verdict once per model type, and the
+    model types that are known but refused."""
+    from rich.console import Console
+    from rich.table import Table
+
+    types = sorted({r["model_type"] for r in rows})
+    with_heads = sorted({r["model_type"] for r in rows if r["heads"]})
+    table = Table(title=f"{len(types)} supported {what}", title_justify="left", header_style="bold")
+    for col in ("model_type", "mlp", "gated", "experts", "pre_norm", "post_norm", "tensors", "heads"):
+        table.add_column(col)
+    shown = set()
+    for r in rows:
+        heads = "" if r["model_type"] in shown else "yes" if r["heads"] else f"no: {r['heads_reason']}"
+        shown.add(r["model_type"])
+        table.add_row(r["model_type"], r["mlp"], "yes" if r["gated"] else "", r["experts"], r["pre_norm"],
+                      r["post_norm"], r["tensors"], heads)
+    console = console or Console()
+    console.print(table)
+    console.print(f"[bold]Attention heads:[/bold] {len(with_heads)} of {len(types)} have an attention layout; "
+                  f"the heads column gives the reason for the others.")
+    if unsupported:
+        console.print("[bold]Known but unsupported:[/bold] " + "; ".join(
+            f"{k} ({v})" for k, v in sorted(unsupported.items())))

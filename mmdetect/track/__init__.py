@@ -7,8 +7,8 @@ See ``mmdetect.track.run`` for the outputs and ``mmdetect.track.inputs`` for how
 """
 from __future__ import annotations
 
-from mmdetect.track.inputs import Unit, expand_pattern, parse_revisions, parse_steps, plan_units, step_from_name
+from mmdetect.track.inputs import TrackPoint, expand_pattern, parse_revisions, parse_steps, plan_points, step_from_name
 from mmdetect.track.run import TrackResult, aggregate, track
 
-__all__ = ["TrackResult", "Unit", "aggregate", "expand_pattern", "parse_revisions", "parse_steps", "plan_units",
+__all__ = ["TrackResult", "TrackPoint", "aggregate", "expand_pattern", "parse_revisions", "parse_steps", "plan_points",
            "step_from_name", "track"]

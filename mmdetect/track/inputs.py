@@ -20,7 +20,7 @@ STEP_NAME = re.compile(r"(?:^|[^a-z])(?:global_step|step|checkpoint|ckpt|iter|it
 
 
 @dataclass(frozen=True)
-class Unit:
+class TrackPoint:
     """One checkpoint of the track: what to open, at which revision, its training step and its file stem."""
 
     ref: str
@@ -97,7 +97,7 @@ def parse_steps(text: str | None) -> list[int] | None:
     return steps
 
 
-def plan_units(sources: list[str], revisions: list[str], steps: list[int] | None) -> list[Unit]:
+def plan_points(sources: list[str], revisions: list[str], steps: list[int] | None) -> list[TrackPoint]:
     """The track's checkpoints in training order.
 
     ``sources``: one hub id (with ``revisions``), or local folders / .gguf files (then ``revisions`` is empty).
@@ -131,4 +131,4 @@ def plan_units(sources: list[str], revisions: list[str], steps: list[int] | None
             raise MMDetectError(f"steps must increase in training order, but {label!r} is step {cur} after step "
                                 f"{prev}: list the checkpoints in training order")
     width = max(6, len(str(max(numbers))))
-    return [Unit(ref, rev, step, f"step{step:0{width}d}") for (ref, rev, _), step in zip(refs, numbers)]
+    return [TrackPoint(ref, rev, step, f"step{step:0{width}d}") for (ref, rev, _), step in zip(refs, numbers)]

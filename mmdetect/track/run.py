@@ -1,9 +1,9 @@
 """``mmdetect track``: scan a sequence of checkpoints of one model and report how each neuron's cosine evolves.
 
-Each checkpoint is one unit of the sweep machinery: ``DIR/checkpoints/<stepNNNNNN>.csv`` holds exactly the bytes of
+Each checkpoint is one entry of the sweep machinery: ``DIR/checkpoints/<stepNNNNNN>.csv`` holds exactly the bytes of
 ``mmdetect scan CKPT --format csv``, with its ``.meta.json`` beside it, so an interrupted track resumes and
-``--shard I/N`` splits the checkpoints across CI jobs. Once every unit is there, the track is aggregated one step at a
-time (memory: one step's rows plus per-neuron state) into:
+``--shard I/N`` splits the checkpoints across CI jobs. Once every checkpoint is scanned, the track is aggregated one
+step at a time (memory: one step's rows plus per-neuron state) into:
 
 * ``track.parquet`` (or ``track.csv``): long format, one row per (step, layer, expert, neuron) with the scan columns;
 * ``layers.csv``: per step and layer, the scan's per-layer summary (flagged share, quantiles, null bands);
@@ -25,7 +25,7 @@ import numpy as np
 
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.track.accumulate import NO_STEP, Tracker
-from mmdetect.track.inputs import Unit, plan_units
+from mmdetect.track.inputs import TrackPoint, plan_points
 from mmdetect.version import __version__
 
 CHECKPOINTS = "checkpoints"
@@ -35,10 +35,10 @@ TRACK_FILES = {"parquet": "track.parquet", "csv": "track.csv"}
 @dataclass
 class TrackResult:
     out: Path
-    units: list[Unit]
-    complete: bool                   # every unit scanned and the track aggregated
-    missing: list[str]               # units not (yet) scanned, e.g. other shards'
-    failed: list[tuple[str, str]]    # (unit name, error)
+    points: list[TrackPoint]
+    complete: bool                   # every point scanned and the track aggregated
+    missing: list[str]               # points not (yet) scanned, e.g. other shards'
+    failed: list[tuple[str, str]]    # (point name, error)
     files: list[str]
 
     @property
@@ -47,7 +47,7 @@ class TrackResult:
 
 
 def _ref(source: str) -> str:
-    """A local path as an absolute path (so the unit means the same from any folder); anything else is a hub id."""
+    """A local path as an absolute path (so the point means the same from any folder); anything else is a hub id."""
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() or source.endswith(".gguf") or source.startswith((".", "/", "~")) \
         else source
@@ -63,47 +63,47 @@ def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[
     With ``shard`` only that shard's checkpoints are scanned; the track is aggregated by the run that finds every
     checkpoint scanned (a later run without ``shard`` resumes them all and aggregates).
     """
-    from mmdetect import sweep as zoo
+    from mmdetect import sweep
 
     if fmt not in TRACK_FILES:
         raise MMDetectError(f"--format {fmt!r}: a track is written as {' or '.join(TRACK_FILES)}")
     check_unit(threshold)
-    units = plan_units(list(sources), list(revisions or []), steps)
+    points = plan_points(list(sources), list(revisions or []), steps)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise MMDetectError(f"--output-dir {out} is a file: give a folder")
-    options = zoo.ScanOptions(threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
-    entries = [zoo.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision, scan=options)
-               for i, u in enumerate(units)]
-    digest = hashlib.sha256(json.dumps([[u.ref, u.revision, u.step] for u in units]).encode()).hexdigest()
-    plan = zoo.Zoo(path=out / "track.json", description=f"track of {len(units)} checkpoints", entries=entries,
+    options = sweep.ScanOptions(threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
+    entries = [sweep.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision, scan=options)
+               for i, u in enumerate(points)]
+    digest = hashlib.sha256(json.dumps([[u.ref, u.revision, u.step] for u in points]).encode()).hexdigest()
+    plan = sweep.Zoo(path=out / "track.json", description=f"track of {len(points)} checkpoints", entries=entries,
                    sha256=digest)
-    result = zoo.run_sweep(plan, out / CHECKPOINTS, shard=shard, force=force, plots=False, progress=progress)
+    result = sweep.run_sweep(plan, out / CHECKPOINTS, shard=shard, force=force, plots=False, progress=progress)
     failed = [(r.name, r.error) for r in result.records if r.error]
     done = {e.name for e in entries if (out / CHECKPOINTS / e.data_file).is_file()
             and (out / CHECKPOINTS / e.meta_file).is_file()}
-    missing = [u.name for u in units if u.name not in done]
+    missing = [u.name for u in points if u.name not in done]
     if failed or missing:
-        return TrackResult(out, units, False, missing, failed, [])
-    files = aggregate(out, units, threshold=threshold, fmt=fmt, everything=everything, top=top, plots=plots,
+        return TrackResult(out, points, False, missing, failed, [])
+    files = aggregate(out, points, threshold=threshold, fmt=fmt, everything=everything, top=top, plots=plots,
                       options={"convention": convention, "threshold": threshold, "layers": layers})
-    return TrackResult(out, units, True, [], [], files)
+    return TrackResult(out, points, True, [], [], files)
 
 
 # -- aggregation ----------------------------------------------------------------------------------------------------
 
-def _read_unit(out: Path, unit: Unit) -> tuple[Any, dict[str, Any]]:
-    """(pyarrow table of the unit's CSV, its meta record)."""
+def _read_point(out: Path, point: TrackPoint) -> tuple[Any, dict[str, Any]]:
+    """(pyarrow table of the point's CSV, its meta record)."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
     from mmdetect.scanner import COLUMNS
 
-    meta = json.loads((out / CHECKPOINTS / f"{unit.name}.meta.json").read_text(encoding="utf-8"))
+    meta = json.loads((out / CHECKPOINTS / f"{point.name}.meta.json").read_text(encoding="utf-8"))
     types = {c: pa.float64() for c in COLUMNS if c.startswith(("cos", "norm_")) or c in ("z", "p", "z_layer")}
     types.update({"rank": pa.int64(), "layer": pa.int64(), "neuron": pa.int64(), "expert": pa.string(),
                   "class": pa.string(), "flagged": pa.bool_()})
-    table = pa_csv.read_csv(out / CHECKPOINTS / f"{unit.name}.csv",
+    table = pa_csv.read_csv(out / CHECKPOINTS / f"{point.name}.csv",
                             convert_options=pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True))
     return table, meta
 
@@ -114,10 +114,10 @@ def _columns(table: Any) -> dict[str, np.ndarray]:
             "cos": table["cos"].to_numpy(zero_copy_only=False)}
 
 
-def _steps(out: Path, units: list[Unit]) -> Iterator[tuple[Unit, Any, dict[str, Any]]]:
-    for unit in units:
-        table, meta = _read_unit(out, unit)
-        yield unit, table, meta
+def _steps(out: Path, points: list[TrackPoint]) -> Iterator[tuple[TrackPoint, Any, dict[str, Any]]]:
+    for point in points:
+        table, meta = _read_point(out, point)
+        yield point, table, meta
 
 
 def _append_csv(fh: Any, path: Path, step: int, header: bool) -> None:
@@ -131,9 +131,9 @@ def _append_csv(fh: Any, path: Path, step: int, header: bool) -> None:
             fh.write(prefix + line)
 
 
-def aggregate(out: Path, units: list[Unit], *, threshold: float, fmt: str, everything: bool, top: int,
+def aggregate(out: Path, points: list[TrackPoint], *, threshold: float, fmt: str, everything: bool, top: int,
               plots: bool, options: dict[str, Any]) -> list[str]:
-    """Write the track's outputs from its units' CSVs, one step in memory at a time. Returns the files written."""
+    """Write the track's outputs from its points' CSVs, one step in memory at a time. Returns the files written."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -147,20 +147,20 @@ def aggregate(out: Path, units: list[Unit], *, threshold: float, fmt: str, every
     with report.atomic_open(track_path, binary=True) as fh:
         writer: Any = None
         try:
-            for unit, table, meta in _steps(out, units):
+            for point, table, meta in _steps(out, points):
                 prov = meta.get("provenance") or {}
-                label = f"{unit.ref}{'@' + unit.revision if unit.revision else ''}"
+                label = f"{point.ref}{'@' + point.revision if point.revision else ''}"
                 model_types.add(str(prov.get("model_type")))
                 if len(model_types) > 1:
                     raise MMDetectError(f"{label} is a {prov.get('model_type')!r} model, unlike the checkpoints "
                                         f"before it: every checkpoint of a track must share the architecture")
-                tracker.add(unit.step, _columns(table), label)
-                layer_rows += [{"step": unit.step, **s} for s in meta.get("layers", [])]
+                tracker.add(point.step, _columns(table), label)
+                layer_rows += [{"step": point.step, **s} for s in meta.get("layers", [])]
                 if fmt == "csv":
-                    _append_csv(fh, out / CHECKPOINTS / f"{unit.name}.csv", unit.step, header=writer is None)
+                    _append_csv(fh, out / CHECKPOINTS / f"{point.name}.csv", point.step, header=writer is None)
                     writer = True
                 else:
-                    stepped = table.add_column(0, "step", pa.array(np.full(table.num_rows, unit.step,
+                    stepped = table.add_column(0, "step", pa.array(np.full(table.num_rows, point.step,
                                                                            dtype=np.int64)))
                     if writer is None:
                         writer = pq.ParquetWriter(fh, stepped.schema)
@@ -183,10 +183,10 @@ def aggregate(out: Path, units: list[Unit], *, threshold: float, fmt: str, every
                  "csv", out / "stability.csv")
     written += ["layers.csv", "emergence.csv", "stability.csv"]
     if plots:
-        written += _figures(out, units, layers_df, emergence, top, threshold)
+        written += _figures(out, points, layers_df, emergence, top, threshold)
     doc = {"tool": "mmdetect", "command": "track", "version": __version__, "options": options,
-           "steps": [u.step for u in units],
-           "checkpoints": [{"name": u.name, "model": u.ref, "revision": u.revision, "step": u.step} for u in units],
+           "steps": [u.step for u in points],
+           "checkpoints": [{"name": u.name, "model": u.ref, "revision": u.revision, "step": u.step} for u in points],
            "n_neurons": int(len(tracker.keys) if tracker.keys is not None else 0),
            "n_final_flagged": int(np.sum(emergence["emerged_step"] != NO_STEP)), "files": written}
     with report.atomic_open(out / "track.json") as fh:
@@ -194,7 +194,7 @@ def aggregate(out: Path, units: list[Unit], *, threshold: float, fmt: str, every
     return written + ["track.json"]
 
 
-def _figures(out: Path, units: list[Unit], layers_df: Any, emergence: dict[str, np.ndarray], top: int,
+def _figures(out: Path, points: list[TrackPoint], layers_df: Any, emergence: dict[str, np.ndarray], top: int,
              threshold: float) -> list[str]:
     """Share heatmap and lines by layer against step; cos trajectories of the top ``top`` final candidates."""
     from mmdetect.report.plot import save
@@ -211,13 +211,13 @@ def _figures(out: Path, units: list[Unit], layers_df: Any, emergence: dict[str, 
     wanted = [f"{emergence['layer'][i]}/{emergence['expert'][i]}/{emergence['neuron'][i]}" for i in pick]
     series: dict[str, list[float]] = {k: [] for k in wanted}
     if wanted:
-        for _, table, _ in _steps(out, units):
+        for _, table, _ in _steps(out, points):
             cols = _columns(table)
             order, keys = neuron_keys(cols)
             cos = cols["cos"][order]
             hit = np.flatnonzero(np.isin(keys, wanted))
             for i in hit:
                 series[str(keys[i])].append(float(cos[i]))
-    save(trajectory_figure([u.step for u in units], series, threshold=threshold, what=what),
+    save(trajectory_figure([u.step for u in points], series, threshold=threshold, what=what),
          out / "track-top.png")
     return ["track-shares.png", "track-top.png"]
