@@ -45,7 +45,7 @@ from mmdetect.convention import (
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key
-from mmdetect.registry.resolve import resolve_attention
+from mmdetect.registry.resolve import resolve_layout
 from mmdetect.scanner.read import Block, Job, Writes, load_input_rows, read_gain
 
 ROW_CHUNK = 8192  # embedding / unembedding rows per slab
@@ -95,31 +95,18 @@ class Circuit:
     """An open checkpoint with its MLP and attention layouts. Use as a context manager (it closes the checkpoint)."""
 
     def __init__(self, ckpt: Checkpoint, *, convention: str | Convention = DEFAULT, need_mlps: bool = True) -> None:
-        from mmdetect.registry.resolve import locate_mlps, resolve_family
-
         self.ckpt = ckpt
+        layout = resolve_layout(ckpt, need_mlps=need_mlps)
+        self.family = layout.family
+        self.specs: tuple[MLPSpec, ...] = layout.mlps
+        self.located: dict = layout.located
+        # a convention that follows a tool gets the registry's exceptions for this model type
         self.convention = get_convention(convention)
-        self.family = None
-        self.specs: tuple[MLPSpec, ...] = ()
-        self.located: dict = {}
-        try:
-            self.family = resolve_family(ckpt)
-            resolved = self.family.resolve(ckpt.config)
-            # a convention that follows a tool gets the registry's exceptions for this model type
-            self.convention = for_model(self.convention, resolved, ckpt.config)
-            self.specs, self.located = locate_mlps(ckpt, resolved.mlps)
-        except MMDetectError:
-            if need_mlps:
-                raise
-        if need_mlps and not self.located:
-            family = self.family.family if self.family is not None else ckpt.model_type
-            raise MMDetectError(f"no MLP tensors of the {family!r} layout were found in {ckpt.ref}: the "
-                                f"checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
-        self.attention, self.attention_gap = self._resolve_attention()
+        if layout.resolved is not None:
+            self.convention = for_model(self.convention, layout.resolved, ckpt.config)
+        self.attention, self.attention_gap = layout.attention, layout.attention_gap
 
     # -- layouts ---------------------------------------------------------------------------------------------------
-    def _resolve_attention(self) -> tuple[AttentionLayout | None, str | None]:
-        return resolve_attention(self.ckpt, self.layers_hint())
 
     def layers_hint(self) -> int:
         return min(self.located) if self.located else 0
@@ -184,7 +171,7 @@ class Circuit:
         """Layer ``layer``'s heads: V and O rows [H, dh, d], folded by ``convention.head_fold``."""
         lay = self.require_attention()
         n_heads = lay.n_heads(self.ckpt.config)
-        if n_heads is None:  # _resolve_attention reports this as the attention gap
+        if n_heads is None:  # resolve_layout reports this as the attention gap
             raise MMDetectError(f"the number of attention heads of {self.ckpt.ref} is unknown")
         o = self._canonical(lay.o, layer)                              # [H*dh, d]
         rows, d = o.shape

@@ -21,6 +21,7 @@ from mmdetect.registry.schema import (
     MLPSpec,
     NormSpec,
     Proj,
+    Resolved,
     TensorSpec,
     key_pattern,
     tensor_key,
@@ -218,6 +219,7 @@ class Layout:
     """Where a checkpoint keeps its MLPs and heads, keys already rebased to its prefix."""
 
     family: Family | None
+    resolved: Resolved | None          # the family with the variants that match config.json applied
     mlps: tuple[MLPSpec, ...]
     located: Located
     attention: AttentionLayout | None
@@ -228,23 +230,28 @@ class Layout:
         return min(self.located) if self.located else 0
 
 
-def resolve_layout(ckpt: Checkpoint, *, need_mlps: bool = True) -> Layout:
-    """The family, located MLP specs and attention layout of ``ckpt`` (no tensors are read).
+def resolve_layout(ckpt: Checkpoint, *, need_mlps: bool = True, attention: bool = True) -> Layout:
+    """The family, located MLP specs and attention layout of ``ckpt`` (no tensors are read): the one resolution
+    sequence (family -> variants for config.json -> MLP tensors located) that the scan and every analysis use.
 
-    With ``need_mlps=False`` a checkpoint whose MLPs cannot be resolved still gets its attention layout.
+    With ``need_mlps=False`` a checkpoint whose MLPs cannot be resolved still gets its attention layout; with
+    ``attention=False`` (the scan) the attention layout is not looked up.
     """
     family: Family | None = None
+    resolved: Resolved | None = None
     specs: tuple[MLPSpec, ...] = ()
     located: Located = {}
     try:
         family = resolve_family(ckpt)
-        specs, located = locate_mlps(ckpt, family.mlps_for(ckpt.config))
+        resolved = family.resolve(ckpt.config)
+        specs, located = locate_mlps(ckpt, resolved.mlps)
     except MMDetectError:
         if need_mlps:
             raise
     if need_mlps and not located:
-        name = family.family if family is not None else "?"
-        raise MMDetectError(f"no MLP tensors of the {name!r} layout were found in {ckpt.ref}: the checkpoint is "
-                            f"incomplete or mislabelled as {ckpt.model_type!r}")
-    attention, gap = resolve_attention(ckpt, min(located) if located else 0)
-    return Layout(family, specs, located, attention, gap)
+        name = family.family if family is not None else ckpt.model_type
+        example = f" (e.g. {specs[0].out.key})" if specs else ""
+        raise MMDetectError(f"no MLP tensors of the {name!r} layout{example} were found in {ckpt.ref}: the "
+                            f"checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
+    head, gap = resolve_attention(ckpt, min(located) if located else 0) if attention else (None, None)
+    return Layout(family, resolved, specs, located, head, gap)

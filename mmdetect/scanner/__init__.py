@@ -16,7 +16,7 @@ from mmdetect.convention import DEFAULT, Convention, MLPFold, for_model, get_con
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.io.memory import available_memory, drop_behind
-from mmdetect.registry.resolve import locate_mlps, resolve_family
+from mmdetect.registry.resolve import resolve_layout
 from mmdetect.results.progress import progress as _progress_bar
 from mmdetect.results.provenance import Provenance
 from mmdetect.results.rows import COLUMNS, ScanResult
@@ -80,13 +80,10 @@ def scan_result(ckpt: Checkpoint, *, threshold: float = THRESHOLD, convention: s
     check_unit(threshold)
     conv = get_convention(convention)
     selection = LayerSet.of(layers)
-    family = resolve_family(ckpt)
-    resolved = family.resolve(ckpt.config)
-    conv = for_model(conv, resolved, ckpt.config)  # where conv follows a tool: the registry's exceptions for this type
-    specs, located = locate_mlps(ckpt, resolved.mlps)
-    if not located:
-        raise MMDetectError(f"no MLP tensors of the {family.family!r} layout (e.g. {specs[0].out.key}) were found in "
-                            f"{ckpt.ref}: the checkpoint is incomplete or mislabelled as {ckpt.model_type!r}")
+    layout = resolve_layout(ckpt, attention=False)
+    conv = for_model(conv, layout.resolved, ckpt.config)  # a convention that follows a tool: its exceptions here
+    family, located = layout.family, layout.located
+    assert family is not None  # need_mlps: a checkpoint without a family raised above
     wanted = selection.select(located) if selection is not None else None
     dev = pick_device(device)
     jobs = plan_jobs(ckpt, located, wanted)
