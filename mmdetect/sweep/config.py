@@ -56,8 +56,8 @@ def _number(v: Any) -> bool:
 def _threshold(v: Any) -> float:
     try:
         return check_unit(v, "threshold")
-    except UsageError as exc:
-        raise Invalid(str(exc)) from None
+    except UsageError:
+        raise Invalid(f"threshold must be a number in [-1, 1], got {v!r}") from None
 
 
 def _convention(v: Any) -> str:
