@@ -24,13 +24,13 @@ from click.testing import CliRunner
 
 from mmdetect.analysis.chains import find_chains
 from mmdetect.analysis.circuit import open_circuit
-from mmdetect.analysis.corpus import default_corpus, load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence
 from mmdetect.analysis.explain import explain
 from mmdetect.analysis.heads import scan_heads, spectrum_scores
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.verify import VERIFY_COLUMNS, verify
 from mmdetect.cli import main
+from mmdetect.corpus.vocab import default_corpus, load_corpus, load_vocab
 from mmdetect.errors import MMDetectError
 
 SHARED = SHARED_MODELS

@@ -1,4 +1,4 @@
-"""Token strings as the tokenizer means them (``mmdetect.analysis.tokens``), on real vocabularies.
+"""Token strings as the tokenizer means them (``mmdetect.corpus.tokens``), on real vocabularies.
 
 * a byte-level BPE ``tokenizer.json`` trained here with the ``tokenizers`` package on mmdetect's default corpus plus a
   few strings with tabs, ``\\r``, Cyrillic, accented Latin and CJK; expected strings come from the tokenizer's own
@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmdetect.analysis import tokens as T
-from mmdetect.analysis.corpus import DEFAULT, Vocab, load_vocab
+from mmdetect.corpus import tokens as T
+from mmdetect.corpus.vocab import DEFAULT, Vocab, load_vocab
 
 tokenizers = pytest.importorskip("tokenizers")
 

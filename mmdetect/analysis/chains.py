@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
-from mmdetect.analysis.corpus import load_vocab
 from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label
 from mmdetect.convention import DEFAULT, fold
+from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results.provenance import Provenance
 from mmdetect.scanner.neurons import unit

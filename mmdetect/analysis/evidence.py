@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import Circuit
-from mmdetect.analysis.corpus import Corpus, Vocab
 from mmdetect.analysis.targets import Target
+from mmdetect.corpus.vocab import Corpus, Vocab
 from mmdetect.errors import MMDetectError, UnsupportedError
 from mmdetect.registry import tensor_key
 from mmdetect.scanner.neurons import unit

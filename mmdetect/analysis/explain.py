@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from mmdetect.analysis.circuit import Circuit, open_circuit
-from mmdetect.analysis.corpus import Vocab, load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
 from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
 from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi
 from mmdetect.convention import DEFAULT
+from mmdetect.corpus.vocab import Vocab, load_corpus, load_vocab
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.results.provenance import Provenance
 from mmdetect.scanner.neurons import unit

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import open_circuit
-from mmdetect.analysis.corpus import load_corpus, load_vocab
 from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.writers import upstream_writers
 from mmdetect.convention import DEFAULT
+from mmdetect.corpus.vocab import load_corpus, load_vocab
 from mmdetect.errors import MMDetectError, warn
 
 if TYPE_CHECKING:  # pragma: no cover

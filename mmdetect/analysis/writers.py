@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from mmdetect.analysis.circuit import Circuit
-from mmdetect.analysis.corpus import Vocab
 from mmdetect.analysis.passes import Item, Slab, writer_items, writer_pass
+from mmdetect.corpus.vocab import Vocab
 from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import single_threaded
 from mmdetect.scanner.read import Job

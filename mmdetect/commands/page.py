@@ -148,9 +148,9 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     neuron of ``wanted``, with the costly parts done once for all of them (one pass over the earlier layers and the
     embedding for the upstream writers, one model load and one run over the text for the activation evidence).
     ``off``: why there is no activation evidence when ``activations`` is false."""
-    from mmdetect.analysis.corpus import load_corpus, load_vocab
     from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
     from mmdetect.analysis.explain import find_targets, head_null_hi, neuron_stats, writers_and_vocab
+    from mmdetect.corpus.vocab import load_corpus, load_vocab
     from mmdetect.scanner.stats import null_band
 
     targets = find_targets(circuit, wanted)

@@ -12,7 +12,7 @@ from builders import Tiny
 from harness import api_error, assert_user_error, cli, run_limited, tiny_llama, unchanged
 
 import mmdetect
-from mmdetect.analysis.corpus import load_corpus
+from mmdetect.corpus.vocab import load_corpus
 from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, UsageError
 from mmdetect.scanner import parse_layers
 

@@ -12,7 +12,7 @@ Sources, in the order ``explain`` and ``scan --verify`` look for them:
 
 A :class:`Vocab` turns text into ids with the checkpoint's own tokenizer (transformers', else its ``tokenizer.json``
 through the ``tokenizers`` package), or, when there is none, with the text's UTF-8 bytes as ids (modulo the vocabulary
-size when it is smaller than 256). Token ids read as the tokenizer means them (``mmdetect.analysis.tokens``:
+size when it is smaller than 256). Token ids read as the tokenizer means them (``mmdetect.corpus.tokens``:
 byte-level BPE, SentencePiece ``▁`` and ``<0x0A>`` byte tokens, a GGUF's own token list); with no vocabulary at all they
 are shown as ``#id`` in weight views, and contexts are shown as the bytes they were fed as.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmdetect.analysis import tokens as tok_text
+from mmdetect.corpus import tokens as tok_text
 from mmdetect.errors import CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
 from mmdetect.io import hub
 
@@ -196,7 +196,7 @@ class Vocab:
 
     def label(self, token_id: int) -> str:
         """What token ``token_id`` reads as, leading space included: its text (a
-        :class:`mmdetect.analysis.tokens.TokenText`,
+        :class:`mmdetect.corpus.tokens.TokenText`,
         whose ``repr`` shows control characters and partial UTF-8 as escapes), or ``#id``."""
         token_id = int(token_id)
         if token_id not in self._labels:
