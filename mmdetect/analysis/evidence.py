@@ -9,8 +9,6 @@ where it fires most (1 = erases it exactly, 0 = leaves it, < 0 = amplifies it).
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from typing import Any
 
@@ -19,8 +17,10 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.targets import Target
+from mmdetect.corpus.model import find_module, gguf_module_names, load_model
+from mmdetect.corpus.model import gguf_tokenizer as load_gguf_tokenizer
 from mmdetect.corpus.vocab import Corpus, Vocab
-from mmdetect.errors import MMDetectError, UnsupportedError
+from mmdetect.errors import MMDetectError
 from mmdetect.registry import tensor_key
 from mmdetect.scanner.neurons import unit
 
@@ -28,101 +28,13 @@ CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 
 
 def load_hf_model(circuit: Circuit) -> Any:
-    """The transformers model of this checkpoint, float32 on the CPU (MMDetectError when it cannot be built).
-
-    A GGUF file is loaded by transformers itself (``from_pretrained(folder, gguf_file=name)``, which dequantises it
-    and needs accelerate), for the architectures its GGUF loader knows.
-    """
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise MMDetectError("activation evidence needs transformers: pip install 'mmdetect[slow]'") from exc
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = circuit.ckpt.path
-    where: dict[str, Any] = {}
-    if circuit.ckpt.format == "gguf":
-        check_gguf_loadable(circuit.ckpt.model_type)
-        path, where = path.parent, {"gguf_file": path.name}
-    try:
-        # transformers' GGUF loader draws its own tqdm bar, which no logging switch turns off: keep stderr clean.
-        with contextlib.redirect_stderr(io.StringIO()) if where else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **where)
-    except Exception as exc:
-        raise MMDetectError(f"transformers cannot build {circuit.ckpt.ref} ({type(exc).__name__}: "
-                            f"{(str(exc).splitlines() or [''])[0][:200]}); rerun with --no-activations") from exc
-    return model.eval()
-
-
-# general.architecture names that transformers' GGUF loader renames before its support check
-GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
-
-
-def check_gguf_loadable(arch: str) -> None:
-    """UnsupportedError (one line) unless transformers can load a GGUF file of this ``general.architecture``."""
-    import importlib.util
-
-    if importlib.util.find_spec("accelerate") is None:
-        raise UnsupportedError("activation evidence for a GGUF file needs accelerate (transformers loads GGUF "
-                               "through it): pip install 'mmdetect[slow]', or rerun with --no-activations")
-    try:
-        from transformers.modeling_gguf_pytorch_utils import (
-            GGUF_SUPPORTED_ARCHITECTURES,
-        )
-    except ImportError as exc:
-        raise UnsupportedError("this transformers cannot load GGUF files; rerun with --no-activations") from exc
-    known = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})  # (metadata sections, not models)
-    if arch not in known and GGUF_ARCH_ALIASES.get(arch) not in known:
-        raise UnsupportedError(f"transformers cannot load GGUF architecture {arch!r} (its GGUF loader knows "
-                               f"{', '.join(known)}), so there is no activation evidence for this file; rerun "
-                               f"with --no-activations")
+    """The transformers model of this checkpoint, float32 on the CPU (``corpus.model.load_model``)."""
+    return load_model(circuit.ckpt)
 
 
 def gguf_tokenizer(circuit: Circuit, vocab: Vocab) -> Vocab:
-    """``vocab`` (a GGUF's own token list) with the tokenizer transformers builds from the GGUF's metadata, so text
-    is encoded as the model was trained to read it."""
-    from transformers import AutoTokenizer
-
-    path = circuit.ckpt.path
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as exc:
-        raise MMDetectError(f"transformers cannot build the tokenizer of {circuit.ckpt.ref} from its GGUF metadata "
-                            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); rerun with "
-                            f"--no-activations") from exc
-    return Vocab(vocab.size, tokenizer=tok, tokens=vocab.table)
-
-
-def gguf_module_names(circuit: Circuit, model: Any) -> dict[str, str]:
-    """GGUF tensor base names -> the transformers modules holding them (``blk.3.ffn_down`` ->
-    ``model.layers.3.mlp.down_proj``), from gguf-py's name map (the one llama.cpp's converter writes with)."""
-    import gguf
-
-    arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(circuit.ckpt.model_type)
-    if arch is None:
-        return {}
-    names = gguf.get_tensor_name_map(arch, int(model.config.num_hidden_layers))
-    out: dict[str, str] = {}
-    for name, _module in model.named_modules():
-        base = names.get_name(name)
-        if base is not None:
-            out.setdefault(base, name)
-    return out
-
-
-def _module(modules: dict[str, Any], key: str, renames: dict[str, str] | None = None) -> Any:
-    """The module whose parameter is stored as ``key`` (on-disk prefixes may differ from in-memory ones; ``renames``
-    maps GGUF names to module names)."""
-    name = key.removesuffix(".weight")
-    if renames:
-        name = renames.get(name, name)
-    if name in modules:
-        return modules[name]
-    hits = [n for n in modules if n.endswith("." + name) or name.endswith("." + n)]
-    if len(hits) == 1:
-        return modules[hits[0]]
-    return None
+    """``vocab`` (a GGUF's own token list) with the tokenizer transformers builds from the GGUF's metadata."""
+    return Vocab(vocab.size, tokenizer=load_gguf_tokenizer(circuit.ckpt), tokens=vocab.table)
 
 
 class Probe:
@@ -155,18 +67,18 @@ class Probe:
         if spec.experts in ("fused", "stacked") or (spec.experts == "indexed"):
             return ("routed experts run on a router-chosen subset of tokens; activation evidence covers dense MLPs "
                     "and shared experts", None, None, False)
-        down = _module(modules, tensor_key(spec.out.key, target.layer, None), self.renames)
+        down = find_module(modules, tensor_key(spec.out.key, target.layer, None), self.renames)
         if down is None:
             return (f"no module holds {tensor_key(spec.out.key, target.layer, None)} in the transformers model", None,
                     None, False)
         if spec.pre_norm is None:
-            resid = _module(modules, tensor_key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight",
+            resid = find_module(modules, tensor_key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight",
                             self.renames)
         elif spec.pre_norm.weight is None:
             return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
                     None, False)
         else:
-            resid = _module(modules, tensor_key(spec.pre_norm.weights[0], target.layer, None), self.renames)
+            resid = find_module(modules, tensor_key(spec.pre_norm.weights[0], target.layer, None), self.renames)
         if resid is None:
             return ("the module feeding this MLP was not found in the transformers model", None, None, False)
         return None, down, resid, spec.post_norm is not None
@@ -308,7 +220,7 @@ def evidence(circuit: Circuit, targets: list[Target], corpus: Corpus, vocab: Voc
     rows = vocab.rows(corpus, seq_len, max_tokens)
     if not rows:
         raise MMDetectError(f"{corpus.name} gave no tokens")
-    renames = gguf_module_names(circuit, model) if circuit.ckpt.format == "gguf" else None
+    renames = gguf_module_names(circuit.ckpt, model) or None
     probe, where = collect(model, targets, rows, renames=renames)
     bos = vocab.bos_id
     keep = torch.tensor([not (bos is not None and pos == 0 and rows[r][0] == bos) for r, pos in where])

@@ -1,0 +1,268 @@
+"""``mmdetect activations``: the statistics of every MLP neuron over a corpus, from the model's own forward pass.
+
+resolve (model, corpus) -> read (the scan's blocks: each neuron's sign and read direction) -> run (transformers'
+forward with registry-placed hooks, batch by batch, the state saved as it goes) -> columns. One row per neuron, keyed
+``layer, expert, neuron`` as in a scan; the histogram and the top tokens go to the companion (``Result.details``).
+
+A run is split into shards by window (``--shard i/n`` takes the windows whose index is i modulo n); the states of
+the shards add up to the state of one run (``merge_states``). A run that is stopped continues from its state.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmdetect.convention import DEFAULT, get_convention
+from mmdetect.corpus import state as saved
+from mmdetect.corpus.directions import sites as weight_sites
+from mmdetect.corpus.hooks import Hooks, Site, Tokens
+from mmdetect.corpus.model import DTYPES, gguf_module_names, gguf_tokenizer, load_model
+from mmdetect.corpus.sources import resolve_source
+from mmdetect.corpus.stats import CASES, NO_KEY, TOP_K, describe
+from mmdetect.corpus.vocab import Vocab, load_vocab
+from mmdetect.corpus.windows import Window, corpus_digest, windows
+from mmdetect.errors import MMDetectError, UsageError
+from mmdetect.io.checkpoint import open_checkpoint
+from mmdetect.io.output import sigint_deferred
+from mmdetect.results.progress import progress as progress_bar
+from mmdetect.results.provenance import Provenance
+
+DEFAULT_MAX_TOKENS = 32_768       # about a minute for the default model (Gemma 3 270M) on a 2-core CPU
+DEFAULT_SEQ_LEN = 512
+BATCH_TOKENS = 4096               # tokens per forward pass (whole windows of one length)
+SAVE_EVERY = 300.0                # seconds between saved states
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
+HINT = "check the model with `mmdetect scan` first"
+
+COLUMNS = ("layer", "expert", "neuron", "tokens", "pre_mean", "pre_std", "pre_skew", "pre_kurt", "freq_pos",
+           *(f"freq_{c}" for c in CASES), *(f"mean_{c}" for c in CASES), "post_mean", "post_abs_mean", "post_min",
+           "post_max", "deletion")
+
+
+@dataclass
+class Request:
+    """What one run measures, as the command's options say it."""
+
+    model: str
+    revision: str | None = None
+    convention: str = DEFAULT
+    layers: Container[int] | None = None
+    text: str | None = None
+    dataset: str | None = None
+    field_name: str = "text"
+    split: str | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    shard: tuple[int, int] = (0, 1)
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_tokens: int = BATCH_TOKENS
+    top_k: int = TOP_K
+    max_memory: int | None = None
+    progress: bool | None = None
+    state: str | Path | None = None   # where the state is saved and resumed from (None: not saved)
+    save_every: float = SAVE_EVERY
+
+
+@dataclass
+class Result:
+    frame: Any                                   # pandas DataFrame, one row per neuron (COLUMNS)
+    details: dict[str, Any] = field(repr=False)  # companion columns: keys, histogram, top tokens
+    provenance: Provenance = field(repr=False)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` -> (i, n), 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r} is not I/N: give e.g. 0/4 for the first of four shards") from None
+    if not 0 <= i < n:
+        raise UsageError(f"--shard {text}: I must be in 0..N-1 (0/4 .. 3/4)")
+    return i, n
+
+
+def _vocab(ckpt: Any, model: Any) -> Vocab:
+    size = int(getattr(model.config, "vocab_size", 0) or ckpt.config.get("vocab_size") or 0)
+    if size <= 0:
+        raise MMDetectError(f"cannot tell the vocabulary size of {ckpt.ref}")
+    vocab = load_vocab(ckpt, size)
+    if ckpt.format == "gguf":
+        vocab = Vocab(size, tokenizer=gguf_tokenizer(ckpt, HINT), tokens=vocab.table)
+    return vocab
+
+
+def run(req: Request) -> Result:
+    """Measure every neuron of ``req.model`` over the corpus (resuming from ``req.state`` when it holds a partial
+    run of the same inputs)."""
+    if req.dtype not in DTYPES:
+        raise UsageError(f"--dtype {req.dtype} is not one of {', '.join(DTYPES)}")
+    conv = get_convention(req.convention)
+    source = resolve_source(req.text, req.dataset, req.field_name, req.split)   # a bad corpus fails first
+    ckpt = open_checkpoint(req.model, revision=req.revision)
+    try:
+        sites = weight_sites(ckpt, conv, req.layers, req.top_k)
+        if not sites:
+            raise MMDetectError(f"{ckpt.ref} has no MLP to measure{' in --layers' if req.layers else ''}")
+        model = load_model(ckpt, device=req.device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT)
+        vocab = _vocab(ckpt, model)
+        context = getattr(model.config, "max_position_embeddings", None)
+        seq_len = min(req.seq_len, int(context)) if isinstance(context, int) and context > 0 else req.seq_len
+        identity = {"fingerprint": ckpt.fingerprint(), "corpus": corpus_digest(source, vocab, seq_len, req.max_tokens),
+                    "convention": conv.name, "layers": sorted(req.layers) if req.layers is not None else None,
+                    "seq_len": seq_len, "max_tokens": req.max_tokens, "top_k": req.top_k, "dtype": req.dtype,
+                    "device": req.device, "shard": list(req.shard), "batch_tokens": req.batch_tokens}
+        done = _resume(req, identity, sites)
+        if done is not None:
+            stream = windows(source, vocab, seq_len, req.max_tokens, req.shard)
+            done = _pass(model, sites, stream, ckpt, req, identity, seq_len, done)
+        prov = Provenance.of(ckpt, "activations", convention=conv.name, layers=req.layers, device=req.device,
+                             corpus=source.description, seq_len=seq_len, max_tokens=req.max_tokens,
+                             shard=f"{req.shard[0]}/{req.shard[1]}", dtype=req.dtype, **describe())
+        tops = _contexts(sites, source, vocab, seq_len, req)
+        return build(sites, prov, tops)
+    finally:
+        ckpt.close()
+
+
+def _resume(req: Request, identity: dict[str, Any], sites: list[Site]) -> int | None:
+    """Windows already counted by a saved partial state of the same inputs (0 without one; None when the saved
+    state is complete: nothing is left to run)."""
+    if req.state is None or not Path(req.state).exists():
+        return 0
+    old = saved.load(req.state)
+    diff = saved.differences(old.identity, identity)
+    records = [saved.site_record(s) for s in sites]
+    if diff or old.sites != records:
+        what = ", ".join(diff) if diff else "the measured MLPs"
+        raise MMDetectError(f"{req.state} holds a run of other inputs ({what} differ): delete it, or write to "
+                            f"another --output")
+    for site, moments in zip(sites, old.moments):
+        site.moments = moments
+    return None if old.complete else old.windows
+
+
+def _batches(stream: Iterator[Window], per: int) -> Iterator[list[Window]]:
+    """Consecutive windows of one length, at most ``per`` a batch: the same batches in every run and resume."""
+    batch: list[Window] = []
+    for w in stream:
+        if batch and (len(batch) == per or len(w.ids) != len(batch[0].ids)):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+def _tokens(batch: list[Window], seq_len: int) -> Tokens:
+    length = len(batch[0].ids)
+    pos = torch.arange(length, dtype=torch.int64)
+    keys = torch.cat([w.index * seq_len + pos for w in batch])
+    mask = torch.ones(len(batch), length, dtype=torch.bool)
+    for b, w in enumerate(batch):
+        if w.bos:
+            mask[b, 0] = False
+    mask = mask.flatten()
+    return Tokens(keys, torch.nonzero(mask).flatten(), mask)
+
+
+def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, req: Request,
+          identity: dict[str, Any], seq_len: int, done: int) -> int:
+    """Run the windows after the first ``done`` through the model, batch by batch; save the state every
+    ``save_every`` seconds, on Ctrl-C (then KeyboardInterrupt) and at the end."""
+    hooks = Hooks(model, sites, gguf_module_names(ckpt, model) or None)
+    per = max(1, req.batch_tokens // seq_len)
+    total = req.max_tokens // req.shard[1] if req.max_tokens else 0
+    device = next(model.parameters()).device
+    last = time.monotonic()
+
+    def save(complete: bool) -> None:
+        if req.state is not None:
+            saved.save(req.state, identity, done, complete, sites)
+
+    try:
+        with progress_bar(req.progress, total, ckpt.ref, verb="measuring", unit="tokens") as advance, \
+                sigint_deferred() as interrupted, torch.inference_mode():
+            skipped = 0
+            for batch in _batches(stream, per):
+                if skipped < done:          # counted before the state was saved: batches are whole
+                    skipped += len(batch)
+                    continue
+                hooks.tokens = _tokens(batch, seq_len)
+                ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(device)
+                model(input_ids=ids, use_cache=False)
+                done += len(batch)
+                advance(int(ids.numel()))
+                if interrupted():
+                    save(False)
+                    raise KeyboardInterrupt
+                if req.state is not None and time.monotonic() - last > req.save_every:
+                    save(False)
+                    last = time.monotonic()
+    finally:
+        hooks.remove()
+    if done == 0 and all(int(s.moments.tokens) == 0 for s in sites):
+        raise MMDetectError("the corpus gave no tokens to run (check --text/--dataset, --shard and --max-tokens)")
+    save(True)
+    return done
+
+
+def _contexts(sites: list[Site], source: Any, vocab: Vocab, seq_len: int, req: Request) -> dict[int, dict[str, Any]]:
+    """Token and context text of every key in the top sets, read again from the corpus (the windows are the same
+    windows, in the same order)."""
+    wanted: set[int] = set()
+    for site in sites:
+        k = site.moments.top_key
+        wanted.update(int(x) for x in torch.unique(k[k != NO_KEY]).tolist())
+    need = {key // seq_len for key in wanted}
+    ids: dict[int, np.ndarray] = {}
+    if need:
+        for w in windows(source, vocab, seq_len, req.max_tokens, req.shard):
+            if w.index in need:
+                ids[w.index] = w.ids
+                if len(ids) == len(need):
+                    break
+    out: dict[int, dict[str, Any]] = {}
+    for key in wanted:
+        row = ids.get(key // seq_len)
+        pos = key % seq_len
+        if row is None or pos >= len(row):
+            continue
+        lo, hi = max(0, pos - CONTEXT_BEFORE), min(len(row), pos + 1 + CONTEXT_AFTER)
+        out[key] = {"token_id": int(row[pos]), "token": vocab.text([int(row[pos])]),
+                    "before": vocab.text([int(i) for i in row[lo:pos]]),
+                    "after": vocab.text([int(i) for i in row[pos + 1:hi]])}
+    return out
+
+
+def build(sites: list[Site], prov: Provenance, tops: dict[int, dict[str, Any]], seq_len: int | None = None) -> Result:
+    """The table and the companion columns of measured sites (a run's, or merged shards')."""
+    import pandas as pd
+
+    seq_len = seq_len or int(prov.options.get("seq_len") or 1)
+    frames, details = [], {"layer": [], "expert": [], "neuron": [], "hist": [], "top": []}
+    for site in sites:
+        m = site.moments
+        cols = m.columns(site.spec.gated, site.w_along)
+        n = m.n
+        frames.append(pd.DataFrame({"layer": np.full(n, site.layer), "expert": [site.expert] * n,
+                                    "neuron": np.arange(n), **cols}))
+        details["layer"] += [site.layer] * n
+        details["expert"] += [site.expert] * n
+        details["neuron"] += list(range(n))
+        details["hist"] += m.hist.numpy().tolist()
+        vals, keys = m.top_val.numpy(), m.top_key.numpy()
+        for j in range(n):
+            details["top"].append([{"value": float(v), "window": int(k) // seq_len, "position": int(k) % seq_len,
+                                    **tops.get(int(k), {})} for v, k in zip(vals[j], keys[j]) if k != NO_KEY])
+    df = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
+    df.attrs["provenance"] = prov.to_dict()
+    return Result(df, details, prov)
+
+

@@ -1,0 +1,116 @@
+"""The saved state of a corpus pass: every site's running sums in one safetensors file, with what made them.
+
+A state is written atomically (a temporary file beside it, then a rename), every few minutes during a run, when it is
+stopped (Ctrl-C) and when it ends; ``mmdetect activations`` continues from a partial one and ``merge-activations``
+adds complete ones. Its metadata (``__metadata__``, JSON under one key) names the inputs: the model's fingerprint,
+the corpus digest, the options that change a number, the shard. A state made from other inputs is refused with one
+line naming what differs; one that is truncated or whose tensors do not hash to the recorded digest is refused as
+corrupt. Nothing in it is executed: safetensors holds tensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdetect.corpus.hooks import Site
+from mmdetect.corpus.stats import Moments
+from mmdetect.errors import CorruptInputError, MMDetectError
+from mmdetect.io.output import atomic_write
+from mmdetect.io.paths import open_regular
+
+FORMAT = "mmdetect-activations-state/1"
+MAX_STATE_BYTES = 64 << 30
+
+
+@dataclass
+class State:
+    identity: dict[str, Any]        # what the numbers depend on (a resumed or merged state must match)
+    windows: int                    # windows of this shard already counted
+    complete: bool
+    sites: list[dict[str, Any]]     # layer, expert, spec, n: the order of the tensors
+    moments: list[Moments]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def site_record(site: Site) -> dict[str, Any]:
+    return {"layer": site.layer, "expert": site.expert, "spec": site.spec.name, "n": site.moments.n}
+
+
+def save(path: str | os.PathLike, identity: dict[str, Any], windows: int, complete: bool, sites: list[Site]) -> None:
+    from safetensors.torch import save as st_save
+
+    tensors = {f"{i}.{name}": t.contiguous() for i, site in enumerate(sites)
+               for name, t in site.moments.tensors().items()}
+    meta = {"format": FORMAT, "identity": identity, "windows": windows, "complete": complete,
+            "sites": [site_record(s) for s in sites], "digest": _digest(tensors)}
+    data = st_save(tensors, metadata={"mmdetect": json.dumps(meta, sort_keys=True)})
+    with atomic_write(path, binary=True) as fh:
+        fh.write(data)
+
+
+def load(path: str | os.PathLike) -> State:
+    """A saved state, checked: CorruptInputError (one line) when it cannot be trusted."""
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    bad = f"{path} is not a usable mmdetect activations state"
+    with os.fdopen(open_regular(path), "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_STATE_BYTES:
+            raise CorruptInputError(f"{bad} (it is {size:,} bytes); delete it to start again")
+        data = fh.read()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        meta = json.loads(header["__metadata__"]["mmdetect"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        identity, windows, complete = meta["identity"], int(meta["windows"]), bool(meta["complete"])
+        records = meta["sites"]
+        if not isinstance(identity, dict) or not isinstance(records, list) or windows < 0:
+            raise ValueError("malformed metadata")
+    except MMDetectError:
+        raise
+    except Exception as exc:
+        raise CorruptInputError(f"{bad} ({type(exc).__name__}: {str(exc)[:120]}); delete it to start again") from None
+    if _digest(tensors) != meta.get("digest"):
+        raise CorruptInputError(f"{bad}: its tensors do not match its recorded digest (edited or damaged); delete it "
+                                f"to start again")
+    moments = []
+    for i, rec in enumerate(records):
+        n = rec.get("n") if isinstance(rec, dict) else None
+        try:
+            m = Moments.from_tensors({name: tensors[f"{i}.{name}"] for name in Moments.empty(0).tensors()})
+        except KeyError as exc:
+            raise CorruptInputError(f"{bad}: tensor {exc} is missing; delete it to start again") from None
+        ref = Moments.empty(int(n) if isinstance(n, int) else 0, int(m.top_val.shape[1]) if m.top_val.dim() == 2
+                            else 0)
+        for name, t in ref.tensors().items():
+            got = m.tensors()[name]
+            if got.dtype != t.dtype or got.shape != t.shape:
+                raise CorruptInputError(f"{bad}: tensor {i}.{name} is {got.dtype} {tuple(got.shape)}, expected "
+                                        f"{t.dtype} {tuple(t.shape)}; delete it to start again")
+        moments.append(m)
+    return State(identity, windows, complete, records, moments)
+
+
+def differences(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """The identity keys whose values differ (``skip``: keys allowed to differ, the shard for a merge)."""
+    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
