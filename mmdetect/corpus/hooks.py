@@ -24,6 +24,7 @@ reports the same cases in the folded convention and swapped ``_ip`` / ``_in`` ca
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,15 +160,9 @@ class Hooks:
         self.handles.append(module.register_forward_hook(on_output))
 
     def _experts(self, spec: MLPSpec, layer: int, group: list[Site], captured: dict[str, torch.Tensor]) -> None:
-        name = tensor_key(spec.out.key, layer, 0).removesuffix(".weight")
-        if self.renames:
-            name = self.renames.get(name, name)
-        parts = name.split(".")
-        module = next((self.modules[".".join(parts[:k])] for k in range(len(parts), 0, -1)
-                       if ".".join(parts[:k]) in self.modules
-                       and isinstance(getattr(self.modules[".".join(parts[:k])], "gate_up_proj", None),
-                                      torch.nn.Parameter)), None)
-        if module is None or module.gate_up_proj.dim() != 3:
+        module = _experts_module(self.modules, tensor_key(spec.out.key, layer, 0).removesuffix(".weight"), layer,
+                                 self.renames)
+        if module is None:
             raise UnsupportedError(f"layer {layer}'s routed experts are not a transformers experts module with a "
                                    f"3-D gate_up_proj, so their activations cannot be hooked")
         by_index = {site.index: site for site in group}
@@ -208,6 +203,26 @@ class Hooks:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def _is_experts(module: Any) -> bool:
+    w = getattr(module, "gate_up_proj", None)
+    return isinstance(w, torch.nn.Parameter) and w.dim() == 3
+
+
+def _experts_module(modules: dict[str, Any], name: str, layer: int, renames: dict[str, str] | None) -> Any:
+    """The experts module holding the stored expert tensor ``name``: the longest prefix of its name (after
+    ``renames``) that is one, else the one experts module of decoder layer ``layer`` (checkpoints written with
+    older module names, e.g. Mixtral's ``block_sparse_moe.experts.{e}.w2``)."""
+    name = renames.get(name, name) if renames else name
+    parts = name.split(".")
+    for k in range(len(parts), 0, -1):
+        module = modules.get(".".join(parts[:k]))
+        if module is not None and _is_experts(module):
+            return module
+    pattern = re.compile(rf"(^|\.)layers\.{layer}\.")
+    hits = [m for n, m in modules.items() if pattern.search(n) and _is_experts(m)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _component(site: Site, resid: torch.Tensor | None, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor],

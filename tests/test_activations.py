@@ -1,0 +1,248 @@
+"""``mmdetect activations``: every column against an independent computation, planted neurons, shards and resume.
+
+The reference takes the MLP activations with forward hooks placed by hand on transformers' own modules (the
+activation function's input, the linear projection's output, the output projection's input, the pre-norm's input)
+and computes every statistic in numpy, float64; the weights for the sign and the read direction are read with the
+safetensors library (``tl_peer.raw_mlp``), not mmdetect's reader. The corpus is rows of token ids run as one batch,
+so both sides see the same forward pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from builders import build_peer
+
+TOL = 1e-5
+ROWS, LENGTH, SEQ_LEN = 24, 40, 64
+HIST_EDGES = np.linspace(-10, 15, 257)
+
+
+@dataclass(frozen=True)
+class Hand:
+    """Where the activations of one layer are, named by hand for the reference: the activation function's module,
+    the linear input's module (None: non-gated; ``gate_up``: the second half of the fused output), the output
+    projection, the module whose input is the MLP's residual stream, and whether a post-norm follows the MLP."""
+
+    act: str
+    up: str | None
+    down: str
+    resid: str
+    post_norm: bool = False
+    gate_up: bool = False
+
+
+_LLAMA = Hand("model.layers.{i}.mlp.act_fn", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj",
+              "model.layers.{i}.post_attention_layernorm")
+HANDS = {
+    "gpt2": Hand("transformer.h.{i}.mlp.act", None, "transformer.h.{i}.mlp.c_proj", "transformer.h.{i}.ln_2"),
+    "gpt_neox": Hand("gpt_neox.layers.{i}.mlp.act", None, "gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+                     "gpt_neox.layers.{i}.post_attention_layernorm"),
+    "llama": _LLAMA, "qwen2": _LLAMA,
+    "gemma2": Hand("model.layers.{i}.mlp.act_fn", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj",
+                   "model.layers.{i}.pre_feedforward_layernorm", post_norm=True),
+    "olmo2": Hand("model.layers.{i}.mlp.act_fn", "model.layers.{i}.mlp.up_proj", "model.layers.{i}.mlp.down_proj",
+                  "model.layers.{i}.mlp", post_norm=True),
+    "phi3": Hand("model.layers.{i}.mlp.activation_fn", "model.layers.{i}.mlp.gate_up_proj",
+                 "model.layers.{i}.mlp.down_proj", "model.layers.{i}.post_attention_layernorm", gate_up=True),
+}
+
+
+def _corpus(tmp: Path, vocab: int, seed: int = 0, rows: int = ROWS, length: int = LENGTH) -> Path:
+    rng = np.random.default_rng(seed)
+    path = tmp / "ids.jsonl"
+    path.write_text("".join(json.dumps({"ids": rng.integers(4, vocab, length).tolist()}) + "\n" for _ in range(rows)))
+    return path
+
+
+def _run(folder: Path, corpus: Path, **kw: Any) -> Any:
+    from mmdetect.corpus.activations import Request, run
+
+    opts = {"dataset": str(corpus), "seq_len": SEQ_LEN, "max_tokens": None, "batch_tokens": SEQ_LEN * ROWS, **kw}
+    return run(Request(str(folder), **opts))
+
+
+def _hooked(folder: Path, corpus: Path, hand: Hand, layers: int) -> dict[int, dict[str, np.ndarray]]:
+    """layer -> pre, up, post [N, n], resid [N, d], y [N, d] from one forward pass with hand-placed hooks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    got: dict[int, dict[str, np.ndarray]] = {i: {} for i in range(layers)}
+    handles = []
+
+    def keep(i: int, name: str, fn: Any) -> Any:
+        def hook(_m: Any, args: tuple, *rest: Any) -> None:
+            t = fn(args, rest[-1] if rest else None).detach()
+            got[i][name] = t.double().reshape(-1, t.shape[-1]).numpy()
+        return hook
+
+    for i in range(layers):
+        f = {k: v.format(i=i) if isinstance(v, str) else v for k, v in hand.__dict__.items()}
+        handles.append(modules[f["act"]].register_forward_pre_hook(keep(i, "pre", lambda a, o: a[0])))
+        if hand.up:
+            half = (lambda a, o: o.chunk(2, -1)[1]) if hand.gate_up else (lambda a, o: o)
+            handles.append(modules[f["up"]].register_forward_hook(keep(i, "up", half)))
+        handles.append(modules[f["down"]].register_forward_hook(keep(i, "post", lambda a, o: a[0])))
+        handles.append(modules[f["down"]].register_forward_hook(keep(i, "y", lambda a, o: o)))
+        handles.append(modules[f["resid"]].register_forward_pre_hook(keep(i, "resid", lambda a, o: a[0])))
+    ids = torch.tensor([json.loads(line)["ids"] for line in corpus.read_text().splitlines()])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return got
+
+
+def _top(values: np.ndarray, k: int) -> list[int]:
+    """Rows of the k largest values, ties to the earlier row (float32 values, as the run keeps them)."""
+    v = values.astype(np.float32)
+    return sorted(range(len(v)), key=lambda t: (-float(v[t]), t))[:k]
+
+
+def reference(folder: Path, model_type: str, corpus: Path, convention: str = "folded") -> dict[str, np.ndarray]:
+    """Every column of every neuron (layer-major), computed from hooked activations in numpy."""
+    import tl_peer
+
+    hand = HANDS[model_type]
+    tl_peer.LAYOUTS.setdefault("olmo2", tl_peer.Layout("model.layers.{i}.", "mlp.up_proj.weight",
+                                                       "mlp.down_proj.weight", gate="mlp.gate_proj.weight",
+                                                       post="post_feedforward_layernorm.weight"))
+    mlps = tl_peer.raw_mlp(folder, model_type)
+    acts = _hooked(folder, corpus, hand, len(mlps))
+    cols: dict[str, list[np.ndarray]] = {}
+    for i, m in mlps.items():
+        a = acts[i]
+        x, post = a["pre"], a["post"]
+        folded = convention == "folded"   # raw: the stored rows, no gain folded, nothing centred
+        r = m.w_in.double().numpy() * (m.pre_gain.double().numpy() if m.pre_gain is not None and folded else 1.0)
+        if m.pre_centre and folded:
+            r = r - r.mean(1, keepdims=True)
+        gated = m.w_gate is not None
+        sign = np.ones(r.shape[0])
+        if gated and convention == "folded":
+            g = m.w_gate.double().numpy() * (m.pre_gain.double().numpy() if m.pre_gain is not None else 1.0)
+            sign = np.where((g * r).sum(1) < 0, -1.0, 1.0)
+        post = post * sign
+        up = a["up"] * sign if gated else None
+        rhat = r * sign[:, None] / np.linalg.norm(r, axis=1, keepdims=True)
+        w_write = m.w_out.double().numpy() * (m.post_gain.double().numpy() if m.post_gain is not None else 1.0)
+        # (the actual write: the post-norm gain applies in every convention)
+        w_along = (w_write * rhat).sum(1) * sign
+        s = 1 / np.sqrt((a["y"].astype(np.float32) ** 2).mean(1) + 1e-6) if hand.post_norm else np.ones(len(x))
+        c_all = a["resid"] @ rhat.T
+        mu = x.mean(0)
+        sd = x.std(0)
+        out = {"tokens": np.full(x.shape[1], len(x)), "pre_mean": mu, "pre_std": sd,
+               "pre_skew": ((x - mu) ** 3).mean(0) / sd ** 3, "pre_kurt": ((x - mu) ** 4).mean(0) / sd ** 4,
+               "freq_pos": (x > 0).mean(0), "post_mean": post.mean(0), "post_abs_mean": np.abs(post).mean(0),
+               "post_min": post.min(0), "post_max": post.max(0)}
+        for case, (gs, us) in {"gp_ip": (1, 1), "gp_in": (1, -1), "gn_ip": (-1, 1), "gn_in": (-1, -1)}.items():
+            if gated:
+                mask = (np.sign(x) == gs) & (np.sign(up) == us)
+                out[f"freq_{case}"] = mask.mean(0)
+                with np.errstate(invalid="ignore"):
+                    out[f"mean_{case}"] = (post * mask).sum(0) / mask.sum(0)
+            else:
+                out[f"freq_{case}"] = out[f"mean_{case}"] = np.full(x.shape[1], np.nan)
+        dele, hist, top = [], [], []
+        for j in range(x.shape[1]):
+            t = _top(np.abs(post[:, j]), 32)
+            c = c_all[t, j]
+            rem = -post[t, j] * w_along[j] * s[t]
+            dele.append((rem * np.sign(c)).sum() / np.abs(c).sum())
+            h, _ = np.histogram(x[:, j], HIST_EDGES)
+            hist.append([(x[:, j] < -10).sum(), *h, (x[:, j] > 15).sum()])
+            top.append(_top(post[:, j], 20))
+        out["deletion"] = np.array(dele)
+        out["hist"] = np.array(hist)
+        out["top"] = np.array(top)
+        for k, v in out.items():
+            cols.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _check(result: Any, ref: dict[str, np.ndarray], label: str) -> None:
+    df = result.frame
+    for col, want in ref.items():
+        if col in ("hist", "top"):
+            continue
+        got = df[col].to_numpy(dtype=float)
+        assert np.array_equal(np.isnan(got), np.isnan(want)), f"{label} {col}: NaN pattern"
+        ok = ~np.isnan(want)
+        # The deletion score's read direction is folded in float32, as the scan folds it: a score near 0 (a sum
+        # of terms of both signs) keeps 1e-7 of absolute error from it.
+        atol = 1e-6 if col == "deletion" else 1e-9
+        np.testing.assert_allclose(got[ok], want[ok], rtol=TOL, atol=atol, err_msg=f"{label} {col}")
+    assert np.array_equal(np.array(result.details["hist"]), ref["hist"]), f"{label} histogram"
+    tops = [[e["window"] * SEQ_LEN + e["position"] for e in row] for row in result.details["top"]]
+    want = [[(t // LENGTH) * SEQ_LEN + t % LENGTH for t in row] for row in ref["top"]]
+    assert tops == want, f"{label} top tokens"
+
+
+@pytest.mark.parametrize("model_type", sorted(HANDS))
+def test_every_column_equals_numpy_over_hooked_activations(transformers: Any, tmp_path: Path, model_type: str) -> None:
+    folder = build_peer(model_type, tmp_path / model_type)
+    corpus = _corpus(tmp_path, 128)
+    result = _run(folder, corpus)
+    assert list(result.frame.columns[:3]) == ["layer", "expert", "neuron"]
+    _check(result, reference(folder, model_type, corpus), model_type)
+
+
+def test_raw_convention_takes_the_stored_orientation(transformers: Any, tmp_path: Path) -> None:
+    folder = build_peer("llama", tmp_path / "llama")
+    corpus = _corpus(tmp_path, 128)
+    _check(_run(folder, corpus, convention="raw"), reference(folder, "llama", corpus, "raw"), "llama raw")
+
+
+def _negate(folder: Path, layer: int, neuron: int) -> None:
+    """Negate one neuron's up row and output column in the checkpoint: the model computes the same function."""
+    from safetensors.torch import load_file, save_file
+
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    state[f"model.layers.{layer}.mlp.up_proj.weight"][neuron] *= -1
+    state[f"model.layers.{layer}.mlp.down_proj.weight"][:, neuron] *= -1
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def test_negated_up_and_out_rows_keep_folded_cases_and_swap_raw_ones(transformers: Any, tmp_path: Path) -> None:
+    folder = build_peer("llama", tmp_path / "llama")
+    corpus = _corpus(tmp_path, 128)
+    before = {conv: _run(folder, corpus, convention=conv).frame for conv in ("folded", "raw")}
+    _negate(folder, 1, 5)
+    after = {conv: _run(folder, corpus, convention=conv).frame for conv in ("folded", "raw")}
+    row = (before["folded"].layer == 1) & (before["folded"].neuron == 5)
+    cases = ["freq_gp_ip", "freq_gp_in", "freq_gn_ip", "freq_gn_in", "mean_gp_ip", "mean_gp_in", "mean_gn_ip",
+             "mean_gn_in"]
+    b, a = before["folded"][row][cases].to_numpy(float), after["folded"][row][cases].to_numpy(float)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    swapped = ["freq_gp_in", "freq_gp_ip", "freq_gn_in", "freq_gn_ip", "mean_gp_in", "mean_gp_ip", "mean_gn_in",
+               "mean_gn_ip"]
+    b, a = before["raw"][row][cases].to_numpy(float), after["raw"][row][swapped].to_numpy(float)
+    np.testing.assert_allclose(a, b * np.array([1] * 4 + [-1] * 4), rtol=1e-5)   # means change sign with post
+    assert not np.allclose(before["raw"][row][cases].to_numpy(float)[0, :4],
+                           before["raw"][row][swapped].to_numpy(float)[0, :4])  # the swap is visible
+
+
+def test_a_gate_negative_on_every_token_lives_in_the_gn_cases(transformers: Any, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = build_peer("llama", tmp_path / "llama", extra={"mlp_bias": True})
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    state["model.layers.0.mlp.gate_proj.weight"][7] = 0.0
+    state["model.layers.0.mlp.gate_proj.bias"][7] = -3.0
+    save_file(state, str(f), metadata={"format": "pt"})
+    df = _run(folder, _corpus(tmp_path, 128)).frame
+    row = df[(df.layer == 0) & (df.neuron == 7)].iloc[0]
+    assert row.freq_gn_ip + row.freq_gn_in == 1.0
+    assert row.freq_gp_ip == row.freq_gp_in == 0.0 and math.isnan(row.mean_gp_ip)
+    assert row.pre_mean == pytest.approx(-3.0) and row.pre_std == pytest.approx(0.0, abs=1e-6)
+    assert row.freq_pos == 0.0
