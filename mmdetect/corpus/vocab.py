@@ -187,6 +187,14 @@ class Vocab:
         bos = getattr(self.tokenizer, "bos_token_id", None)
         return int(bos) if isinstance(bos, int) else None
 
+    @property
+    def eos_id(self) -> int | None:
+        """The tokenizer's end-of-sequence id (``corpus.windows`` puts it between documents), or None."""
+        if self.tokenizer is None:
+            return None
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return int(eos) if isinstance(eos, int) and not isinstance(eos, bool) else None
+
     def _token_table(self) -> tok_text.TokenTable | None:
         """The tokenizer's token strings and scheme, read once (None when its scheme cannot be told)."""
         if not self._table_done:
