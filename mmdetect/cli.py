@@ -8,9 +8,11 @@ from typing import Any
 import click
 
 from mmdetect.commands.report import report_command
+from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
 from mmdetect.errors import MMDetectError, one_line
 from mmdetect.options import (
     convention_option,
+    corpus_options,
     debug_option,
     device_option,
     force_option,
@@ -21,6 +23,7 @@ from mmdetect.options import (
     output_dir_option,
     output_option,
     output_options,
+    parse_size,
     plots_option,
     progress_option,
     resolve_output,
@@ -32,6 +35,8 @@ from mmdetect.options import (
     top_option,
 )
 from mmdetect.version import __version__
+
+TABLE_FORMATS = ["csv", "tsv", "json", "jsonl", "parquet", "markdown"]   # report.formats.FILE_FORMATS
 
 
 def _example(*lines: str) -> str:
@@ -299,6 +304,76 @@ def plot(scan_file: str, output: str | None, d_model: int | None, threshold: flo
     if note:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {png}", err=True)
+
+
+# -- activations: every neuron over a corpus ------------------------------------------------------------------------
+
+@main.command(epilog=_example("mmdetect activations ./stories260K -o stories.csv",
+                              "mmdetect activations gpt2 --dataset web.jsonl --max-tokens 1000000 -o gpt2.parquet",
+                              "mmdetect activations gpt2 --dataset hf:NAME --shard 0/8 -o part0.parquet",
+                              "mmdetect merge-activations part*.parquet -o gpt2.parquet"))
+@click.argument("model")
+@revision_option
+@convention_option()
+@layers_option()
+@corpus_options(DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN)
+@click.option("--shard", default="0/1", show_default=True, metavar="I/N",
+              help="Only the windows whose index is I modulo N (combine the N outputs with merge-activations).")
+@device_option()
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="The dtype the model runs in.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Cap the model's memory (e.g. 8GB): what does not fit is offloaded and read from disk each pass.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=BATCH_TOKENS, show_default=True,
+              help="Tokens per forward pass (whole windows).")
+@click.option("--top-k", type=click.IntRange(min=1, max=1000), default=TOP_K, show_default=True,
+              help="Top tokens by post-activation kept per neuron (in OUT.details.parquet).")
+@format_option(TABLE_FORMATS, "File format (default: from the --output name).")
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="The per-neuron table; OUT.details.parquet and OUT.state are written beside it.")
+@progress_option()
+@debug_option
+def activations(model: str, revision: str | None, convention: str, layers: str | None, text: str | None,
+                dataset: str | None, field_name: str, split: str | None, max_tokens: int, seq_len: int, shard: str,
+                device: str, dtype: str, max_memory: str | None, batch_tokens: int, top_k: int, fmt: str | None,
+                output: str, progress: bool | None) -> None:
+    """Statistics of every MLP neuron of MODEL over a corpus, from the model's own forward pass.
+
+    One row per neuron (layer, expert, neuron, as in a scan): pre-activation moments, sign cases of gate and linear
+    input, post-activation summary and the deletion score. A stopped run continues from OUT.state when rerun.
+    """
+    from mmdetect import report
+    from mmdetect.corpus.activations import Request, parse_shard, run
+    from mmdetect.report.activations import state_path, write_result
+
+    fmt, output = resolve_output(fmt or report.infer_format(output), output)
+    report.check_writable(output)
+    req = Request(model, revision=revision, convention=convention, layers=layers, text=text, dataset=dataset,
+                  field_name=field_name, split=split, max_tokens=max_tokens, seq_len=seq_len,
+                  shard=parse_shard(shard), device=device, dtype=dtype, batch_tokens=batch_tokens, top_k=top_k,
+                  max_memory=parse_size(max_memory), progress=progress, state=state_path(output))
+    result = run(req)
+    paths = write_result(result, fmt, output)
+    click.echo(f"wrote {len(result.frame):,} neurons to {paths[0]} (details: {paths[1]}; state: {req.state})",
+               err=True)
+
+
+@main.command("merge-activations", epilog=_example("mmdetect merge-activations part0.csv part1.csv -o all.csv"))
+@click.argument("parts", nargs=-1, required=True, metavar="OUT...")
+@format_option(TABLE_FORMATS, "File format (default: from the --output name).")
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="The merged table; OUT.details.parquet is written beside it.")
+@debug_option
+def merge_activations(parts: tuple[str, ...], fmt: str | None, output: str) -> None:
+    """Combine the outputs of `activations --shard i/N` (every shard once) into what one run gives."""
+    from mmdetect import report
+    from mmdetect.report.activations import merge_outputs, write_result
+
+    fmt, output = resolve_output(fmt or report.infer_format(output), output)
+    report.check_writable(output)
+    result = merge_outputs(list(parts), output)
+    paths = write_result(result, fmt, output)
+    click.echo(f"wrote {len(result.frame):,} neurons to {paths[0]} (details: {paths[1]})", err=True)
 
 
 # -- explain, heads, chains: what a candidate deletes, who wrote it, and memory-management heads -------------------

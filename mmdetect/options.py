@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from mmdetect.errors import THRESHOLD, check_unit
+from mmdetect.errors import THRESHOLD, UsageError, check_unit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -170,6 +170,47 @@ text_options = stack(
     click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True,
                  help="Tokens per row (capped at the model's context)."),
 )
+
+
+def corpus_options(max_tokens_default: int, seq_len_default: int = 512) -> Callable[[F], F]:
+    """The corpus of a corpus pass (``mmdetect activations``), with ``text_options``' names: ``--text``,
+    ``--dataset`` (also Parquet, a ``save_to_disk`` folder and ``hf:NAME[:CONFIG]``), ``--field``, ``--split``,
+    ``--max-tokens``, ``--seq-len``; checked by ``mmdetect.corpus.sources.resolve_source``."""
+    return stack(
+        click.option("--text", "text", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Plain-text file read as one document (default: mmdetect's small built-in corpus)."),
+        click.option("--dataset", default=None, metavar="SRC",
+                     help="Local .txt (documents separated by blank lines), .jsonl (one object per line with a text "
+                          "field, or an 'ids' list), .parquet (a text column, or an 'ids' list column), a folder "
+                          "written by datasets' save_to_disk, or hf:NAME[:CONFIG] (a Hugging Face dataset, "
+                          "streamed; offline from its cache with HF_HUB_OFFLINE=1)."),
+        click.option("--field", "field_name", default="text", show_default=True, metavar="NAME",
+                     help="The text field (JSONL) or column (Parquet, datasets) of --dataset."),
+        click.option("--split", default=None, metavar="NAME",
+                     help="The split of a saved DatasetDict or an hf: dataset (default: train)."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=max_tokens_default, show_default=True,
+                     help="Feed at most this many tokens in all (BOS included), over the whole corpus."),
+        click.option("--seq-len", type=click.IntRange(min=8), default=seq_len_default, show_default=True,
+                     help="Tokens per window (BOS included)."),
+    )
+
+
+def parse_size(text: str | None, option: str = "--max-memory") -> int | None:
+    """'8GB', '512MiB', '2e9' -> bytes (decimal for KB/MB/GB/TB, binary for KiB/MiB/GiB/TiB)."""
+    import re
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", str(text).lower())
+    if not m:
+        raise UsageError(f"{option} {text!r} is not a size: give e.g. 8GB, 512MiB or 2e9 (bytes)")
+    unit = (m.group(2) or "b").rstrip("b") or "b"
+    scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise UsageError(f"{option} {text!r} must be more than 0 bytes")
+    return value
 
 
 # -- sweeps and merges ------------------------------------------------------------------------------------------------

@@ -10,32 +10,32 @@ the shards add up to the state of one run (``merge_states``). A run that is stop
 from __future__ import annotations
 
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mmdetect.convention import DEFAULT, get_convention
 from mmdetect.corpus import state as saved
+from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site, Tokens
 from mmdetect.corpus.model import DTYPES, gguf_module_names, gguf_tokenizer, load_model
 from mmdetect.corpus.sources import resolve_source
-from mmdetect.corpus.stats import CASES, NO_KEY, TOP_K, describe
+from mmdetect.corpus.stats import CASES, NO_KEY, Moments, describe
 from mmdetect.corpus.vocab import Vocab, load_vocab
 from mmdetect.corpus.windows import Window, corpus_digest, windows
 from mmdetect.errors import MMDetectError, UsageError
 from mmdetect.io.checkpoint import open_checkpoint
 from mmdetect.io.output import sigint_deferred
 from mmdetect.results.progress import progress as progress_bar
-from mmdetect.results.provenance import Provenance
+from mmdetect.results.provenance import Provenance, now
+from mmdetect.scanner.layers import parse_layers
+from mmdetect.scanner.pipeline import pick_device
 
-DEFAULT_MAX_TOKENS = 32_768       # about a minute for the default model (Gemma 3 270M) on a 2-core CPU
-DEFAULT_SEQ_LEN = 512
-BATCH_TOKENS = 4096               # tokens per forward pass (whole windows of one length)
 SAVE_EVERY = 300.0                # seconds between saved states
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
 HINT = "check the model with `mmdetect scan` first"
@@ -52,7 +52,7 @@ class Request:
     model: str
     revision: str | None = None
     convention: str = DEFAULT
-    layers: Container[int] | None = None
+    layers: str | None = None         # as --layers takes it: 0-5,10
     text: str | None = None
     dataset: str | None = None
     field_name: str = "text"
@@ -104,29 +104,30 @@ def run(req: Request) -> Result:
     if req.dtype not in DTYPES:
         raise UsageError(f"--dtype {req.dtype} is not one of {', '.join(DTYPES)}")
     conv = get_convention(req.convention)
+    layers = parse_layers(req.layers)
+    device = pick_device(req.device)
     source = resolve_source(req.text, req.dataset, req.field_name, req.split)   # a bad corpus fails first
     ckpt = open_checkpoint(req.model, revision=req.revision)
     try:
-        sites = weight_sites(ckpt, conv, req.layers, req.top_k)
+        sites = weight_sites(ckpt, conv, layers, req.top_k)
         if not sites:
             raise MMDetectError(f"{ckpt.ref} has no MLP to measure{' in --layers' if req.layers else ''}")
-        model = load_model(ckpt, device=req.device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT)
+        model = load_model(ckpt, device=device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT)
         vocab = _vocab(ckpt, model)
         context = getattr(model.config, "max_position_embeddings", None)
         seq_len = min(req.seq_len, int(context)) if isinstance(context, int) and context > 0 else req.seq_len
         identity = {"fingerprint": ckpt.fingerprint(), "corpus": corpus_digest(source, vocab, seq_len, req.max_tokens),
-                    "convention": conv.name, "layers": sorted(req.layers) if req.layers is not None else None,
+                    "convention": conv.name, "layers": req.layers or None,
                     "seq_len": seq_len, "max_tokens": req.max_tokens, "top_k": req.top_k, "dtype": req.dtype,
-                    "device": req.device, "shard": list(req.shard), "batch_tokens": req.batch_tokens}
+                    "device": device, "shard": list(req.shard), "batch_tokens": req.batch_tokens}
+        prov = Provenance.of(ckpt, "activations", convention=conv.name, layers=req.layers, device=device,
+                             corpus=source.description, seq_len=seq_len, max_tokens=req.max_tokens,
+                             shard=f"{req.shard[0]}/{req.shard[1]}", dtype=req.dtype, **describe())
         done = _resume(req, identity, sites)
         if done is not None:
             stream = windows(source, vocab, seq_len, req.max_tokens, req.shard)
-            done = _pass(model, sites, stream, ckpt, req, identity, seq_len, done)
-        prov = Provenance.of(ckpt, "activations", convention=conv.name, layers=req.layers, device=req.device,
-                             corpus=source.description, seq_len=seq_len, max_tokens=req.max_tokens,
-                             shard=f"{req.shard[0]}/{req.shard[1]}", dtype=req.dtype, **describe())
-        tops = _contexts(sites, source, vocab, seq_len, req)
-        return build(sites, prov, tops)
+            _pass(model, sites, stream, ckpt, req, identity, prov.to_dict(), seq_len, done)
+        return build(sites, prov, _contexts(sites, source, vocab, seq_len, req), seq_len)
     finally:
         ckpt.close()
 
@@ -173,7 +174,7 @@ def _tokens(batch: list[Window], seq_len: int) -> Tokens:
 
 
 def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, req: Request,
-          identity: dict[str, Any], seq_len: int, done: int) -> int:
+          identity: dict[str, Any], provenance: dict[str, Any], seq_len: int, done: int) -> int:
     """Run the windows after the first ``done`` through the model, batch by batch; save the state every
     ``save_every`` seconds, on Ctrl-C (then KeyboardInterrupt) and at the end."""
     hooks = Hooks(model, sites, gguf_module_names(ckpt, model) or None)
@@ -184,7 +185,7 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
 
     def save(complete: bool) -> None:
         if req.state is not None:
-            saved.save(req.state, identity, done, complete, sites)
+            saved.save(req.state, identity, done, complete, sites, provenance)
 
     try:
         with progress_bar(req.progress, total, ckpt.ref, verb="measuring", unit="tokens") as advance, \
@@ -241,15 +242,35 @@ def _contexts(sites: list[Site], source: Any, vocab: Vocab, seq_len: int, req: R
     return out
 
 
-def build(sites: list[Site], prov: Provenance, tops: dict[int, dict[str, Any]], seq_len: int | None = None) -> Result:
+class Measured(Protocol):
+    """What ``build`` reads of a measured MLP: a :class:`~mmdetect.corpus.hooks.Site`, or one merged from states."""
+
+    layer: int
+    expert: Any
+    w_along: torch.Tensor
+    moments: Moments
+
+    @property
+    def gated(self) -> bool: ...
+
+
+@dataclass
+class MergedSite:
+    layer: int
+    expert: Any
+    gated: bool
+    w_along: torch.Tensor
+    moments: Moments
+
+
+def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str, Any]], seq_len: int) -> Result:
     """The table and the companion columns of measured sites (a run's, or merged shards')."""
     import pandas as pd
 
-    seq_len = seq_len or int(prov.options.get("seq_len") or 1)
     frames, details = [], {"layer": [], "expert": [], "neuron": [], "hist": [], "top": []}
     for site in sites:
         m = site.moments
-        cols = m.columns(site.spec.gated, site.w_along)
+        cols = m.columns(site.gated, site.w_along)
         n = m.n
         frames.append(pd.DataFrame({"layer": np.full(n, site.layer), "expert": [site.expert] * n,
                                     "neuron": np.arange(n), **cols}))
@@ -266,3 +287,38 @@ def build(sites: list[Site], prov: Provenance, tops: dict[int, dict[str, Any]], 
     return Result(df, details, prov)
 
 
+def merge_states(states: Sequence[saved.State], names: Sequence[str], tops: dict[int, dict[str, Any]]) -> Result:
+    """The result of one run from the complete states of its shards (``names``: where each came from, for
+    messages). Refused, in one line, unless they are every shard of the same inputs exactly once."""
+    if not states:
+        raise UsageError("give the outputs of the shards to merge")
+    first = states[0]
+    n = int(first.identity.get("shard", [0, 1])[1])
+    seen: dict[int, str] = {}
+    for st, name in zip(states, names):
+        if not st.complete:
+            raise MMDetectError(f"{name} is a partial run: finish it (rerun the same command) before merging")
+        diff = saved.differences(first.identity, st.identity, skip=("shard",))
+        if diff or st.sites != first.sites:
+            raise MMDetectError(f"{name} was made from other inputs than {names[0]} "
+                                f"({', '.join(diff) if diff else 'the measured MLPs'} differ): merge shards of one run")
+        i, m = (int(x) for x in st.identity.get("shard", [0, 1]))
+        if m != n:
+            raise MMDetectError(f"{name} is shard {i}/{m}, {names[0]} is one of {n}: merge shards of one split")
+        if i in seen:
+            raise MMDetectError(f"{name} and {seen[i]} are both shard {i}/{n}: give each shard once")
+        seen[i] = name
+    missing = sorted(set(range(n)) - set(seen))
+    if missing:
+        raise MMDetectError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(f'{i}/{n}' for i in missing)} "
+                            f"missing: merge every shard of the run")
+    order = sorted(range(len(states)), key=lambda k: int(states[k].identity["shard"][0]))
+    merged = []
+    for j, rec in enumerate(first.sites):
+        moments = Moments.from_tensors({k: v.clone() for k, v in states[order[0]].moments[j].tensors().items()})
+        for k in order[1:]:
+            moments.merge(states[k].moments[j])
+        merged.append(MergedSite(rec["layer"], rec["expert"], bool(rec["gated"]), first.w_along[j], moments))
+    prov = Provenance.from_dict({**first.provenance, "created": now()})
+    prov.options = {**prov.options, "shard": f"all {n}"}
+    return build(merged, prov, tops, int(first.identity["seq_len"]))

@@ -53,6 +53,10 @@ class Site:
     moments: Moments = field(repr=False)
 
     @property
+    def gated(self) -> bool:
+        return self.spec.gated
+
+    @property
     def routed(self) -> bool:
         return self.spec.experts != "none"
 

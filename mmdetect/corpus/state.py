@@ -33,8 +33,10 @@ class State:
     identity: dict[str, Any]        # what the numbers depend on (a resumed or merged state must match)
     windows: int                    # windows of this shard already counted
     complete: bool
-    sites: list[dict[str, Any]]     # layer, expert, spec, n: the order of the tensors
+    sites: list[dict[str, Any]]     # layer, expert, spec, n, gated: the order of the tensors
     moments: list[Moments]
+    w_along: list[torch.Tensor]     # per site [n]: each neuron's write along its read direction (deletion score)
+    provenance: dict[str, Any]
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -49,16 +51,19 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def site_record(site: Site) -> dict[str, Any]:
-    return {"layer": site.layer, "expert": site.expert, "spec": site.spec.name, "n": site.moments.n}
+    return {"layer": site.layer, "expert": site.expert, "spec": site.spec.name, "n": site.moments.n,
+            "gated": site.gated}
 
 
-def save(path: str | os.PathLike, identity: dict[str, Any], windows: int, complete: bool, sites: list[Site]) -> None:
+def save(path: str | os.PathLike, identity: dict[str, Any], windows: int, complete: bool, sites: list[Site],
+         provenance: dict[str, Any]) -> None:
     from safetensors.torch import save as st_save
 
     tensors = {f"{i}.{name}": t.contiguous() for i, site in enumerate(sites)
                for name, t in site.moments.tensors().items()}
+    tensors.update({f"{i}.w_along": site.w_along.double().contiguous() for i, site in enumerate(sites)})
     meta = {"format": FORMAT, "identity": identity, "windows": windows, "complete": complete,
-            "sites": [site_record(s) for s in sites], "digest": _digest(tensors)}
+            "sites": [site_record(s) for s in sites], "digest": _digest(tensors), "provenance": provenance}
     data = st_save(tensors, metadata={"mmdetect": json.dumps(meta, sort_keys=True)})
     with atomic_write(path, binary=True) as fh:
         fh.write(data)
@@ -83,8 +88,9 @@ def load(path: str | os.PathLike) -> State:
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         identity, windows, complete = meta["identity"], int(meta["windows"]), bool(meta["complete"])
-        records = meta["sites"]
-        if not isinstance(identity, dict) or not isinstance(records, list) or windows < 0:
+        records, provenance = meta["sites"], meta.get("provenance") or {}
+        if not isinstance(identity, dict) or not isinstance(records, list) or windows < 0 or \
+                not isinstance(provenance, dict):
             raise ValueError("malformed metadata")
     except MMDetectError:
         raise
@@ -93,7 +99,7 @@ def load(path: str | os.PathLike) -> State:
     if _digest(tensors) != meta.get("digest"):
         raise CorruptInputError(f"{bad}: its tensors do not match its recorded digest (edited or damaged); delete it "
                                 f"to start again")
-    moments = []
+    moments, w_along = [], []
     for i, rec in enumerate(records):
         n = rec.get("n") if isinstance(rec, dict) else None
         try:
@@ -107,8 +113,12 @@ def load(path: str | os.PathLike) -> State:
             if got.dtype != t.dtype or got.shape != t.shape:
                 raise CorruptInputError(f"{bad}: tensor {i}.{name} is {got.dtype} {tuple(got.shape)}, expected "
                                         f"{t.dtype} {tuple(t.shape)}; delete it to start again")
+        w = tensors.get(f"{i}.w_along")
+        if w is None or w.dtype != torch.float64 or tuple(w.shape) != (m.n,):
+            raise CorruptInputError(f"{bad}: tensor {i}.w_along is missing or malformed; delete it to start again")
         moments.append(m)
-    return State(identity, windows, complete, records, moments)
+        w_along.append(w)
+    return State(identity, windows, complete, records, moments, w_along, provenance)
 
 
 def differences(a: dict[str, Any], b: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmdetect.corpus.defaults import TOP_K
+
 HIST_LO, HIST_HI, HIST_BINS = -10.0, 15.0, 256   # universal-neurons' fixed edges: linspace(-10, 15, 257)
 HIST_SLOTS = HIST_BINS + 2                        # [underflow, 256 bins, overflow]
-TOP_K = 20                                        # top tokens by post-activation kept per neuron (companion file)
 DELETION_K = 32                                   # tokens with the largest |post| that the deletion score averages
 CASES = ("gp_ip", "gp_in", "gn_ip", "gn_in")      # sign cases of (gate, linear input); exact zeros fall in none
 NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set sorts last
