@@ -246,3 +246,127 @@ def test_a_gate_negative_on_every_token_lives_in_the_gn_cases(transformers: Any,
     assert row.freq_gp_ip == row.freq_gp_in == 0.0 and math.isnan(row.mean_gp_ip)
     assert row.pre_mean == pytest.approx(-3.0) and row.pre_std == pytest.approx(0.0, abs=1e-6)
     assert row.freq_pos == 0.0
+
+
+# -- shards, merge, resume, saved states -----------------------------------------------------------------------------
+
+def _cli(*args: Any) -> Any:
+    from click.testing import CliRunner
+
+    from mmdetect.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _tables_equal(a: Path, b: Path, exact: bool) -> None:
+    import pandas as pd
+
+    x, y = pd.read_csv(a), pd.read_csv(b)
+    assert list(x.columns) == list(y.columns) and len(x) == len(y)
+    for col in x.columns:
+        if exact or col in ("layer", "expert", "neuron", "tokens"):
+            assert x[col].equals(y[col]), col
+        else:
+            np.testing.assert_allclose(x[col].to_numpy(float), y[col].to_numpy(float), rtol=1e-12, err_msg=col)
+
+
+def _tops(path: Path) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(f"{path}.details.parquet")
+    return [t.column("hist").to_pylist(), t.column("top").to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny llama, a corpus of 30 windows, and one whole run's table."""
+    pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("act")
+    folder = build_peer("llama", tmp / "llama")
+    corpus = _corpus(tmp, 128, rows=30)
+    whole = tmp / "whole.csv"
+    assert _cli("activations", folder, "--dataset", corpus, "--seq-len", SEQ_LEN, "--batch-tokens", SEQ_LEN * 4,
+                "--max-tokens", 100_000, "-o", whole).exit_code == 0
+    return folder, corpus, whole
+
+
+def test_shards_merge_into_one_run(llama_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    folder, corpus, whole = llama_run
+    parts = []
+    for i in range(3):
+        part = tmp_path / f"part{i}.csv"
+        r = _cli("activations", folder, "--dataset", corpus, "--seq-len", SEQ_LEN, "--batch-tokens", SEQ_LEN * 4,
+                 "--max-tokens", 100_000, "--shard", f"{i}/3", "-o", part)
+        assert r.exit_code == 0, r.output
+        parts.append(part)
+    merged = tmp_path / "merged.csv"
+    missing = _cli("merge-activations", parts[0], parts[2], "-o", merged)
+    assert missing.exit_code == 2 and "shard 1/3 missing: merge every shard of the run" in missing.output
+    twice = _cli("merge-activations", parts[0], parts[0], parts[1], "-o", merged)
+    assert twice.exit_code == 2 and "are both shard 0/3: give each shard once" in twice.output
+    r = _cli("merge-activations", *parts, "-o", merged)
+    assert r.exit_code == 0, r.output
+    _tables_equal(whole, merged, exact=False)     # counts identical, float64 sums to the last bits
+    assert _tops(whole) == _tops(merged)           # histograms and top tokens (with their contexts) identical
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(llama_run: tuple[Path, Path, Path],
+                                                         tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, corpus, whole = llama_run
+    out = tmp_path / "resumed.csv"
+    state = Path(f"{out}.state")
+    # Save after every batch, and wait after the first partial save, so the kill lands mid-run.
+    code = ("import sys, time, mmdetect.corpus.activations as a, mmdetect.corpus.state as s; a.SAVE_EVERY = 0.0\n"
+            "save = s.save\n"
+            "def slow(*args, **kw):\n"
+            "    save(*args, **kw)\n"
+            "    if not args[3]: time.sleep(60)\n"
+            "s.save = slow\n"
+            "from mmdetect.cli import main; main(sys.argv[1:])")
+    args = ["activations", str(folder), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--batch-tokens",
+            str(SEQ_LEN * 4), "--max-tokens", "100000", "-o", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not out.exists(), "killed after the first saved state, before the table"
+    from mmdetect.corpus import state as saved
+
+    partial = saved.load(state)
+    assert not partial.complete and 0 < partial.windows < 30
+    r = _cli(*args)
+    assert r.exit_code == 0, r.output
+    _tables_equal(whole, out, exact=True)          # the same batches: bit for bit
+    assert _tops(whole) == _tops(out)
+
+
+def test_a_state_of_other_inputs_or_tampered_is_refused(llama_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder, corpus, whole = llama_run
+    out = tmp_path / "x.csv"
+    shutil.copy(f"{whole}.state", f"{out}.state")
+    state = Path(f"{out}.state")
+    other = _cli("activations", folder, "--dataset", corpus, "--seq-len", 32, "--batch-tokens", SEQ_LEN * 4,
+                 "--max-tokens", 100_000, "-o", out)
+    assert other.exit_code == 2
+    assert f"error: {state} holds a run of other inputs (corpus, seq_len differ): delete it, or write to another " \
+           f"--output" in other.output
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0xFF
+    state.write_bytes(bytes(data))
+    same = ["activations", folder, "--dataset", corpus, "--seq-len", SEQ_LEN, "--batch-tokens", SEQ_LEN * 4,
+            "--max-tokens", 100_000, "-o", out]
+    r = _cli(*same)
+    assert r.exit_code == 2 and "do not match its recorded digest (edited or damaged); delete it" in r.output
+    state.write_bytes(bytes(data[: len(data) // 2]))
+    r = _cli(*same)
+    assert r.exit_code == 2 and f"{state} is not a usable mmdetect activations state" in r.output
+    assert not out.exists()

@@ -67,7 +67,7 @@ class Request:
     max_memory: int | None = None
     progress: bool | None = None
     state: str | Path | None = None   # where the state is saved and resumed from (None: not saved)
-    save_every: float = SAVE_EVERY
+    save_every: float | None = None   # seconds between saved states (None: SAVE_EVERY)
 
 
 @dataclass
@@ -182,6 +182,7 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
     total = req.max_tokens // req.shard[1] if req.max_tokens else 0
     device = next(model.parameters()).device
     last = time.monotonic()
+    every = SAVE_EVERY if req.save_every is None else req.save_every
 
     def save(complete: bool) -> None:
         if req.state is not None:
@@ -190,9 +191,9 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
     try:
         with progress_bar(req.progress, total, ckpt.ref, verb="measuring", unit="tokens") as advance, \
                 sigint_deferred() as interrupted, torch.inference_mode():
-            skipped = 0
+            skipped, start = 0, done
             for batch in _batches(stream, per):
-                if skipped < done:          # counted before the state was saved: batches are whole
+                if skipped < start:         # counted before the state was saved: batches are whole
                     skipped += len(batch)
                     continue
                 hooks.tokens = _tokens(batch, seq_len)
@@ -203,7 +204,7 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
                 if interrupted():
                     save(False)
                     raise KeyboardInterrupt
-                if req.state is not None and time.monotonic() - last > req.save_every:
+                if req.state is not None and time.monotonic() - last >= every:
                     save(False)
                     last = time.monotonic()
     finally:
