@@ -399,14 +399,12 @@ def _expert(_ctx: click.Context, _param: Any, value: str | None) -> int | str | 
 @top_option(10, "Writers and tokens listed per section.")
 @click.option("--contexts", type=click.IntRange(min=0), default=8, show_default=True,
               help="Top-activating contexts shown.")
-@click.option("--top-tokens", type=click.IntRange(min=1), default=None,
-              help="Tokens the deletion score covers: those with the largest |activation| (default: 2%, at least 20).")
 @format_option(["table", "json"], "A panel on the terminal (default), or the JSON document.")
 @output_option("Write to this file (atomically); a .json name implies --format json.")
 @debug_option
 def explain(model: str, layer: int, neuron: int, expert: int | str | None, revision: str | None, convention: str,
             text: str | None, dataset: str | None, field_name: str, max_tokens: int, seq_len: int, activations: bool,
-            top: int, contexts: int, top_tokens: int | None, fmt: str | None, output: str | None) -> None:
+            top: int, contexts: int, fmt: str | None, output: str | None) -> None:
     """Explain one MLP neuron of MODEL: its upstream writers, its vocabulary view and what it does on text.
 
     Upstream writers are earlier neurons, heads and embedding tokens that write along the direction the neuron
@@ -422,7 +420,7 @@ def explain(model: str, layer: int, neuron: int, expert: int | str | None, revis
         fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
     doc = run_explain(model, layer, neuron, expert, revision=revision, convention=convention, text=text,
                       dataset=dataset, field_name=field_name, activations=activations, top=top,
-                      top_tokens=top_tokens, n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
+                      n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
     if fmt == "json":
         report.write_document(doc, output)
         return

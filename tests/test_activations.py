@@ -370,3 +370,33 @@ def test_a_state_of_other_inputs_or_tampered_is_refused(llama_run: tuple[Path, P
     r = _cli(*same)
     assert r.exit_code == 2 and f"{state} is not a usable mmdetect activations state" in r.output
     assert not out.exists()
+
+
+def test_verify_and_explain_report_the_activations_deletion_column(llama_run: tuple[Path, Path, Path]) -> None:
+    """One definition: on the same corpus and windows, scan --verify and explain give the column's number."""
+    import pandas as pd
+
+    from mmdetect.analysis.explain import explain
+    from mmdetect.analysis.verify import verify
+
+    folder, corpus, whole = llama_run
+    table = pd.read_csv(whole)
+    scan = mmdetect_scan(folder)
+    opts = {"dataset": str(corpus), "max_tokens": 100_000, "seq_len": SEQ_LEN}
+    checked = verify(scan, str(folder), 5, **opts)
+    rows = checked[checked.deletion.notna()]
+    assert len(rows) == 5
+    for _, row in rows.iterrows():
+        want = table[(table.layer == row.layer) & (table.neuron == row.neuron)].deletion.iloc[0]
+        assert row.deletion == pytest.approx(want, rel=1e-7)
+    layer, neuron = int(rows.iloc[0].layer), int(rows.iloc[0].neuron)
+    doc = explain(str(folder), layer, neuron, top=2, **opts)
+    want = table[(table.layer == layer) & (table.neuron == neuron)].deletion.iloc[0]
+    assert doc["activations"]["deletion"]["score"] == pytest.approx(want, rel=1e-7)
+    assert doc["activations"]["deletion"]["tokens"] == 32
+
+
+def mmdetect_scan(folder: Path) -> Any:
+    import mmdetect
+
+    return mmdetect.scan(str(folder), threshold=0.0)

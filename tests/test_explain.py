@@ -30,7 +30,9 @@ from mmdetect.analysis.heads import scan_heads, spectrum_scores
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.verify import VERIFY_COLUMNS, verify
 from mmdetect.cli import main
-from mmdetect.corpus.vocab import default_corpus, load_corpus, load_vocab
+from mmdetect.corpus.sources import resolve_source
+from mmdetect.corpus.vocab import Vocab, load_vocab
+from mmdetect.corpus.windows import windows
 from mmdetect.errors import MMDetectError
 
 SHARED = SHARED_MODELS
@@ -79,7 +81,7 @@ def test_deletion_score_separates_the_planted_deleter(planted: str) -> None:
         wanted = [(layer, None, j) for layer in (0, 1) for j in range(128)]
         targets = find_targets(circuit, wanted)
         vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
-        ev = evidence(circuit, targets, default_corpus(), vocab, max_tokens=2048)
+        ev = evidence(circuit, targets, resolve_source(), vocab, max_tokens=2048)
     scores = {(t.layer, t.index): e["deletion"]["score"] for t, e in zip(targets, ev)}
     planted_score = scores.pop((1, B))
     others = [s for s in scores.values() if math.isfinite(s)]
@@ -104,19 +106,21 @@ def test_text_and_dataset_sources(planted: str, tmp_path: Path) -> None:
     story = tmp_path / "story.txt"
     story.write_text("The cat sat on the mat. " * 40)
     doc = explain(planted, 1, B, text=str(story), top=3)
-    assert doc["activations"]["source"] == "text file story.txt" and doc["activations"]["deletion"]["score"] > 0.8
+    assert doc["activations"]["source"] == "text file story.txt (960 bytes)"
+    assert doc["activations"]["deletion"]["score"] > 0.8
     records = tmp_path / "data.jsonl"
     records.write_text(json.dumps({"text": "hello world, again and again"}) + "\n" + json.dumps({"ids": [1, 2, 3] * 20})
                        + "\n")
     doc = explain(planted, 1, B, dataset=str(records), top=3)
-    assert doc["activations"]["source"] == "data.jsonl (2 records)"
+    size = records.stat().st_size
+    assert doc["activations"]["source"] == f"JSONL file data.jsonl ({size} bytes; text field 'text' or 'ids')"
     with pytest.raises(MMDetectError, match="not JSON"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text("{nope\n")
-        load_corpus(dataset=str(bad))
+        list(windows(resolve_source(dataset=str(bad)), Vocab(256), 64))
     with pytest.raises(MMDetectError, match="either --text or --dataset"):
-        load_corpus(text=str(story), dataset=str(records))
-    assert len(default_corpus().documents) > 15
+        resolve_source(text=str(story), dataset=str(records))
+    assert len(list(resolve_source().parts())) > 15
 
 
 def test_verify_returns_a_new_frame_and_leaves_the_scan_alone(planted: str) -> None:
@@ -275,7 +279,7 @@ def test_cli_heads_and_chains_formats(planted: str, tmp_path: Path) -> None:
 def test_cli_user_errors_are_one_line(planted: str, tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(main, ["explain", planted, "-l", "1", "-n", "0", "--text", str(tmp_path / "missing.txt")])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and "is not a file" in res.output
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "does not exist: give a plain-text file" in res.output
     res = runner.invoke(main, ["explain", planted, "-l", "9", "-n", "0"])
     assert res.exit_code == 2 and "layer 9 has no MLP" in res.output
     res = runner.invoke(main, ["heads", str(tmp_path / "nowhere")])
@@ -335,9 +339,9 @@ def test_deletion_matches_an_ablation_through_transformers(which: str, planted: 
     with open_circuit(path) as circuit:
         target = find_targets(circuit, [(layer, None, neuron)])[0]
         vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
-        corpus = default_corpus()
+        corpus = resolve_source()
         ev = evidence(circuit, [target], corpus, vocab, max_tokens=512, n_contexts=5)[0]
-        rows = vocab.rows(corpus, 128, 512)
+        rows = {w.index: w.ids.tolist() for w in windows(corpus, vocab, 128, 512)}
     rhat = target.r.double() / target.r.double().norm()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dec = model.model.layers[layer]
@@ -379,7 +383,7 @@ def test_gguf_deletion_equals_the_safetensors_route(stories_gguf: Path) -> None:
     """The same float32 weights as GGUF and as safetensors: transformers builds the same model from both and the
     targets read the same vectors, so on the same tokens every deletion score is the same number (to float64
     rounding: the per-token sums run in one order on both routes)."""
-    corpus = default_corpus()
+    corpus = resolve_source()
     flagged = [(0, None, 84), (0, None, 86), (4, None, 3)]
     with open_circuit(str(SHARED / "stories260K")) as st:
         vocab = load_vocab(st.ckpt, st.vocab_size())
@@ -459,7 +463,7 @@ def test_gemma3_270m_gguf_deletion_equals_its_safetensors_copy(tmp_path: Path, t
     path = g.assemble()
     top = mmdetect.scan(path, layers="5").iloc[:3]
     wanted = [(int(r["layer"]), None, int(r["neuron"])) for _i, r in top.iterrows()]
-    corpus = default_corpus()
+    corpus = resolve_source()
     with open_circuit(path) as gg:
         model = load_hf_model(gg)                     # the GGUF route: from_pretrained(folder, gguf_file=...)
         vocab = gguf_tokenizer(gg, load_vocab(gg.ckpt, gg.vocab_size()))

@@ -20,6 +20,7 @@ import pytest
 
 from mmdetect.corpus import tokens as T
 from mmdetect.corpus.vocab import DEFAULT, Vocab, load_vocab
+from mmdetect.corpus.windows import windows
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -211,8 +212,9 @@ def test_byte_level_vocab_without_transformers(byte_bpe: Path, monkeypatch: pyte
     assert vocab.label(tab) == "\tTokenName" and repr(vocab.label(tab)) == "'\\tTokenName'"
     assert f"embed {vocab.label(tok.token_to_id(spelled(chr(13))))!r}" == "embed '\\r'"   # as chains labels it
     assert vocab.label(tok.get_vocab_size() + 5) == f"#{tok.get_vocab_size() + 5}"
-    rows = vocab.rows(SimpleNamespace(documents=[s * 3], ids=[], name="t"), 16, 100)
-    assert rows and all(r[0] == vocab.bos_id for r in rows)
+    source = SimpleNamespace(parts=lambda: iter([s * 3]), digest="t", name="t")
+    rows = list(windows(source, vocab, 16, 100))
+    assert rows and all(w.bos and w.ids[0] == vocab.bos_id for w in rows)
     assert load_vocab(ckpt, 10, transformers=False).kind == "tokenizer"
 
 

@@ -3,9 +3,12 @@
 At each token the neuron's activation a (the hidden value feeding the down projection, sign-canonicalised like r_j),
 the residual stream x at the MLP's input and its component c = x . r̂_j. The neuron removes rem = -a (w_j . r̂_j) s
 along r̂_j, where w_j is its actual write (``Target.w_write``: the stored write times a post-norm gain) and s the
-post-norm's 1/rms (1 without one). The **deletion score** over the K tokens with the largest |a| is
-sum(rem * sign(c)) / sum |c|: the fraction of the residual's component along r̂_j that the neuron's own write removes
-where it fires most (1 = erases it exactly, 0 = leaves it, < 0 = amplifies it).
+post-norm's 1/rms (1 without one). The **deletion score** over the 32 tokens with the largest |a| (ties to the
+earlier token; ``corpus.stats.DELETION_K``) is sum(rem * sign(c)) / sum |c|: the fraction of the residual's component
+along r̂_j that the neuron's own write removes where it fires most (1 = erases it exactly, 0 = leaves it, < 0 =
+amplifies it). The score comes from the corpus pass (``corpus.stats.Moments``), on the windows that
+``mmdetect activations`` reads from the same corpus, so ``explain``, ``scan --verify`` and its ``deletion`` column give
+one number; the probe here adds the per-token distribution and contexts of the explained neurons.
 """
 from __future__ import annotations
 
@@ -17,9 +20,16 @@ import torch
 
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.targets import Target
+from mmdetect.corpus.activations import batch_tokens, batches
+from mmdetect.corpus.defaults import BATCH_TOKENS
+from mmdetect.corpus.directions import sites as weight_sites
+from mmdetect.corpus.hooks import Hooks, Site
 from mmdetect.corpus.model import find_module, gguf_module_names, load_model
 from mmdetect.corpus.model import gguf_tokenizer as load_gguf_tokenizer
-from mmdetect.corpus.vocab import Corpus, Vocab
+from mmdetect.corpus.sources import CorpusSource
+from mmdetect.corpus.stats import NO_KEY
+from mmdetect.corpus.vocab import Vocab
+from mmdetect.corpus.windows import Window, windows
 from mmdetect.errors import MMDetectError
 from mmdetect.registry import tensor_key
 from mmdetect.scanner.neurons import unit
@@ -125,53 +135,24 @@ class Probe:
         self.hooks.clear()
 
 
-def collect(model: Any, targets: list[Target], rows: list[list[int]], batch_tokens: int = 4096,
-            renames: dict[str, str] | None = None) -> tuple[Probe, list[tuple[int, int]]]:
-    """Run ``rows`` through ``model`` (rows of equal length batched together) with a Probe attached.
-
-    Returns the probe and (row, position) of every token, in the order the probe recorded them.
-    """
-    probe = Probe(model, targets, renames)
-    where: list[tuple[int, int]] = []
-    order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
-    try:
-        with torch.inference_mode():
-            k = 0
-            while k < len(order):
-                length = len(rows[order[k]])
-                batch = [order[k]]
-                k += 1
-                while k < len(order) and len(rows[order[k]]) == length and (len(batch) + 1) * length <= batch_tokens:
-                    batch.append(order[k])
-                    k += 1
-                model(input_ids=torch.tensor([rows[i] for i in batch]), use_cache=False)
-                where += [(i, p) for i in batch for p in range(length)]
-    finally:
-        probe.remove()
-    return probe, where
-
-
-def deletion(rec: dict[str, torch.Tensor], target: Target, keep: torch.Tensor, top_tokens: int | None) \
-        -> dict[str, Any]:
-    """Deletion score over the tokens where |a| is largest (``keep`` masks out BOS positions)."""
-    rhat = unit(target.r.double())
-    w_along = float(target.w_write.double() @ rhat) * target.sign   # raw write along r̂, canonical orientation
-    a, c, s = rec["a"].double(), rec["c"].double(), rec["s"].double()
-    rem = -a * w_along * s
-    pool = torch.nonzero(keep).flatten()
-    n = int(pool.numel())
-    k = top_tokens if top_tokens else max(20, n // 50)
-    k = min(k, n)
-    if k == 0:
-        return {"score": float("nan"), "tokens": 0, "rem": rem, "frac": rem / c}
-    top = pool[a[pool].abs().topk(k).indices]
-    denom = float(c[top].abs().sum())
-    score = float((rem[top] * torch.sign(c[top])).sum()) / denom if denom > 0 else float("nan")
-    frac = torch.where(c != 0, rem / c, torch.full_like(c, float("nan")))
-    med = float(frac[top].nanmedian()) if k else float("nan")
-    return {"score": score, "tokens": k, "median_fraction": med, "write_along_read": w_along,
-            "mean_component": float(c[top].abs().mean()), "mean_removed": float((rem[top] * torch.sign(c[top])).mean()),
-            "rem": rem, "frac": frac, "top": top}
+def deletion(site: Site, j: int, rec: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Neuron ``j`` of ``site``: the deletion score of the corpus pass (``corpus.stats``, the one definition that
+    ``mmdetect activations`` reports), its set's summary, and per token (``rec``: the probe's a, c, s) what the
+    write removes (``rem``) and the fraction of the component that is (``frac``), for the contexts."""
+    m = site.moments
+    w_along = float(site.w_along[j])
+    valid = m.del_key[j] != NO_KEY
+    a, c, s = m.del_a[j][valid], m.del_c[j][valid], m.del_s[j][valid]
+    rem_set = -a * w_along * s
+    rem = -rec["a"].double() * w_along * rec["s"].double()
+    cc = rec["c"].double()
+    frac = torch.where(cc != 0, rem / cc, torch.full_like(cc, float("nan")))
+    k = int(valid.sum())
+    frac_set = torch.where(c != 0, rem_set / c, torch.full_like(c, float("nan")))
+    return {"score": float(m.deletion(site.w_along)[j]), "tokens": k,
+            "median_fraction": float(frac_set.nanmedian()) if k else float("nan"), "write_along_read": w_along,
+            "mean_component": float(c.abs().mean()) if k else float("nan"),
+            "mean_removed": float((rem_set * torch.sign(c)).mean()) if k else float("nan"), "rem": rem, "frac": frac}
 
 
 def activation_summary(a: torch.Tensor) -> dict[str, Any]:
@@ -186,7 +167,7 @@ def activation_summary(a: torch.Tensor) -> dict[str, Any]:
 
 
 def contexts(rec: dict[str, torch.Tensor], dele: dict[str, Any], where: list[tuple[int, int]], keep: torch.Tensor,
-             rows: list[list[int]], vocab: Vocab, n: int) -> list[dict[str, Any]]:
+             rows: dict[int, list[int]], vocab: Vocab, n: int) -> list[dict[str, Any]]:
     a = rec["a"]
     pool = torch.nonzero(keep).flatten()
     order = pool[a[pool].abs().argsort(descending=True)][:n].tolist()
@@ -208,37 +189,67 @@ def _f(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def evidence(circuit: Circuit, targets: list[Target], corpus: Corpus, vocab: Vocab, *, max_tokens: int = 4096,
-             seq_len: int = 128, top_tokens: int | None = None, n_contexts: int = 8,
-             model: Any = None) -> list[dict[str, Any]]:
-    """Activation evidence for each target: {"skipped": reason} or stats, deletion score and top contexts."""
+def _run(model: Any, sites: list[Site], probe: Probe, hooks: Hooks, wins: list[Window], seq_len: int) \
+        -> list[tuple[int, int]]:
+    """The windows through the model in the corpus pass's batches, both hook sets attached; (window, position) of
+    every token, in the order the probe recorded them."""
+    where: list[tuple[int, int]] = []
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for batch in batches(iter(wins), max(1, BATCH_TOKENS // seq_len)):
+                hooks.tokens = batch_tokens(batch, seq_len)
+                model(input_ids=torch.from_numpy(np.stack([w.ids for w in batch])).to(device), use_cache=False)
+                where += [(w.index, p) for w in batch for p in range(len(w.ids))]
+    finally:
+        probe.remove()
+        hooks.remove()
+    return where
+
+
+def evidence(circuit: Circuit, targets: list[Target], source: CorpusSource, vocab: Vocab, *, max_tokens: int = 4096,
+             seq_len: int = 128, n_contexts: int = 8, model: Any = None) -> list[dict[str, Any]]:
+    """Activation evidence for each target: {"skipped": reason} or stats, deletion score and top contexts, on the
+    windows ``mmdetect activations`` reads from the same corpus (so its deletion column is the same number)."""
     model = model if model is not None else load_hf_model(circuit)
     if circuit.ckpt.format == "gguf" and vocab.tokenizer is None:
         vocab = gguf_tokenizer(circuit, vocab)
     ctx = getattr(model.config, "max_position_embeddings", None) or seq_len
     seq_len = max(8, min(seq_len, int(ctx)))
-    rows = vocab.rows(corpus, seq_len, max_tokens)
-    if not rows:
-        raise MMDetectError(f"{corpus.name} gave no tokens")
+    wins = list(windows(source, vocab, seq_len, max_tokens))
+    if not wins:
+        raise MMDetectError(f"{source.name} gave no tokens")
     renames = gguf_module_names(circuit.ckpt, model) or None
-    probe, where = collect(model, targets, rows, renames=renames)
-    bos = vocab.bos_id
-    keep = torch.tensor([not (bos is not None and pos == 0 and rows[r][0] == bos) for r, pos in where])
+    wanted = {(t.layer, t.expert) for t in targets}
+    sites = [s for s in weight_sites(circuit.ckpt, circuit.convention, {t.layer for t in targets})
+             if (s.layer, s.expert) in wanted and not s.routed]
+    by_key = {(s.layer, s.expert): s for s in sites}
+    probe = Probe(model, targets, renames)
+    try:
+        hooks = Hooks(model, sites, renames)
+    except BaseException:
+        probe.remove()
+        raise
+    where = _run(model, sites, probe, hooks, wins, seq_len)
+    rows = {w.index: [int(i) for i in w.ids] for w in wins}
+    first = {w.index: w.bos for w in wins}
+    keep = torch.tensor([not (pos == 0 and first[r]) for r, pos in where])
     out: list[dict[str, Any]] = []
     for t, target in enumerate(targets):
-        if t in probe.skipped:
-            out.append({"skipped": probe.skipped[t]})
-            continue
         rec = probe.result(t)
+        site = by_key.get((target.layer, target.expert))
+        if t in probe.skipped or site is None:
+            out.append({"skipped": probe.skipped.get(t, "no dense MLP of the corpus pass holds this neuron")})
+            continue
         if rec is None or rec["a"].numel() != len(where):
             out.append({"skipped": "the hooked module did not run once per token (it is not a dense MLP)"})
             continue
-        dele = deletion(rec, target, keep, top_tokens)
+        dele = deletion(site, target.index, rec)
         out.append({
-            "source": corpus.description, "rows": len(rows), "seq_len": seq_len,
+            "source": source.description, "rows": len(wins), "seq_len": seq_len,
             "tokens": "bytes" if vocab.bytes and vocab.kind == "ids" else vocab.kind,
             "distribution": activation_summary(rec["a"][keep]),
-            "deletion": {k: v for k, v in dele.items() if k not in ("rem", "frac", "top")},
+            "deletion": {k: v for k, v in dele.items() if k not in ("rem", "frac")},
             "contexts": contexts(rec, dele, where, keep, rows, vocab, n_contexts),
         })
     return out

@@ -23,7 +23,8 @@ from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
 from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi
 from mmdetect.convention import DEFAULT
-from mmdetect.corpus.vocab import Vocab, load_corpus, load_vocab
+from mmdetect.corpus.sources import resolve_source
+from mmdetect.corpus.vocab import Vocab, load_vocab
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.results.provenance import Provenance
 from mmdetect.scanner.neurons import unit
@@ -119,10 +120,10 @@ def vocab_view(circuit: Circuit, target: Target, vocab: Vocab, k: int = TOP) -> 
 
 def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision: str | None = None,
             convention: str = DEFAULT, text: str | None = None, dataset: str | None = None, field_name: str = "text",
-            activations: bool = True, top: int = TOP, top_tokens: int | None = None, n_contexts: int = 8,
+            activations: bool = True, top: int = TOP, n_contexts: int = 8,
             max_tokens: int = 4096, seq_len: int = 128) -> dict[str, Any]:
     """Everything mmdetect can say about one MLP neuron, as a JSON-ready dict (see the module docstring)."""
-    corpus = load_corpus(text, dataset, field_name, max_tokens=max_tokens) if activations else None
+    corpus = resolve_source(text, dataset, field_name) if activations else None
     with open_circuit(model, revision=revision, convention=convention) as circuit:
         target = find_targets(circuit, [(layer, expert, neuron)])[0]
         d = circuit.d_model
@@ -145,7 +146,7 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
                 if vocab is None:
                     vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))
                 doc["activations"] = evidence(circuit, [target], corpus, vocab, max_tokens=max_tokens,
-                                              seq_len=seq_len, top_tokens=top_tokens, n_contexts=n_contexts,
+                                              seq_len=seq_len, n_contexts=n_contexts,
                                               model=model_hf)[0]
             except MMDetectError as exc:
                 if text or dataset:

@@ -17,7 +17,8 @@ from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.writers import upstream_writers
 from mmdetect.convention import DEFAULT
-from mmdetect.corpus.vocab import load_corpus, load_vocab
+from mmdetect.corpus.sources import resolve_source
+from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import MMDetectError, warn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,8 +33,7 @@ def _missing(v: Any) -> bool:
 
 def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, convention: str = DEFAULT,
                    text: str | None = None, dataset: str | None = None, field_name: str = "text",
-                   max_tokens: int = 4096, seq_len: int = 128,
-                   top_tokens: int | None = None) -> tuple[Any, dict[str, Any]]:
+                   max_tokens: int = 4096, seq_len: int = 128) -> tuple[Any, dict[str, Any]]:
     """The ``VERIFY_COLUMNS`` of a scan DataFrame (same index) and what was verified ({"k", "verified", "corpus" or
     "skipped"}): the deletion score and top upstream writer of its top ``k`` flagged rows."""
     import pandas as pd
@@ -44,7 +44,7 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
     info: dict[str, Any] = {"k": int(k), "verified": int(len(flagged))}
     if not len(flagged):
         return cols, info
-    corpus = load_corpus(text, dataset, field_name, max_tokens=max_tokens)
+    corpus = resolve_source(text, dataset, field_name)
     rows = [(int(df.at[i, "layer"]), None if _missing(df.at[i, "expert"]) else df.at[i, "expert"],
              int(df.at[i, "neuron"])) for i in flagged]
     with open_circuit(model, revision=revision, convention=convention) as circuit:
@@ -54,8 +54,8 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
         writers = upstream_writers(circuit, torch.stack([t.r for t in targets]), [t.layer for t in targets],
                                    k=1, vocab=vocab)
         try:
-            ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len,
-                          top_tokens=top_tokens, n_contexts=0, model=load_hf_model(circuit))
+            ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len, n_contexts=0,
+                          model=load_hf_model(circuit))
             info["corpus"] = corpus.description
         except MMDetectError as exc:
             if text or dataset:

@@ -150,7 +150,8 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     ``off``: why there is no activation evidence when ``activations`` is false."""
     from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
     from mmdetect.analysis.explain import find_targets, head_null_hi, neuron_stats, writers_and_vocab
-    from mmdetect.corpus.vocab import load_corpus, load_vocab
+    from mmdetect.corpus.sources import resolve_source
+    from mmdetect.corpus.vocab import load_vocab
     from mmdetect.scanner.stats import null_band
 
     targets = find_targets(circuit, wanted)
@@ -172,7 +173,7 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
         skipped = {"skipped": "transformers is not installed (pip install 'mmdetect[slow]')"}
     else:
         try:
-            corpus = load_corpus(text, dataset, field_name)
+            corpus = resolve_source(text, dataset, field_name)
             model_hf = load_hf_model(circuit)  # first: a model transformers cannot build needs no vocabulary
             if vocab is None:
                 vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))

@@ -149,7 +149,7 @@ def _resume(req: Request, identity: dict[str, Any], sites: list[Site]) -> int | 
     return None if old.complete else old.windows
 
 
-def _batches(stream: Iterator[Window], per: int) -> Iterator[list[Window]]:
+def batches(stream: Iterator[Window], per: int) -> Iterator[list[Window]]:
     """Consecutive windows of one length, at most ``per`` a batch: the same batches in every run and resume."""
     batch: list[Window] = []
     for w in stream:
@@ -161,7 +161,7 @@ def _batches(stream: Iterator[Window], per: int) -> Iterator[list[Window]]:
         yield batch
 
 
-def _tokens(batch: list[Window], seq_len: int) -> Tokens:
+def batch_tokens(batch: list[Window], seq_len: int) -> Tokens:
     length = len(batch[0].ids)
     pos = torch.arange(length, dtype=torch.int64)
     keys = torch.cat([w.index * seq_len + pos for w in batch])
@@ -192,11 +192,11 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
         with progress_bar(req.progress, total, ckpt.ref, verb="measuring", unit="tokens") as advance, \
                 sigint_deferred() as interrupted, torch.inference_mode():
             skipped, start = 0, done
-            for batch in _batches(stream, per):
+            for batch in batches(stream, per):
                 if skipped < start:         # counted before the state was saved: batches are whole
                     skipped += len(batch)
                     continue
-                hooks.tokens = _tokens(batch, seq_len)
+                hooks.tokens = batch_tokens(batch, seq_len)
                 ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(device)
                 model(input_ids=ids, use_cache=False)
                 done += len(batch)
