@@ -400,3 +400,53 @@ def mmdetect_scan(folder: Path) -> Any:
     import mmdetect
 
     return mmdetect.scan(str(folder), threshold=0.0)
+
+
+def test_moe_routed_experts_count_their_tokens_and_shared_experts_every_token(transformers: Any,
+                                                                             tmp_path: Path) -> None:
+    """qwen2_moe: a routed expert's statistics over exactly the tokens the router sent it (the router's choice taken
+    with a hook on transformers' router; the expert's activations in numpy from its stored weights), the shared
+    expert's over every token."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = build_peer("qwen2_moe", tmp_path / "moe")
+    corpus = _corpus(tmp_path, 128)
+    df = _run(folder, corpus).frame
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        seen[i] = {}
+        handles.append(layer.mlp.register_forward_pre_hook(
+            lambda m, a, i=i: seen[i].__setitem__("x", a[0].detach().reshape(-1, a[0].shape[-1]))))
+        handles.append(layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: seen[i].__setitem__("chosen", o[2])))
+    ids = torch.tensor([json.loads(line)["ids"] for line in corpus.read_text().splitlines()])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    state = load_file(str(folder / "model.safetensors"))
+    gamma = state["model.layers.0.post_attention_layernorm.weight"].double()
+    checked = 0
+    for i in seen:
+        x, chosen = seen[i]["x"].double(), seen[i]["chosen"]
+        for e in range(model.config.num_experts):
+            rows = (chosen == e).any(-1)
+            got = df[(df.layer == i) & (df.expert.astype(str) == str(e))]
+            assert (got.tokens == int(rows.sum())).all()
+            if not rows.any():
+                continue
+            p = f"model.layers.{i}.mlp.experts.{e}."
+            wg, wu = state[p + "gate_proj.weight"].double(), state[p + "up_proj.weight"].double()
+            g_i = state[f"model.layers.{i}.post_attention_layernorm.weight"].double() if i else gamma
+            sign = torch.where(((wg * g_i) * (wu * g_i)).sum(1) < 0, -1.0, 1.0)
+            g, u = x[rows] @ wg.T, x[rows] @ wu.T * sign
+            post = torch.nn.functional.silu(g) * u
+            np.testing.assert_allclose(got.pre_mean, g.mean(0).numpy(), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.freq_gn_in, ((g < 0) & (u < 0)).double().mean(0).numpy(), atol=1e-12)
+            np.testing.assert_allclose(got.post_max, post.max(0).values.numpy(), rtol=1e-5, atol=1e-7)
+            checked += 1
+        shared = df[(df.layer == i) & (df.expert == "shared")]
+        assert len(shared) == model.config.shared_expert_intermediate_size and (shared.tokens == len(x)).all()
+    assert checked >= 4
