@@ -342,12 +342,10 @@ def activations(model: str, revision: str | None, convention: str, layers: str |
     One row per neuron (layer, expert, neuron, as in a scan): pre-activation moments, sign cases of gate and linear
     input, post-activation summary and the deletion score. A stopped run continues from OUT.state when rerun.
     """
-    from mmdetect import report
     from mmdetect.corpus.activations import Request, parse_shard, run
     from mmdetect.report.activations import state_path, write_result
 
-    fmt, output = resolve_output(fmt or report.infer_format(output), output)
-    report.check_writable(output)
+    fmt = resolve_output(fmt, output)[0]
     req = Request(model, revision=revision, convention=convention, layers=layers, text=text, dataset=dataset,
                   field_name=field_name, split=split, max_tokens=max_tokens, seq_len=seq_len,
                   shard=parse_shard(shard), device=device, dtype=dtype, batch_tokens=batch_tokens, top_k=top_k,
@@ -366,11 +364,9 @@ def activations(model: str, revision: str | None, convention: str, layers: str |
 @debug_option
 def merge_activations(parts: tuple[str, ...], fmt: str | None, output: str) -> None:
     """Combine the outputs of `activations --shard i/N` (every shard once) into what one run gives."""
-    from mmdetect import report
     from mmdetect.report.activations import merge_outputs, write_result
 
-    fmt, output = resolve_output(fmt or report.infer_format(output), output)
-    report.check_writable(output)
+    fmt = resolve_output(fmt, output)[0]
     result = merge_outputs(list(parts), output)
     paths = write_result(result, fmt, output)
     click.echo(f"wrote {len(result.frame):,} neurons to {paths[0]} (details: {paths[1]})", err=True)

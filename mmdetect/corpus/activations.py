@@ -268,7 +268,8 @@ def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str,
     """The table and the companion columns of measured sites (a run's, or merged shards')."""
     import pandas as pd
 
-    frames, details = [], {"layer": [], "expert": [], "neuron": [], "hist": [], "top": []}
+    frames: list[Any] = []
+    details: dict[str, list[Any]] = {"layer": [], "expert": [], "neuron": [], "hist": [], "top": []}
     for site in sites:
         m = site.moments
         cols = m.columns(site.gated, site.w_along)

@@ -169,7 +169,7 @@ class Hooks:
         if module is None:
             raise UnsupportedError(f"layer {layer}'s routed experts are not a transformers experts module with a "
                                    f"3-D gate_up_proj, so their activations cannot be hooked")
-        by_index = {site.index: site for site in group}
+        by_index = {site.index: site for site in group if site.index is not None}
 
         def on_experts(mod: Any, args: tuple, kwargs: dict) -> None:
             hidden = _arg(args, kwargs, 0, "hidden_states")

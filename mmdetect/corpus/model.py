@@ -56,7 +56,7 @@ def load_model(ckpt: Checkpoint, *, device: str = "cpu", dtype: str = "float32",
     try:
         # transformers' GGUF loader draws its own tqdm bar, which no logging switch turns off: keep stderr clean.
         with contextlib.redirect_stderr(io.StringIO()) if "gguf_file" in where else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **where)
+            model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **where)
     except Exception as exc:
         raise MMDetectError(f"transformers cannot build {ckpt.ref} ({_first_line(exc)}); {hint}") from exc
     if max_memory is None and device != "cpu":

@@ -24,8 +24,9 @@ Sources (``--dataset`` by suffix):
   rows at a time;
 * a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` with ``--split``, default
   ``train``), with the same columns;
-* ``hf:NAME[:CONFIG]``: a Hugging Face dataset through ``datasets.load_dataset(NAME, CONFIG, split=..., streaming=True)``
-  (with ``HF_HUB_OFFLINE=1``, from the local ``datasets`` cache);
+* ``hf:NAME[:CONFIG]``: a Hugging Face dataset through
+  ``datasets.load_dataset(NAME, CONFIG, split=..., streaming=True)`` (with ``HF_HUB_OFFLINE=1``, from the local
+  ``datasets`` cache);
 * nothing: mmdetect's default corpus, ``mmdetect/data/corpus.txt``, read as paragraphs.
 
 Hostile input: a FIFO, device or socket is refused from its ``stat`` and never opened for reading; a file with a NUL
