@@ -1,4 +1,5 @@
-"""GGUF files: the header parsed and validated without gguf-py's reader; tensors dequantised one at a time.
+"""GGUF files: the header parsed and validated without gguf-py's reader; tensors dequantised one at a time
+(``io.dequant``: torch, the same float32 bits as gguf-py's numpy code, which stays the route for other types).
 
 Layout (little-endian, version 2 or 3): ``GGUF``, u32 version, u64 tensor count, u64 key-value count; the key-value
 pairs (u64-length strings, typed scalars, arrays of one type); then per tensor its name, u32 n_dims, n_dims u64 dims in
@@ -193,10 +194,13 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[
 
 
 def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of the tensor's first numpy axis, dequantised to float32 from a mapping of only its bytes."""
-    import numpy as np
+    """Rows ``rows`` of the tensor's first numpy axis, dequantised to float32 from a mapping of only their bytes.
+
+    The types ``io.dequant`` knows are dequantised there (torch, several threads, the same bits as gguf-py); any other
+    type by ``gguf.quants.dequantize``."""
     import torch
-    from gguf.quants import dequantize
+
+    from mmdetect.io import dequant
 
     shape = info.shape
     n_rows = len(range(*rows.indices(shape[0]))) if shape else 1
@@ -206,6 +210,42 @@ def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) 
     check_fits(entry.nbytes + 4 * n_rows * per_row, key, info.file)  # the mapping plus the float32 result
     if entry.nbytes == 0:
         return torch.zeros(shape, dtype=torch.float32)[rows]
+    name = entry.qtype.name
+    if dequant.supported(name) and shape:
+        start, stop, step = rows.indices(shape[0])
+        if len(shape) >= 2 and step == 1:  # whole rows of blocks: map and dequantise only those
+            row_bytes = entry.nbytes // shape[0]
+            stop = max(start, stop)
+            raw = _map(fd, entry.offset + start * row_bytes, (stop - start) * row_bytes)
+            return dequant.dequantize(raw, name).view(stop - start, *shape[1:])
+        return dequant.dequantize(_map(fd, entry.offset, entry.nbytes), name).view(shape)[rows]
+    return _read_numpy(fd, key, info, entry, rows)
+
+
+def _map(fd: int, offset: int, nbytes: int) -> torch.Tensor:
+    """Bytes [offset, offset + nbytes) of the file as a 1-D uint8 tensor over a private mapping, read in now
+    (``populate_mapping``: the caller's thread does the I/O, the dequantising threads take no page faults)."""
+    import torch
+
+    from mmdetect.io.checkpoint import populate_mapping
+
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(fd, offset + nbytes - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                   offset=base)
+    populate_mapping(mm)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - base)
+
+
+def _read_numpy(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) -> torch.Tensor:
+    """The numpy route: F64, the integer types (refused) and every type ``io.dequant`` does not implement, through
+    gguf-py's ``quants.dequantize``."""
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+
+    shape = info.shape
     base = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
     mm = mmap.mmap(fd, entry.offset + entry.nbytes - base, access=mmap.ACCESS_READ, offset=base)
     raw = np.frombuffer(mm, dtype=np.uint8, count=entry.nbytes, offset=entry.offset - base)
