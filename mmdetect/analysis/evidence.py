@@ -24,7 +24,7 @@ from mmdetect.corpus.activations import batch_tokens, batches
 from mmdetect.corpus.defaults import BATCH_TOKENS
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site
-from mmdetect.corpus.model import find_module, gguf_module_names, load_model
+from mmdetect.corpus.model import find_module, forward, gguf_module_names, load_model
 from mmdetect.corpus.model import gguf_tokenizer as load_gguf_tokenizer
 from mmdetect.corpus.sources import CorpusSource
 from mmdetect.corpus.stats import NO_KEY
@@ -199,7 +199,7 @@ def _run(model: Any, sites: list[Site], probe: Probe, hooks: Hooks, wins: list[W
         with torch.inference_mode():
             for batch in batches(iter(wins), max(1, BATCH_TOKENS // seq_len)):
                 hooks.tokens = batch_tokens(batch, seq_len)
-                model(input_ids=torch.from_numpy(np.stack([w.ids for w in batch])).to(device), use_cache=False)
+                forward(model, torch.from_numpy(np.stack([w.ids for w in batch])).to(device))
                 where += [(w.index, p) for w in batch for p in range(len(w.ids))]
     finally:
         probe.remove()

@@ -8,7 +8,9 @@ registry (``corpus.hooks``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import inspect
 import io
 import tempfile
 from typing import Any
@@ -62,6 +64,18 @@ def load_model(ckpt: Checkpoint, *, device: str = "cpu", dtype: str = "float32",
     if max_memory is None and device != "cpu":
         model = model.to(device)
     return model.eval()
+
+
+def forward(model: Any, ids: Any) -> None:
+    """Run the model's own forward pass on ``ids`` [batch, seq] for its hooks; the logits are not wanted, so only the
+    last position's are computed where the model takes ``logits_to_keep`` (a 262k-word vocabulary's logits would
+    otherwise cost more time and memory than the layers)."""
+    model(input_ids=ids, use_cache=False, **({"logits_to_keep": 1} if _keeps_logits(type(model)) else {}))
+
+
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def check_gguf_loadable(arch: str, hint: str = "rerun with --no-activations") -> None:
