@@ -227,9 +227,9 @@ def page_stats(cols: Mapping[str, np.ndarray], stats: Any, layer: np.ndarray, co
                 by_key[k] = int(hit[0])
     neurons = {k: neuron_entry(frame, details, row) for k, row in by_key.items()}
     medians = {}
-    for lid, row in median_rows(frame).items():
+    for layer_id, row in median_rows(frame).items():
         r = frame.iloc[row]
-        medians[str(lid)] = {"neuron": int(r["neuron"]), "expert": None if _missing(r["expert"]) else
+        medians[str(layer_id)] = {"neuron": int(r["neuron"]), "expert": None if _missing(r["expert"]) else
                              expert_text(r["expert"]), "freq_pos": _num(r["freq_pos"]),
                              "hist": compact_hist(details["hist"][row])}
     prov = stats.provenance
