@@ -8,7 +8,6 @@ registry (``corpus.hooks``).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import inspect
 import io
@@ -70,12 +69,13 @@ def forward(model: Any, ids: Any) -> None:
     """Run the model's own forward pass on ``ids`` [batch, seq] for its hooks; the logits are not wanted, so only the
     last position's are computed where the model takes ``logits_to_keep`` (a 262k-word vocabulary's logits would
     otherwise cost more time and memory than the layers)."""
-    model(input_ids=ids, use_cache=False, **({"logits_to_keep": 1} if _keeps_logits(type(model)) else {}))
+    cls = type(model)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    model(input_ids=ids, use_cache=False, **({"logits_to_keep": 1} if _KEEPS_LOGITS[cls] else {}))
 
 
-@functools.cache
-def _keeps_logits(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+_KEEPS_LOGITS: dict[Any, bool] = {}
 
 
 def check_gguf_loadable(arch: str, hint: str = "rerun with --no-activations") -> None:
