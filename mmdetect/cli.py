@@ -11,6 +11,7 @@ from mmdetect.commands.report import report_command
 from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
 from mmdetect.errors import MMDetectError, one_line
 from mmdetect.options import (
+    activations_option,
     convention_option,
     corpus_options,
     debug_option,
@@ -101,11 +102,12 @@ def _wrote(n_rows: int | None, output: str | None) -> None:
               help="For the top K flagged neurons (20 if K is omitted) add the deletion score on text and the top "
                    "upstream writer (runs the model with transformers).")
 @text_options
+@activations_option
 @debug_option
 def scan(model: str, revision: str | None, convention: str, threshold: float, layers: str | None, device: str,
          fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None,
          verify: int | None, text: str | None, dataset: str | None, field_name: str, max_tokens: int,
-         seq_len: int) -> None:
+         seq_len: int, activations: str | None) -> None:
     """Scan every MLP neuron of MODEL and rank them by cos(read, write).
 
     MODEL is a local checkpoint folder, a hub id (cached files are used, HF_HUB_OFFLINE=1 works) or a .gguf file.
@@ -117,7 +119,16 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
+    stats: Any = None
+    if activations is not None and activations != "auto":  # a bad stats file fails before the scan
+        from mmdetect.report.join import load_stats
+
+        stats, where = load_stats(activations, model)
     if fmt == "html":  # the page of `mmdetect report MODEL` (mmdetect/commands/report.py)
+        if activations is not None:
+            from mmdetect.errors import UsageError
+            raise UsageError("scan --format html does not join --activations: write a file format (csv, json, "
+                             "parquet ...) or the table")
         from mmdetect.commands.report import scan_html
         return scan_html(model, output, verify=verify, revision=revision, convention=convention,
                          threshold=threshold, layers=layers, device=device, progress=progress, text=text,
@@ -126,13 +137,20 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
     frame = bool(verify) or fmt not in ("csv", "tsv", "json", "jsonl")
     df = run_scan(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
                   device=device, progress=progress, as_frame=frame)
+    if activations is not None:
+        from mmdetect.report.join import join_stats, load_stats
+
+        if stats is None:
+            stats, where = load_stats(activations, model, revision=revision, convention=convention, layers=layers,
+                                      device=device, progress=progress)
+        df = join_stats(df, stats, where)
     render_verify: Any = None
     if verify:
         from mmdetect.analysis.verify import verify as run_verify
         from mmdetect.report.panels import render_verify
 
         df = run_verify(df, model, verify, revision=revision, convention=convention, text=text, dataset=dataset,
-                        field_name=field_name, max_tokens=max_tokens, seq_len=seq_len)
+                        field_name=field_name, max_tokens=max_tokens, seq_len=seq_len, stats=stats)
     rows = flagged_rows(df) if flagged_only else df
 
     def draw(console: Any) -> None:

@@ -195,6 +195,13 @@ def corpus_options(max_tokens_default: int, seq_len_default: int = 512) -> Calla
     )
 
 
+activations_option = click.option(
+    "--activations", "activations", default=None, metavar="STATS|auto",
+    help="Join the per-neuron statistics of `mmdetect activations` (its output STATS, with STATS.details.parquet "
+         "beside it) onto the rows, and their relation to cos into the per-layer summary; `auto` runs that corpus "
+         "pass first with its defaults (nothing saved).")
+
+
 def parse_size(text: str | None, option: str = "--max-memory") -> int | None:
     """'8GB', '512MiB', '2e9' -> bytes (decimal for KB/MB/GB/TB, binary for KiB/MiB/GiB/TiB)."""
     import re

@@ -372,6 +372,66 @@ def test_a_state_of_other_inputs_or_tampered_is_refused(llama_run: tuple[Path, P
     assert not out.exists()
 
 
+def test_read_stats_gives_back_the_run_and_refuses_damaged_files(llama_run: tuple[Path, Path, Path],
+                                                                 tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdetect.errors import CorruptInputError, NotFoundError
+    from mmdetect.report.activations import read_stats
+
+    folder, _corpus_path, whole = llama_run
+    got = read_stats(whole)
+    table = pd.read_csv(whole)
+    assert list(got.frame.columns) == list(table.columns) and len(got.frame) == len(table) > 0
+    for col in table.columns:
+        if col == "expert":
+            assert got.frame[col].isna().all() and table[col].isna().all()
+        else:
+            # the CSV keeps 7 significant digits; the details file every bit
+            np.testing.assert_allclose(got.frame[col].to_numpy(float), table[col].to_numpy(float), rtol=1e-6,
+                                       atol=0, err_msg=col)
+    assert got.provenance.command == "activations" and got.provenance.fingerprint
+    assert got.details["hist"] == _tops(whole)[0] and got.details["top"] == _tops(whole)[1]
+    assert read_stats(f"{whole}.details.parquet").frame.equals(got.frame)
+
+    copy = tmp_path / "c.csv"
+    with pytest.raises(NotFoundError, match=r"c\.csv\.details\.parquet is missing: give the output of `mmdetect "
+                                            r"activations`"):
+        read_stats(copy)
+    details = Path(f"{copy}.details.parquet")
+    src = pq.read_table(f"{whole}.details.parquet")
+    meta = src.schema.metadata
+
+    def write(t: Any, m: dict[bytes, bytes]) -> None:
+        pq.write_table(t.replace_schema_metadata(m), details)
+
+    values = src.column("post_max").to_numpy().copy()
+    values[5] += 1e-9
+    edited = src.set_column(src.column_names.index("post_max"), "post_max", pa.array(values))
+    write(edited, meta)
+    with pytest.raises(CorruptInputError, match="do not match its recorded row count and checksum"):
+        read_stats(copy)
+    write(src.slice(0, 10), meta)
+    with pytest.raises(CorruptInputError, match="do not match its recorded row count and checksum"):
+        read_stats(copy)
+    info = json.loads(meta[b"mmdetect_details"])
+    write(src, {**meta, b"mmdetect_details": json.dumps({**info, "format": "mmdetect-activations-details/0"}).encode()})
+    with pytest.raises(CorruptInputError, match="it is format 'mmdetect-activations-details/0', this mmdetect reads "
+                                                "mmdetect-activations-details/1"):
+        read_stats(copy)
+    write(src, {})
+    with pytest.raises(CorruptInputError, match="no mmdetect metadata"):
+        read_stats(copy)
+    shutil.copy(f"{whole}.details.parquet", details)
+    details.write_bytes(details.read_bytes()[:-100])
+    with pytest.raises(CorruptInputError, match="is not a usable mmdetect activations output"):
+        read_stats(copy)
+
+
 def test_verify_and_explain_report_the_activations_deletion_column(llama_run: tuple[Path, Path, Path]) -> None:
     """One definition: on the same corpus and windows, scan --verify and explain give the column's number."""
     import pandas as pd

@@ -97,7 +97,11 @@ def test_scan_format_html_is_the_report_page_of_the_scan(llama: Tiny, opened: An
     for key in ("layers", "hist", "totals"):
         assert scan[key] == report[key], key                  # the same scan page as `report`
     assert scan["tables"]["neurons"] == report["tables"]["neurons"]
-    assert list(scan["panels"]) == list(report["panels"]) == ["1||7"]
+    # one neuron flagged, fewer than --top-k 20: the 19 most negative others are explained too, below the threshold
+    assert list(scan["panels"]) == list(report["panels"]) and list(scan["panels"])[0] == "1||7"
+    assert len(scan["panels"]) == 20 and "below_threshold" not in scan["panels"]["1||7"]
+    assert all(p["below_threshold"] == {"threshold": -0.5, "flagged": 1, "top_k": 20}
+               for k, p in scan["panels"].items() if k != "1||7")
     for key in ("neuron", "writers", "vocab"):
         assert scan["panels"]["1||7"][key] == report["panels"]["1||7"][key], key
     assert "--verify" in scan["panels"]["1||7"]["activations"]["skipped"]
@@ -140,7 +144,7 @@ def test_report_of_a_csv_with_its_meta_and_extra_outputs(llama: Tiny, opened: An
     o.check_clean()
     assert "folded convention" in o.page.text_content("#convention").lower()
     assert "cos ≤ -0.5" in o.page.text_content("header .stats")
-    assert str(llama.path) in o.page.text_content("h1")
+    assert o.page.text_content("h1") == "llama" and str(llama.path) in o.page.text_content("header .muted")
     assert shown(o.page, "neurons") == N_NEURONS
     check_charts(o)
     check_planted_panel(o, llama.path, tmp_path, "csv")

@@ -24,7 +24,7 @@ from mmdetect.corpus.activations import batch_tokens, batches
 from mmdetect.corpus.defaults import BATCH_TOKENS
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site
-from mmdetect.corpus.model import find_module, gguf_module_names, load_model
+from mmdetect.corpus.model import find_module, forward, gguf_module_names, load_model
 from mmdetect.corpus.model import gguf_tokenizer as load_gguf_tokenizer
 from mmdetect.corpus.sources import CorpusSource
 from mmdetect.corpus.stats import NO_KEY
@@ -199,7 +199,7 @@ def _run(model: Any, sites: list[Site], probe: Probe, hooks: Hooks, wins: list[W
         with torch.inference_mode():
             for batch in batches(iter(wins), max(1, BATCH_TOKENS // seq_len)):
                 hooks.tokens = batch_tokens(batch, seq_len)
-                model(input_ids=torch.from_numpy(np.stack([w.ids for w in batch])).to(device), use_cache=False)
+                forward(model, torch.from_numpy(np.stack([w.ids for w in batch])).to(device))
                 where += [(w.index, p) for w in batch for p in range(len(w.ids))]
     finally:
         probe.remove()
@@ -261,3 +261,35 @@ def vocab_size_from_config(circuit: Circuit) -> int:
     if not isinstance(v, int):
         raise MMDetectError(f"cannot tell the vocabulary size of {circuit.ckpt.ref}")
     return v
+
+
+def stats_evidence(stats: Any, rows: list[tuple[int, Any, int]]) -> list[dict[str, Any]]:
+    """The evidence of each (layer, expert, neuron) taken from a corpus pass already run (``stats``, the
+    ``corpus.activations.Result`` that ``scan --activations`` / ``explain --activations`` read): its deletion score
+    (the same number ``evidence`` gives on the same corpus: both are the pass's ``Moments.deletion``), the statistics
+    of its row as the distribution, and its top tokens as the contexts; {"skipped": reason} for a neuron it lacks."""
+    from mmdetect.corpus.activations import COLUMNS
+    from mmdetect.corpus.stats import DELETION_K
+
+    frame = stats.frame
+    index = {(int(la), None if e is None else str(e), int(n)): i for i, (la, e, n) in
+             enumerate(zip(frame["layer"].tolist(), frame["expert"].tolist(), frame["neuron"].tolist()))}
+    top = stats.details.get("top") or [None] * len(frame)
+    prov = stats.provenance
+    out: list[dict[str, Any]] = []
+    for layer, expert, neuron in rows:
+        i = index.get((int(layer), None if expert is None else str(expert), int(neuron)))
+        if i is None:
+            out.append({"skipped": "the --activations statistics have no row for this neuron (made with --layers?)"})
+            continue
+        row = {c: frame[c].iloc[i] for c in COLUMNS if c not in ("layer", "expert", "neuron")}
+        values = {k: (int(v) if k == "tokens" else _f(v)) for k, v in row.items()}
+        out.append({
+            "source": f"activations: {prov.options.get('corpus')}", "seq_len": prov.options.get("seq_len"),
+            "statistics": {k: v for k, v in values.items() if k != "deletion"},
+            "deletion": {"score": values["deletion"], "tokens": min(DELETION_K, int(row["tokens"]))},
+            "contexts": [{"activation": e["value"], "token_id": e["token_id"], "token": e["token"],
+                          "before": e["before"], "after": e["after"], "row": e["window"], "position": e["position"]}
+                         for e in (top[i] or [])],
+        })
+    return out

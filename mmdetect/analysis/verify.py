@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from mmdetect.analysis.circuit import open_circuit
-from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
+from mmdetect.analysis.evidence import evidence, load_hf_model, stats_evidence, vocab_size_from_config
 from mmdetect.analysis.targets import find_targets
 from mmdetect.analysis.writers import upstream_writers
 from mmdetect.convention import DEFAULT
+from mmdetect.corpus.activations import Result
 from mmdetect.corpus.sources import resolve_source
 from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import MMDetectError, warn
@@ -33,9 +34,12 @@ def _missing(v: Any) -> bool:
 
 def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, convention: str = DEFAULT,
                    text: str | None = None, dataset: str | None = None, field_name: str = "text",
-                   max_tokens: int = 4096, seq_len: int = 128) -> tuple[Any, dict[str, Any]]:
+                   max_tokens: int = 4096, seq_len: int = 128,
+                   stats: Result | None = None) -> tuple[Any, dict[str, Any]]:
     """The ``VERIFY_COLUMNS`` of a scan DataFrame (same index) and what was verified ({"k", "verified", "corpus" or
-    "skipped"}): the deletion score and top upstream writer of its top ``k`` flagged rows."""
+    "skipped"}): the deletion score and top upstream writer of its top ``k`` flagged rows. With ``stats`` (the
+    result of the corpus pass, ``scan --activations``) the deletion score is its ``deletion`` column, the same
+    number the pass gives here on the same corpus, and the model is not run."""
     import pandas as pd
 
     flagged = df.index[df["flagged"].to_numpy(dtype=bool)][:k]
@@ -44,7 +48,8 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
     info: dict[str, Any] = {"k": int(k), "verified": int(len(flagged))}
     if not len(flagged):
         return cols, info
-    corpus = resolve_source(text, dataset, field_name)
+    if stats is None:
+        resolve_source(text, dataset, field_name)  # a bad corpus fails before the checkpoint is opened
     rows = [(int(df.at[i, "layer"]), None if _missing(df.at[i, "expert"]) else df.at[i, "expert"],
              int(df.at[i, "neuron"])) for i in flagged]
     with open_circuit(model, revision=revision, convention=convention) as circuit:
@@ -53,16 +58,21 @@ def verify_columns(df: Any, model: str, k: int, *, revision: str | None = None, 
                            else vocab_size_from_config(circuit))
         writers = upstream_writers(circuit, torch.stack([t.r for t in targets]), [t.layer for t in targets],
                                    k=1, vocab=vocab)
-        try:
-            ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len, n_contexts=0,
-                          model=load_hf_model(circuit))
-            info["corpus"] = corpus.description
-        except MMDetectError as exc:
-            if text or dataset:
-                raise
-            warn(f"no deletion scores: {exc}")
-            ev = [{"skipped": str(exc)}] * len(targets)
-            info["skipped"] = str(exc)
+        if stats is not None:
+            ev = stats_evidence(stats, rows)
+            info["corpus"] = f"activations: {stats.provenance.options.get('corpus')}"
+        else:
+            corpus = resolve_source(text, dataset, field_name)
+            try:
+                ev = evidence(circuit, targets, corpus, vocab, max_tokens=max_tokens, seq_len=seq_len, n_contexts=0,
+                              model=load_hf_model(circuit))
+                info["corpus"] = corpus.description
+            except MMDetectError as exc:
+                if text or dataset:
+                    raise
+                warn(f"no deletion scores: {exc}")
+                ev = [{"skipped": str(exc)}] * len(targets)
+                info["skipped"] = str(exc)
     for i, w, e in zip(flagged, writers, ev):
         if w["top"]:
             best = w["top"][0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -126,19 +127,31 @@ def read_extras(paths: Iterable[str]) -> Extras:
 
 # -- a model ----------------------------------------------------------------------------------------------------------
 
+def _where(columns: dict[str, Any], i: int) -> tuple[int, Any, int]:
+    expert = columns["expert"][i]
+    if expert is not None and isinstance(expert, float) and math.isnan(expert):
+        expert = None
+    return int(columns["layer"][i]), expert.item() if hasattr(expert, "item") else expert, int(columns["neuron"][i])
+
+
 def top_flagged(columns: dict[str, Any], k: int) -> list[tuple[int, Any, int]]:
     """(layer, expert label or None, neuron) of the first ``k`` flagged rows (rows are ranked by cos)."""
     import numpy as np
 
     idx = np.flatnonzero(np.asarray(columns["flagged"], dtype=bool))[:k]
-    out = []
-    for i in idx.tolist():
-        expert = columns["expert"][i]
-        if expert is not None and isinstance(expert, float) and math.isnan(expert):
-            expert = None
-        out.append((int(columns["layer"][i]), expert.item() if hasattr(expert, "item") else expert,
-                    int(columns["neuron"][i])))
-    return out
+    return [_where(columns, i) for i in idx.tolist()]
+
+
+def top_neurons(columns: dict[str, Any], k: int) -> tuple[list[tuple[int, Any, int]], int]:
+    """The neurons the page explains: the first ``k`` flagged rows and, when fewer than ``k`` are flagged, the most
+    negative others (finite cos, in rank order) up to ``k``. Returns them and how many of them are flagged (the
+    first ones; the rest are below the threshold)."""
+    import numpy as np
+
+    flagged = np.asarray(columns["flagged"], dtype=bool)
+    first = np.flatnonzero(flagged)[:k]
+    rest = np.flatnonzero(~flagged & np.isfinite(np.asarray(columns["cos"], dtype=np.float64)))[:max(0, k - len(first))]
+    return [_where(columns, i) for i in np.concatenate([first, rest]).tolist()], len(first)
 
 
 def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations: bool, text: str | None = None,
@@ -197,10 +210,13 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
                top_rows: int = TOP_ROWS, heads: bool = True, chains: bool = True, activations: bool | None = None,
                text: str | None = None, dataset: str | None = None, field_name: str = "text",
                max_tokens: int = 4096, seq_len: int = 128, extras: Iterable[str] = (), log: Log | None = None,
-               leave_out: str | None = None, no_activations: str = "--no-activations") -> Built:
-    """Scan ``model`` and put the scan, the explained top ``top_k`` flagged neurons, the heads and the chains on one
-    page. ``activations``: None = when transformers is importable. ``leave_out`` and ``no_activations``: why heads
-    and chains, and the activation evidence, were not asked for (said on the page instead of "--no-heads"...)."""
+               leave_out: str | None = None, no_activations: str = "--no-activations",
+               stats: str | None = None) -> Built:
+    """Scan ``model`` and put the scan, the explained top ``top_k`` neurons (flagged first; the most negative others
+    when fewer are flagged, marked below the threshold), the heads and the chains on one page. ``activations``: None
+    = when transformers is importable. ``leave_out`` and ``no_activations``: why heads and chains, and the activation
+    evidence, were not asked for (said on the page instead of "--no-heads"...). ``stats``: an ``mmdetect
+    activations`` output to join (or "auto": run the corpus pass with its defaults), see ``load_stats``."""
     import numpy as np
 
     from mmdetect.analysis.circuit import open_circuit
@@ -209,12 +225,19 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
 
     say = log or (lambda _m: None)
     add = read_extras(extras)
+    name, fingerprint = model_identity(model, revision)
+    measured = load_stats(stats, model, fingerprint=fingerprint, convention=convention, revision=revision,
+                          layers=layers, device=device, text=text, dataset=dataset, field_name=field_name,
+                          progress=progress, say=say) if stats else None
     result = scan(model, revision=revision, threshold=threshold, layers=layers, device=device, progress=progress,
                   as_frame=False, convention=convention)
     cols = result.columns
     n_flagged = int(np.asarray(cols["flagged"], dtype=bool).sum())
     say(f"scanned {len(result):,} neurons, {n_flagged:,} flagged")
-    wanted = top_flagged(cols, top_k)
+    wanted, n_above = top_neurons(cols, top_k)
+    if measured is not None and activations is None:
+        activations = False       # the corpus statistics are the panels' activation evidence
+        no_activations = "the corpus statistics (--activations) below are this neuron's activation evidence"
     notes: dict[str, str] = {}
     docs: list[dict[str, Any]] = []
     heads_df, chains_df = add.heads, add.chains
@@ -228,11 +251,13 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
             if wanted:
                 # None: when transformers is importable (explain_top says so on each panel when it is not)
                 on = activations is not False
-                say(f"explaining the top {len(wanted)} flagged neurons" + (" (with activation evidence)" if on and
-                    importlib.util.find_spec("transformers") is not None else ""))
+                say(f"explaining the top {len(wanted)} neurons ({n_above} flagged)" + (" (with activation evidence)"
+                    if on and importlib.util.find_spec("transformers") is not None else ""))
                 docs = explain_top(circuit, wanted, activations=on, text=text, dataset=dataset,
                                    field_name=field_name, max_tokens=max_tokens, seq_len=seq_len,
                                    off=no_activations)
+                for doc in docs[n_above:]:
+                    doc["below_threshold"] = {"threshold": threshold, "flagged": n_flagged, "top_k": top_k}
             if want_heads and circuit.attention is None:
                 notes["heads"], want_heads = str(circuit.attention_gap), False
             if want_heads:
@@ -241,14 +266,66 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
             if want_chains:
                 chains_df = _chains(circuit, threshold, layers, n_flagged, heads_df, notes, say)
     if not wanted:
-        notes.setdefault("panels", f"no neuron is flagged (cos ≤ {threshold:g}), so no neuron was explained"
-                         if not n_flagged else "no neuron was explained (--top-k 0)")
+        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
+                         "no neuron has a cosine, so no neuron was explained")
+    elif n_above < len(wanted):
+        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
+                         f"{threshold:g}), fewer than --top-k {top_k}: the {len(wanted) - n_above} most negative "
+                         f"others are explained too, their panels marked below the threshold")
     docs = _merge_docs(docs, add.explain)
     html = scan_page(result.columns, result.attrs["layers"], result.attrs["provenance"], explain=docs,
-                     heads=heads_df, chains=chains_df, top_rows=top_rows, notes=notes)
+                     heads=heads_df, chains=chains_df, top_rows=top_rows, notes=notes, stats=measured, name=name)
     parts = [f"{len(result):,} neurons", f"{n_flagged:,} flagged", f"{len(docs)} panels"]
     parts += [f"{len(df):,} {name}" for name, df in (("heads", heads_df), ("chains", chains_df)) if df is not None]
     return Built(html, "model", f"scan of {result.attrs['provenance'].get('model')}: {', '.join(parts)}")
+
+
+def model_identity(model: str, revision: str | None = None) -> tuple[str, str]:
+    """(the model's display name, its weights' fingerprint), from its headers only."""
+    from mmdetect.io.checkpoint import display_name, open_checkpoint
+
+    with open_checkpoint(model, revision=revision) as ckpt:
+        return display_name(ckpt), ckpt.fingerprint()
+
+
+def check_stats(stats: Any, where: str, *, fingerprint: str | None, convention: str | None) -> None:
+    """Refuse, in one line, statistics measured on other weights or in another convention than the scan's."""
+    from mmdetect.errors import UsageError
+
+    prov = stats.provenance
+    if fingerprint and prov.fingerprint and prov.fingerprint != fingerprint:
+        raise UsageError(f"--activations {where} was measured on another model (fingerprint "
+                         f"{str(prov.fingerprint)[:12]}…, this model's is {fingerprint[:12]}…): run `mmdetect "
+                         f"activations MODEL -o STATS` on this model, or give --activations auto")
+    if convention and prov.convention and prov.convention != convention:
+        raise UsageError(f"--activations {where} is in the {prov.convention} convention and this report in the "
+                         f"{convention} one: rerun `mmdetect activations --convention {convention}`, or report with "
+                         f"--convention {prov.convention}")
+
+
+def load_stats(spec: str, model: str | None, *, fingerprint: str | None, convention: str | None,
+               revision: str | None = None, layers: str | None = None, device: str = "cpu",
+               text: str | None = None, dataset: str | None = None, field_name: str = "text",
+               progress: bool | None = None, say: Log | None = None) -> Any:
+    """The corpus statistics to join: ``spec`` is an ``mmdetect activations`` output (read back and checked with
+    ``report.activations.read_stats``) or "auto" (``corpus.activations.run`` with the defaults of a ``Request``, on
+    the report's text options when given). Refused when measured on other weights or in another convention."""
+    from mmdetect.errors import UsageError
+
+    if spec == "auto":
+        if model is None:
+            raise UsageError("--activations auto runs the model: give a model as SOURCE, or a stats file")
+        from mmdetect.corpus.activations import Request, run
+
+        (say or (lambda _m: None))("measuring every neuron over the corpus (--activations auto)")
+        stats = run(Request(model, revision=revision, convention=convention or "folded", layers=layers,
+                            device=device, text=text, dataset=dataset, field_name=field_name, progress=progress))
+    else:
+        from mmdetect.report.activations import read_stats
+
+        stats = read_stats(spec)
+    check_stats(stats, spec, fingerprint=fingerprint, convention=convention)
+    return stats
 
 
 def _optional(what: str, notes: dict[str, str], compute: Callable[[], Any]) -> Any:
@@ -300,8 +377,9 @@ def _merge_docs(computed: list[dict[str, Any]], given: list[dict[str, Any]]) -> 
 
 # -- existing outputs -------------------------------------------------------------------------------------------------
 
-def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[str] = ()) -> Built:
-    """The page of a scan output file (and --with files)."""
+def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[str] = (),
+                     stats: str | None = None) -> Built:
+    """The page of a scan output file (and --with files, and an ``mmdetect activations`` output to join)."""
     from mmdetect.report.page import scan_page
     from mmdetect.report.plot import read_scan
 
@@ -319,8 +397,12 @@ def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[st
     if not add.explain:
         notes["panels"] = "no explain results: add `mmdetect explain MODEL -l L -n N --format json -o n.json` " \
                           "outputs with --with n.json"
-    html = scan_page(df, meta.get("layers") or None, meta.get("provenance") or {}, explain=add.explain,
-                     heads=add.heads, chains=add.chains, top_rows=top_rows, notes=notes)
+    prov = meta.get("provenance") or {}
+    measured = None
+    if stats:
+        measured = load_stats(stats, None, fingerprint=prov.get("fingerprint"), convention=prov.get("convention"))
+    html = scan_page(df, meta.get("layers") or None, prov, explain=add.explain,
+                     heads=add.heads, chains=add.chains, top_rows=top_rows, notes=notes, stats=measured)
     model = (meta.get("provenance") or {}).get("model") or Path(path).name
     return Built(html, "scan", f"scan output {path} ({model}): {len(df):,} rows, {len(add.explain)} panels")
 
@@ -355,7 +437,8 @@ def build(source: str, **options: Any) -> Built:
     if kind == "model":
         return model_page(source, **options)
     if kind == "scan":
-        return scan_output_page(source, top_rows=options.get("top_rows", TOP_ROWS), extras=options.get("extras", ()))
+        return scan_output_page(source, top_rows=options.get("top_rows", TOP_ROWS), extras=options.get("extras", ()),
+                                stats=options.get("stats"))
     if kind == "sweep":
         return sweep_output_page(source)
     return track_output_page(source)
@@ -369,3 +452,75 @@ def write(built: Built, output: str) -> int:
     with atomic_open(output, binary=True) as fh:
         fh.write(data)
     return len(data)
+
+
+# -- Neuronpedia -------------------------------------------------------------------------------------------------------
+
+def vocab_views(circuit: Any, wanted: list[tuple[int, Any, int]], k: int) -> list[dict[str, Any] | None]:
+    """The vocabulary view (top ``k`` promoted and suppressed tokens) of each neuron of ``wanted``, from one pass over
+    the unembedding; None for each when the model has no attention layout (no final norm to read)."""
+    from mmdetect.analysis.explain import VocabView
+    from mmdetect.analysis.passes import writer_items, writer_pass
+    from mmdetect.analysis.targets import find_targets
+    from mmdetect.corpus.vocab import load_vocab
+
+    if not wanted or circuit.attention is None:
+        return [None] * len(wanted)
+    targets = find_targets(circuit, wanted)
+    vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
+    view = VocabView(targets, k)
+    writer_pass(circuit, [view], writer_items(circuit, set(), set(), tokens=False, logits=True))
+    return list(view.result(circuit, vocab))
+
+
+def neuronpedia_export(model: str, output: str, *, stats: str, revision: str | None = None,
+                       convention: str = "folded", threshold: float = THRESHOLD, layers: str | None = None,
+                       device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
+                       model_id: str | None = None, source_set: str = "mmdetect-mlp", text: str | None = None,
+                       dataset: str | None = None, field_name: str = "text", log: Log | None = None) -> list[Path]:
+    """The neurons the page would explain (``top_neurons``) as Neuronpedia upload batches in the folder ``output``
+    (``report.neuronpedia``): one ``<source>.<k>.json`` per 128 features of a layer, and ``manifest.json`` (model id,
+    source set, each neuron's layer, expert, neuron, source, index and file, the provenance of the scan and the
+    statistics). Every file is written atomically; returns the batch files."""
+    from mmdetect.analysis.circuit import open_circuit
+    from mmdetect.errors import OutputError, UsageError
+    from mmdetect.io.output import atomic_write
+    from mmdetect.report import neuronpedia
+    from mmdetect.scanner import scan
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", source_set):
+        raise UsageError(f"--neuronpedia-source-set {source_set!r}: use lowercase letters, digits and hyphens")
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"-o {output} is a file: --format neuronpedia writes a folder of batches")
+    say = log or (lambda _m: None)
+    name, fingerprint = model_identity(model, revision)
+    measured = load_stats(stats, model, fingerprint=fingerprint, convention=convention, revision=revision,
+                          layers=layers, device=device, text=text, dataset=dataset, field_name=field_name,
+                          progress=progress, say=say)
+    result = scan(model, revision=revision, threshold=threshold, layers=layers, device=device, progress=progress,
+                  as_frame=False, convention=convention)
+    wanted, n_above = top_neurons(result.columns, top_k)
+    if not wanted:
+        raise UsageError("no neuron to export: --top-k is 0 or no neuron has a cosine")
+    with open_circuit(model, revision=revision, convention=convention) as circuit:
+        views = vocab_views(circuit, wanted, neuronpedia.MAX_LOGITS)
+    mid = model_id or neuronpedia.model_id(name)
+    files, rows = neuronpedia.batches(wanted, views, measured, mid, source_set)
+    if not files:
+        raise UsageError("no neuron has a top token in the corpus statistics: nothing to upload")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, body in files:
+        with atomic_write(folder / fname) as fh:
+            json.dump(body, fh, ensure_ascii=False, allow_nan=False)
+        written.append(folder / fname)
+    for k, row in enumerate(rows):
+        row["flagged"] = k < n_above
+    manifest = {"modelId": mid.lower(), "sourceSet": source_set, "name": name, "files": [f for f, _ in files],
+                "neurons": rows, "scan": result.attrs["provenance"], "activations": measured.provenance.to_dict()}
+    with atomic_write(folder / "manifest.json") as fh:
+        json.dump(manifest, fh, ensure_ascii=False, indent=1, default=str)
+    say(f"{sum(len(b['features']) for _, b in files)} features in {len(files)} batches "
+        f"({n_above} flagged, {len(wanted) - n_above} below the threshold)")
+    return written

@@ -23,7 +23,7 @@ from mmdetect.corpus import state as saved
 from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site, Tokens
-from mmdetect.corpus.model import DTYPES, gguf_module_names, gguf_tokenizer, load_model
+from mmdetect.corpus.model import DTYPES, forward, gguf_module_names, gguf_tokenizer, load_model
 from mmdetect.corpus.sources import resolve_source
 from mmdetect.corpus.stats import CASES, NO_KEY, Moments, describe
 from mmdetect.corpus.vocab import Vocab, load_vocab
@@ -198,7 +198,7 @@ def _pass(model: Any, sites: list[Site], stream: Iterator[Window], ckpt: Any, re
                     continue
                 hooks.tokens = batch_tokens(batch, seq_len)
                 ids = torch.from_numpy(np.stack([w.ids for w in batch])).to(device)
-                model(input_ids=ids, use_cache=False)
+                forward(model, ids)
                 done += len(batch)
                 advance(int(ids.numel()))
                 if interrupted():

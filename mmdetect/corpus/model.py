@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import tempfile
 from typing import Any
@@ -62,6 +63,19 @@ def load_model(ckpt: Checkpoint, *, device: str = "cpu", dtype: str = "float32",
     if max_memory is None and device != "cpu":
         model = model.to(device)
     return model.eval()
+
+
+def forward(model: Any, ids: Any) -> None:
+    """Run the model's own forward pass on ``ids`` [batch, seq] for its hooks; the logits are not wanted, so only the
+    last position's are computed where the model takes ``logits_to_keep`` (a 262k-word vocabulary's logits would
+    otherwise cost more time and memory than the layers)."""
+    cls = type(model)
+    if cls not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    model(input_ids=ids, use_cache=False, **({"logits_to_keep": 1} if _KEEPS_LOGITS[cls] else {}))
+
+
+_KEEPS_LOGITS: dict[Any, bool] = {}
 
 
 def check_gguf_loadable(arch: str, hint: str = "rerun with --no-activations") -> None:

@@ -425,3 +425,26 @@ def _open_gguf(ref: str, path: Path) -> Checkpoint:
     config, tensors, entries = gguf.read_index(path)
     return Checkpoint(ref=ref, path=path, format="gguf", config=config, tensors=tensors, files=[path],
                       inputs=[path], _gguf=entries)
+
+
+def display_name(ckpt: Checkpoint) -> str:
+    """The model's name for a title or a header, never a cache path: a hub id as given; a GGUF file's
+    ``general.name``; a folder inside the Hugging Face cache (``models--org--name/snapshots/sha``) its hub id; a
+    folder whose config names a hub model (``_name_or_path`` such as ``org/name``) that name; else the folder's or
+    file's name."""
+    import re
+
+    if ckpt.from_hub:
+        return ckpt.ref
+    if ckpt.format == "gguf":
+        name = (ckpt.config.get("gguf_metadata") or {}).get("general.name")
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+        return ckpt.path.name
+    m = re.search(r"models--([^/\\]+?)--([^/\\]+)", str(ckpt.path.resolve()))
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    named = ckpt.config.get("_name_or_path")
+    if isinstance(named, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", named):
+        return named
+    return ckpt.path.resolve().name or ckpt.ref

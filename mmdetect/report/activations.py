@@ -2,7 +2,9 @@
 
 * ``OUT.details.parquet``: one row per neuron, keyed ``layer, expert, neuron``, with ``hist`` (258 counts: below -10,
   the 256 bins of width 25/256 from -10 to 15, above 15) and ``top`` (the top tokens by post-activation: value,
-  window, position, token_id, token, before, after);
+  window, position, token_id, token, before, after), and every column of the table again, so that this one file is
+  what other commands read back (``read_stats``): its metadata holds the run's provenance, the format version, the
+  row count and a SHA-256 of its columns, checked on reading;
 * ``OUT.state``: the run's saved state (its running sums), which a stopped run resumes from and
   ``mmdetect merge-activations`` adds up.
 
@@ -21,6 +23,8 @@ from mmdetect.report.formats import write
 
 DETAIL_SUFFIX = ".details.parquet"
 STATE_SUFFIX = ".state"
+DETAILS_FORMAT = "mmdetect-activations-details/1"
+KEYS = ("layer", "expert", "neuron")
 
 
 def details_path(output: str | os.PathLike) -> Path:
@@ -40,20 +44,101 @@ def write_details(result: Result, path: str | os.PathLike) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    d = result.details
+    d, frame = result.details, result.frame
     top_type = pa.list_(pa.struct([("value", pa.float64()), ("window", pa.int64()), ("position", pa.int64()),
                                    ("token_id", pa.int64()), ("token", pa.string()), ("before", pa.string()),
                                    ("after", pa.string())]))
-    table = pa.table({"layer": pa.array(d["layer"], pa.int64()),
-                      "expert": pa.array([_expert(e) for e in d["expert"]], pa.string()),
-                      "neuron": pa.array(d["neuron"], pa.int64()),
-                      "hist": pa.array(d["hist"], pa.list_(pa.int64())),
-                      "top": pa.array(d["top"], top_type)})
+    columns = {"layer": pa.array(d["layer"], pa.int64()),
+               "expert": pa.array([_expert(e) for e in d["expert"]], pa.string()),
+               "neuron": pa.array(d["neuron"], pa.int64()),
+               "hist": pa.array(d["hist"], pa.list_(pa.int64())),
+               "top": pa.array(d["top"], top_type)}
+    for name in frame.columns:
+        if name not in KEYS:
+            columns[name] = pa.array(frame[name].to_numpy(), pa.int64() if name == "tokens" else pa.float64())
+    table = pa.table(columns)
     meta = dict(table.schema.metadata or {})
     meta[b"mmdetect"] = json.dumps(result.provenance.to_dict()).encode()
+    meta[b"mmdetect_details"] = json.dumps({"format": DETAILS_FORMAT, "rows": table.num_rows,
+                                            "sha256": _table_digest(table)}).encode()
     table = table.replace_schema_metadata(meta)
     with atomic_write(path, binary=True) as fh:
         pq.write_table(table, fh)
+
+
+def _table_digest(table: Any) -> str:
+    """SHA-256 over every column's values (names, flattened values and list lengths): the same for a table and its
+    Parquet round trip, whatever the chunking."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256()
+
+    def feed(name: str, col: Any) -> None:
+        h.update(f"{name}:{len(col)}:{col.null_count}".encode())  # list types' child names differ after a round trip
+        if pa.types.is_list(col.type):
+            feed(f"{name}.len", pc.list_value_length(col).fill_null(-1))
+            feed(f"{name}[]", pc.list_flatten(col))
+        elif pa.types.is_struct(col.type):
+            for i, field in enumerate(col.type):
+                feed(f"{name}.{field.name}", pc.struct_field(col, [i]))
+        elif pa.types.is_string(col.type):
+            h.update(json.dumps(col.to_pylist()).encode())
+        else:
+            h.update(str(col.type).encode())
+            h.update(col.fill_null(0).to_numpy(zero_copy_only=False).tobytes())
+
+    for name in table.column_names:
+        feed(name, table.column(name).combine_chunks())
+    return h.hexdigest()
+
+
+def read_stats(path: str | os.PathLike) -> Result:
+    """The result of ``mmdetect activations`` (or ``merge-activations``) written at ``path``, read back from its
+    details file and checked: NotFoundError or CorruptInputError (one line) when it is missing, not mmdetect's,
+    of another format version, truncated or edited. ``path`` is the table (OUT) or OUT.details.parquet itself."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from mmdetect.corpus.activations import COLUMNS
+    from mmdetect.errors import CorruptInputError, NotFoundError
+    from mmdetect.io.paths import open_regular
+    from mmdetect.results.provenance import Provenance
+
+    where = Path(path)
+    details = where if where.name.endswith(DETAIL_SUFFIX) else details_path(where)
+    if not details.exists():
+        raise NotFoundError(f"{details} is missing: give the output of `mmdetect activations` (OUT, with "
+                            f"OUT.details.parquet beside it)")
+    bad = f"{details} is not a usable mmdetect activations output"
+    with os.fdopen(open_regular(details), "rb") as fh:
+        try:
+            table = pq.read_table(fh)
+            meta = table.schema.metadata or {}
+            info = json.loads(meta[b"mmdetect_details"])
+            prov = Provenance.from_dict(json.loads(meta[b"mmdetect"]))
+        except KeyError:
+            raise CorruptInputError(f"{bad} (no mmdetect metadata): rerun `mmdetect activations`") from None
+        except Exception as exc:
+            raise CorruptInputError(f"{bad} ({type(exc).__name__}: {str(exc)[:100]}); rerun `mmdetect "
+                                    f"activations`") from None
+    if not isinstance(info, dict) or info.get("format") != DETAILS_FORMAT:
+        got = info.get("format") if isinstance(info, dict) else None
+        raise CorruptInputError(f"{bad}: it is format {got!r}, this mmdetect reads {DETAILS_FORMAT}; rerun "
+                                f"`mmdetect activations` with this version")
+    missing = [c for c in (*COLUMNS, "hist", "top") if c not in table.column_names]
+    if missing:
+        raise CorruptInputError(f"{bad}: column {missing[0]} is missing; rerun `mmdetect activations`")
+    if info.get("rows") != table.num_rows or info.get("sha256") != _table_digest(table.replace_schema_metadata()):
+        raise CorruptInputError(f"{bad}: its rows do not match its recorded row count and checksum (edited or "
+                                f"damaged); rerun `mmdetect activations`")
+    frame = pd.DataFrame({c: table.column(c).to_numpy(zero_copy_only=False) for c in COLUMNS})
+    frame["expert"] = frame["expert"].astype(object).where(frame["expert"].notna(), None)
+    frame.attrs["provenance"] = prov.to_dict()
+    extra = {c: table.column(c).to_pylist() for c in ("layer", "expert", "neuron", "hist", "top")}
+    return Result(frame, extra, prov)
 
 
 def write_result(result: Result, fmt: str, output: str | os.PathLike) -> list[Path]:

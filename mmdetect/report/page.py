@@ -307,7 +307,8 @@ def _panels(explain: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
 
 def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, Any] | None, *,
                explain: Iterable[Mapping[str, Any]] | None, heads: Any, chains: Any, top_rows: int,
-               max_rows: int, notes: Mapping[str, str] | None = None) -> dict[str, Any]:
+               max_rows: int, notes: Mapping[str, str] | None = None, stats: Any = None,
+               name: str | None = None) -> dict[str, Any]:
     if _is_frame(columns) or hasattr(columns, "attrs"):
         attrs = getattr(columns, "attrs", {}) or {}
         layers = attrs.get("layers") if layers is None else layers
@@ -324,7 +325,16 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
     summary = sorted(summary, key=lambda s: int(s["layer"]))
     layer_ids = [int(s["layer"]) for s in summary]
     idx, note = select_rows(cos, flagged, layer, cols.get("neuron"), top_rows, max_rows)
-    table = table_spec(cols, idx, note=note)
+    panels = _panels(explain)
+    stats_block = None
+    table_cols: Mapping[str, np.ndarray] = cols
+    if stats is not None:
+        from mmdetect.report.pagestats import page_stats, table_columns
+
+        at, stats_block = page_stats(cols, stats, layer, cos, flagged, layer_ids, list(panels),
+                                     threshold if isinstance(threshold, (int, float)) else None)
+        table_cols = _with_stats(cols, table_columns(stats.frame, at))
+    table = table_spec(table_cols, idx, note=note)
     n_rows = len(cos)
     n_neurons = sum(int(s.get("n_neurons") or 0) for s in summary) or n_rows
     n_flagged = sum(int(s.get("n_flagged") or 0) for s in summary) if layers else int(flagged.sum())
@@ -345,15 +355,48 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
                  "layers": histograms(layer, cos, layer_ids)},
         "tables": {"neurons": table, "heads": frame_spec(heads, max_rows, "heads"),
                    "chains": frame_spec(chains, max_rows, "chains")},
-        "panels": _panels(explain),
+        "panels": panels,
         "notes": {str(k): str(v) for k, v in (notes or {}).items()},
+        "name": name or ref_name(prov.get("model")),
+        "stats": stats_block,
     }
+
+
+def _with_stats(cols: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The scan's columns with the stats columns right after cos (a scan column of the same name is replaced)."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in cols.items():
+        if k in extra:
+            continue
+        out[k] = v
+        if k == "cos":
+            out.update(extra)
+    for k, v in extra.items():
+        out.setdefault(k, v)
+    return out
+
+
+def ref_name(model: Any) -> str:
+    """A model's name from the reference it was given as: a Hugging Face cache path gives its hub id
+    (``.../models--org--name/snapshots/sha`` -> ``org/name``), another path its last part, anything else itself."""
+    import re
+
+    if model is None or model == "":
+        return "scan"
+    text = str(model)
+    m = re.search(r"models--([^/\\]+?)--([^/\\]+)", text)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    if text.startswith(("/", ".", "~")) or "\\" in text:
+        parts = [p for p in re.split(r"[/\\]+", text) if p and p not in (".", "..", "~")]
+        return parts[-1] if parts else text
+    return text
 
 
 def scan_page(columns: Any, layers: list[dict] | None = None, provenance: Mapping[str, Any] | None = None, *,
               explain: Iterable[Mapping[str, Any]] | None = None, heads: Any = None, chains: Any = None,
               top_rows: int = 2000, max_rows: int = MAX_ROWS, title: str | None = None,
-              notes: Mapping[str, str] | None = None) -> str:
+              notes: Mapping[str, str] | None = None, stats: Any = None, name: str | None = None) -> str:
     """The complete HTML document for one scan.
 
     columns: the scan's rows as a dict of numpy arrays (``ScanResult.columns``), a ``ScanResult`` or a DataFrame
@@ -361,12 +404,13 @@ def scan_page(columns: Any, layers: list[dict] | None = None, provenance: Mappin
     (``attrs["layers"]``). provenance: ``attrs["provenance"]``. explain: ``explain()`` documents, one per neuron
     panel. heads, chains: the DataFrames of ``heads`` and ``chains``. top_rows: the table holds every flagged neuron
     plus this many of the most negative others; max_rows caps the table whatever the flagged count. notes: what was
-    left out and why, by section ("heads", "chains", "panels"), shown where that section would be.
+    left out and why, by section ("heads", "chains", "panels"), shown where that section would be. stats: a corpus
+    pass's result (``report.activations.read_stats``), joined onto the rows (``report.pagestats``). name: the model's
+    name for the title and the heading (default: from the provenance's model reference, ``ref_name``).
     """
     data = scan_data(columns, layers, provenance, explain=explain, heads=heads, chains=chains,
-                     top_rows=top_rows, max_rows=max_rows, notes=notes)
-    model = data["provenance"].get("model") or "scan"
-    return render_page(data, title or f"mmdetect · {model}")
+                     top_rows=top_rows, max_rows=max_rows, notes=notes, stats=stats, name=name)
+    return render_page(data, title or f"mmdetect · {data['name']}")
 
 
 # -- the sweep page ---------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class ScanResult:
         ranks = pd.array(cols["rank"], dtype="Int64")
         ranks[~np.isfinite(cols["cos"])] = pd.NA  # dead neurons have no rank
         cols["rank"] = ranks
-        df = pd.DataFrame(cols, columns=COLUMNS)
+        # The scan's columns, then any joined onto them (``scan --activations``), in their order.
+        df = pd.DataFrame(cols, columns=[*COLUMNS, *(k for k in cols if k not in COLUMNS)])
         df.attrs = self.attrs
         return df
 

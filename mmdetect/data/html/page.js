@@ -452,6 +452,9 @@
       return kids;
     }
     var nrn = doc.neuron || {};
+    if (doc.below_threshold) kids.push(h("p", {class: "warn below"}, "Below the threshold (cos ≤ " +
+      doc.below_threshold.threshold + "): explained because " + int(doc.below_threshold.flagged) +
+      " neurons are flagged, fewer than the " + int(doc.below_threshold.top_k) + " panels the page explains."));
     if (nrn.null_band) kids.push(h("p", {class: "muted small"}, "random directions in d_model " + (nrn.d_model || "?") +
       ": 95% of cosines within ±" + (isNum(nrn.null_band[1]) ? nrn.null_band[1].toFixed(3) : "?")));
     if (doc.attention_gap) kids.push(h("p", {class: "warn"}, doc.attention_gap));
@@ -528,8 +531,8 @@
 
   function scanHeader() {
     var p = D.provenance || {}, t = D.totals;
-    var head = h("header", null, h("h1", null, p.model || "mmdetect scan"));
-    var sub = [p.model_type, p.family && p.family !== p.model_type ? "family " + p.family : null, p.format,
+    var head = h("header", null, h("h1", null, D.name || p.model || "mmdetect scan"));
+    var sub = [D.name && p.model && D.name !== p.model ? String(p.model) : null, p.model_type, p.family && p.family !== p.model_type ? "family " + p.family : null, p.format,
       p.heuristic ? "heuristic layout" : null].filter(function (x) { return x; }).join(" · ");
     if (sub) head.append(h("div", {class: "muted"}, sub));
     head.append(conventionBox(D.convention.name, D.convention.note));
