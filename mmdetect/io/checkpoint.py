@@ -12,12 +12,9 @@ recorded with ``io.output.protect`` so that no output can overwrite it.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import mmap
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +23,7 @@ from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, 
 from mmdetect.io import gguf, hub, torchbin
 from mmdetect.io.info import TensorInfo, check_fits
 from mmdetect.io.output import protect
-from mmdetect.io.paths import kind, member, open_regular, pread_exact, read_json
+from mmdetect.io.paths import kind, member, open_regular, populate_mapping, pread_exact, read_json
 from mmdetect.io.safetensors import DTYPES, FLOATS, FP8, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +45,6 @@ QUANT_SUFFIXES = {
 }
 FP8_BLOCK = 128             # DeepSeek-V3's weight_block_size, when the config does not give one
 MAP_MIN_BYTES = 1 << 20     # tensors at least this big are memory-mapped instead of copied
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; the constant is missing before 3.12
 
 
 @dataclass(frozen=True)
@@ -269,37 +265,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_madvise() -> Any:
-    if not sys.platform.startswith("linux"):  # MADV_POPULATE_READ's number means something else, or nothing, elsewhere
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # no C library to call (Windows)
-        return None
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return madvise
-
-
-def populate_mapping(mm: mmap.mmap) -> None:
-    """Read a whole mapping in and fill its page tables now (MADV_POPULATE_READ, Linux 5.14+), so the calling thread
-    does the I/O and the threads computing on it take no page faults; elsewhere MADV_WILLNEED starts the read-ahead.
-
-    madvise is called through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it, and while it
-    waited for the disk (0.1 s for a 180 MB weight) every other thread of the scan stopped at its next torch call.
-    The range starts at the mapping's start: madvise wants a page-aligned start, which a tensor's rarely is.
-    """
-    madvise = _libc_madvise()
-    if madvise is not None and len(mm):
-        view = (ctypes.c_char * len(mm)).from_buffer(mm)
-        try:
-            if madvise(ctypes.addressof(view), len(mm), MADV_POPULATE_READ) == 0:
-                return
-        finally:
-            del view  # the buffer export; the mapping stays
-    mm.madvise(mmap.MADV_WILLNEED, 0, len(mm))
 
 
 # -- resolving a model reference ---------------------------------------------------------------------------------

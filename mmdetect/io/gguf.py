@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmdetect.errors import CorruptInputError, UnsupportedError, quoted
 from mmdetect.io.info import TensorInfo, check_fits
-from mmdetect.io.paths import open_regular, pread_exact
+from mmdetect.io.paths import open_regular, populate_mapping, pread_exact
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -226,8 +226,6 @@ def _map(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     """Bytes [offset, offset + nbytes) of the file as a 1-D uint8 tensor over a private mapping, read in now
     (``populate_mapping``: the caller's thread does the I/O, the dequantising threads take no page faults)."""
     import torch
-
-    from mmdetect.io.checkpoint import populate_mapping
 
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
