@@ -458,12 +458,15 @@ def plant_orthogonal_gate(path: Path, layer: int, neuron: int) -> Path:
     return path
 
 
-def write_gguf_from_llama(src: Path, path: Path) -> Path:
+def write_gguf_from_llama(src: Path, path: Path, qtype: str | None = None) -> Path:
     """The Llama checkpoint in folder ``src`` as one F32 GGUF file with llama.cpp's tensor names and q/k row order
     (``convert_hf_to_gguf.py``'s permutation, which transformers' GGUF loader undoes): the same weights, for checking
     the GGUF route against the safetensors route. A SentencePiece-style BPE ``tokenizer.json`` (the shared
-    stories260K) goes in as a ``llama`` vocabulary with its merges, so transformers can build the tokenizer too."""
+    stories260K) goes in as a ``llama`` vocabulary with its merges, so transformers can build the tokenizer too.
+    With ``qtype`` (``"Q8_0"``, ...), the layers' weight matrices whose rows are whole blocks of it are stored
+    quantised, through gguf-py's own quantiser."""
     import gguf
+    from gguf.quants import quantize
     from safetensors.torch import load_file
 
     cfg = json.loads((src / "config.json").read_text())
@@ -515,7 +518,12 @@ def write_gguf_from_llama(src: Path, path: Path) -> Path:
                 w = permute(w, n_head)
             elif name == "attn_k":
                 w = permute(w, n_kv)
-            writer.add_tensor(f"blk.{i}.{name}.weight", np.ascontiguousarray(w))
+            w = np.ascontiguousarray(w)
+            q = gguf.GGMLQuantizationType[qtype] if qtype else None
+            if q is not None and w.ndim == 2 and w.shape[1] % gguf.GGML_QUANT_SIZES[q][0] == 0:
+                writer.add_tensor(f"blk.{i}.{name}.weight", quantize(w, q), raw_dtype=q)
+            else:
+                writer.add_tensor(f"blk.{i}.{name}.weight", w)
     writer.add_tensor("output_norm.weight", state["model.norm.weight"])
     if "lm_head.weight" in state:
         writer.add_tensor("output.weight", state["lm_head.weight"])

@@ -510,3 +510,54 @@ def test_moe_routed_experts_count_their_tokens_and_shared_experts_every_token(tr
         shared = df[(df.layer == i) & (df.expert == "shared")]
         assert len(shared) == model.config.shared_expert_intermediate_size and (shared.tokens == len(x)).all()
     assert checked >= 4
+
+
+# -- memory: refused before loading what cannot fit -------------------------------------------------------------------
+
+def test_a_model_bigger_than_available_memory_is_refused_before_loading(llama_run: tuple[Path, Path, Path],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmdetect.corpus import model as corpus_model
+    from mmdetect.io.checkpoint import open_checkpoint
+
+    folder, corpus, _ = llama_run
+    with open_checkpoint(folder) as ckpt:
+        weights = sum(math.prod(info.shape) for info in ckpt.tensors.values())
+        assert corpus_model.memory_needed(ckpt)[0] == 4 * weights
+        assert corpus_model.memory_needed(ckpt, "bfloat16")[0] == 2 * weights
+        assert corpus_model.memory_needed(ckpt, max_memory=1000)[0] == 1000
+    loads: list[Any] = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(corpus_model, "available_memory", lambda: 3 * weights)  # bfloat16 fits, float32 does not
+    out = tmp_path / "out.csv"
+    args = ("activations", folder, "--dataset", corpus, "--seq-len", SEQ_LEN, "-o", out)
+    r = _cli(*args)
+    assert r.exit_code == 2 and not loads and not out.exists()
+    need, have = f"{4 * weights / 1e9:,.1f} GB", f"{3 * weights / 1e9:,.1f} GB"
+    assert (f"error: running {folder} needs about {need} of memory ({weights / 1e9:.2f}B weights in float32), more "
+            f"than the {have} available: pass --max-memory (under {have}) to offload what does not fit, or --dtype "
+            f"bfloat16, or check the model with `mmdetect scan` first") in r.output
+    r = _cli(*args, "--max-memory", str(4 * weights))
+    assert r.exit_code == 2 and f"lower --max-memory below {have}" in r.output and not loads
+    monkeypatch.setattr(corpus_model, "available_memory", lambda: None)  # the platform does not say: nothing refused
+    with open_checkpoint(folder) as ckpt:
+        corpus_model.check_memory(ckpt)
+
+
+def test_a_gguf_that_cannot_be_dequantised_in_memory_is_refused_even_with_max_memory(
+        gguf_llama: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmdetect.corpus import model as corpus_model
+    from mmdetect.io.checkpoint import open_checkpoint
+
+    path = gguf_llama.path
+    with open_checkpoint(path) as ckpt:
+        weights = sum(math.prod(info.shape) for info in ckpt.tensors.values())
+        assert corpus_model.memory_needed(ckpt, max_memory=10)[0] == 8 * weights  # float32 dict + float32 model
+        assert corpus_model.memory_needed(ckpt, "bfloat16")[0] == 6 * weights
+    monkeypatch.setattr(corpus_model, "available_memory", lambda: 7 * weights)
+    corpus = _corpus(tmp_path, 64)
+    r = _cli("activations", path, "--dataset", corpus, "--max-memory", str(weights), "-o", tmp_path / "o.csv")
+    assert r.exit_code == 2 and not (tmp_path / "o.csv").exists()
+    assert (f"({weights / 1e9:.2f}B weights dequantised to float32, then the model in float32), more than the "
+            f"{7 * weights / 1e9:,.1f} GB available: transformers cannot offload a GGUF file's weights: run its "
+            f"safetensors checkpoint with --max-memory instead") in r.output

@@ -23,7 +23,14 @@ from mmdetect.corpus import state as saved
 from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site, Tokens
-from mmdetect.corpus.model import DTYPES, forward, gguf_module_names, gguf_tokenizer, load_model
+from mmdetect.corpus.model import (
+    DTYPES,
+    forget_gguf_reader,
+    forward,
+    gguf_module_names,
+    gguf_tokenizer,
+    load_model,
+)
 from mmdetect.corpus.sources import resolve_source
 from mmdetect.corpus.stats import CASES, NO_KEY, Moments, describe
 from mmdetect.corpus.vocab import Vocab, load_vocab
@@ -112,8 +119,10 @@ def run(req: Request) -> Result:
         sites = weight_sites(ckpt, conv, layers, req.top_k)
         if not sites:
             raise MMDetectError(f"{ckpt.ref} has no MLP to measure{' in --layers' if req.layers else ''}")
-        model = load_model(ckpt, device=device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT)
+        model = load_model(ckpt, device=device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT,
+                           offload=True)
         vocab = _vocab(ckpt, model)
+        forget_gguf_reader()
         context = getattr(model.config, "max_position_embeddings", None)
         seq_len = min(req.seq_len, int(context)) if isinstance(context, int) and context > 0 else req.seq_len
         identity = {"fingerprint": ckpt.fingerprint(), "corpus": corpus_digest(source, vocab, seq_len, req.max_tokens),
