@@ -561,3 +561,80 @@ def test_a_gguf_that_cannot_be_dequantised_in_memory_is_refused_even_with_max_me
     assert (f"({weights / 1e9:.2f}B weights dequantised to float32, then the model in float32), more than the "
             f"{7 * weights / 1e9:,.1f} GB available: transformers cannot offload a GGUF file's weights: run its "
             f"safetensors checkpoint with --max-memory instead") in r.output
+
+
+# -- a real trained model, a GGUF file, TransformerLens --------------------------------------------------------------
+
+def _shared(name: str) -> Path:
+    from builders import SHARED_MODELS
+
+    if not (SHARED_MODELS / name).exists():
+        pytest.skip(f"the shared {name} checkpoint is not present (it is not distributed with mmdetect)")
+    return SHARED_MODELS / name
+
+
+def test_every_column_on_a_real_trained_model(transformers: Any, tmp_path: Path) -> None:
+    folder = _shared("stories260K")
+    corpus = _corpus(tmp_path, 512)
+    result = _run(folder, corpus)
+    assert len(result.frame) == 5 * 172
+    _check(result, reference(folder, "llama", corpus), "stories260K")
+    # trained weights, real text-like statistics: neither all-positive nor all-negative gates
+    assert 0.05 < result.frame.freq_pos.mean() < 0.95
+
+
+def test_every_column_on_a_quantised_gguf(transformers: Any, tmp_path: Path) -> None:
+    """The stories260K weights as a Q8_0 GGUF: mmdetect's run against the numpy reference over the model transformers
+    builds from the same file with gguf-py's own dequantisation (saved as safetensors for the reference's reader)."""
+    pytest.importorskip("accelerate")
+    import shutil
+
+    from builders import write_gguf_from_llama
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    src = _shared("stories260K")
+    path = write_gguf_from_llama(src, tmp_path / "stories-q8.gguf", qtype="Q8_0")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(src / "config.json", plain / "config.json")  # tied embeddings: lm_head is embed_tokens
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+              str(plain / "model.safetensors"), metadata={"format": "pt"})
+    corpus = _corpus(tmp_path, 512)
+    result = _run(path, corpus)
+    assert len(result.frame) == 5 * 172
+    _check(result, reference(plain, "llama", corpus), "stories260K Q8_0 GGUF")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_columns_equal_transformerlens_run_with_cache(transformers: Any, tmp_path: Path, model_type: str) -> None:
+    """The anchors' route: TransformerLens' bridge, ``run_with_cache`` on the MLP hooks (hook_pre: the activation
+    function's input; hook_post: its output times the linear input), the moments and frequencies in numpy. The
+    folded convention flips a gated neuron's post-activation where sign(gate · up) < 0; those are compared raw."""
+    import tl_peer
+
+    folder = build_peer(model_type, tmp_path / model_type)
+    corpus = _corpus(tmp_path, 128)
+    ids = torch.tensor([json.loads(line)["ids"] for line in corpus.read_text().splitlines()])
+    bridge = tl_peer.load_bridge(folder)
+    layers = bridge.cfg.n_layers
+    names = [f"blocks.{i}.mlp.hook_{k}" for i in range(layers) for k in ("pre", "post")]
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+    result = _run(folder, corpus, convention="raw").frame
+    for i in range(layers):
+        pre = cache[f"blocks.{i}.mlp.hook_pre"].double().reshape(-1, cache[f"blocks.{i}.mlp.hook_pre"].shape[-1])
+        post = cache[f"blocks.{i}.mlp.hook_post"].double().reshape(pre.shape).numpy()
+        pre = pre.numpy()
+        got = result[result.layer == i]
+        assert len(got) == pre.shape[1]
+        # TransformerLens runs the same function with its weights processed (layer norms folded, writes centred):
+        # float32 rounding differs, so a mean is compared at 1e-5 of the values' own size, not of a mean near 0.
+        scale_pre, scale_post = np.abs(pre).mean(0), np.abs(post).mean(0)
+        np.testing.assert_array_less(np.abs(got.pre_mean - pre.mean(0)), TOL * scale_pre + 1e-12)
+        np.testing.assert_allclose(got.pre_std, pre.std(0), rtol=TOL)
+        np.testing.assert_allclose(got.freq_pos, (pre > 0).mean(0), atol=1e-12)
+        np.testing.assert_array_less(np.abs(got.post_mean - post.mean(0)), TOL * scale_post + 1e-12)
+        np.testing.assert_allclose(got.post_max, post.max(0), rtol=TOL, atol=TOL * scale_post.max())
+        np.testing.assert_allclose(got.post_abs_mean, np.abs(post).mean(0), rtol=TOL)
