@@ -25,8 +25,9 @@ def _spark(counts: list[int]) -> str:
     return "".join(bars[0 if c == 0 else max(1, round(8 * math.sqrt(c / top)))] for c in counts) if top else ""
 
 
-def render_explain(doc: dict[str, Any], console: Any = None) -> None:
-    """The explain report as rich panels and tables."""
+def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = None) -> None:
+    """The explain report as rich panels and tables. name: the model's, for the header (default: the provenance's
+    model reference)."""
     from rich.console import Console, Group
     from rich.markup import escape
     from rich.panel import Panel
@@ -37,7 +38,7 @@ def render_explain(doc: dict[str, Any], console: Any = None) -> None:
     prov, nrn = doc["provenance"], doc["neuron"]
     where = f"layer {nrn['layer']}" + (f" expert {nrn['expert']}" if nrn.get("expert") is not None else "") + \
         f" neuron {nrn['neuron']}"
-    lines = [f"[bold]{escape(where)}[/bold] of {escape(str(prov['model']))} ({prov['model_type']}, "
+    lines = [f"[bold]{escape(where)}[/bold] of {escape(str(name or prov['model']))} ({prov['model_type']}, "
              f"{prov['convention']} convention, d_model {nrn['d_model']})",
              f"cos(read, write) = [bold]{nrn['cos']:+.3f}[/bold]  z = {nrn['z']:+.1f}  class: {nrn['class'] or '-'}"
              + (f"  cos(gate, out) = {nrn['cos_gate_out']:+.3f}  cos(gate, in) = {nrn['cos_gate_in']:+.3f}"
@@ -124,17 +125,18 @@ def render_verify(df: Any, console: Any = None, top: int = 20) -> None:
     console.print(table)
 
 
-def render_heads(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` heads and the per-layer summary as rich tables."""
+def render_heads(df: Any, top: int = 20, console: Any = None, name: str | None = None) -> None:
+    """The top ``top`` heads and the per-layer summary as rich tables. name: the model's, for the header (default:
+    the provenance's model reference)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     n_flagged = int(df["flagged"].sum()) if len(df) else 0
-    table = Table(title=f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
-                        f"convention · {len(df):,} heads · {n_flagged:,} flagged (copying ≤ "
-                        f"{prov.get('threshold', '?')})", title_justify="left", header_style="bold")
+    table = Table(title=f"{name or prov.get('model', '?')} · {prov.get('model_type', '?')} · "
+                        f"{prov.get('convention', '?')} convention · {len(df):,} heads · {n_flagged:,} flagged "
+                        f"(copying ≤ {prov.get('threshold', '?')})", title_justify="left", header_style="bold")
     cols = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
     for col in cols:
         table.add_column(col, justify="right")
@@ -156,8 +158,9 @@ def render_heads(df: Any, top: int = 20, console: Any = None) -> None:
         console.print(summary)
 
 
-def render_chains(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` writer -> deleter pairs as a rich table."""
+def render_chains(df: Any, top: int = 20, console: Any = None, name: str | None = None) -> None:
+    """The top ``top`` writer -> deleter pairs as a rich table. name: the model's, for the header (default: the
+    provenance's model reference)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -165,7 +168,7 @@ def render_chains(df: Any, top: int = 20, console: Any = None) -> None:
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     dl = df.attrs.get("deleters", {})
-    table = Table(title=f"{prov.get('model', '?')} · writer → deleter chains", title_justify="left",
+    table = Table(title=f"{name or prov.get('model', '?')} · writer → deleter chains", title_justify="left",
                   header_style="bold", caption_justify="left",
                   caption=f"{dl.get('neurons_used', 0)} neuron deleters (cos ≤ {prov.get('threshold')}) and "
                           f"{dl.get('heads_used', 0)} head deleters (copying ≤ {prov.get('head_threshold')}); "
