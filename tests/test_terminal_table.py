@@ -224,3 +224,28 @@ def test_heads_chains_and_explain_headers_name_the_model(llama: Tiny, hub_cache:
         result = runner.invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert "org/tiny-llama" in result.stdout and "snapshots" not in result.stdout, args
+
+
+@pytest.mark.parametrize(("width", "heads", "per_layer"), [
+    (120, ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"],
+     ["layer", "heads", "kv heads", "d_head", "flagged", "min", "median", "null band"]),
+    (80, ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"],
+     ["layer", "heads", "kv", "d_head", "flag", "min", "median", "null band"]),
+    (60, ["rank", "layer", "head", "copying", "neg_mass", "min_eig"],
+     ["layer", "heads", "flag", "min", "median", "null band"]),
+])
+def test_heads_tables_fit_too(llama: Tiny, width: int, heads: list[str], per_layer: list[str]) -> None:
+    from mmdetect.analysis.heads import scan_heads
+
+    df = scan_heads(str(llama.path))
+    result = CliRunner(env={"COLUMNS": str(width)}).invoke(main, ["heads", str(llama.path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert all(cell_len(line) <= width for line in result.stdout.splitlines())
+    top, layers = tables(result.stdout)
+    assert top["headers"] == heads and layers["headers"] == per_layer
+    for row, want in zip(top["rows"], df.to_dict(orient="records"), strict=True):
+        got = dict(zip(top["headers"], row))
+        assert got["copying"] == fmt_cell(want["copying"]) and got["head"] == str(want["head"])
+    for row, s in zip(layers["rows"], df.attrs["layers"], strict=True):
+        assert all(NUMBER.fullmatch(cell) for cell in row), row
+        assert dict(zip(layers["headers"], row))["null band"] == f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}"
