@@ -154,7 +154,9 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
     rows = flagged_rows(df) if flagged_only else df
 
     def draw(console: Any) -> None:
-        report.render(rows, top=top, console=console)
+        from mmdetect.commands.page import model_name
+
+        report.render(rows, top=top, console=console, name=model_name(model))
         if render_verify is not None:
             render_verify(df, top=top, console=console)
 
@@ -438,7 +440,9 @@ def explain(model: str, layer: int, neuron: int, expert: int | str | None, revis
     if fmt == "json":
         report.write_document(doc, output)
         return
-    report.render_to(output, lambda console: render_explain(doc, console))
+    from mmdetect.commands.page import model_name
+
+    report.render_to(output, lambda console: render_explain(doc, console, name=model_name(model)))
 
 
 @main.command(epilog=_example("mmdetect heads ./stories260K",
@@ -470,8 +474,10 @@ def heads(model: str, revision: str | None, convention: str, threshold: float, l
     df = scan_heads(model, revision=revision, threshold=threshold, convention=convention, layers=layers,
                     progress=progress)
     rows = flagged_rows(df) if flagged_only else df
-    _wrote(report.emit(rows, fmt, output, lambda console: render(rows, top=top, console=console), key="heads"),
-           output)
+    from mmdetect.commands.page import model_name
+
+    _wrote(report.emit(rows, fmt, output, lambda console: render(rows, top=top, console=console,
+                                                                 name=model_name(model)), key="heads"), output)
 
 
 @main.command(epilog=_example("mmdetect chains ./stories260K",
@@ -510,7 +516,10 @@ def chains(model: str, revision: str | None, convention: str, threshold: float, 
     df = find_chains(model, revision=revision, convention=convention, threshold=threshold,
                      head_threshold=head_threshold, per_deleter=per_deleter, max_deleters=max_deleters,
                      layers=layers, heads=heads)
-    _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console), key="chains"), output)
+    from mmdetect.commands.page import model_name
+
+    _wrote(report.emit(df, fmt, output, lambda console: render(df, top=top, console=console, name=model_name(model)),
+                       key="chains"), output)
 
 
 main.add_command(report_command, "report")

@@ -311,8 +311,9 @@ def _pow2_gains(rng: np.random.Generator, d: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, arch: str = "llama", *, d: int = 64, n_mlp: int = 96, n_layers: int = 2,
-               seed: int = 0) -> GGUFModel:
-    """A small GGUF with gated MLPs and RMSNorm gains; ``gemma3`` adds post_ffw_norm after the MLP.
+               seed: int = 0, name: str | None = None) -> GGUFModel:
+    """A small GGUF with gated MLPs and RMSNorm gains; ``gemma3`` adds post_ffw_norm after the MLP. ``name``: its
+    ``general.name``.
 
     Layer 0 is all F32. In layer 1, up is Q8_0 and gate F16, so the planted neuron (GGUF_PLANT) runs through the
     dequantiser: its down column is -(g_pre * deq(up_j)) / g_post, so its folded cos is exactly -1.
@@ -323,6 +324,8 @@ def write_gguf(path: Path, arch: str = "llama", *, d: int = 64, n_mlp: int = 96,
     q8 = gguf.GGMLQuantizationType.Q8_0
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch)
+    if name is not None:
+        writer.add_name(name)
     writer.add_block_count(n_layers)
     writer.add_embedding_length(d)
     writer.add_feed_forward_length(n_mlp)

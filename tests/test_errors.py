@@ -181,6 +181,41 @@ def test_garbage_after_the_gguf_magic(tmp_path: Path, seed: int) -> None:
     assert_clean_error(run("scan", str(path)), "garbage.gguf")
 
 
+def test_a_gguf_vocabulary_is_stepped_over_to_the_keys_after_it(tmp_path: Path) -> None:
+    """String arrays (the tokenizer's vocabulary) are skipped by their lengths without decoding: the keys after one
+    still parse, and a string that runs past the end of the file is a truncated header."""
+    import gguf
+
+    from mmdetect.io.gguf import read_index
+
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["<s>", "", "é" * 300, "\xff"] + [f"t{k}" for k in range(1000)])
+    writer.add_name("After The Vocabulary")
+    writer.add_block_count(1)
+    writer.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config, tensors, _ = read_index(path)
+    assert config["gguf_metadata"]["general.name"] == "After The Vocabulary" and config["num_hidden_layers"] == 1
+    assert list(tensors) == ["output_norm.weight"]
+    data = path.read_bytes()
+    start = data.index(b"tokenizer.ggml.tokens")
+    short = "vocab.gguf is not a readable GGUF file \\(header runs past the end of the file\\)"
+    path.write_bytes(data[:start + 10_000])                     # cut inside the vocabulary's strings
+    with pytest.raises(mmdetect.MMDetectError, match=short):
+        read_index(path)
+    big = bytearray(data)
+    at = start + len("tokenizer.ggml.tokens") + 4 + 4 + 8       # value type, item type, count: the first length
+    assert struct.unpack_from("<Q", big, at)[0] == 3           # "<s>"
+    big[at:at + 8] = struct.pack("<Q", 1 << 40)
+    path.write_bytes(bytes(big))
+    with pytest.raises(mmdetect.MMDetectError, match=short):
+        read_index(path)
+
+
 def test_missing_gguf(tmp_path: Path, output: Callable[[], None]) -> None:
     scan_fails(str(tmp_path / "absent.gguf"), "does not exist", output)
 

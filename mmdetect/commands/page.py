@@ -280,6 +280,19 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
     return Built(html, "model", f"scan of {result.attrs['provenance'].get('model')}: {', '.join(parts)}")
 
 
+def model_name(model: str) -> str:
+    """The model's name for a terminal header, as the page's title has it (``io.checkpoint.display_name``): a local
+    folder or file is opened, headers only, for its hub id (inside the Hugging Face cache), its config's
+    ``_name_or_path`` or its GGUF ``general.name``; anything else is a hub id and named as given (nothing is
+    resolved again, so a header never reaches the network)."""
+    from mmdetect.io.checkpoint import display_name, open_checkpoint
+
+    if not Path(model).expanduser().exists():
+        return model
+    with open_checkpoint(model) as ckpt:
+        return display_name(ckpt)
+
+
 def model_identity(model: str, revision: str | None = None) -> tuple[str, str]:
     """(the model's display name, its weights' fingerprint), from its headers only."""
     from mmdetect.io.checkpoint import display_name, open_checkpoint

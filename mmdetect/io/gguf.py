@@ -94,6 +94,15 @@ class _Header:
                                     f"holds")
         if item in SCALARS:
             self.pos += count * least
+        elif item == STRING:  # a vocabulary: 262k strings in Gemma 3, stepped over by their lengths, not decoded
+            data, pos, end = self.data, self.pos, len(self.data)
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise _Short
+                pos += 8 + int.from_bytes(data[pos:pos + 8], "little")
+            if pos > end:
+                raise _Short
+            self.pos = pos
         else:
             for _ in range(count):
                 self.value(item, key, depth + 1)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmdetect.errors import UnsupportedError, quoted
+from mmdetect.io.memory import cgroup_limit
 
 
 @dataclass
@@ -26,19 +27,16 @@ class TensorInfo:
 
 @functools.lru_cache(maxsize=1)
 def _machine_memory() -> int:
-    """Physical memory, or the cgroup's limit when a container sets a smaller one (bytes)."""
+    """Physical memory, or the tightest limit on this process's cgroups when one is smaller (a container, a Slurm
+    job step, a systemd slice: ``io.memory.cgroup_limit``, v1 and v2) (bytes)."""
     limits = []
     try:
         limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):  # not on this platform
         pass
-    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(name).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limits.append(int(text))
+    group = cgroup_limit()
+    if group is not None:
+        limits.append(group)
     return min(limits) if limits else 1 << 62
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmdetect.report.tables import fmt_cell
+from mmdetect.report.tables import Column, fit, fmt_cell
 
 ERASES = 0.5  # deletion score from which a verified row is highlighted as erasing in practice
 
@@ -25,8 +25,9 @@ def _spark(counts: list[int]) -> str:
     return "".join(bars[0 if c == 0 else max(1, round(8 * math.sqrt(c / top)))] for c in counts) if top else ""
 
 
-def render_explain(doc: dict[str, Any], console: Any = None) -> None:
-    """The explain report as rich panels and tables."""
+def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = None) -> None:
+    """The explain report as rich panels and tables. name: the model's, for the header (default: the provenance's
+    model reference)."""
     from rich.console import Console, Group
     from rich.markup import escape
     from rich.panel import Panel
@@ -37,7 +38,7 @@ def render_explain(doc: dict[str, Any], console: Any = None) -> None:
     prov, nrn = doc["provenance"], doc["neuron"]
     where = f"layer {nrn['layer']}" + (f" expert {nrn['expert']}" if nrn.get("expert") is not None else "") + \
         f" neuron {nrn['neuron']}"
-    lines = [f"[bold]{escape(where)}[/bold] of {escape(str(prov['model']))} ({prov['model_type']}, "
+    lines = [f"[bold]{escape(where)}[/bold] of {escape(str(name or prov['model']))} ({prov['model_type']}, "
              f"{prov['convention']} convention, d_model {nrn['d_model']})",
              f"cos(read, write) = [bold]{nrn['cos']:+.3f}[/bold]  z = {nrn['z']:+.1f}  class: {nrn['class'] or '-'}"
              + (f"  cos(gate, out) = {nrn['cos_gate_out']:+.3f}  cos(gate, in) = {nrn['cos_gate_in']:+.3f}"
@@ -124,40 +125,51 @@ def render_verify(df: Any, console: Any = None, top: int = 20) -> None:
     console.print(table)
 
 
-def render_heads(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` heads and the per-layer summary as rich tables."""
+def render_heads(df: Any, top: int = 20, console: Any = None, name: str | None = None) -> None:
+    """The top ``top`` heads and the per-layer summary as rich tables, fitted to the console's width as the scan's
+    are (``tables.fit``: no number is cut). name: the model's, for the header (default: the provenance's model
+    reference).
+
+    At narrow widths ``kv_head`` -> ``kv``, ``min_eig_rel`` -> ``min_eig``, ``kv heads`` -> ``kv``, ``flagged`` ->
+    ``flag``; then columns go, the least important first: heads ``kv_head``, ``ov_norm``, ``min_eig_rel``,
+    ``neg_mass``, ``rank`` (``layer``, ``head`` and ``copying`` stay); per layer ``d_head``, ``kv heads``,
+    ``heads``, ``median``, ``null band`` (``layer``, ``flagged`` and ``min`` stay).
+    """
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     n_flagged = int(df["flagged"].sum()) if len(df) else 0
-    table = Table(title=f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
-                        f"convention · {len(df):,} heads · {n_flagged:,} flagged (copying ≤ "
-                        f"{prov.get('threshold', '?')})", title_justify="left", header_style="bold")
-    cols = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
-    for col in cols:
-        table.add_column(col, justify="right")
-    for row in df.head(top).to_dict(orient="records"):
-        cells = [str(row[c]) if c in ("rank", "layer", "head", "kv_head") else
-                 (f"{row[c]:.3g}" if c == "ov_norm" and row[c] == row[c] else fmt_cell(row[c])) for c in cols]
-        table.add_row(*cells, style="bold red" if row["flagged"] else None)
-    console.print(table)
+    records = df.head(top).to_dict(orient="records")
+    names = ["rank", "layer", "head", "kv_head", "copying", "neg_mass", "min_eig_rel", "ov_norm"]
+    short = {"kv_head": "kv", "min_eig_rel": "min_eig"}
+    columns = [Column(c, [str(r[c]) if c in ("rank", "layer", "head", "kv_head") else
+                          (f"{r[c]:.3g}" if c == "ov_norm" and r[c] == r[c] else fmt_cell(r[c])) for r in records],
+                      short=short.get(c)) for c in names]
+    console.print(fit(console, columns, ["kv_head", "ov_norm", "min_eig_rel", "neg_mass", "rank"],
+                      styles=["bold red" if r["flagged"] else None for r in records],
+                      hint="a wider terminal or --format csv shows every column",
+                      title=f"{name or prov.get('model', '?')} · {prov.get('model_type', '?')} · "
+                            f"{prov.get('convention', '?')} convention · {len(df):,} heads · {n_flagged:,} flagged "
+                            f"(copying ≤ {prov.get('threshold', '?')})", title_justify="left", header_style="bold"))
     layers = df.attrs.get("layers", [])
     if layers:
-        summary = Table(title="Per layer (copying = Σ Re λ / Σ |λ| of W_V·W_O; null = 95% band of random heads)",
-                        title_justify="left", header_style="bold")
-        for col in ("layer", "heads", "kv heads", "d_head", "flagged", "min", "median", "null band"):
-            summary.add_column(col, justify="right")
-        for s in layers:
-            summary.add_row(str(s["layer"]), str(s["n_heads"]), str(s["n_kv_heads"]), str(s["d_head"]),
-                            str(s["n_flagged"]), fmt_cell(s["min"]), fmt_cell(s["median"]),
-                            f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}")
-        console.print(summary)
+        cells = {"layer": [str(s["layer"]) for s in layers], "heads": [str(s["n_heads"]) for s in layers],
+                 "kv heads": [str(s["n_kv_heads"]) for s in layers], "d_head": [str(s["d_head"]) for s in layers],
+                 "flagged": [str(s["n_flagged"]) for s in layers], "min": [fmt_cell(s["min"]) for s in layers],
+                 "median": [fmt_cell(s["median"]) for s in layers],
+                 "null band": [f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}" for s in layers]}
+        short = {"kv heads": "kv", "flagged": "flag"}
+        columns = [Column(c, v, short=short.get(c)) for c, v in cells.items()]
+        console.print(fit(console, columns, ["d_head", "kv heads", "heads", "median", "null band"],
+                          hint="a wider terminal or --format json shows every column",
+                          title="Per layer (copying = Σ Re λ / Σ |λ| of W_V·W_O; null = 95% band of random heads)",
+                          title_justify="left", header_style="bold"))
 
 
-def render_chains(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` writer -> deleter pairs as a rich table."""
+def render_chains(df: Any, top: int = 20, console: Any = None, name: str | None = None) -> None:
+    """The top ``top`` writer -> deleter pairs as a rich table. name: the model's, for the header (default: the
+    provenance's model reference)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -165,7 +177,7 @@ def render_chains(df: Any, top: int = 20, console: Any = None) -> None:
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     dl = df.attrs.get("deleters", {})
-    table = Table(title=f"{prov.get('model', '?')} · writer → deleter chains", title_justify="left",
+    table = Table(title=f"{name or prov.get('model', '?')} · writer → deleter chains", title_justify="left",
                   header_style="bold", caption_justify="left",
                   caption=f"{dl.get('neurons_used', 0)} neuron deleters (cos ≤ {prov.get('threshold')}) and "
                           f"{dl.get('heads_used', 0)} head deleters (copying ≤ {prov.get('head_threshold')}); "

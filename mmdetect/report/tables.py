@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 from mmdetect.report.formats import atomic_open, write
 
@@ -43,42 +44,119 @@ def emit(rows: Any, fmt: str, output: str | os.PathLike | None, draw: Draw, *, k
     return len(rows) if output else None
 
 
-def render(df: Any, top: int = 20, console: Any = None) -> None:
-    """The top ``top`` rows of a scan and its per-layer summary as rich tables."""
-    from rich.console import Console
+@dataclass
+class Column:
+    """One column of a terminal table: its cells as text, and how it may shrink at narrow widths."""
+    name: str
+    cells: list[str]
+    justify: Literal["left", "right"] = "right"
+    short: str | None = None    # the header at narrow widths ("gate_out" for "cos_gate_out")
+    words: bool = False         # text that may wrap between its words at narrow widths (never inside one)
+
+
+def fit(console: Any, columns: list[Column], drop: list[str], *, styles: list[str | None] | None = None,
+        hint: str = "", **table_options: Any) -> Any:
+    """The rich Table of ``columns`` that fits ``console``'s width, without cutting a cell.
+
+    Layouts are tried from the widest to the narrowest, the first that fits is kept: every column as it is; text
+    columns wrapped between words (as wide as the room left allows); also the short headers; then, with both, the
+    columns of ``drop`` left out one by one, in that order (the least important first). A caption under the table
+    names what was left out and ``hint`` says where to see it. When even the narrowest is too wide, cells fold onto
+    a second line rather than end in an ellipsis.
+    """
+    from rich.cells import cell_len
+    from rich.measure import Measurement
     from rich.table import Table
+
+    def build(wrap: bool, short: bool, left_out: list[str], room: int = 0) -> Any:
+        caption = None
+        if left_out:
+            caption = f"not shown at {console.width} columns: {', '.join(left_out)}" + (f"; {hint}" if hint else "")
+        table = Table(caption=caption, caption_justify="left", **table_options)
+        kept = [c for c in columns if c.name not in left_out]
+        for c in kept:
+            header = c.short if short and c.short else c.name
+            width = None
+            if wrap and c.words:  # its longest word, plus what room the table leaves, up to its longest cell
+                least = max([cell_len(header)] + [cell_len(w) for cell in c.cells for w in cell.split()])
+                width = min(least + room, max([cell_len(header)] + [cell_len(cell) for cell in c.cells]))
+                room -= width - least
+            table.add_column(header, justify=c.justify, width=width, overflow="fold")
+        for k in range(len(columns[0].cells) if columns else 0):
+            table.add_row(*[c.cells[k] for c in kept], style=styles[k] if styles else None)
+        return table
+
+    layouts: list[tuple[bool, bool, list[str]]] = [(False, False, []), (True, False, [])]
+    layouts += [(True, True, drop[:k]) for k in range(len(drop) + 1)]
+    wide = console.options.update_width(1 << 20)
+    for wrap, short, left_out in layouts:
+        table = build(wrap, short, left_out)
+        width = Measurement.get(console, wide, table).maximum
+        if width <= console.width:
+            return build(wrap, short, left_out, console.width - width) if wrap else table
+    return table
+
+
+def _count(v: Any) -> str:
+    return "" if v is None or v != v else str(v)
+
+
+def render(df: Any, top: int = 20, console: Any = None, name: str | None = None) -> None:
+    """The top ``top`` rows of a scan and its per-layer summary as rich tables, fitted to the console's width.
+
+    name: the model's name for the header (the CLI gives ``io.checkpoint.display_name``: a hub id, the config's
+    name, a GGUF's ``general.name``); default: the model reference in the provenance.
+
+    No number is ever cut. At a narrow width (80 columns: a pipe, a CI log) the tables first shorten headers
+    (``cos_gate_out`` -> ``gate_out``, ``cos_gate_in`` -> ``gate_in``; ``neurons`` -> ``n``, ``flagged`` -> ``flag``,
+    ``null band`` -> ``null``, ``empirical`` -> ``emp``) and wrap ``class`` between words, then leave out columns,
+    the least important first, and say which under the table (``fit``):
+
+    - candidates: ``z`` (at one d_model a rescaled cos), ``cos_gate_in``, ``cos_gate_out`` (both summed up by
+      ``class``), ``z_layer``, ``rank``, ``class``; ``layer``, ``expert``, ``neuron`` and ``cos`` always stay.
+    - per layer: ``empirical`` (the second null band), ``neurons`` (the count, in the header too), ``null band``
+      (one value per d_model), ``MAD``, ``q05``, ``share``, ``median``; ``layer``, ``flagged`` and ``min`` stay.
+    """
+    from rich.console import Console
 
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     n_flagged = int(df["flagged"].sum()) if len(df) else 0
-    title = (f"{prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} convention · "
-             f"{len(df):,} neurons · {n_flagged:,} flagged (cos ≤ {prov.get('threshold', '?')})")
+    title = (f"{name or prov.get('model', '?')} · {prov.get('model_type', '?')} · {prov.get('convention', '?')} "
+             f"convention · {len(df):,} neurons · {n_flagged:,} flagged (cos ≤ {prov.get('threshold', '?')})")
     gated = bool(df["cos_gate_in"].notna().any()) if len(df) else False
     moe = bool(df["expert"].notna().any()) if len(df) else False
-    table = Table(title=title, title_justify="left", header_style="bold")
-    cols = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos"] + \
+    names = ["rank", "layer"] + (["expert"] if moe else []) + ["neuron", "cos"] + \
         (["cos_gate_out", "cos_gate_in"] if gated else []) + ["z", "z_layer", "class"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("class", "expert") else "right")
-    for row in df.head(top).to_dict(orient="records"):
-        style = "bold red" if row["flagged"] else None
-        table.add_row(*[fmt_cell(row.get(c), 2 if c in ("z", "z_layer") else 3)
-                        if c not in ("rank", "layer", "neuron")
-                        else ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols], style=style)
-    console.print(table)
+    records = df.head(top).to_dict(orient="records")
+    short = {"cos_gate_out": "gate_out", "cos_gate_in": "gate_in"}
+    columns = [Column(c, [_count(r[c]) if c in ("rank", "layer", "neuron")
+                          else fmt_cell(r.get(c), 2 if c in ("z", "z_layer") else 3) for r in records],
+                      justify="left" if c in ("class", "expert") else "right", short=short.get(c),
+                      words=c == "class") for c in names]
+    console.print(fit(console, columns, ["z", "cos_gate_in", "cos_gate_out", "z_layer", "rank", "class"],
+                      styles=["bold red" if r["flagged"] else None for r in records],
+                      hint="a wider terminal or --format csv shows every column", title=title, title_justify="left",
+                      header_style="bold"))
     layers = df.attrs.get("layers", [])
     if layers:
-        summary = Table(title="Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% "
-                              "band of random directions, empirical = mismatched neuron pairs)", title_justify="left",
-                        header_style="bold")
-        for col in ("layer", "neurons", "flagged", "share", "min", "q05", "median", "MAD", "null band", "empirical"):
-            summary.add_column(col, justify="right")
-        for s in layers:
-            summary.add_row(str(s["layer"]), f"{s['n_neurons']:,}", f"{s['n_flagged']:,}",
-                            f"{100 * s['share_flagged']:.1f}%", fmt_cell(s["min"]), fmt_cell(s["q05"]),
-                            fmt_cell(s["median"]), fmt_cell(s.get("mad")), f"±{s['null_hi']:.3f}",
-                            f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
-        console.print(summary)
+        cells = {
+            "layer": [str(s["layer"]) for s in layers],
+            "neurons": [f"{s['n_neurons']:,}" for s in layers],
+            "flagged": [f"{s['n_flagged']:,}" for s in layers],
+            "share": [f"{100 * s['share_flagged']:.1f}%" for s in layers],
+            "min": [fmt_cell(s["min"]) for s in layers], "q05": [fmt_cell(s["q05"]) for s in layers],
+            "median": [fmt_cell(s["median"]) for s in layers], "MAD": [fmt_cell(s.get("mad")) for s in layers],
+            "null band": [f"±{s['null_hi']:.3f}" for s in layers],
+            "empirical": [f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}" for s in layers],
+        }
+        short = {"neurons": "n", "flagged": "flag", "null band": "null", "empirical": "emp"}
+        columns = [Column(c, v, short=short.get(c)) for c, v in cells.items()]
+        console.print(fit(console, columns, ["empirical", "neurons", "null band", "MAD", "q05", "share", "median"],
+                          hint="a wider terminal or --format json shows every column",
+                          title="Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% "
+                                "band of random directions, empirical = mismatched neuron pairs)",
+                          title_justify="left", header_style="bold"))
 
 
 def render_archs(rows: list[dict[str, Any]], unsupported: dict[str, str], what: str, console: Any = None) -> None:
