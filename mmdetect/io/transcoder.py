@@ -23,6 +23,7 @@ from mmdetect.io.safetensors import FLOATS, read_header
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 META_KEYS = ("model_name", "hook_name", "hook_name_out", "neuronpedia_id", "hf_hook_name", "hf_hook_name_out")
+NEURONPEDIA = "https://neuronpedia.org/{id}/{feature}"  # a feature's page (a link only; nothing is fetched)
 LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d{1,6})\.")
 
 
@@ -51,7 +52,12 @@ class Transcoder:
 
     def link(self, feature: int) -> str | None:
         """The feature's Neuronpedia page (a link only; nothing is fetched)."""
-        return None if self.neuronpedia_id is None else f"https://neuronpedia.org/{self.neuronpedia_id}/{feature}"
+        return None if self.neuronpedia_id is None else NEURONPEDIA.format(id=self.neuronpedia_id, feature=feature)
+
+    @property
+    def link_template(self) -> str | None:
+        """``link`` with ``{feature}`` left in: what a table stores once per layer instead of a link per row."""
+        return None if self.neuronpedia_id is None else NEURONPEDIA.replace("{id}", self.neuronpedia_id)
 
 
 def _int(cfg: dict[str, Any], key: str, where: Path) -> int:

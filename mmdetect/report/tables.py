@@ -48,6 +48,8 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if "feature" in df.columns:
+        return render_features(df, top=top, console=console)
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     n_flagged = int(df["flagged"].sum()) if len(df) else 0
@@ -79,6 +81,60 @@ def render(df: Any, top: int = 20, console: Any = None) -> None:
                             fmt_cell(s["median"]), fmt_cell(s.get("mad")), f"±{s['null_hi']:.3f}",
                             f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}")
         console.print(summary)
+
+
+def render_features(df: Any, top: int = 20, console: Any = None) -> None:
+    """A transcoder scan (``scan --transcoder``): the top ``top`` features, with their Neuronpedia links where the
+    transcoder names its Neuronpedia id, and the per-layer summary (the model's own neurons and the skip path's
+    copying score beside the features, where they were computed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    layers = df.attrs.get("layers", [])
+    links = {s["layer"]: s.get("neuronpedia") for s in layers}
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    title = (f"{prov.get('options', {}).get('transcoder', '?')} on {prov.get('model', '?')} · "
+             f"{prov.get('convention', '?')} convention · {len(df):,} features · {n_flagged:,} flagged "
+             f"(cos ≤ {prov.get('threshold', '?')})")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    cols = ["rank", "layer", "feature", "cos", "z", "z_layer", "class"]
+    show_links = any(links.values())
+    for col in cols + (["neuronpedia"] if show_links else []):
+        table.add_column(col, justify="left" if col in ("class", "neuronpedia") else "right")
+    for row in df.head(top).to_dict(orient="records"):
+        cells = [fmt_cell(row.get(c), 2 if c in ("z", "z_layer") else 3) if c not in ("rank", "layer", "feature")
+                 else ("" if row[c] is None or row[c] != row[c] else str(row[c])) for c in cols]
+        if show_links:
+            link = links.get(row["layer"])
+            cells.append(link.format(feature=row["feature"]) if link else "")
+        table.add_row(*cells, style="bold red" if row["flagged"] else None)
+    console.print(table)
+    if not layers:
+        return
+    neurons = any(s.get("n_neurons") is not None for s in layers)
+    skip = any(s.get("skip_copying") is not None for s in layers)
+    summary = Table(title="Per layer (features' cos; null = 95% band of random directions, empirical = mismatched "
+                          "feature pairs" + ("; neurons: the model's own MLP at that layer" if neurons else "")
+                          + ("; skip: copying score of W_skip, as heads scores an OV circuit" if skip else "") + ")",
+                    title_justify="left", header_style="bold")
+    head = ["layer", "features", "flagged", "min", "median", "null band", "empirical"]
+    head += ["neurons flagged", "neurons min"] if neurons else []
+    head += ["skip copying"] if skip else []
+    for col in head:
+        summary.add_column(col, justify="right")
+    for s in layers:
+        cells = [str(s["layer"]), f"{s['n_features']:,}", f"{s['n_flagged']:,}", fmt_cell(s["min"]),
+                 fmt_cell(s["median"]), f"±{s['null_hi']:.3f}",
+                 f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}"]
+        if neurons:
+            cells += ["" if s.get("n_neurons") is None else f"{s['neurons_flagged']:,} / {s['n_neurons']:,}",
+                      fmt_cell(s.get("neurons_min"))]
+        if skip:
+            cells.append(fmt_cell(s.get("skip_copying")))
+        summary.add_row(*cells)
+    console.print(summary)
 
 
 def render_archs(rows: list[dict[str, Any]], unsupported: dict[str, str], what: str, console: Any = None) -> None:
