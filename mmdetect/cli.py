@@ -101,8 +101,8 @@ def _wrote(n_rows: int | None, output: str | None) -> None:
 @progress_option()
 @click.option("--transcoder", default=None, metavar="PATH",
               help="Scan the features of a SAELens transcoder instead of MODEL's neurons: a folder with cfg.json "
-                   "and sae_weights.safetensors, or a folder of one such folder per layer. MODEL supplies the norms "
-                   "the features read and write through.")
+                   "and sae_weights.safetensors, a folder of one such folder per layer, or a hub id "
+                   "owner/name[@REV][:SUBFOLDER]. MODEL supplies the norms the features read and write through.")
 @click.option("--neurons", "with_neurons", is_flag=True,
               help="With --transcoder: also scan MODEL's own neurons at the transcoder's layers and show them beside "
                    "the features in the per-layer summary.")

@@ -304,6 +304,39 @@ def test_api_front_door(gpt2: Any) -> None:
     assert df.attrs["layers"][1]["skip_copying"] == pytest.approx(-1.0, abs=1e-9)
 
 
+# -- a hub id --------------------------------------------------------------------------------------------------------
+
+def _cache_repo(cache: Path, repo_id: str, src: Path, sha: str = "c" * 40) -> None:
+    """``src``'s files (any depth) laid out as huggingface_hub caches a downloaded repo (blobs, snapshot links)."""
+    import hashlib
+    import os
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in src.rglob("*") if p.is_file()):
+        name = file.relative_to(src)
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = repo / "snapshots" / sha / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_transcoder_from_the_hub_cache(gpt2: Any, hub_cache: Path) -> None:
+    _cache_repo(hub_cache, "someone/gpt2-tc", DATA)
+    whole = _scan(gpt2.path, "someone/gpt2-tc:set")
+    assert len(whole) == 24 and whole.columns["cos"][0] == pytest.approx(-1.0, abs=2e-7)
+    one = _scan(gpt2.path, "someone/gpt2-tc@main:set/L1")
+    assert len(one) == 12 and one.attrs["layers"][0]["skip_copying"] == pytest.approx(-1.0, abs=1e-9)
+    done = _cli("scan", gpt2.path, "--transcoder", "someone/gpt2-tc:nowhere")
+    assert done.exit_code == 2 and "someone/gpt2-tc has no transcoder at nowhere in the local HF cache" in done.output
+    done = _cli("scan", gpt2.path, "--transcoder", "someone/absent:set")
+    assert done.exit_code == 2 and "someone/absent (revision main) is not in the local HF cache" in done.output
+
+
 # -- hostile input: one line, exit 2, no file left behind -------------------------------------------------------------
 
 def _copy(tmp_path: Path, name: str = "set/L0") -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, quoted
+from mmdetect.io import hub
 from mmdetect.io.checkpoint import Checkpoint
 from mmdetect.io.paths import read_json
 from mmdetect.io.safetensors import FLOATS, read_header
@@ -143,11 +144,14 @@ def read_transcoder(folder: Path) -> Transcoder:
 
 
 def open_transcoders(path: str | Path) -> list[Transcoder]:
-    """A transcoder folder, or a folder of per-layer transcoder folders: sorted by layer, one per layer."""
+    """A transcoder folder, or a folder of per-layer transcoder folders: sorted by layer, one per layer. A ref that
+    is no local path but reads ``owner/name[@revision][:subfolder]`` is fetched from the hub (or its cache)."""
     root = Path(path)
+    if not root.exists() and isinstance(path, str) and (ref := hub.parse_transcoder_ref(path)) is not None:
+        root = hub.transcoder(*ref)
     if not root.is_dir():
         raise NotFoundError(f"{path} is not a folder: --transcoder takes a SAELens transcoder folder ({CFG} + "
-                            f"{WEIGHTS}) or a folder of them")
+                            f"{WEIGHTS}), a folder of them, or a hub id owner/name[:subfolder]")
     if (root / CFG).exists():
         found = [read_transcoder(root)]
     else:
