@@ -367,7 +367,32 @@ def _nan_at(index: tuple[Any, ...]) -> Any:
     return plant
 
 
+def _header(change: Any) -> Any:
+    """Rewrite sae_weights.safetensors' JSON header with ``change(header)`` (the data bytes stay as they were)."""
+    def edit(folder: Path) -> Path:
+        path = folder / "sae_weights.safetensors"
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        change(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+        return folder
+    return edit
+
+
+def _overlap(h: dict[str, Any]) -> None:
+    h["W_dec"]["data_offsets"] = h["W_enc"]["data_offsets"]
+
+
 HOSTILE: dict[str, tuple[Any, str]] = {
+    "overlapping tensors": (_header(_overlap), "tensors 'W_dec' and 'W_enc' overlap"),
+    "offsets past the data": (_header(lambda h: h["W_enc"].update(data_offsets=[0, 10**12])),
+                              "sae_weights.safetensors is truncated (6760 bytes, its header needs 1000000000312 for "
+                              "tensor 'W_enc')"),
+    "an integer encoder": (_header(lambda h: h["W_enc"].update(dtype="I32")), "tensor 'W_enc' has dtype I32, not a "
+                                                                               "float"),
     "not json": (lambda f: (f / "cfg.json").write_text("{not json") and f, "cfg.json is not valid JSON"),
     "wrong type": (lambda f: _edit_cfg(f, d_sae="12"), "d_sae is '12', not a positive integer"),
     "d_sae disagrees": (lambda f: _edit_cfg(f, d_sae=13),
