@@ -304,6 +304,33 @@ def test_api_front_door(gpt2: Any) -> None:
     assert df.attrs["layers"][1]["skip_copying"] == pytest.approx(-1.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_transcoder(gpt2: Any, tmp_path: Path, dtype: torch.dtype) -> None:
+    """Stored in bf16 / fp16 (a transposed view of W_enc goes through the scan's gather): a planted feature is -1."""
+    gen = torch.Generator().manual_seed(5)
+    enc = torch.randn(64, 600, generator=gen)          # more than one slab of 512 features
+    enc -= enc.mean(dim=0, keepdim=True)
+    dec = torch.randn(600, 64, generator=gen)
+    dec[517] = -enc[:, 517]
+    folder = save_saelens(tmp_path / "half", enc.to(dtype), dec.to(dtype), hook_in="blocks.1.hook_resid_mid",
+                          hook_out="blocks.1.hook_mlp_out")
+    result = _scan(gpt2.path, folder)
+    assert (result.columns["layer"][0], result.columns["feature"][0]) == (1, 517)
+    assert result.columns["cos"][0] == pytest.approx(-1.0, abs=1e-6)
+    assert len(result) == 600 and np.isfinite(result.columns["cos"]).all()
+
+
+@pytest.mark.parametrize("ref, parsed", [
+    ("owner/name", ("owner/name", None, "")), ("owner/name:layer_3", ("owner/name", None, "layer_3")),
+    ("owner/name@v1:a/b", ("owner/name", "v1", "a/b")), ("owner/name:../x", None), ("owner/name:a//b", None),
+    ("/abs/path", None), ("one", None), ("a/b/c", None),
+])
+def test_hub_refs(ref: str, parsed: Any) -> None:
+    from mmdetect.io.hub import parse_transcoder_ref
+
+    assert parse_transcoder_ref(ref) == parsed
+
+
 # -- a hub id --------------------------------------------------------------------------------------------------------
 
 def _cache_repo(cache: Path, repo_id: str, src: Path, sha: str = "c" * 40) -> None:
