@@ -275,6 +275,15 @@ def test_every_format_has_feature_rows(gpt2: Any, tmp_path: Path, fmt: str) -> N
         assert out.read_text().splitlines()[2].startswith("| " + " | ".join(HEADER.split(",")) + " |")
 
 
+@pytest.mark.parametrize("fmt", ["json", "parquet"])
+def test_plot_a_feature_scan(gpt2: Any, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"tc.{fmt}"
+    assert _cli("scan", gpt2.path, "--transcoder", DATA / "set", "-o", out).exit_code == 0
+    done = _cli("plot", out)
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "tc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_table_shows_links_neurons_and_skip(gpt2: Any) -> None:
     done = CliRunner().invoke(main, ["scan", str(gpt2.path), "--transcoder", str(DATA / "set"), "--neurons",
                                      "--top", "3"], terminal_width=200, env={"COLUMNS": "200"})
