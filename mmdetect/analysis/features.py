@@ -174,6 +174,7 @@ def _scan_layer(ckpt: Checkpoint, layer: _Layer, conv: Convention, dev: str,
         pre = read_gain(ckpt, spec.pre_norm, tc.layer, layer.d)
         post = read_gain(ckpt, spec.post_norm, tc.layer, layer.d)
         w_enc, w_dec = tc.weights.read("W_enc"), tc.weights.read("W_dec")
+        w_skip = tc.weights.read("W_skip") if tc.skip else None
     for gain, which in ((pre, spec.pre_norm), (post, spec.post_norm)):
         if gain is not None and which is not None and not bool(torch.isfinite(gain).all()):
             raise CorruptInputError(f"{ckpt.ref}: the norm weight {tensor_key(which.weights[0], tc.layer)} holds NaN "
@@ -186,8 +187,7 @@ def _scan_layer(ckpt: Checkpoint, layer: _Layer, conv: Convention, dev: str,
     _finite(tc, "W_dec", "row (feature)", w_dec, stats.norm_out)
     del w_enc, w_dec
     skip: dict[str, float] = {}
-    if tc.skip:
-        w_skip = tc.weights.read("W_skip")
+    if w_skip is not None:
         if not bool(torch.isfinite(w_skip).all()):
             raise CorruptInputError(f"{tc.weights.files[0]}: W_skip holds NaN or infinite values: fix or re-download "
                                     f"it")
