@@ -93,11 +93,19 @@ def _wrote(n_rows: int | None, output: str | None) -> None:
 @main.command(epilog=_example("mmdetect scan ./TinyLlama --top 30",
                               "mmdetect scan gpt2 --layers 0-5 --format csv -o gpt2.csv",
                               "mmdetect scan model.gguf --raw --format parquet -o raw.parquet",
-                              "mmdetect scan ./stories260K --verify 10"))
+                              "mmdetect scan ./stories260K --verify 10",
+                              "mmdetect scan ./gpt2 --transcoder ./gpt2-transcoders --neurons --format csv -o tc.csv"))
 @click.argument("model")
 @model_options
 @output_options
 @progress_option()
+@click.option("--transcoder", default=None, metavar="PATH",
+              help="Scan the features of a SAELens transcoder instead of MODEL's neurons: a folder with cfg.json "
+                   "and sae_weights.safetensors, a folder of one such folder per layer, or a hub id "
+                   "owner/name[@REV][:SUBFOLDER]. MODEL supplies the norms the features read and write through.")
+@click.option("--neurons", "with_neurons", is_flag=True,
+              help="With --transcoder: also scan MODEL's own neurons at the transcoder's layers and show them beside "
+                   "the features in the per-layer summary.")
 @click.option("--verify", type=click.IntRange(min=1), is_flag=False, flag_value=20, default=None, metavar="[K]",
               help="For the top K flagged neurons (20 if K is omitted) add the deletion score on text and the top "
                    "upstream writer (runs the model with transformers).")
@@ -106,8 +114,8 @@ def _wrote(n_rows: int | None, output: str | None) -> None:
 @debug_option
 def scan(model: str, revision: str | None, convention: str, threshold: float, layers: str | None, device: str,
          fmt: str | None, output: str | None, top: int, flagged_only: bool, progress: bool | None,
-         verify: int | None, text: str | None, dataset: str | None, field_name: str, max_tokens: int,
-         seq_len: int, activations: str | None) -> None:
+         transcoder: str | None, with_neurons: bool, verify: int | None, text: str | None, dataset: str | None,
+         field_name: str, max_tokens: int, seq_len: int, activations: str | None) -> None:
     """Scan every MLP neuron of MODEL and rank them by cos(read, write).
 
     MODEL is a local checkpoint folder, a hub id (cached files are used, HF_HUB_OFFLINE=1 works) or a .gguf file.
@@ -119,6 +127,11 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
 
     parse_layers(layers)  # reject a bad --layers before opening anything
     fmt, output = resolve_output(fmt, output)
+    if transcoder is not None or with_neurons:
+        return _scan_transcoder(model, transcoder, with_neurons, fmt=fmt, output=output, top=top,
+                                flagged_only=flagged_only, verify=verify, activations=activations, revision=revision,
+                                convention=convention, threshold=threshold, layers=layers, device=device,
+                                progress=progress)
     stats: Any = None
     if activations is not None and activations != "auto":  # a bad stats file fails before the scan
         from mmdetect.report.join import load_stats
@@ -161,6 +174,29 @@ def scan(model: str, revision: str | None, convention: str, threshold: float, la
             render_verify(df, top=top, console=console)
 
     _wrote(report.emit(rows, fmt, output, draw), output)
+
+
+def _scan_transcoder(model: str, transcoder: str | None, with_neurons: bool, *, fmt: str, output: str | None,
+                     top: int, flagged_only: bool, verify: int | None, activations: str | None,
+                     **options: Any) -> None:
+    """``scan MODEL --transcoder PATH``: one row per transcoder feature, in the scan's formats."""
+    from mmdetect import report
+    from mmdetect.analysis.features import scan_transcoder
+    from mmdetect.errors import UsageError
+    from mmdetect.results import flagged_rows
+
+    if transcoder is None:
+        raise UsageError("--neurons goes with --transcoder PATH (it puts the model's neurons beside the features)")
+    refused = [flag for flag, given in (("--verify", verify is not None), ("--activations", activations is not None),
+                                        ("--format html", fmt == "html")) if given]
+    if refused:
+        raise UsageError(f"scan --transcoder does not take {refused[0]}: write the table or a file format (csv, "
+                         f"json, parquet ...)")
+    rows = scan_transcoder(model, transcoder, neurons=with_neurons,
+                           as_frame=fmt not in ("csv", "tsv", "json", "jsonl"), **options)
+    rows = flagged_rows(rows) if flagged_only else rows
+    _wrote(report.emit(rows, fmt, output, lambda console: report.render(rows, top=top, console=console),
+                       key="features"), output)
 
 
 @main.command(epilog=_example("mmdetect archs", "mmdetect archs --gguf --format csv"))

@@ -227,6 +227,27 @@ def mlp_fold(conv: Convention, spec: HasMLPNorms, pre_gain: torch.Tensor | None,
                    flip_sign=conv.flip_gate_sign, zero_ties=conv.zero_ties)
 
 
+def feature_fold(conv: Convention, spec: HasMLPNorms, pre_gain: torch.Tensor | None, post_gain: torch.Tensor | None,
+                 *, reads_normed: bool, writes_before_post_norm: bool, centres_input: bool = False) -> MLPFold:
+    """The folds of a transcoder that stands in for the MLP ``spec``: its encoder columns are read rows and its
+    decoder rows write rows, folded as that MLP's neurons' rows are (``mlp_fold``), as far as the transcoder's hooks
+    see the MLP's norms.
+
+    ``reads_normed``: the encoder reads the pre-MLP norm's output (``blocks.L.ln2.hook_normalized``), so its columns
+    get that norm's gain and centring as a neuron's read row does; otherwise it reads the residual stream itself
+    (``hook_resid_mid``) and nothing is folded. ``writes_before_post_norm``: the decoder writes the MLP's own output,
+    before a post-MLP norm (``blocks.L.mlp.hook_out``), so its rows get that norm's gain; otherwise (``hook_mlp_out``,
+    which TransformerLens places after the post-norm) only the write's centring applies. ``centres_input``: the
+    transcoder normalises its input with a LayerNorm of its own (SAELens ``normalize_activations: layer_norm``),
+    which centres the read wherever the convention centres reads. No gate, so no sign flip.
+    """
+    f = mlp_fold(conv, spec, pre_gain, post_gain if writes_before_post_norm else None)
+    read = f.read if reads_normed else Fold()
+    if centres_input and conv.mlp_read.centre:
+        read = replace(read, centre=True)
+    return MLPFold(read=read, write=f.write, gate=Fold(), flip_sign=False)
+
+
 def head_fold(conv: Convention, pre_norm: NormSpec | None, is_layernorm_model: bool, pre_gain: torch.Tensor | None,
               post_gain: torch.Tensor | None) -> tuple[Fold, Fold]:
     """(V fold, O fold) of a layer's attention: V rows read through the pre-attention norm (gain pre_gain [d]); O rows

@@ -400,6 +400,9 @@ def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[st
     df, meta = read_scan(path)
     if "cos" not in df.columns:
         raise CorruptInputError(f"{path} has no cos column: it is not an mmdetect scan output")
+    if "feature" in df.columns and "neuron" not in df.columns:
+        raise UnsupportedError(f"{path} is a transcoder scan (one row per feature): the report page shows neuron "
+                               f"scans only; use the table, `mmdetect plot {path}` or a file format")
     if not meta:
         warn(f"no provenance for {path} (no sibling .meta.json, .json or .parquet): the page cannot say which "
              f"convention or threshold the numbers are in")

@@ -149,3 +149,32 @@ def tokenizer(repo_id: str, revision: str | None) -> Path:
     """The snapshot folder with ``repo_id``'s tokenizer files and generation config at ``revision`` (pass the
     commit the weights came from); the files the repo does not have are simply absent."""
     return _snapshot(repo_id, revision, (CONFIG, *TOKENIZER_FILES))
+
+
+TRANSCODER_REF = re.compile(r"(?P<repo>[\w.\-]+/[\w.\-]+)(?:@(?P<rev>[\w.\-/]+?))?(?::(?P<sub>[\w.\-/]*))?")
+
+
+def parse_transcoder_ref(ref: str) -> tuple[str, str | None, str] | None:
+    """``owner/name[@revision][:subfolder]`` -> (repo id, revision, subfolder); None when ``ref`` is not of that
+    form. The subfolder is checked as a plain relative path (no ``..``, no leading ``/``)."""
+    m = TRANSCODER_REF.fullmatch(ref)
+    if m is None:
+        return None
+    sub = (m.group("sub") or "").strip("/")
+    if sub and any(part in ("", ".", "..") for part in sub.split("/")):
+        return None
+    return m.group("repo"), m.group("rev"), sub
+
+
+def transcoder(repo_id: str, revision: str | None, subfolder: str) -> Path:
+    """The folder of a SAELens transcoder (``cfg.json`` + ``sae_weights.safetensors``), or of a set of them one
+    level down, at ``subfolder`` of ``repo_id``: only those files are fetched (or found in the cache)."""
+    prefix = f"{literal(subfolder)}/" if subfolder else ""
+    names = ("cfg.json", "sae_weights.safetensors")
+    snapshot = _snapshot(repo_id, revision, [prefix + n for n in names] + [prefix + "*/" + n for n in names])
+    folder = snapshot / subfolder if subfolder else snapshot
+    if not folder.is_dir():
+        where = "in the local HF cache" if offline() else "in the repo"
+        raise NotFoundError(f"{repo_id} has no transcoder at {subfolder or 'its top level'} {where}: give the "
+                            f"subfolder holding cfg.json, e.g. {repo_id}:layer_3")
+    return folder

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, quoted
+from mmdetect.io import hub
 from mmdetect.io.checkpoint import Checkpoint
 from mmdetect.io.paths import read_json
 from mmdetect.io.safetensors import FLOATS, read_header
@@ -23,6 +24,7 @@ from mmdetect.io.safetensors import FLOATS, read_header
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 ARCHITECTURES = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 META_KEYS = ("model_name", "hook_name", "hook_name_out", "neuronpedia_id", "hf_hook_name", "hf_hook_name_out")
+NEURONPEDIA = "https://neuronpedia.org/{id}/{feature}"  # a feature's page (a link only; nothing is fetched)
 LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d{1,6})\.")
 
 
@@ -51,7 +53,12 @@ class Transcoder:
 
     def link(self, feature: int) -> str | None:
         """The feature's Neuronpedia page (a link only; nothing is fetched)."""
-        return None if self.neuronpedia_id is None else f"https://neuronpedia.org/{self.neuronpedia_id}/{feature}"
+        return None if self.neuronpedia_id is None else NEURONPEDIA.format(id=self.neuronpedia_id, feature=feature)
+
+    @property
+    def link_template(self) -> str | None:
+        """``link`` with ``{feature}`` left in: what a table stores once per layer instead of a link per row."""
+        return None if self.neuronpedia_id is None else NEURONPEDIA.replace("{id}", self.neuronpedia_id)
 
 
 def _int(cfg: dict[str, Any], key: str, where: Path) -> int:
@@ -137,11 +144,14 @@ def read_transcoder(folder: Path) -> Transcoder:
 
 
 def open_transcoders(path: str | Path) -> list[Transcoder]:
-    """A transcoder folder, or a folder of per-layer transcoder folders: sorted by layer, one per layer."""
+    """A transcoder folder, or a folder of per-layer transcoder folders: sorted by layer, one per layer. A ref that
+    is no local path but reads ``owner/name[@revision][:subfolder]`` is fetched from the hub (or its cache)."""
     root = Path(path)
+    if not root.exists() and isinstance(path, str) and (ref := hub.parse_transcoder_ref(path)) is not None:
+        root = hub.transcoder(*ref)
     if not root.is_dir():
         raise NotFoundError(f"{path} is not a folder: --transcoder takes a SAELens transcoder folder ({CFG} + "
-                            f"{WEIGHTS}) or a folder of them")
+                            f"{WEIGHTS}), a folder of them, or a hub id owner/name[:subfolder]")
     if (root / CFG).exists():
         found = [read_transcoder(root)]
     else:

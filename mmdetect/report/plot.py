@@ -79,7 +79,8 @@ def read_scan(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             df, meta = pd.read_json(path, lines=True), _sibling_meta(path)
         elif fmt == "json":
             doc = json.loads(path.read_text())
-            df, meta = pd.DataFrame(doc["neurons"]), {"provenance": doc.get("provenance") or {},
+            rows = doc["features"] if "features" in doc and "neurons" not in doc else doc["neurons"]
+            df, meta = pd.DataFrame(rows), {"provenance": doc.get("provenance") or {},
                                                       "layers": doc.get("layers") or []}
         elif fmt == "parquet":
             df, meta = pd.read_parquet(path), read_metadata(path)
@@ -179,7 +180,8 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
                 body.set_linewidth(0.5)
         medians = np.array([np.median(d) if d.size else np.nan for d in data])
         ax.scatter(x, medians, marker="_", s=90, color="#1f1f1f", linewidths=1.2, zorder=3)
-        handles.append(Patch(color=BODY_COLOR, alpha=0.55, label="all neurons"))
+        what = "features" if "feature" in df.columns else "neurons"  # a transcoder scan: one row per feature
+        handles.append(Patch(color=BODY_COLOR, alpha=0.55, label=f"all {what}"))
         handles.append(Line2D([], [], marker="_", linestyle="none", color="#1f1f1f", markersize=9, label="median"))
 
         rng = np.random.default_rng(0)
@@ -202,7 +204,8 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
         ax.axhline(0, color="#bbbbbb", linewidth=0.6, zorder=1)
         ax.set_ylim(-1.02, 1.02)
         ax.set_xlim(-0.6, n - 0.4)
-        read, write = ("up", "down") if gated else ("w_in", "w_out")
+        read, write = ("up", "down") if gated else ("W_enc[:, i]", "W_dec[i]") if what == "features" else \
+            ("w_in", "w_out")
         ax.set_ylabel(f"cos({read}, {write})" + (f", {convention}" if convention else ""))
         ax.set_xlabel("layer")
         step = 1 if n <= 26 else 2 if n <= 52 else max(1, n // 24)
@@ -218,7 +221,7 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
         name = title or prov.get("model") or "scan"
         kind = f" · {prov['model_type']}" if prov.get("model_type") else ""
         share = 100 * total / max(1, len(df))
-        top.set_title(f"{name}{kind} · {total:,} of {len(df):,} neurons flagged ({share:.1f}%)", loc="left")
+        top.set_title(f"{name}{kind} · {total:,} of {len(df):,} {what} flagged ({share:.1f}%)", loc="left")
     return fig
 
 

@@ -118,7 +118,8 @@ def render(df: Any, top: int = 20, console: Any = None, name: str | None = None)
       (one value per d_model), ``MAD``, ``q05``, ``share``, ``median``; ``layer``, ``flagged`` and ``min`` stay.
     """
     from rich.console import Console
-
+    if "feature" in df.columns:
+        return render_features(df, top=top, console=console)
     console = console or Console()
     prov = df.attrs.get("provenance", {})
     n_flagged = int(df["flagged"].sum()) if len(df) else 0
@@ -157,6 +158,63 @@ def render(df: Any, top: int = 20, console: Any = None, name: str | None = None)
                           title="Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% "
                                 "band of random directions, empirical = mismatched neuron pairs)",
                           title_justify="left", header_style="bold"))
+
+
+def render_features(df: Any, top: int = 20, console: Any = None) -> None:
+    """A transcoder scan (``scan --transcoder``): the top ``top`` features, with their Neuronpedia links where the
+    transcoder names its Neuronpedia id, and the per-layer summary (the model's own neurons and the skip path's
+    copying score beside the features, where they were computed), fitted to the width as ``render``'s tables are:
+    left out first, candidates: ``neuronpedia``, ``z``, ``z_layer``, ``rank``, ``class``; per layer: ``empirical``,
+    ``features``, ``null band``, ``neurons min``, ``median``."""
+    from rich.console import Console
+
+    console = console or Console()
+    prov = df.attrs.get("provenance", {})
+    layers = df.attrs.get("layers", [])
+    links = {s["layer"]: s.get("neuronpedia") for s in layers}
+    n_flagged = int(df["flagged"].sum()) if len(df) else 0
+    title = (f"{prov.get('options', {}).get('transcoder', '?')} on {prov.get('model', '?')} · "
+             f"{prov.get('convention', '?')} convention · {len(df):,} features · {n_flagged:,} flagged "
+             f"(cos ≤ {prov.get('threshold', '?')})")
+    records = df.head(top).to_dict(orient="records")
+    names = ["rank", "layer", "feature", "cos", "z", "z_layer", "class"]
+    columns = [Column(c, [_count(r[c]) if c in ("rank", "layer", "feature")
+                          else fmt_cell(r.get(c), 2 if c in ("z", "z_layer") else 3) for r in records],
+                      justify="left" if c == "class" else "right", words=c == "class") for c in names]
+    if any(links.values()):
+        columns.append(Column("neuronpedia", [links[r["layer"]].format(feature=r["feature"])
+                                              if links.get(r["layer"]) else "" for r in records], justify="left"))
+    console.print(fit(console, columns, ["neuronpedia", "z", "z_layer", "rank", "class"],
+                      styles=["bold red" if r["flagged"] else None for r in records],
+                      hint="a wider terminal or --format csv shows every column", title=title, title_justify="left",
+                      header_style="bold"))
+    if not layers:
+        return
+    neurons = any(s.get("n_neurons") is not None for s in layers)
+    skip = any(s.get("skip_copying") is not None for s in layers)
+    cells = {
+        "layer": [str(s["layer"]) for s in layers],
+        "features": [f"{s['n_features']:,}" for s in layers],
+        "flagged": [f"{s['n_flagged']:,}" for s in layers],
+        "min": [fmt_cell(s["min"]) for s in layers], "median": [fmt_cell(s["median"]) for s in layers],
+        "null band": [f"±{s['null_hi']:.3f}" for s in layers],
+        "empirical": [f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}" for s in layers],
+    }
+    if neurons:
+        cells["neurons flagged"] = ["" if s.get("n_neurons") is None else
+                                    f"{s['neurons_flagged']:,} / {s['n_neurons']:,}" for s in layers]
+        cells["neurons min"] = [fmt_cell(s.get("neurons_min")) for s in layers]
+    if skip:
+        cells["skip copying"] = [fmt_cell(s.get("skip_copying")) for s in layers]
+    short = {"features": "n", "flagged": "flag", "null band": "null", "empirical": "emp",
+             "neurons flagged": "n flag", "neurons min": "n min", "skip copying": "skip"}
+    drop = ["empirical", "features", "null band"] + (["neurons min"] if neurons else []) + ["median"]
+    console.print(fit(console, [Column(c, v, short=short.get(c)) for c, v in cells.items()], drop,
+                      hint="a wider terminal or --format json shows every column",
+                      title="Per layer (features' cos; null = 95% band of random directions, empirical = mismatched "
+                            "feature pairs" + ("; neurons: the model's own MLP at that layer" if neurons else "")
+                            + ("; skip: copying score of W_skip, as heads scores an OV circuit" if skip else "")
+                            + ")", title_justify="left", header_style="bold"))
 
 
 def render_archs(rows: list[dict[str, Any]], unsupported: dict[str, str], what: str, console: Any = None) -> None:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 COLUMNS = ["rank", "layer", "expert", "neuron", "cos", "cos_gate_out", "cos_gate_in", "flagged", "class", "z", "p",
            "z_layer", "norm_in", "norm_out", "norm_gate"]
+# A transcoder scan (``scan --transcoder``): one row per feature, keyed ``layer, feature``; no expert, no gate.
+FEATURE_COLUMNS = ["rank", "layer", "feature", "cos", "flagged", "class", "z", "p", "z_layer", "norm_in", "norm_out"]
 
 
 @dataclass
@@ -26,6 +28,11 @@ class ScanResult:
 
     columns: dict[str, np.ndarray]
     attrs: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        """What a row is: ``neuron`` (a model's MLP neuron) or ``feature`` (a transcoder's feature)."""
+        return "feature" if "feature" in self.columns and "neuron" not in self.columns else "neuron"
 
     def __len__(self) -> int:
         return len(self.columns["cos"])
@@ -46,7 +53,8 @@ class ScanResult:
         ranks[~np.isfinite(cols["cos"])] = pd.NA  # dead neurons have no rank
         cols["rank"] = ranks
         # The scan's columns, then any joined onto them (``scan --activations``), in their order.
-        df = pd.DataFrame(cols, columns=[*COLUMNS, *(k for k in cols if k not in COLUMNS)])
+        base = FEATURE_COLUMNS if self.key == "feature" else COLUMNS
+        df = pd.DataFrame(cols, columns=[*base, *(k for k in cols if k not in base)])
         df.attrs = self.attrs
         return df
 
