@@ -308,7 +308,7 @@ def test_a_panel_opens_with_its_sign_cases_histogram_and_contexts(tmp_path: Path
     assert sec.locator("svg.prehist path.pre-median").count() == 1
     assert int(sec.locator("path.pre-median").get_attribute("data-bins")) == len(med["hist"]["counts"])
     assert f"L3N{med['neuron']}" in sec.text_content()
-    assert "1 tokens below -10, 1 tokens above 15" in sec.locator(".outside").text_content()
+    assert "1 token below -10, 1 token above 15" in sec.locator(".outside").text_content()
     # shared scale: both drawn as shares of their tokens against one y axis (the tallest of either reaches the top)
     tops = [float(pre.nth(k).get_attribute("y")) for k in range(pre.count())]
     path_d = sec.locator("path.pre-median").get_attribute("d")
@@ -369,11 +369,12 @@ def test_the_figure_has_one_mark_per_neuron_and_the_layer_spearman(tmp_path: Pat
     xy = svg.locator("circle.pt.flag").evaluate_all("cs => cs.map(c => [+c.getAttribute('cx'), +c.getAttribute('cy')])")
     assert len(xy) == P3["n_flagged"] and P3["y"][j] == -1.0
     target = max(xy, key=lambda c: c[1])                    # the planted neuron has the lowest cos: the lowest mark
+    svg.scroll_into_view_if_needed()
     box = svg.bounding_box()
     p.mouse.move(box["x"] + target[0], box["y"] + target[1])
     assert p.text_content(".tip").startswith("L3N7 · flagged")
     p.mouse.click(box["x"] + target[0], box["y"] + target[1])
-    p.wait_for_function("document.querySelector('#neurons').getAttribute('data-shown') === '1'")
+    p.wait_for_function("() => document.querySelector('#neurons').getAttribute('data-shown') === '1'")
     assert column(p, "neurons", "neuron") == ["7"] and shown(p, "neurons") == 1
     o.shot(tmp_path / "figure.png", full=False)
     o.check_clean()

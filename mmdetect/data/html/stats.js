@@ -184,8 +184,9 @@
       "bins of " + g3((S.hist.hi - S.hist.lo) / S.hist.bins) + " over [" + S.hist.lo + ", " + S.hist.hi + "]."));
     sec.append(preHistSvg(e.hist, med ? med.hist : null, W));
     var out = [];
-    if (e.hist.under) out.push(int(e.hist.under) + " tokens below " + S.hist.lo);
-    if (e.hist.over) out.push(int(e.hist.over) + " tokens above " + S.hist.hi);
+    function tokens(n) { return int(n) + (n === 1 ? " token" : " tokens"); }
+    if (e.hist.under) out.push(tokens(e.hist.under) + " below " + S.hist.lo);
+    if (e.hist.over) out.push(tokens(e.hist.over) + " above " + S.hist.hi);
     if (out.length) sec.append(h("p", {class: "note outside"}, "Outside the bins: " + out.join(", ") + "."));
     sec.append(h("h4", null, "Top contexts"));
     if (e.top && e.top.length) {
@@ -274,9 +275,13 @@
     if (isNum(F.threshold) && F.threshold >= ylo && F.threshold <= yhi) {
       svg.append(s("line", {class: "thr", x1: M.l, x2: M.l + pw, y1: Y(F.threshold), y2: Y(F.threshold)}));
     }
-    function mark(x, y, flag, lid, nid, exp) {
-      var cx = X(x), cy = Y(y);
-      svg.append(s("circle", {class: flag ? "pt flag" : "pt", cx: cx.toFixed(1), cy: cy.toFixed(1), r: flag ? 2.6 : 1.8}));
+    function mark(x, y, flag, lid, nid, exp) {  // up to DENSITY_ABOVE a panel: kept to the bare DOM calls
+      var cx = X(x), cy = Y(y), c = document.createElementNS(NS, "circle");
+      c.setAttribute("class", flag ? "pt flag" : "pt");
+      c.setAttribute("cx", cx.toFixed(1));
+      c.setAttribute("cy", cy.toFixed(1));
+      c.setAttribute("r", flag ? "2.6" : "1.8");
+      svg.appendChild(c);
       pts.push([cx, cy, lid, exp, nid, x, y, flag]);
     }
     if (P.mode === "points") {
@@ -329,7 +334,8 @@
       "click it to find it in the table."));
     sec.append(h("div", {class: "legend"}, h("span", null, h("span", {class: "sw pt"}), "neuron"),
       h("span", null, h("span", {class: "sw flag"}), "flagged"),
-      h("span", null, h("span", {class: "sw dens"}), "density cell (panels over " + int(F.density_above) + " neurons)"),
+      F.panels.some(function (p) { return p.mode === "density"; }) ? h("span", null, h("span", {class: "sw dens"}),
+        "density cell (panels over " + int(F.density_above) + " neurons)") : null,
       h("span", null, h("span", {class: "sw thr"}), "threshold")));
     var grid = h("div", {class: "figure-grid", id: "stats-figure"});
     sec.append(grid);
@@ -349,10 +355,9 @@
       grid.append(box);
       return [plot, P];
     });
-    function draw() {
-      boxes.forEach(function (b) {
-        b[0].replaceChildren(drawPanel(b[1], F, Math.max(240, b[0].clientWidth || 320)));
-      });
+    function draw() {  // every width read before any panel is drawn: one layout, not one per panel
+      var widths = boxes.map(function (b) { return Math.max(240, b[0].clientWidth || 320); });
+      boxes.forEach(function (b, k) { b[0].replaceChildren(drawPanel(b[1], F, widths[k])); });
     }
     return {section: sec, draw: draw};
   }
