@@ -299,7 +299,7 @@ def test_a_panel_opens_with_its_sign_cases_histogram_and_contexts(tmp_path: Path
     assert max(heights) > 50
     assert heights == pytest.approx([f / max(freqs) * max(heights) for f in freqs], abs=0.01)
     means = sec.locator("svg.cases text.case-mean").all_text_contents()
-    assert means == ["mean " + repr(float("%.4g" % c["mean"])) for c in e["cases"]]
+    assert means == ["mean " + repr(float(format(c["mean"], ".4g"))) for c in e["cases"]]
     # the histogram: one bar per non-empty bin, the counts of the stats; the median neuron as one line over them
     pre = sec.locator("svg.prehist rect.pre-bar")
     nonzero = [c for c in e["hist"]["counts"] if c]
