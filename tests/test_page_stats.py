@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from browser import column, search, shown
-from test_html_page import HOSTILE, PLANT, expected_rows, explain_doc, synthetic_scan, write_page
+from test_html_page import HOSTILE, PLANT, expected_rows, explain_doc, moe_frame_from_csv, synthetic_scan, write_page
 
 from mmdetect.report import page as htmlpage
 from mmdetect.report import pagestats
@@ -54,7 +54,10 @@ def synthetic_stats(cols: dict, *, gated: bool = True, tokens: int = 4000, seed:
     cos = np.asarray(cols["cos"], dtype=np.float64)[keep]
     gn = np.clip(0.35 - 0.5 * cos + rng.normal(0, 0.05, n), 0.01, 0.99)   # falls as cos rises: Spearman < 0
     split_n, split_p = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n)
-    frame = pd.DataFrame({"layer": np.asarray(cols["layer"])[keep].astype(np.int64), "expert": [None] * n,
+    experts = [None] * n
+    if "expert" in cols:
+        experts = [None if v is None or v != v else str(v) for v in np.asarray(cols["expert"], dtype=object)[keep]]
+    frame = pd.DataFrame({"layer": np.asarray(cols["layer"])[keep].astype(np.int64), "expert": experts,
                           "neuron": np.asarray(cols["neuron"])[keep].astype(np.int64), "tokens": tokens})
     frame["pre_mean"] = rng.normal(-0.5, 0.8, n)
     frame["pre_std"] = rng.uniform(0.5, 2.0, n)
@@ -94,7 +97,7 @@ def synthetic_stats(cols: dict, *, gated: bool = True, tokens: int = 4000, seed:
                         "before": f"before {k} <b>&", "after": "\nafter"})
         return out
 
-    details = {"layer": frame["layer"].tolist(), "expert": [None] * n, "neuron": frame["neuron"].tolist(),
+    details = {"layer": frame["layer"].tolist(), "expert": experts, "neuron": frame["neuron"].tolist(),
                "hist": LazyHist(hist, n) if lazy else [hist(r) for r in range(n)],
                "top": LazyHist(top, n) if lazy else [top(r) for r in range(n)]}
     prov = Provenance(command="activations", model="org/tiny-llama", fingerprint=fingerprint, convention="folded",
@@ -429,4 +432,45 @@ def test_fifty_thousand_rows_with_stats_load_within_the_budget(tmp_path: Path, o
           f"{plain.stat().st_size / 1e6:.1f} MB), generated in {gen:.2f} s, loaded in {o.load_s:.2f} s (without "
           f"{base.load_s:.2f} s); figure redrawn in {draw_ms:.0f} ms")
     assert len(page.encode()) < 10e6
+    o.check_clean()
+
+
+def test_experts_are_named_in_the_panel_and_the_figure(tmp_path: Path, opened: Any) -> None:
+    """A mixture-of-experts scan read back from CSV (expert labels 0, 1, shared as text): the panel of L3/E1N7 and the
+    figure's marks carry the expert; each layer's median neuron is taken over all its experts."""
+    frame, layers, prov = moe_frame_from_csv(tmp_path)
+    frame.attrs = {"layers": layers, "provenance": prov}
+    stats = synthetic_stats(frame)
+    doc = explain_doc(*PLANT)
+    doc["neuron"]["expert"] = 1
+    page = htmlpage.scan_page(frame, explain=[doc], stats=stats)
+    data = page_data(page)
+    st = data["stats"]
+    assert set(st["neurons"]) == {"3|1|7"} and st["neurons"]["3|1|7"]["expert"] == "1"
+    f = stats.frame
+    for lid in range(4):
+        g = f[f.layer == lid].assign(e=f.expert.astype(str)).sort_values(["freq_pos", "e", "neuron"])
+        want = g.iloc[(len(g) - 1) // 2]
+        assert (st["medians"][str(lid)]["expert"], st["medians"][str(lid)]["neuron"]) == (want.expert, want.neuron)
+    fig = st["figure"]
+    assert all(sorted(set(P["expert"])) == ["0", "1", "shared"] for P in fig["panels"])
+    o = opened(write_page(tmp_path, page, "moe.html"))
+    p = ready(o)
+    assert search(p, "neurons", "L3/E1N7") == 1
+    p.locator("#neurons tbody tr.r.has-panel").click()
+    p.locator("#panel section.corpus").wait_for(state="visible")
+    assert p.get_attribute("#panel section.corpus", "data-key") == "L3/E1N7"
+    assert p.locator("#panel svg.cases rect.case-bar").count() == 4
+    assert p.locator("#stats-figure circle.pt").count() == sum(P["n"] for P in fig["panels"]) == len(f)
+    p.keyboard.press("Escape")
+    P3 = fig["panels"][3]
+    j = int(np.argmin(P3["y"]))
+    svg = p.locator("#stats-figure .fig-panel svg").nth(3)
+    svg.scroll_into_view_if_needed()
+    xy = svg.locator("circle.pt.flag").evaluate_all("cs => cs.map(c => [+c.getAttribute('cx'), +c.getAttribute('cy')])")
+    target = max(xy, key=lambda c: c[1])
+    box = svg.bounding_box()
+    p.mouse.move(box["x"] + target[0], box["y"] + target[1])
+    want = f"L3/E{P3['expert'][j]}N{P3['neuron'][j]}"
+    assert p.text_content(".tip").startswith(want) and want == "L3/E1N7"
     o.check_clean()
