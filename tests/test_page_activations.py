@@ -130,3 +130,23 @@ def test_report_page_draws_the_corpus_statistics(run: tuple[Path, Path], tmp_pat
     assert p.locator("#panel path.pre-median").count() == 1
     assert p.locator("#panel table.tops tbody tr").count() == min(10, len(measured.details["top"][row]))
     o.check_clean()
+
+
+def test_report_of_a_scan_output_draws_the_statistics(run: tuple[Path, Path], tmp_path: Path, opened: Any) -> None:
+    """`report scan.csv --activations STATS`: the same figure from a scan output (its provenance beside it)."""
+    folder, stats = run
+    scan = tmp_path / "scan.csv"
+    r = _cli("scan", folder, "-o", scan)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "p.html"
+    r = _cli("report", scan, "--activations", stats, "-o", out)
+    assert r.exit_code == 0, r.output
+    n = len(pd.read_csv(stats))
+    data = _data(out)
+    assert data["stats"]["joined"] == n and sum(p["n"] for p in data["stats"]["figure"]["panels"]) == n
+    o = opened(out)
+    p = o.page
+    p.wait_for_selector("html[data-stats-ready='1']", timeout=10_000)
+    assert p.locator("#stats-figure circle.pt").count() == n
+    assert p.locator("#stats-figure .rho-layer").count() == 2
+    o.check_clean()

@@ -474,3 +474,22 @@ def test_experts_are_named_in_the_panel_and_the_figure(tmp_path: Path, opened: A
     want = f"L3/E{P3['expert'][j]}N{P3['neuron'][j]}"
     assert p.text_content(".tip").startswith(want) and want == "L3/E1N7"
     o.check_clean()
+
+
+def test_stats_of_other_layers_only_leave_a_note(tmp_path: Path, opened: Any) -> None:
+    """Statistics measured on layers the scan does not have (--layers): nothing joins, and the page says so."""
+    cols, layers, prov = synthetic_scan(n_layers=2, per_layer=128)
+    shifted = dict(cols, layer=np.asarray(cols["layer"]) + 10)
+    stats = synthetic_stats(shifted)
+    path, data = stats_page(tmp_path, cols, layers, prov, stats, [explain_doc(1, 7)])
+    assert data["stats"]["joined"] == 0 and data["stats"]["figure"] is None and data["stats"]["neurons"] == {}
+    assert "freq_pos" in data["tables"]["neurons"]["hidden"]            # no value: left out, as any empty column
+    o = opened(path)
+    p = ready(o)
+    assert "No scan row has both a cos and corpus statistics" in p.text_content("#figure-section")
+    assert p.locator("#stats-figure").count() == 0
+    assert search(p, "neurons", "L1N7") == 1
+    p.locator("#neurons tbody tr.r.has-panel").click()
+    p.locator("#panel").wait_for(state="visible")
+    assert p.locator("#panel section.corpus").count() == 0
+    o.check_clean()

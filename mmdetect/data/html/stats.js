@@ -367,6 +367,13 @@
   fig.draw();
   var timer = null;
   window.addEventListener("resize", function () { clearTimeout(timer); timer = setTimeout(fig.draw, 150); });
+  var table = document.querySelector("#neurons-section #neurons");
+  if (table) {
+    table.before(h("p", {class: "note", id: "stats-columns-note"}, "From the corpus pass: freq_pos is the share of " +
+      "its tokens on which a neuron's pre-activation is positive" + (S.gated ? ", freq_gn the share on which its " +
+      "gate is negative (freq_gn_ip + freq_gn_in)" : "") + "; both sort and filter like the other columns (" +
+      (S.gated ? "freq_gn>0.6" : "freq_pos<0.1") + ")."));
+  }
   var stats = document.querySelector("header .stats");
   if (stats) {
     stats.append(h("div", {class: "stat", title: "the corpus pass joined onto this scan (--activations)"},
