@@ -96,3 +96,57 @@ def test_neuronpedia_batches_follow_the_upload_batch_schema(run: tuple[Path, Pat
                 assert 1 <= len(a["tokens"]) == len(a["values"]) <= 1024
                 assert all(isinstance(t, str) and t for t in a["tokens"])
                 assert 0 <= a["quantileFraction"] <= 1 and a["quantileMin"] <= max(a["values"]) <= a["quantileMax"]
+
+
+def test_report_page_draws_the_corpus_statistics(run: tuple[Path, Path], tmp_path: Path, opened: Any) -> None:
+    """The real corpus pass on the page in Chromium: one figure mark per neuron, and a panel's sign cases and
+    pre-activation histogram equal to what read_stats reads back from the details file."""
+    from mmdetect.report.activations import read_stats
+
+    folder, stats = run
+    out = tmp_path / "p.html"
+    r = _cli("report", folder, "--activations", stats, "--no-heads", "--no-chains", "-o", out)
+    assert r.exit_code == 0, r.output
+    measured = read_stats(stats)
+    f = measured.frame
+    o = opened(out)
+    p = o.page
+    p.wait_for_selector("html[data-stats-ready='1']", timeout=10_000)
+    assert p.locator("#stats-figure .fig-panel").count() == 2
+    assert p.locator("#stats-figure circle.pt").count() == len(f)
+    p.locator("#neurons tbody tr.r.has-panel").first.click()
+    p.locator("#panel section.corpus").wait_for(state="visible")
+    m = re.fullmatch(r"L(\d+)N(\d+)", p.text_content("#panel h2"))
+    row = int(np.flatnonzero((f.layer == int(m.group(1))).to_numpy() & (f.neuron == int(m.group(2))).to_numpy())[0])
+    bars = p.locator("#panel svg.cases rect.case-bar")
+    assert bars.count() == 4
+    for k, case in enumerate(("gp_ip", "gp_in", "gn_ip", "gn_in")):
+        assert float(bars.nth(k).get_attribute("data-freq")) == pytest.approx(f[f"freq_{case}"][row], rel=1e-12)
+        assert float(bars.nth(k).get_attribute("data-mean")) == pytest.approx(f[f"mean_{case}"][row], rel=1e-12)
+    hist = measured.details["hist"][row]
+    drawn = [int(v) for v in p.locator("#panel rect.pre-bar").evaluate_all(
+        "rs => rs.map(r => r.getAttribute('data-count'))")]
+    assert drawn == [c for c in hist[1:-1] if c] and sum(hist) == int(f.tokens[row])
+    assert p.locator("#panel path.pre-median").count() == 1
+    assert p.locator("#panel table.tops tbody tr").count() == min(10, len(measured.details["top"][row]))
+    o.check_clean()
+
+
+def test_report_of_a_scan_output_draws_the_statistics(run: tuple[Path, Path], tmp_path: Path, opened: Any) -> None:
+    """`report scan.csv --activations STATS`: the same figure from a scan output (its provenance beside it)."""
+    folder, stats = run
+    scan = tmp_path / "scan.csv"
+    r = _cli("scan", folder, "-o", scan)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "p.html"
+    r = _cli("report", scan, "--activations", stats, "-o", out)
+    assert r.exit_code == 0, r.output
+    n = len(pd.read_csv(stats))
+    data = _data(out)
+    assert data["stats"]["joined"] == n and sum(p["n"] for p in data["stats"]["figure"]["panels"]) == n
+    o = opened(out)
+    p = o.page
+    p.wait_for_selector("html[data-stats-ready='1']", timeout=10_000)
+    assert p.locator("#stats-figure circle.pt").count() == n
+    assert p.locator("#stats-figure .rho-layer").count() == 2
+    o.check_clean()

@@ -504,8 +504,13 @@ def _asset(name: str) -> str:
 
 
 def render_page(data: Mapping[str, Any], title: str) -> str:
-    """The HTML document around ``data`` (the page's JSON) with the inline style sheet and script."""
+    """The HTML document around ``data`` (the page's JSON) with the inline style sheet and script.
+
+    A page that carries a corpus pass (``data["stats"]``) also gets ``stats.css`` and ``stats.js``, after the page's
+    own: they draw the statistics on what ``page.js`` built. Every other page is exactly what it was without them."""
     css, js = _asset("page.css"), _asset("page.js")
+    if data.get("stats"):
+        css, js = css + _asset("stats.css"), js + _asset("stats.js")
     # Nothing may be fetched: only this style sheet and this script run (by hash); images only as data: URIs.
     csp = (f"default-src 'none'; script-src '{_sha256(js)}'; style-src '{_sha256(css)}'; img-src data:; "
            f"base-uri 'none'; form-action 'none'")

@@ -13,8 +13,10 @@ A stats result (``report.activations.read_stats`` or ``corpus.activations.run``)
   median), so that a panel compares a neuron with a typical neighbour on one scale;
 * the model-level figure: cos against ``freq_gn`` (gated) or ``freq_pos``, one panel per group of consecutive layers
   (at most ``MAX_PANELS`` panels), with the per-layer Spearman correlation and its p-value
-  (``scipy.stats.spearmanr``). A panel with at most ``DENSITY_ABOVE`` neurons carries one point per neuron; a larger
-  one carries a ``DENSITY_BINS`` grid of counts (drawn as shaded cells) plus its flagged neurons as points.
+  (``scipy.stats.spearmanr``). A panel with at most ``DENSITY_ABOVE`` neurons carries one point per neuron (x, cos,
+  flagged, and the layer, neuron and, for experts, expert that name it); a larger one carries a ``DENSITY_BINS`` grid
+  of counts (drawn as shaded cells) plus its flagged neurons as points. The page's script (``data/html/stats.js``)
+  draws all of it.
 """
 from __future__ import annotations
 
@@ -178,6 +180,9 @@ def figure(cos: np.ndarray, layer: np.ndarray, flagged: np.ndarray, at: np.ndarr
     """The model-level figure's data (see the module docstring); None when no scan row has stats."""
     name, xs = figure_x(frame)
     x = _take(xs, at)
+    neurons = frame["neuron"].to_numpy().astype(np.int64)
+    labels = [expert_text(v) for v in frame["expert"].tolist()]
+    experts = np.array(labels, dtype=object) if any(labels) else None
     ok = np.isfinite(cos) & np.isfinite(x)
     if not ok.any():
         return None
@@ -198,13 +203,21 @@ def figure(cos: np.ndarray, layer: np.ndarray, flagged: np.ndarray, at: np.ndarr
         c, v, f = cos[sel], x[sel], flagged[sel]
         panel: dict[str, Any] = {"layers": group, "n": int(sel.sum()), "n_flagged": int(f.sum())}
         if panel["n"] <= DENSITY_ABOVE:
-            panel.update(mode="points", x=_r4(v), y=_r4(c), flagged=f.astype(np.int8).tolist())
+            rows = at[sel]
+            panel.update(mode="points", x=_r4(v), y=_r4(c), flagged=f.astype(np.int8).tolist(),
+                         layer=layer[sel].astype(np.int64).tolist(), neuron=neurons[rows].tolist())
+            if experts is not None:
+                panel["expert"] = experts[rows].tolist()
         else:
             nx, ny = DENSITY_BINS
             bx = np.clip((v * nx).astype(np.int64), 0, nx - 1)
             by = np.clip(((c - lo) / (hi - lo) * ny).astype(np.int64), 0, ny - 1)
             grid = np.bincount(by * nx + bx, minlength=nx * ny)
-            panel.update(mode="density", nx=nx, ny=ny, counts=grid.tolist(), fx=_r4(v[f]), fy=_r4(c[f]))
+            rows = at[sel][f]
+            panel.update(mode="density", nx=nx, ny=ny, counts=grid.tolist(), fx=_r4(v[f]), fy=_r4(c[f]),
+                         flayer=layer[sel][f].astype(np.int64).tolist(), fneuron=neurons[rows].tolist())
+            if experts is not None:
+                panel["fexpert"] = experts[rows].tolist()
         panels.append(panel)
     return {"x": name, "y_lo": lo, "y_hi": hi, "threshold": threshold, "density_above": DENSITY_ABOVE,
             "panels": panels, "spearman": per_layer}
