@@ -7,7 +7,6 @@ statistics files, shards with one run, and the config errors with their one-line
 """
 from __future__ import annotations
 
-# ruff: noqa: F811  (the zoo fixtures are imported by name, and pytest passes them back as arguments)
 import hashlib
 import json
 import statistics
@@ -371,3 +370,20 @@ def test_defaults_and_entries_combine_and_paths_resolve_against_the_config(base:
     assert entry.activations is not None
     assert entry.options()["activations"] == {"dataset": None, "text": None, "field": "text", "split": None,
                                               "max_tokens": DEFAULT_MAX_TOKENS, "seq_len": DEFAULT_SEQ_LEN}
+
+
+def test_the_published_activations_zoo_validates_with_its_documented_settings() -> None:
+    from mmdetect.sweep import load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "published-activations.yaml"
+    zoo = load_config(config)
+    settings = {e.name: (e.activations.spec.seq_len, e.activations.spec.max_tokens, e.activations.dataset_ref)
+                for e in zoo.entries if e.activations is not None}
+    assert len(settings) == len(zoo.entries) == 14
+    corpora = config.parent.parent / "corpora"
+    for name, got in settings.items():
+        glu = name in ("OLMo-1B-hf", "gemma-2-2b", "Llama-3.2-1B")
+        # Gurnee et al.: context 512, 100M tokens of the Pile test split; GLUScope: rows of 1024, dolma-small.
+        assert got == ((1024, 20_000_390, str(corpora / "dolma-small.jsonl")) if glu else
+                       (512, 100_000_000, str(corpora / "pile-test.jsonl"))), name
+    assert {e.convention for e in zoo.entries} == {"transformerlens"}
