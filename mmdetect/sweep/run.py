@@ -130,9 +130,10 @@ def _corpus_pass(entry: Entry, out: Path) -> tuple[Any, dict[str, Any]]:
     return stats, record
 
 
-def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[int], None]) -> dict[str, Any]:
-    """Scan one entry (and run its corpus pass) and write its files. Returns the record's new fields. Raises on
-    failure."""
+def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[int], None],
+          on_pass: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Scan one entry (and run its corpus pass, after ``on_pass()``) and write its files. Returns the record's new
+    fields. Raises on failure."""
     from mmdetect import report, scanner
 
     df = scanner.scan_checkpoint(ckpt, threshold=entry.threshold, convention=entry.convention,
@@ -145,6 +146,7 @@ def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[i
         from mmdetect.report.activations import details_path
         from mmdetect.report.join import join_stats
 
+        on_pass()
         stats, fields["stats"] = _corpus_pass(entry, out)
         # The provenance names the statistics by their file name: the folder travels (merge) and stays consistent.
         df = join_stats(df, stats, entry.stats_file)
@@ -196,9 +198,15 @@ def sweep_one(entry: Entry, out: Path, *, force: bool, plots: bool, bar: Any) ->
                                               and (out / entry.meta_file).is_file()):
             # A complete earlier output that is stale (or --force): its saved pass state, if any, is not this run's.
             (out / _state_file(entry)).unlink(missing_ok=True)
-        for key, value in _scan(entry, ckpt, out, plots, bar.layer(entry.name, f"scanning {entry.model}")).items():
+        measuring = f"measuring {entry.model} over its corpus ({_tokens(entry)} tokens at most)"
+        for key, value in _scan(entry, ckpt, out, plots, bar.layer(entry.name, f"scanning {entry.model}"),
+                                lambda: bar.start(entry.name, measuring)).items():
             setattr(record, key, value)
     return record
+
+
+def _tokens(entry: Entry) -> str:
+    return f"{entry.activations.spec.max_tokens:,}" if entry.activations is not None else "0"
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def finish_text(record: ModelRecord) -> str:
         return f"failed: {record.error}"
     n, k, _ = _totals(record.layers)
     text = f"{record.status} · {n:,} neurons · {k:,} flagged ({100 * k / max(1, n):.1f}%)"
+    if record.stats:
+        text += f" · statistics over {record.stats['tokens']:,} tokens"
     if not record.rescanned:
         text += " · unchanged, not rescanned (--force rescans)"
     if record.drift:
