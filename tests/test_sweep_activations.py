@@ -205,6 +205,29 @@ def test_resume_skips_unchanged_and_reruns_what_changed(base: Path, tmp_path: Pa
     assert (out / "llama.csv").read_bytes() == (out / "llama-plain.csv").read_bytes()
 
 
+def test_an_edited_corpus_reruns_the_models_that_read_it(base: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cfg"
+    (folder / "corpus").mkdir(parents=True)
+    corpus = folder / "corpus" / "ids.jsonl"
+    corpus.write_bytes((base / "corpus" / "ids.jsonl").read_bytes())
+    config, out = write_config(folder, base, items=[ITEMS[0], ITEMS[2]]), tmp_path / "out"
+    assert run("sweep", config, "-d", out, "--no-plots").exit_code == 0
+    first = pd.read_csv(out / "llama.activations.csv")
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines[1:] + lines[:1]))          # the same rows in another order: other windows
+    result = run("sweep", config, "-d", out, "--no-plots", "--no-progress")
+    assert result.exit_code == 0
+    assert "rescanning: its corpus changed since its statistics were measured" in result.output
+    assert dict(pd.read_csv(out / "summary.csv")[["name", "rescanned"]].itertuples(index=False)) == \
+        {"llama": True, "llama-plain": False}
+    assert not pd.read_csv(out / "llama.activations.csv").equals(first)
+    corpus.unlink()                                              # a corpus that is gone: the model fails, saying so
+    result = run("sweep", config, "-d", out, "--no-plots", "--no-progress")
+    assert result.exit_code == 1
+    error = pd.read_csv(out / "summary.csv").set_index("name").loc["llama", "error"]
+    assert error.startswith(f"--dataset {corpus} does not exist")
+
+
 def test_a_stale_pass_state_is_not_resumed(base: Path, tmp_path: Path) -> None:
     """A saved state from a complete earlier output's pass (other options) is dropped before the new pass."""
     from mmdetect.report.activations import state_path

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STATUSES = ("ok", "drift", "failed")
 FILE_KEYS = ("data", "meta", "plot", "stats", "details")   # stats, details: the corpus pass's table and companion
-STATS_KEYS = {"sha256": str, "details_sha256": str, "rows": int, "tokens": int, "seq_len": int, "corpus": str}
+STATS_KEYS = {"sha256": str, "details_sha256": str, "rows": int, "tokens": int, "seq_len": int, "corpus": str,
+              "corpus_digest": str}
 
 
 class RecordError(ValueError):

@@ -98,14 +98,40 @@ def _stored(entry: Entry, out: Path) -> ModelRecord | str | None:
         check_files(out, stored)
     except RecordError as exc:
         return str(exc)
+    if entry.activations is not None and stored.stats is not None:
+        changed = _corpus_changed(entry, stored.stats["corpus_digest"])
+        if changed:
+            return changed
     return stored
+
+
+def _corpus(entry: Entry) -> Any:
+    from mmdetect.corpus.sources import resolve_source
+
+    assert entry.activations is not None
+    spec = entry.activations
+    return resolve_source(spec.text_ref, spec.dataset_ref, spec.spec.field, spec.spec.split)
+
+
+def _corpus_changed(entry: Entry, digest: str) -> str | None:
+    """Why the entry's corpus is not the one its statistics were measured on, or None. A local file is identified
+    as the corpus pass identifies it (its bytes, or for a large file its size, times and inode); an hf: dataset by
+    name alone here (resolving it would ask the hub on every resume)."""
+    assert entry.activations is not None
+    if (entry.activations.dataset_ref or "").startswith("hf:"):
+        return None
+    try:
+        now = _corpus(entry).digest
+    except MMDetectError as exc:
+        return f"its corpus cannot be read ({exc})"
+    return None if now == digest else "its corpus changed since its statistics were measured"
 
 
 def _state_file(entry: Entry) -> str:
     return entry.name + STATS_SUFFIX + ".state"
 
 
-def _corpus_pass(entry: Entry, out: Path) -> tuple[Any, dict[str, Any]]:
+def _corpus_pass(entry: Entry, source: Any, out: Path) -> tuple[Any, dict[str, Any]]:
     """Run the entry's corpus pass and write its table and details file; (the statistics as ``mmdetect scan
     --activations`` reads them back, the record's ``stats``)."""
     from mmdetect.corpus.activations import Request, run
@@ -126,7 +152,8 @@ def _corpus_pass(entry: Entry, out: Path) -> tuple[Any, dict[str, Any]]:
     tokens = stats.frame["tokens"]
     record = {"sha256": sha256_file(table), "details_sha256": sha256_file(details_path(table)),
               "rows": int(len(stats.frame)), "tokens": int(tokens.max()) if len(tokens) else 0,
-              "seq_len": int(options.get("seq_len") or spec.seq_len), "corpus": str(options.get("corpus") or "")}
+              "seq_len": int(options.get("seq_len") or spec.seq_len), "corpus": str(options.get("corpus") or ""),
+              "corpus_digest": source.digest}
     return stats, record
 
 
@@ -136,6 +163,7 @@ def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[i
     fields. Raises on failure."""
     from mmdetect import report, scanner
 
+    source = _corpus(entry) if entry.activations is not None else None   # a bad corpus fails before the scan
     df = scanner.scan_checkpoint(ckpt, threshold=entry.threshold, convention=entry.convention,
                                  layers=entry.layers, device=entry.device, progress=False,
                                  on_block=lambda b: on_layer(b.job.layer))
@@ -147,7 +175,7 @@ def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[i
         from mmdetect.report.join import join_stats
 
         on_pass()
-        stats, fields["stats"] = _corpus_pass(entry, out)
+        stats, fields["stats"] = _corpus_pass(entry, source, out)
         # The provenance names the statistics by their file name: the folder travels (merge) and stays consistent.
         df = join_stats(df, stats, entry.stats_file)
         files.update(stats=entry.stats_file, details=details_path(entry.stats_file).name)
