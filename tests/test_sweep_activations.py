@@ -332,7 +332,7 @@ GOOD = {"name": "llama", "model": "./models/llama"}
      "entry 'x' (models[1]), key 'activations': give either text: or dataset:, not both"),
     ({"name": "x", "model": "./m", "activations": 5},
      "entry 'x' (models[1]), key 'activations': activations must be a mapping of corpus options (dataset, text, "
-     "field, split, max_tokens, seq_len; {} for the built-in corpus), or null/false in an entry to turn it off"),
+     "field, split, max_tokens, seq_len; {} for the built-in corpus), or null/false to turn it off"),
     ({"name": "x", "model": "./m", "activation": {}},
      "entry 'x' (models[1]): unknown key 'activation' (did you mean 'activations'?)"),
     ({"name": "x.activations", "model": "./m"},
@@ -410,3 +410,14 @@ def test_the_published_activations_zoo_validates_with_its_documented_settings() 
         assert got == ((1024, 20_000_390, str(corpora / "dolma-small.jsonl")) if glu else
                        (512, 100_000_000, str(corpora / "pile-test.jsonl"))), name
     assert {e.convention for e in zoo.entries} == {"transformerlens"}
+
+
+def test_defaults_can_turn_the_pass_off_and_an_entry_on(base: Path, tmp_path: Path) -> None:
+    from mmdetect.sweep import load_config
+
+    items = [GOOD, {"name": "b", "model": "./models/llama", "activations": {"seq_len": 64}}]
+    for off in (None, False):
+        config = write_config(tmp_path / "cfg", base, items=items, defaults={"activations": off})
+        a, b = load_config(config).entries
+        assert a.activations is None
+        assert b.activations is not None and b.activations.spec.seq_len == 64 and b.activations.dataset_ref is None

@@ -509,7 +509,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
             if key not in SCAN_KEYS + BLOCK_KEYS:
                 problems.add("defaults", unknown_key(key, SCAN_KEYS, BLOCK_KEYS))
         defaults = read_fields(ScanOptions, defaults_doc, lambda key: f"defaults, key '{key}'", problems)
-        if defaults_doc.get("activations") is not None:
+        if defaults_doc.get("activations") not in (None, False):
             stats = read_activations(defaults_doc["activations"], "defaults, key 'activations'", problems)
             if stats is not None:
                 defaults["activations"] = stats
@@ -570,7 +570,7 @@ def read_activations(value: Any, where: str, problems: Problems, inherited: Mapp
     problem was added)."""
     if not isinstance(value, dict):
         problems.add(where, f"activations must be a mapping of corpus options ({', '.join(ACTIVATION_KEYS)}; "
-                            f"{{}} for the built-in corpus), or null/false in an entry to turn it off")
+                            f"{{}} for the built-in corpus), or null/false to turn it off")
         return None
     bad = [k for k in value if k not in ACTIVATION_KEYS]
     if bad:
