@@ -243,9 +243,11 @@ def sweep(ctx: click.Context, config: str, output_dir: str, shard: str | None, o
     """Scan every model of a zoo CONFIG (YAML) and write per-model results, a summary and regression gates.
 
     Options come from the command line, then the entry, then the config's defaults. Relative model paths resolve
-    against the config file's folder. A rerun reuses models whose output is complete and unchanged (same options,
-    same weights). Exit code: 0 ok, 1 a model failed, 3 drift from an expect: gate or --baseline, 2 a config error
-    (nothing scanned) or another sweep writing to the same folder.
+    against the config file's folder. An entry (or the defaults) with activations: {dataset: ..., max_tokens: ...}
+    also runs `mmdetect activations` on the model and joins its statistics, as `scan --activations` does. A rerun
+    reuses models whose output is complete and unchanged (same options, same weights, same statistics). Exit code:
+    0 ok, 1 a model failed, 3 drift from an expect: gate or --baseline, 2 a config error (nothing scanned) or another
+    sweep writing to the same folder.
     """
     from mmdetect.sweep import load_config, parse_shard, run_sweep
 

@@ -6,11 +6,11 @@ per-model record they all share.
 """
 from __future__ import annotations
 
-from mmdetect.sweep.config import Entry, Expect, ScanOptions, Zoo, load_config, resolve_model
+from mmdetect.sweep.config import Activations, Entry, Expect, ScanOptions, Zoo, load_config, resolve_model
 from mmdetect.sweep.gates import exit_code
 from mmdetect.sweep.merge import merge
 from mmdetect.sweep.records import Drift, ModelRecord, RecordError
 from mmdetect.sweep.run import SweepResult, parse_shard, run_sweep, select
 
-__all__ = ["Drift", "Entry", "Expect", "ModelRecord", "RecordError", "ScanOptions", "SweepResult", "Zoo",
+__all__ = ["Activations", "Drift", "Entry", "Expect", "ModelRecord", "RecordError", "ScanOptions", "SweepResult", "Zoo",
            "exit_code", "load_config", "merge", "parse_shard", "resolve_model", "run_sweep", "select"]

@@ -9,6 +9,11 @@ Model paths: absolute paths and ``~`` are used as they are; a relative path reso
 folder, not the working directory, so a config means the same thing wherever it is run from. A value is a relative
 path when it starts with ``./`` or ``../``, ends in ``.gguf``, or names something that exists beside the config;
 anything else is a hub id.
+
+The corpus pass: ``activations:`` (in ``defaults:`` or an entry, the entry's keys over the defaults' key by key; an
+entry's ``activations: null`` or ``false`` turns it off) asks for ``mmdetect activations`` on the model, with that
+command's option names (``ActivationSpec``). Its ``text`` and ``dataset`` paths resolve against the config's folder
+like model paths, except that every value is a path there (``hf:NAME`` stays a hub dataset).
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from mmdetect.corpus.defaults import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
 from mmdetect.errors import THRESHOLD, MMDetectError, UsageError, check_unit, warn
 
 OUTPUT_FORMATS = {"csv": ".csv", "tsv": ".tsv", "json": ".json", "jsonl": ".jsonl", "parquet": ".parquet"}
 RESERVED_NAMES = {"summary", "results", "overview"}
+STATS_SUFFIX = ".activations"  # <name>.activations.<ext>: the corpus pass's table beside the scan's <name>.<ext>
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 META_SUFFIX = ".meta.json"
 MAX_LISTED = 10  # problems spelled out in the one error line; the rest are counted
@@ -106,6 +113,9 @@ def _name(v: Any) -> str:
     if not isinstance(v, str) or not NAME_RE.fullmatch(v) or v.endswith(".meta"):
         raise Invalid(f"name must be a file-safe id (letters, digits, '.', '_', '-'; starting with a letter or "
                       f"digit), got {v!r}")
+    if v.endswith(STATS_SUFFIX):
+        raise Invalid(f"a name ending in '{STATS_SUFFIX}' would share its files with another entry's corpus pass; "
+                      f"rename it")
     if v.lower() in RESERVED_NAMES:
         raise Invalid(f"'{v}' is reserved for the sweep's own files; rename it")
     return v
@@ -154,6 +164,28 @@ def _tolerance(v: Any) -> float:
     return float(v)
 
 
+def _whole_at_least(key: str, low: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+            raise Invalid(f"{key} must be a whole number >= {low}, got {v!r}")
+        return int(v)
+    return check
+
+
+def _text_or_none(key: str, what: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise Invalid(f"{key} must be {what}, got {v!r}")
+        return v
+    return check
+
+
+def _field_name(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise Invalid(f"field must be the name of the dataset's text field or column, got {v!r}")
+    return v
+
+
 # -- the schema -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -192,6 +224,34 @@ DEFAULT_TOLERANCE = {"shares": 0.01, "counts": 0.0}
 
 
 @dataclass(frozen=True)
+class ActivationSpec:
+    """An ``activations:`` block: the corpus of ``mmdetect activations`` under that command's option names (its
+    built-in defaults when left out). The pass runs in the entry's convention, layers and device."""
+
+    dataset: str | None = dataclasses.field(default=None, metadata=_rule(_text_or_none(
+        "dataset", "a .txt/.jsonl/.parquet file, a save_to_disk folder or hf:NAME[:CONFIG]")))
+    text: str | None = dataclasses.field(default=None, metadata=_rule(_text_or_none("text", "a plain-text file")))
+    field: str = dataclasses.field(default="text", metadata=_rule(_field_name))
+    split: str | None = dataclasses.field(default=None,
+                                          metadata=_rule(_text_or_none("split", "a split name such as train")))
+    max_tokens: int = dataclasses.field(default=DEFAULT_MAX_TOKENS, metadata=_rule(_whole_at_least("max_tokens", 1)))
+    seq_len: int = dataclasses.field(default=DEFAULT_SEQ_LEN, metadata=_rule(_whole_at_least("seq_len", 8)))
+
+
+@dataclass(frozen=True)
+class Activations:
+    """An entry's effective corpus pass: the options as written (they decide "unchanged") and the corpus files
+    resolved against the config's folder (what the pass reads)."""
+
+    spec: ActivationSpec
+    dataset_ref: str | None
+    text_ref: str | None
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.spec)
+
+
+@dataclass(frozen=True)
 class EntrySpec:
     """One item of ``models:`` as written (its scan options are ``ScanOptions`` fields beside these)."""
 
@@ -218,6 +278,10 @@ SCAN_KEYS = tuple(_keys(ScanOptions)) + tuple(ALIASES)
 ENTRY_KEYS = tuple(_keys(EntrySpec)) + SCAN_KEYS
 TOP_KEYS = tuple(_keys(ConfigSpec))
 EXPECT_KEYS = tuple(_keys(ExpectSpec))
+ACTIVATION_KEYS = tuple(_keys(ActivationSpec))
+# ``activations`` is accepted in defaults: and in entries, and offered by did-you-mean; the one-line lists of allowed
+# keys name the scan and entry keys only, as they did before the corpus pass could be asked for.
+BLOCK_KEYS = ("activations",)
 
 
 @dataclass(frozen=True)
@@ -231,6 +295,7 @@ class Entry:
     revision: str | None
     scan: ScanOptions
     expect: Expect | None = None
+    activations: Activations | None = None     # the corpus pass, when the config asks for it
 
     @property
     def threshold(self) -> float:
@@ -260,10 +325,19 @@ class Entry:
     def meta_file(self) -> str:
         return self.name + META_SUFFIX
 
+    @property
+    def stats_file(self) -> str:
+        """The corpus pass's table (``mmdetect activations -o``); its details file is beside it."""
+        return self.name + STATS_SUFFIX + OUTPUT_FORMATS[self.scan.format]
+
     def options(self) -> dict[str, Any]:
-        """What decides the bytes of the data file. ``device`` is left out: every device gives the same rows."""
-        return {"model": self.model, "revision": self.revision, "threshold": self.threshold,
-                "convention": self.convention, "layers": self.layers, "format": self.format}
+        """What decides the bytes of the data file. ``device`` is left out: every device gives the same rows. The
+        corpus pass's options are there only when it is asked for, so a config without it hashes as before."""
+        out: dict[str, Any] = {"model": self.model, "revision": self.revision, "threshold": self.threshold,
+                               "convention": self.convention, "layers": self.layers, "format": self.format}
+        if self.activations is not None:
+            out["activations"] = self.activations.options()
+        return out
 
     def options_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.options(), sort_keys=True).encode()).hexdigest()[:16]
@@ -299,9 +373,10 @@ class Problems:
         raise MMDetectError(f"{self.path}: {shown}{count}")
 
 
-def unknown_key(key: Any, allowed: Iterable[str]) -> str:
+def unknown_key(key: Any, allowed: Iterable[str], unlisted: Iterable[str] = ()) -> str:
+    """'unknown key ... (did you mean ...?); allowed keys: ...'; ``unlisted`` keys are offered as matches only."""
     allowed = list(allowed)
-    near = difflib.get_close_matches(str(key), allowed, n=1)
+    near = difflib.get_close_matches(str(key), allowed + list(unlisted), n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
     return f"unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}"
 
@@ -431,9 +506,13 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
         problems.add("defaults", "defaults must be a mapping of scan options")
     else:
         for key in defaults_doc:
-            if key not in SCAN_KEYS:
-                problems.add("defaults", unknown_key(key, SCAN_KEYS))
+            if key not in SCAN_KEYS + BLOCK_KEYS:
+                problems.add("defaults", unknown_key(key, SCAN_KEYS, BLOCK_KEYS))
         defaults = read_fields(ScanOptions, defaults_doc, lambda key: f"defaults, key '{key}'", problems)
+        if defaults_doc.get("activations") not in (None, False):
+            stats = read_activations(defaults_doc["activations"], "defaults, key 'activations'", problems)
+            if stats is not None:
+                defaults["activations"] = stats
     cli = check_overrides(overrides or {})
     models = doc.get("models")
     if not isinstance(models, list) or not models:
@@ -459,8 +538,8 @@ def _read_entry(i: int, item: Any, base: Path, defaults: dict[str, Any], cli: di
         problems.add(where, "each entry must be a mapping with name: and model:")
         return None
     for key in item:
-        if key not in ENTRY_KEYS:
-            problems.add(where, unknown_key(key, ENTRY_KEYS))
+        if key not in ENTRY_KEYS + BLOCK_KEYS:
+            problems.add(where, unknown_key(key, ENTRY_KEYS, BLOCK_KEYS))
     before = len(problems.items)
     spec = read_fields(EntrySpec, {"name": None, "model": None, **item}, lambda key: f"{where}, key '{key}'",
                        problems)
@@ -471,10 +550,48 @@ def _read_entry(i: int, item: Any, base: Path, defaults: dict[str, Any], cli: di
         problems.add(f"{where}, key 'name'", f"'{name}' is already used by models[{seen[name.lower()]}]; names "
                                              f"must be unique (also ignoring case)")
     seen.setdefault(name.lower(), i)
+    stats = defaults.pop("activations", None)
     scan = ScanOptions(**{**defaults, **read_fields(ScanOptions, item, lambda key: f"{where}, key '{key}'",
                                                     problems), **cli})
     expect = read_expect(item["expect"], where, scan.layers, problems) if "expect" in item else None
+    if "activations" in item:
+        stats = None if item["activations"] in (None, False) else \
+            read_activations(item["activations"], f"{where}, key 'activations'", problems, stats or {})
     if len(problems.items) > before:
         return None
     return Entry(index=i, name=name, model=spec["model"], ref=resolve_model(spec["model"], base),
-                 revision=spec.get("revision"), scan=scan, expect=expect)
+                 revision=spec.get("revision"), scan=scan, expect=expect,
+                 activations=_activations(stats, base) if stats is not None else None)
+
+
+def read_activations(value: Any, where: str, problems: Problems, inherited: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any] | None:
+    """The checked keys of an ``activations:`` block over ``inherited`` (the defaults' block), or None (a
+    problem was added)."""
+    if not isinstance(value, dict):
+        problems.add(where, f"activations must be a mapping of corpus options ({', '.join(ACTIVATION_KEYS)}; "
+                            f"{{}} for the built-in corpus), or null/false to turn it off")
+        return None
+    bad = [k for k in value if k not in ACTIVATION_KEYS]
+    if bad:
+        problems.add(f"{where}.{bad[0]}", unknown_key(bad[0], ACTIVATION_KEYS))
+        return None
+    before = len(problems.items)
+    checked = read_fields(ActivationSpec, value, lambda key: f"{where}.{key}", problems)
+    out = {**(inherited or {}), **checked}
+    if out.get("text") is not None and out.get("dataset") is not None:
+        problems.add(where, "give either text: or dataset:, not both")
+    return None if len(problems.items) > before else out
+
+
+def resolve_corpus(value: str | None, base: Path) -> str | None:
+    """A corpus path against the config's folder (absolute and ``~`` as they are); ``hf:NAME`` unchanged."""
+    if value is None or value.startswith("hf:"):
+        return value
+    expanded = Path(os.path.expanduser(value))
+    return str(expanded) if expanded.is_absolute() else os.path.normpath(base / expanded)
+
+
+def _activations(keys: dict[str, Any], base: Path) -> Activations:
+    spec = ActivationSpec(**keys)
+    return Activations(spec, dataset_ref=resolve_corpus(spec.dataset, base), text_ref=resolve_corpus(spec.text, base))

@@ -2,7 +2,8 @@
 
 Shard folders come from other jobs, so nothing in them is taken on trust: every record is checked field by field,
 every file name is derived from the record's (checked) name, never taken from it, and must stay inside its folder;
-each data file must match the sha256 its record and its sidecar carry, and hold the rows they count. A model whose
+each data file (and the statistics files of a model with a corpus pass) must match the sha256 its record and its
+sidecar carry, and hold the rows they count. A model whose
 files fail a check is reported as failed, with its name and the reason; the merge goes on. Everything is written
 inside ``--output-dir``, atomically.
 """
@@ -70,7 +71,8 @@ def _verify(folder: Path, record: ModelRecord) -> None:
         stored = ModelRecord.from_meta(json.loads(meta.read_text(encoding="utf-8")), record.index)
     except (OSError, ValueError) as exc:  # RecordError, JSON and UTF-8 errors are ValueErrors
         raise RecordError(f"{names['meta']}: {exc}") from None
-    if (stored.name, stored.sha256, stored.options_hash) != (record.name, record.sha256, record.options_hash):
+    if (stored.name, stored.sha256, stored.options_hash, stored.stats) != \
+            (record.name, record.sha256, record.options_hash, record.stats):
         raise RecordError(f"{names['meta']} does not agree with results.json (name, checksum or options)")
 
 
@@ -166,7 +168,7 @@ def _checked_copy(folder: Path, record: ModelRecord, out: Path) -> ModelRecord:
         return failed
     names = expected_files(record)
     record.files = {}
-    for key in ("data", "meta", "plot"):
+    for key in [k for k in ("data", "stats", "details", "meta", "plot") if k in names]:  # meta after the files
         try:
             src = inside(folder, names[key])
         except RecordError as exc:  # data and meta were checked: only a figure can get here

@@ -4,7 +4,9 @@ A record lives in three places: ``results.json`` (every model of a sweep), ``<na
 makes a data file count as complete) and memory. Records read back from disk are checked field by field, so a
 tampered or corrupt file is a ``RecordError`` naming what is wrong, never a record passed on as if it were fine. The
 sidecar carries a digest of its own content, and ``check_files`` compares a record with its data file (checksum and
-per-layer counts).
+per-layer counts) and, for an entry with a corpus pass, with its statistics files (``<name>.activations.<ext>`` and
+its details file: their checksums). A record of an entry without a corpus pass has no ``stats`` key at all, so its
+files read exactly as before there was one.
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from mmdetect.results.provenance import Provenance
-from mmdetect.sweep.config import META_SUFFIX, NAME_RE, OUTPUT_FORMATS
+from mmdetect.sweep.config import META_SUFFIX, NAME_RE, OUTPUT_FORMATS, STATS_SUFFIX
 from mmdetect.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmdetect.sweep.config import Entry
 
 STATUSES = ("ok", "drift", "failed")
+FILE_KEYS = ("data", "meta", "plot", "stats", "details")   # stats, details: the corpus pass's table and companion
+STATS_KEYS = {"sha256": str, "details_sha256": str, "rows": int, "tokens": int, "seq_len": int, "corpus": str,
+              "corpus_digest": str}
 
 
 class RecordError(ValueError):
@@ -62,6 +67,7 @@ class ModelRecord:
     provenance: Provenance | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)   # the scan's per-layer summary
     n_layers: int | None = None       # the model's depth (for relative depth in the overview)
+    stats: dict[str, Any] | None = None   # the corpus pass (STATS_KEYS): checksums of its files, tokens, corpus
 
     @classmethod
     def new(cls, entry: Entry) -> ModelRecord:
@@ -76,7 +82,10 @@ class ModelRecord:
                    error=error)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        if doc["stats"] is None:
+            del doc["stats"]   # a model without a corpus pass: the record of before
+        return doc
 
     def finish_status(self) -> None:
         self.status = "failed" if self.error else "drift" if self.drift else "ok"
@@ -84,7 +93,7 @@ class ModelRecord:
     # -- the sidecar ------------------------------------------------------------------------------------------------
 
     META_KEYS = ("name", "model", "path", "revision", "options", "options_hash", "seconds", "files", "sha256",
-                 "provenance", "n_layers", "layers")
+                 "provenance", "n_layers", "layers", "stats")
 
     def meta(self) -> dict[str, Any]:
         """``<name>.meta.json``: options hash, data checksum and fingerprint (for resume), provenance, layers."""
@@ -131,8 +140,14 @@ class ModelRecord:
             raise RecordError(f"status {doc['status']!r} is not one of {', '.join(STATUSES)}")
         files = _need(doc, "files", dict, default={})
         for key, value in files.items():
-            if key not in ("data", "meta", "plot") or not isinstance(value, str):
-                raise RecordError(f"files: {key!r}: {value!r} is not a data, meta or plot file name")
+            if key not in FILE_KEYS or not isinstance(value, str):
+                raise RecordError(f"files: {key!r}: {value!r} is not a data, meta, plot, stats or details file name")
+        stats = _need(doc, "stats", (dict, type(None)), default=None)
+        if stats is not None:
+            for key, kind in STATS_KEYS.items():
+                _need(stats, key, kind)
+            if set(stats) - set(STATS_KEYS):
+                raise RecordError(f"stats: unknown keys {sorted(set(stats) - set(STATS_KEYS))}")
         doc["drift"] = [_drift(d) for d in _need(doc, "drift", list, default=[])]
         prov = _need(doc, "provenance", (dict, type(None)), default=None)
         doc["provenance"] = Provenance.from_dict(prov) if prov is not None else None
@@ -188,10 +203,16 @@ def check_layers(layers: list[Any]) -> list[dict[str, Any]]:
         if not (isinstance(share, (int, float)) and not isinstance(share, bool)
                 and math.isclose(share, k / n if n else 0.0, abs_tol=1e-9)):
             raise RecordError(f"layers: layer {layer}: share_flagged {share!r} is not n_flagged / n_neurons")
-        if s.get("min") is not None and not isinstance(s["min"], (int, float)):
-            raise RecordError(f"layers: layer {layer}: min {s['min']!r} is not a number")
+        for key in ("min", *RELATION_KEYS):
+            if s.get(key) is not None and not (isinstance(s[key], (int, float)) and not isinstance(s[key], bool)):
+                raise RecordError(f"layers: layer {layer}: {key} {s[key]!r} is not a number")
         seen.add(layer)
     return layers
+
+
+# The per-layer relation of the corpus pass's statistics to cos (report.join.LAYER_KEYS), when they were joined.
+RELATION_KEYS = ("n_stats", "share_flagged_firing", "spearman_freq_pos", "spearman_freq_pos_p", "spearman_gate_neg",
+                 "spearman_gate_neg_p")
 
 
 def _whole(v: Any) -> bool:
@@ -215,8 +236,14 @@ def expected_files(record: ModelRecord) -> dict[str, str]:
     fmt = record.options.get("format", "csv")
     if fmt not in OUTPUT_FORMATS:
         raise RecordError(f"options: format {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    return {"data": record.name + OUTPUT_FORMATS[fmt], "meta": record.name + META_SUFFIX,
-            "plot": record.name + ".png"}
+    names = {"data": record.name + OUTPUT_FORMATS[fmt], "meta": record.name + META_SUFFIX,
+             "plot": record.name + ".png"}
+    if record.options.get("activations") is not None:
+        from mmdetect.report.activations import DETAIL_SUFFIX
+
+        names["stats"] = record.name + STATS_SUFFIX + OUTPUT_FORMATS[fmt]
+        names["details"] = names["stats"] + DETAIL_SUFFIX
+    return names
 
 
 def inside(folder: Path, name: str) -> Path:
@@ -232,8 +259,10 @@ def check_files(folder: Path, record: ModelRecord) -> None:
     counts; RecordError says what does not match."""
     names = expected_files(record)
     for key, name in record.files.items():
-        if name != names[key]:
-            raise RecordError(f"files: {key} is {name!r}, expected {names[key]!r}")
+        if name != names.get(key):
+            raise RecordError(f"files: {key} is {name!r}, expected {names.get(key)!r}")
+    if "stats" in names:
+        check_stats_files(folder, record, names)
     data = inside(folder, names["data"])
     if not data.is_file():
         raise RecordError(f"{names['data']} is missing")
@@ -243,6 +272,18 @@ def check_files(folder: Path, record: ModelRecord) -> None:
     recorded = {int(s["layer"]): (int(s["n_neurons"]), int(s["n_flagged"])) for s in record.layers}
     if counted != recorded:
         raise RecordError(f"{names['data']} does not hold the rows its record counts per layer")
+
+
+def check_stats_files(folder: Path, record: ModelRecord, names: dict[str, str]) -> None:
+    """The corpus pass's table and details file are in ``folder`` with the checksums the record carries."""
+    if record.stats is None:
+        raise RecordError("it asks for a corpus pass but records no statistics")
+    for key, digest in (("stats", record.stats["sha256"]), ("details", record.stats["details_sha256"])):
+        path = inside(folder, names[key])
+        if not path.is_file():
+            raise RecordError(f"{names[key]} is missing")
+        if sha256_file(path) != digest:
+            raise RecordError(f"{names[key]} does not match its recorded sha256 (edited or damaged)")
 
 
 def count_rows(data: Path) -> dict[int, tuple[int, int]]:

@@ -5,6 +5,13 @@
   hash, the data file's sha256 and the checkpoint's fingerprint; a model is reused only when all three still agree
   and the sidecar is intact, so a rerun resumes, an interrupted one rescans just what is missing, and new weights at
   the same path are rescanned. Every file is written atomically.
+* An entry with ``activations:`` also gets the corpus pass (``corpus.activations.run``, in the entry's convention,
+  layers and device), written as ``mmdetect activations -o DIR/<name>.activations.csv`` writes it (the table and its
+  ``.details.parquet``), and its columns joined onto the scan's rows by ``report.join.join_stats``, exactly as
+  ``mmdetect scan --activations`` joins them: ``DIR/<name>.csv`` is then that command's output. The statistics'
+  options are in the options hash and their files' checksums in the sidecar, so they decide "unchanged" with the
+  rest. While the pass runs its state is saved to ``DIR/<name>.activations.state`` (an interrupted sweep resumes the
+  pass from it); it is removed once the statistics are written.
 * ``--shard I/N`` takes the entries whose config index is I modulo N: balanced (sizes differ by at most one) and
   independent of which shard runs.
 * One run at a time per output folder (``lock.folder_lock``).
@@ -22,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 from mmdetect.errors import MMDetectError
 from mmdetect.results.provenance import Provenance
-from mmdetect.sweep.config import DEFAULT_TOLERANCE, Entry, Zoo
+from mmdetect.sweep.config import DEFAULT_TOLERANCE, STATS_SUFFIX, Entry, Zoo
 from mmdetect.sweep.gates import apply_gates, exit_code, read_baseline
 from mmdetect.sweep.lock import folder_lock
 from mmdetect.sweep.records import ModelRecord, RecordError, check_files, sha256_file
@@ -91,20 +98,89 @@ def _stored(entry: Entry, out: Path) -> ModelRecord | str | None:
         check_files(out, stored)
     except RecordError as exc:
         return str(exc)
+    if entry.activations is not None and stored.stats is not None:
+        changed = _corpus_changed(entry, stored.stats["corpus_digest"])
+        if changed:
+            return changed
     return stored
 
 
-def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[int], None]) -> dict[str, Any]:
-    """Scan one entry and write its data file and figure. Returns the record's new fields. Raises on failure."""
+def _corpus(entry: Entry) -> Any:
+    from mmdetect.corpus.sources import resolve_source
+
+    assert entry.activations is not None
+    spec = entry.activations
+    return resolve_source(spec.text_ref, spec.dataset_ref, spec.spec.field, spec.spec.split)
+
+
+def _corpus_changed(entry: Entry, digest: str) -> str | None:
+    """Why the entry's corpus is not the one its statistics were measured on, or None. A local file is identified
+    as the corpus pass identifies it (its bytes, or for a large file its size, times and inode); an hf: dataset by
+    name alone here (resolving it would ask the hub on every resume)."""
+    assert entry.activations is not None
+    if (entry.activations.dataset_ref or "").startswith("hf:"):
+        return None
+    try:
+        now = _corpus(entry).digest
+    except MMDetectError as exc:
+        return f"its corpus cannot be read ({exc})"
+    return None if now == digest else "its corpus changed since its statistics were measured"
+
+
+def _state_file(entry: Entry) -> str:
+    return entry.name + STATS_SUFFIX + ".state"
+
+
+def _corpus_pass(entry: Entry, source: Any, out: Path) -> tuple[Any, dict[str, Any]]:
+    """Run the entry's corpus pass and write its table and details file; (the statistics as ``mmdetect scan
+    --activations`` reads them back, the record's ``stats``)."""
+    from mmdetect.corpus.activations import Request, run
+    from mmdetect.report.activations import details_path, read_stats, write_result
+
+    assert entry.activations is not None
+    spec = entry.activations.spec
+    state = out / _state_file(entry)
+    result = run(Request(entry.ref, revision=entry.revision, convention=entry.convention, layers=entry.layers,
+                         text=entry.activations.text_ref, dataset=entry.activations.dataset_ref,
+                         field_name=spec.field, split=spec.split, max_tokens=spec.max_tokens, seq_len=spec.seq_len,
+                         device=entry.device, progress=False, state=state))
+    table = out / entry.stats_file
+    write_result(result, entry.format, table)
+    state.unlink(missing_ok=True)
+    stats = read_stats(table)
+    options = stats.provenance.options or {}
+    tokens = stats.frame["tokens"]
+    record = {"sha256": sha256_file(table), "details_sha256": sha256_file(details_path(table)),
+              "rows": int(len(stats.frame)), "tokens": int(tokens.max()) if len(tokens) else 0,
+              "seq_len": int(options.get("seq_len") or spec.seq_len), "corpus": str(options.get("corpus") or ""),
+              "corpus_digest": source.digest}
+    return stats, record
+
+
+def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[int], None],
+          on_pass: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Scan one entry (and run its corpus pass, after ``on_pass()``) and write its files. Returns the record's new
+    fields. Raises on failure."""
     from mmdetect import report, scanner
 
+    source = _corpus(entry) if entry.activations is not None else None   # a bad corpus fails before the scan
     df = scanner.scan_checkpoint(ckpt, threshold=entry.threshold, convention=entry.convention,
                                  layers=entry.layers, device=entry.device, progress=False,
                                  on_block=lambda b: on_layer(b.job.layer))
     depth = next((ckpt.config[k] for k in LAYER_COUNT_KEYS if isinstance(ckpt.config.get(k), int)), None)
+    fields: dict[str, Any] = {}
+    files = {"data": entry.data_file, "meta": entry.meta_file}
+    if entry.activations is not None:
+        from mmdetect.report.activations import details_path
+        from mmdetect.report.join import join_stats
+
+        on_pass()
+        stats, fields["stats"] = _corpus_pass(entry, source, out)
+        # The provenance names the statistics by their file name: the folder travels (merge) and stays consistent.
+        df = join_stats(df, stats, entry.stats_file)
+        files.update(stats=entry.stats_file, details=details_path(entry.stats_file).name)
     data = out / entry.data_file
     report.write(df, entry.format, data)
-    files = {"data": entry.data_file, "meta": entry.meta_file}
     if plots:
         from mmdetect.report.plot import model_figure, save
 
@@ -113,7 +189,7 @@ def _scan(entry: Entry, ckpt: Any, out: Path, plots: bool, on_layer: Callable[[i
         files["plot"] = f"{entry.name}.png"
     scanned = max(int(s["layer"]) for s in df.attrs["layers"]) + 1
     return {"provenance": Provenance.from_dict(df.attrs["provenance"]), "layers": df.attrs["layers"],
-            "files": files, "n_layers": max(depth or 0, scanned), "sha256": sha256_file(data)}
+            "files": files, "n_layers": max(depth or 0, scanned), "sha256": sha256_file(data), **fields}
 
 
 def _ensure_plot(entry: Entry, record: ModelRecord, out: Path) -> None:
@@ -139,16 +215,26 @@ def sweep_one(entry: Entry, out: Path, *, force: bool, plots: bool, bar: Any) ->
         if isinstance(stored, ModelRecord):
             fingerprint = stored.provenance.fingerprint if stored.provenance else None
             if fingerprint == ckpt.fingerprint():
-                for key in ("provenance", "layers", "files", "n_layers", "sha256"):
+                for key in ("provenance", "layers", "files", "n_layers", "sha256", "stats"):
                     setattr(record, key, getattr(stored, key))
                 if plots:
                     _ensure_plot(entry, record, out)
                 return record
             bar.start(entry.name, f"scanning {entry.model} (rescanning: the weights changed since the last run)")
         record.rescanned = True
-        for key, value in _scan(entry, ckpt, out, plots, bar.layer(entry.name, f"scanning {entry.model}")).items():
+        if entry.activations is not None and (force or isinstance(stored, (ModelRecord, str))
+                                              and (out / entry.meta_file).is_file()):
+            # A complete earlier output that is stale (or --force): its saved pass state, if any, is not this run's.
+            (out / _state_file(entry)).unlink(missing_ok=True)
+        measuring = f"measuring {entry.model} over its corpus ({_tokens(entry)} tokens at most)"
+        for key, value in _scan(entry, ckpt, out, plots, bar.layer(entry.name, f"scanning {entry.model}"),
+                                lambda: bar.start(entry.name, measuring)).items():
             setattr(record, key, value)
     return record
+
+
+def _tokens(entry: Entry) -> str:
+    return f"{entry.activations.spec.max_tokens:,}" if entry.activations is not None else "0"
 
 
 # -- the sweep ------------------------------------------------------------------------------------------------------

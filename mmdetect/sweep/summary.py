@@ -1,5 +1,9 @@
 """A sweep's reports: summary.csv, summary.md (also appended to $GITHUB_STEP_SUMMARY), results.json, overview.png.
 
+Models with a corpus pass (``activations:``) add, per model, the relation scan's per-layer summary shows when
+statistics are joined (``RELATION_COLUMNS``, aggregated over the model's layers by ``relation``); a sweep without one
+writes the files it always wrote.
+
 Every file goes through ``report`` (atomically). results.json is written before anything that may fail for reasons
 outside the sweep (the step summary, the figure), so a finished sweep always leaves it complete.
 """
@@ -48,17 +52,57 @@ def _totals(layers: list[dict[str, Any]]) -> tuple[int, int, list[float]]:
     return n, k, mins
 
 
+# The summary's columns for models with statistics: the corpus tokens, then report.join.LAYER_KEYS aggregated.
+RELATION_COLUMNS = ("stats_tokens", "share_flagged_firing", "spearman_freq_pos", "spearman_freq_pos_p",
+                    "spearman_gate_neg", "spearman_gate_neg_p")
+
+
+def _median(values: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(values) if values else None
+
+
+def relation(record: ModelRecord) -> dict[str, Any]:
+    """``RELATION_COLUMNS`` of one model with statistics (None where undefined).
+
+    * ``share_flagged_firing``: pooled, i.e. of all the model's flagged neurons, the share with freq_pos > 0.5 (the
+      layers' shares weighted by their flagged counts; every flagged neuron has statistics, the pass measuring the
+      scan's layers);
+    * ``spearman_freq_pos``, ``spearman_gate_neg`` (gated MLPs): the median over layers of the per-layer Spearman
+      rho of cos with freq_pos, and with freq_gn_ip + freq_gn_in; their ``_p`` columns the median over the same
+      layers of the per-layer two-sided p-values (layers where rho is undefined are left out of both).
+    """
+    def finite(s: dict[str, Any], key: str) -> float | None:
+        v = s.get(key)
+        return float(v) if v is not None and math.isfinite(float(v)) else None
+
+    weighted = [(v, int(s["n_flagged"])) for s in record.layers
+                if (v := finite(s, "share_flagged_firing")) is not None and int(s["n_flagged"]) > 0]
+    flagged = sum(k for _, k in weighted)
+    out: dict[str, Any] = {"stats_tokens": record.stats["tokens"] if record.stats else None,
+                           "share_flagged_firing": sum(v * k for v, k in weighted) / flagged if flagged else None}
+    for key in ("spearman_freq_pos", "spearman_gate_neg"):
+        pairs = [(rho, p) for s in record.layers
+                 if (rho := finite(s, key)) is not None and (p := finite(s, f"{key}_p")) is not None]
+        out[key] = _median([rho for rho, _ in pairs])
+        out[f"{key}_p"] = _median([p for _, p in pairs])
+    return out
+
+
 def summary_frame(records: list[ModelRecord]) -> pd.DataFrame:
     """One row per model in config order. Per-layer flagged shares are wide columns share_L0, share_L1, …
 
     ``status`` is the outcome (ok, drift, failed) whether or not the model was scanned in this run; ``rescanned``
     says whether it was. Wide numeric columns read best in pandas: ``df.filter(like="share_L")`` is a model x layer
-    matrix ready for ``.T.plot()`` or a heatmap; a model with fewer layers has blanks there.
+    matrix ready for ``.T.plot()`` or a heatmap; a model with fewer layers has blanks there. When any model has
+    statistics, ``RELATION_COLUMNS`` follow the share columns (blank for the models without).
     """
     import pandas as pd
 
     n_layers = max((int(s["layer"]) + 1 for r in records for s in r.layers), default=0)
     share_cols = [f"share_L{i}" for i in range(n_layers)]
+    stats_cols = list(RELATION_COLUMNS) if any(r.stats for r in records) else []
     rows = []
     for r in records:
         n, k, mins = _totals(r.layers)
@@ -70,14 +114,16 @@ def summary_frame(records: list[ModelRecord]) -> pd.DataFrame:
             "min_cos": min(mins) if mins else None}
         shares = {int(s["layer"]): float(s["share_flagged"]) for s in r.layers}
         row.update({col: shares.get(i) for i, col in enumerate(share_cols)})
+        if stats_cols:
+            row.update(relation(r) if r.stats and r.layers else dict.fromkeys(stats_cols))
         row.update({"seconds": r.seconds, "drift": drift_text(r.drift) or None, "error": r.error or None})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["name", "model", "revision", "status", "rescanned", "n_neurons",
-                                        "n_flagged", "share_flagged", "min_cos"] + share_cols
+                                        "n_flagged", "share_flagged", "min_cos"] + share_cols + stats_cols
                          + ["seconds", "drift", "error"])
-    for col in ("n_neurons", "n_flagged"):
+    for col in ("n_neurons", "n_flagged") + (("stats_tokens",) if stats_cols else ()):
         frame[col] = frame[col].astype("Int64")
-    for col in ["share_flagged", "min_cos", "seconds"] + share_cols:
+    for col in ["share_flagged", "min_cos", "seconds"] + share_cols + stats_cols[1:]:
         frame[col] = frame[col].astype("float64")
     for col in ("model", "revision", "drift", "error"):
         frame[col] = frame[col].astype(object)
@@ -109,6 +155,8 @@ def finish_text(record: ModelRecord) -> str:
         return f"failed: {record.error}"
     n, k, _ = _totals(record.layers)
     text = f"{record.status} · {n:,} neurons · {k:,} flagged ({100 * k / max(1, n):.1f}%)"
+    if record.stats:
+        text += f" · statistics over {record.stats['tokens']:,} tokens"
     if not record.rescanned:
         text += " · unchanged, not rescanned (--force rescans)"
     if record.drift:
@@ -159,6 +207,7 @@ def summary_markdown(records: list[ModelRecord], header: dict[str, Any]) -> str:
         status = {"failed": "❌ failed", "drift": "⚠️ drift"}.get(r.status, r.status)
         lines.append("| " + " | ".join([_md_cell(r.name), f"`{_md_cell(r.model)}`" if r.model else "", status]
                                        + cells + [f"{r.seconds or 0:.1f}"]) + " |")
+    lines += _relation_markdown(records)
     drifted = [r for r in records if r.status == "drift"]
     if drifted:
         lines += ["", "### Drift", ""]
@@ -170,6 +219,32 @@ def summary_markdown(records: list[ModelRecord], header: dict[str, Any]) -> str:
         lines += ["", "### Failures", ""]
         lines += [f"- **{_md_cell(r.name)}** (`{_md_cell(r.model or '?')}`): {_md_cell(r.error)}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _relation_markdown(records: list[ModelRecord]) -> list[str]:
+    """The section of the models with statistics (``relation``); nothing when none has any."""
+    with_stats = [r for r in records if r.stats and r.layers]
+    if not with_stats:
+        return []
+
+    def rho(v: float | None, p: float | None) -> str:
+        return "" if v is None else f"{v:+.3f} (p {p:.2g})" if p is not None else f"{v:+.3f}"
+
+    lines = ["", "### Activation statistics", "",
+             "Over each model's corpus pass: the share of flagged neurons firing (freq_pos > 0.5) on more than half "
+             "of the tokens, pooled over layers; Spearman's rho of cos with freq_pos and, for gated MLPs, with the "
+             "negative-gate share freq_gn_ip + freq_gn_in: the median over layers of the per-layer rho (and of its "
+             "p-value).", "",
+             "| name | corpus | tokens | flagged firing | rho(cos, freq_pos) | rho(cos, negative gate) |",
+             "|---|---|---:|---:|---|---|"]
+    for r in with_stats:
+        v = relation(r)
+        firing = "" if v["share_flagged_firing"] is None else f"{100 * v['share_flagged_firing']:.1f}%"
+        corpus = (r.stats or {}).get("corpus", "")
+        lines.append("| " + " | ".join([_md_cell(r.name), _md_cell(corpus), f"{v['stats_tokens']:,}", firing,
+                                        rho(v["spearman_freq_pos"], v["spearman_freq_pos_p"]),
+                                        rho(v["spearman_gate_neg"], v["spearman_gate_neg_p"])]) + " |")
+    return lines
 
 
 def write_reports(out: Path, records: list[ModelRecord], header: dict[str, Any], plots: bool = True,
