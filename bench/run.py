@@ -17,6 +17,8 @@ with like.
     python -m bench.run --big --before REF   # and the scan of commit REF beside every scan, in the same run
     python -m bench.run --analysis           # Qwen2-1.5B shape, safetensors and GGUF: scan, heads, chains, explain
                                              # side by side (bench/analysis.py)
+    python -m bench.run --activations [N]    # the corpus pass against a bare forward and TransformerLens, N tokens
+                                             # (bench/activations.py)
 
 --before REF exports the mmdetect package of commit REF (git archive) into bench/out/before-REF and runs it with
 PYTHONPATH pointing there, under the same conditions, right after this checkout's run.
@@ -299,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="only scan, heads, chains and explain side by side on the Qwen2-1.5B shape "
                              "(bench/results-analysis.md)")
+    parser.add_argument("--activations", type=int, nargs="?", const=4096, metavar="TOKENS",
+                        help="only the corpus pass against a bare forward and TransformerLens, on the Qwen2-0.5B and "
+                             "Llama-1B shapes, TOKENS tokens each (default 4096; bench/results-activations.md)")
     args = parser.parse_args(argv)
     command = f"python -m bench.run {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     if args.analysis:
@@ -309,6 +314,18 @@ def main(argv: list[str] | None = None) -> None:
                 f"`make bench ARGS=--analysis` (`{command}`).\n\n" + analysis.bench_analysis(args.repeat))
         print("\n" + text)
         (HERE / "results-analysis.md").write_text(text)
+        return
+    if args.activations:
+        from bench import activations
+
+        lines, verdicts = activations.bench_activations(args.activations, max(512, args.activations // 4))
+        text = (f"# mmdetect corpus-pass benchmark\n\nMachine: {machine()}.  \nDate: "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One run per route; peak RSS from wait4; warm "
+                f"cache; the 1-minute load average before each run in the table. Reproduce: "
+                f"`make bench ARGS=--activations` (`{command}`).\n\n" + "\n".join(lines)
+                + "\n\nTargets:\n" + "\n".join(verdicts) + "\n")
+        print("\n" + text)
+        (HERE / "results-activations.md").write_text(text)
         return
     before = before_tree(args.before) if args.before else None
     lines, verdicts = shape_table(args, before)

@@ -231,17 +231,22 @@ def _experts_module(modules: dict[str, Any], name: str, layer: int, renames: dic
 
 def _component(site: Site, resid: torch.Tensor | None, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                       torch.Tensor]:
-    """c = x . r̂_j at (token, neuron) pairs, in float64 (zeros without a residual: the score is then NaN)."""
+    """c = x . r̂_j at (token, neuron) pairs: float32 products summed in float64 (zeros without a residual: the score
+    is then NaN), in blocks of pairs that stay in cache. Most pairs come in the first batch, when every neuron's
+    deletion set fills at once; later batches bring only the tokens that enter a set."""
     def component(t: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if resid is None:
             return torch.zeros(t.shape[0], dtype=torch.float64)
-        out = torch.empty(t.shape[0], dtype=torch.float64)
-        step = 1 << 14
+        at = rows.to(resid.device)[t.to(resid.device)]
+        jj = j.to(resid.device)
+        rhat = site.rhat.to(resid.device, torch.float32)
+        out = torch.empty(t.shape[0], dtype=torch.float64, device=resid.device)
+        step = max(1, (4 << 20) // (4 * resid.shape[1]))  # 4 MB of gathered rows at a time
         for lo in range(0, t.shape[0], step):
-            tt, jj = t[lo:lo + step], j[lo:lo + step]
-            x = resid[rows.cpu()[tt].to(resid.device)].double().cpu()
-            out[lo:lo + step] = (x * site.rhat[jj].double()).sum(-1)
-        return out
+            x = resid.index_select(0, at[lo:lo + step]).float()
+            x.mul_(rhat.index_select(0, jj[lo:lo + step]))
+            torch.sum(x, dim=-1, dtype=torch.float64, out=out[lo:lo + step])
+        return out.cpu()
     return component
 
 
