@@ -137,25 +137,38 @@ def test_mlp_as_transcoder_has_the_neurons_activation_evidence(relu_gpt2: Path, 
     assert planted["deletion"]["score"] > 0.5
 
 
-def _hidden(model_path: Path, layer: int, max_tokens: int) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    """The windows explain runs and, per token (window order), the residual entering ln_2 and ln_2's output."""
+def _hidden(model_path: Path, layer: int, max_tokens: int) -> tuple[list[Any], dict[str, np.ndarray]]:
+    """The windows explain runs and, per token (window order), the residual entering the pre-MLP norm (``resid``),
+    that norm's output (``normed``) and the MLP's output (``mlp``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    gpt2 = hasattr(model, "transformer")
+    block = model.transformer.h[layer] if gpt2 else model.model.layers[layer]
+    norm = block.ln_2 if gpt2 else block.pre_feedforward_layernorm
+    embed = "transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"
     with open_checkpoint(str(model_path)) as ckpt:
-        vocab = load_vocab(ckpt, int(ckpt.tensors["transformer.wte.weight"].shape[0]))
-    seq_len = min(128, model.config.n_positions)
+        vocab = load_vocab(ckpt, int(ckpt.tensors[embed].shape[0]))
+    seq_len = min(128, model.config.max_position_embeddings)
     wins = list(windows(resolve_source(), vocab, seq_len, max_tokens))
-    seen: dict[str, list[np.ndarray]] = {"resid": [], "normed": []}
-    ln = model.transformer.h[layer].ln_2
-    h1 = ln.register_forward_pre_hook(lambda m, a: seen["resid"].append(a[0][0].double().numpy()))
-    h2 = ln.register_forward_hook(lambda m, a, out: seen["normed"].append(out[0].double().numpy()))
+    seen: dict[str, list[np.ndarray]] = {"resid": [], "normed": [], "mlp": []}
+    hooks = [norm.register_forward_pre_hook(lambda m, a: seen["resid"].append(a[0][0].double().numpy())),
+             norm.register_forward_hook(lambda m, a, out: seen["normed"].append(out[0].double().numpy())),
+             block.mlp.register_forward_hook(lambda m, a, out: seen["mlp"].append(out[0].double().numpy()))]
     with torch.no_grad():
         for w in wins:
             model(input_ids=torch.tensor([w.ids.tolist()]))
-    h1.remove()
-    h2.remove()
-    return wins, np.concatenate(seen["resid"]), np.concatenate(seen["normed"])
+    for h in hooks:
+        h.remove()
+    return wins, {k: np.concatenate(v) for k, v in seen.items()}
+
+
+def _deletion_set(wins: list[Any], a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the counted tokens: BOS left out, the deletion set: the 32 largest |a| among them, ties to the earlier)."""
+    seq_len = len(wins[0].ids)
+    keys = np.concatenate([win.index * seq_len + np.arange(len(win.ids)) for win in wins])
+    keep = np.concatenate([[not (p == 0 and win.bos) for p in range(len(win.ids))] for win in wins])
+    return keep, np.lexsort((keys[keep], -np.abs(a[keep])))
 
 
 def _b_dec_tc(tmp_path: Path) -> Path:
@@ -179,7 +192,8 @@ def test_activation_evidence_equals_numpy(gpt2: Any, tmp_path: Path, name: str, 
     cfg = json.loads((folder / "cfg.json").read_text())
     doc = explain_feature(str(gpt2.path), str(path), layer, feature, max_tokens=TOKENS, n_contexts=5)
     act = doc["activations"]
-    wins, resid, normed = _hidden(gpt2.path, layer, TOKENS)
+    wins, hidden = _hidden(gpt2.path, layer, TOKENS)
+    resid, normed = hidden["resid"], hidden["normed"]
     normed_in = not cfg["metadata"]["hook_name"].endswith("hook_resid_mid")
     x = normed if normed_in else resid
     if cfg["normalize_activations"] == "constant_norm_rescale":
@@ -195,10 +209,8 @@ def test_activation_evidence_equals_numpy(gpt2: Any, tmp_path: Path, name: str, 
     rhat = r / np.linalg.norm(r)
     c = resid @ rhat
     w_along = float(w["W_dec"][feature] @ rhat)
-    seq_len = len(wins[0].ids)
-    keys = np.concatenate([win.index * seq_len + np.arange(len(win.ids)) for win in wins])
-    keep = np.concatenate([[not (p == 0 and win.bos) for p in range(len(win.ids))] for win in wins])
-    order = np.lexsort((keys[keep], -np.abs(a[keep])))[:DELETION_K]
+    keep, ranked = _deletion_set(wins, a)
+    order, top = ranked[:DELETION_K], ranked[:5]
     ak, ck = a[keep][order], c[keep][order]
     score = np.sum(-ak * w_along * np.sign(ck)) / np.sum(np.abs(ck))
     assert act["deletion"]["score"] == pytest.approx(score, rel=1e-5)
@@ -206,10 +218,48 @@ def test_activation_evidence_equals_numpy(gpt2: Any, tmp_path: Path, name: str, 
     assert act["distribution"]["tokens"] == int(keep.sum())
     assert act["distribution"]["max"] == pytest.approx(a[keep].max(), rel=1e-5)
     assert act["distribution"]["mean"] == pytest.approx(a[keep].mean(), rel=1e-5, abs=1e-7)
-    top = np.lexsort((keys[keep], -np.abs(a[keep])))[:5]
     np.testing.assert_allclose([ctx["activation"] for ctx in act["contexts"]], a[keep][top], rtol=1e-5)
     np.testing.assert_allclose([ctx["component"] for ctx in act["contexts"]], c[keep][top], rtol=1e-4, atol=1e-6)
     assert act["deletion"]["score"] != 0 and (a[keep] > 0).any()
+
+
+@pytest.mark.parametrize("before_post", [True, False])
+def test_gemma2_post_norm_scale_and_gain(models_dir: Path, tmp_path: Path, before_post: bool) -> None:
+    """Gemma 2 has a post-MLP norm. A decoder writing in front of it (``mlp.hook_out``) writes W_dec[f] * (1 + w_post)
+    per unit, scaled by that norm's 1/rms of the MLP's output, s = 1 / sqrt(mean(y^2) + 1e-6); one writing after it
+    (``hook_mlp_out``) writes W_dec[f], s = 1. The read gets the pre-feedforward gain (1 + w_pre), RMSNorm: no
+    centring."""
+    from test_transcoder_scan import _gemma2
+
+    path = _gemma2(models_dir)
+    gen = torch.Generator().manual_seed(11)
+    enc, dec = torch.randn(64, 8, generator=gen), torch.randn(8, 64, generator=gen)
+    b_enc = torch.randn(8, generator=gen)
+    out = "blocks.1.mlp.hook_out" if before_post else "blocks.1.hook_mlp_out"
+    tc = save_saelens(tmp_path / "g", enc, dec, hook_in="blocks.1.mlp.hook_in", hook_out=out, b_enc=b_enc)
+    feature = 2
+    act = explain_feature(str(path), str(tc), 1, feature, max_tokens=TOKENS)["activations"]
+    state = load_file(str(path / "model.safetensors"))
+    g_pre = 1 + state["model.layers.1.pre_feedforward_layernorm.weight"].double().numpy()
+    g_post = 1 + state["model.layers.1.post_feedforward_layernorm.weight"].double().numpy()
+    wins, hidden = _hidden(path, 1, TOKENS)
+    pre = hidden["normed"] @ enc[:, feature].double().numpy() + float(b_enc[feature])
+    a = np.maximum(pre, 0)
+    r = g_pre * enc[:, feature].double().numpy()
+    rhat = r / np.linalg.norm(r)
+    c = hidden["resid"] @ rhat
+    o = dec[feature].double().numpy() * (g_post if before_post else 1.0)
+    s = 1 / np.sqrt((hidden["mlp"] ** 2).mean(1) + 1e-6) if before_post else np.ones(len(a))
+    keep, ranked = _deletion_set(wins, a)
+    assert (a[keep] > 0).sum() > DELETION_K and np.allclose(s, 1.0) != before_post
+    order = ranked[:DELETION_K]
+    score = np.sum(-a[keep][order] * float(o @ rhat) * s[keep][order] * np.sign(c[keep][order])) / \
+        np.sum(np.abs(c[keep][order]))
+    assert act["deletion"]["write_along_read"] == pytest.approx(float(o @ rhat), rel=1e-6)
+    assert act["deletion"]["score"] == pytest.approx(score, rel=1e-4)
+    assert act["distribution"]["max"] == pytest.approx(a[keep].max(), rel=1e-5)
+    removed = -a * float(o @ rhat) * s
+    np.testing.assert_allclose([ctx["removed"] for ctx in act["contexts"]], removed[keep][ranked[:8]], rtol=1e-4)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------------
