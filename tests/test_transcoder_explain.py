@@ -180,13 +180,23 @@ def _b_dec_tc(tmp_path: Path) -> Path:
                         cfg={"apply_b_dec_to_input": True, "normalize_activations": "constant_norm_rescale"})
 
 
+def _layer_norm_tc(tmp_path: Path) -> Path:
+    """Layer 1, read at ln_2 by its Hugging Face name, normalize_activations layer_norm (its own LayerNorm)."""
+    gen = torch.Generator().manual_seed(8)
+    return save_saelens(tmp_path / "lnorm", torch.randn(64, 6, generator=gen), torch.randn(6, 64, generator=gen),
+                        hook_in="transformer.h.1.ln_2", hook_out="transformer.h.1.mlp",
+                        b_enc=torch.randn(6, generator=gen), cfg={"normalize_activations": "layer_norm"})
+
+
 @pytest.mark.parametrize(("name", "layer", "feature"), [("set", 0, 1), ("set", 0, 6), ("jumprelu_skip", 1, 4),
-                                                        ("bdec", 1, 3)])
+                                                        ("bdec", 1, 3), ("lnorm", 1, 0), ("lnorm", 1, 4)])
 def test_activation_evidence_equals_numpy(gpt2: Any, tmp_path: Path, name: str, layer: int, feature: int) -> None:
     """a = act(x . W_enc[:, f] + b_enc[f]) on the transcoder's input x (the residual for ``set``'s hook_resid_mid,
-    ln_2's output for the others; normalised and minus b_dec for ``bdec``), JumpReLU's threshold where there is one;
+    ln_2's output for the others; rescaled and minus b_dec for ``bdec``, its own LayerNorm for ``lnorm``),
+    JumpReLU's threshold where there is one;
     c = resid . r̂; the deletion score sum(-a (w . r̂) sign(c)) / sum |c| over the 32 largest |a| (ties: earlier)."""
-    path = _b_dec_tc(tmp_path) if name == "bdec" else DATA / name
+    made = {"bdec": _b_dec_tc, "lnorm": _layer_norm_tc}
+    path = made[name](tmp_path) if name in made else DATA / name
     folder = path / f"L{layer}" if name == "set" else path
     w = {k: v.double().numpy() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
     cfg = json.loads((folder / "cfg.json").read_text())
@@ -198,6 +208,9 @@ def test_activation_evidence_equals_numpy(gpt2: Any, tmp_path: Path, name: str, 
     x = normed if normed_in else resid
     if cfg["normalize_activations"] == "constant_norm_rescale":
         x = x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
+    if cfg["normalize_activations"] == "layer_norm":
+        x = x - x.mean(1, keepdims=True)
+        x = x / (x.std(1, ddof=1, keepdims=True) + 1e-5)
     if cfg["apply_b_dec_to_input"]:
         x = x - w["b_dec"]
     pre = x @ w["W_enc"][:, feature] + w["b_enc"][feature]

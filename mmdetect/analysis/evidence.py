@@ -147,13 +147,13 @@ class Probe:
 
 
 class FeatureProbe(Probe):
-    """``Probe`` for transcoder features (``Target.kind`` "feature"): at each token the feature's activation a from
-    its own encoder (``features.FeatureEncoder``) on the transcoder's input x (the MLP module's input where the
-    transcoder reads after the norm, the residual stream in front of it otherwise), the residual's component c along
-    r̂ and the post-norm scale s (1 where the decoder writes after a post-norm, or there is none), recorded per
-    token as a neuron's are. The same hooks feed each feature's own :class:`~mmdetect.corpus.stats.Moments`
-    (``sites``, one row each), so its deletion score is the corpus pass's definition, as a neuron's is; ``tokens``
-    must be set before each forward pass, as for ``corpus.hooks.Hooks``."""
+    """``Probe`` for transcoder features (``Target.kind`` "feature"). At each token: the feature's activation a from
+    its own encoder (``features.FeatureEncoder``) on the transcoder's input x, the residual's component c along r̂,
+    and the post-norm scale s (1 where the decoder writes after a post-norm, or there is none), recorded per token as
+    a neuron's are. x is the pre-MLP norm's output (the MLP's input) where the transcoder reads after the norm, and
+    the residual stream entering the norm otherwise. The same hooks feed each feature's own
+    :class:`~mmdetect.corpus.stats.Moments` (``sites``, one row each), so its deletion score is the corpus pass's
+    definition, as a neuron's is. ``tokens`` must be set before each forward pass, as for ``corpus.hooks.Hooks``."""
 
     def __init__(self, model: Any, targets: list[Target], renames: dict[str, str] | None = None) -> None:
         self.targets, self.renames = targets, renames
@@ -166,11 +166,6 @@ class FeatureProbe(Probe):
         for t, target in enumerate(targets):
             reason, down, resid, post = mlp_modules(modules, target.spec, target.layer, renames)
             enc = target.encoder
-            source = resid
-            if reason is None and enc.module is not None:
-                source = find_module(modules, enc.module, renames)
-                if source is None:
-                    reason = f"the MLP module {enc.module} (the transcoder's input) is not in the transformers model"
             if reason:
                 self.skipped[t] = reason
                 continue
@@ -179,17 +174,16 @@ class FeatureProbe(Probe):
             self.sites[t] = Site(target.layer, None, None, target.spec, torch.ones(1), rhat[None].clone(),
                                  w_along[None], Moments.empty(1))
             self.records[t] = {"a": [], "c": [], "s": []}
-            self._attach_feature(t, down, resid, source, post and enc.placement.writes_before_post_norm)
+            normed = enc.placement.reads_normed and target.spec.pre_norm is not None
+            self._attach_feature(t, down, resid, normed, post and enc.placement.writes_before_post_norm)
 
-    def _attach_feature(self, t: int, down: Any, resid: Any, source: Any, post: bool) -> None:
+    def _attach_feature(self, t: int, down: Any, resid: Any, normed: bool, post: bool) -> None:
         enc, site, rec = self.targets[t].encoder, self.sites[t], self.records[t]
         pending: dict[str, torch.Tensor] = {}
 
-        def grab(key: str) -> Any:
-            def hook(_mod: Any, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else next(iter(kwargs.values()))
-                pending[key] = x.detach().reshape(-1, x.shape[-1])
-            return hook
+        def on_resid(_mod: Any, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            pending["x"] = x.detach().reshape(-1, x.shape[-1])
 
         def on_down_out(_mod: Any, _args: tuple, _kwargs: dict, out: Any) -> None:
             x = pending.pop("x")
@@ -212,9 +206,13 @@ class FeatureProbe(Probe):
             site.moments.update(pre[rows][:, None], None, a[rows][:, None], tokens.keys.cpu()[rows], s[rows],
                                 lambda tt, _j: kept_c[tt])
 
-        self.hooks.append(resid.register_forward_pre_hook(grab("x"), with_kwargs=True))
-        if source is not resid:
-            self.hooks.append(source.register_forward_pre_hook(grab("in"), with_kwargs=True))
+        def on_norm_out(_mod: Any, _args: tuple, out: Any) -> None:
+            y = out[0] if isinstance(out, tuple) else out
+            pending["in"] = y.detach().reshape(-1, y.shape[-1])
+
+        self.hooks.append(resid.register_forward_pre_hook(on_resid, with_kwargs=True))
+        if normed:
+            self.hooks.append(resid.register_forward_hook(on_norm_out))
         self.hooks.append(down.register_forward_hook(on_down_out, with_kwargs=True))
 
 

@@ -328,7 +328,7 @@ class FeatureEncoder:
     ``layer_norm`` centres it and divides by its std + 1e-5; ``expected_average_only_in`` is folded into the saved
     weights, so nothing), minus b_dec where ``apply_b_dec_to_input``, then pre = x . W_enc[:, f] + b_enc[f] and
     a = relu(pre), times (pre > threshold[f]) for a JumpReLU transcoder. ``placement`` says where x is taken: the
-    input of the MLP module (``module``: after its norm) or the residual stream in front of the norm."""
+    MLP's input (the pre-MLP norm's output) or the residual stream in front of that norm."""
 
     w: torch.Tensor                   # [d_in] float32: W_enc[:, f]
     b: torch.Tensor                   # [] float32: b_enc[f]
@@ -336,7 +336,6 @@ class FeatureEncoder:
     b_dec: torch.Tensor | None        # [d_in] float32, subtracted from x (apply_b_dec_to_input)
     normalize: str
     placement: Placement
-    module: str | None                # the module whose input x is (the MLP's), or None: the residual stream
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d_in] -> the pre-activation [N] float32."""
@@ -397,8 +396,7 @@ def find_feature(circuit: Circuit, transcoders: list[Transcoder], layer: int, fe
     encoder = FeatureEncoder(enc[0], small["b_enc"][feature].clone(),
                              small["threshold"][feature].clone() if "threshold" in small else None,
                              small["b_dec"] if tc.apply_b_dec_to_input else None, tc.normalize_activations,
-                             fitted.placement, _mlp_module(fitted.spec, layer) if fitted.placement.reads_normed
-                             else None)
+                             fitted.placement)
     rows = fold_mlp(f, enc, dec, None)
     w_write = actual_write(dec, post if fitted.placement.writes_before_post_norm else None)
     target = Target(layer, None, feature, fitted.spec, rows.read[0].clone(), rows.write[0].clone(), w_write[0].clone(),
