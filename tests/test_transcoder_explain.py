@@ -321,6 +321,13 @@ def test_hostile_transcoder_files_are_one_line(gpt2: Any, tmp_path: Path) -> Non
     assert done.exit_code == 2 and "W_enc column (feature) 2 holds NaN or infinite values" in done.output
     assert _cli("explain", gpt2.path, "--transcoder", tmp_path / "nan", "-l", 0, "--feature", 3,
                 "--no-activations").exit_code == 0                # the other features are fine
+    b_enc = src["b_enc"].clone()
+    b_enc[2] = float("inf")
+    save_saelens(tmp_path / "bias", src["W_enc"], src["W_dec"], hook_in="blocks.0.hook_resid_mid",
+                 hook_out="blocks.0.hook_mlp_out", b_enc=b_enc)
+    done = _cli("explain", gpt2.path, "--transcoder", tmp_path / "bias", "-l", 0, "--feature", 2, "--no-activations")
+    assert done.exit_code == 2 and "b_enc holds NaN or infinite values for feature 2: fix or re-download it" in \
+        done.output and len(done.output.strip().splitlines()) == 1
     save_saelens(tmp_path / "flag", src["W_enc"], src["W_dec"], hook_in="blocks.0.hook_resid_mid",
                  hook_out="blocks.0.hook_mlp_out", cfg={"apply_b_dec_to_input": "yes"})
     done = _cli("explain", gpt2.path, "--transcoder", tmp_path / "flag", "-l", 0, "--feature", 2)

@@ -389,14 +389,16 @@ def find_feature(circuit: Circuit, transcoders: list[Transcoder], layer: int, fe
     stats = mlp_cosines(enc, dec, None, f)
     _finite(tc, "W_enc", "column (feature)", enc, stats.norm_in, feature)
     _finite(tc, "W_dec", "row (feature)", dec, stats.norm_out, feature)
-    small = {name: weights.read(name).float() for name in ("b_enc", "threshold", "b_dec") if name in weights}
+    # what the encoder adds to x . W_enc[:, f]: this feature's bias and threshold, and all of b_dec where it is used
+    used = {"b_enc": feature, "threshold": feature, "b_dec": slice(None) if tc.apply_b_dec_to_input else None}
+    small = {name: weights.read(name).float()[at] for name, at in used.items() if at is not None and name in weights}
     for name, t in small.items():
-        if not bool(torch.isfinite(t[feature] if name != "b_dec" else t).all()):
-            raise CorruptInputError(f"{weights.files[0]}: {name} holds NaN or infinite values: fix or re-download it")
-    encoder = FeatureEncoder(enc[0], small["b_enc"][feature].clone(),
-                             small["threshold"][feature].clone() if "threshold" in small else None,
-                             small["b_dec"] if tc.apply_b_dec_to_input else None, tc.normalize_activations,
-                             fitted.placement)
+        if not bool(torch.isfinite(t).all()):
+            where = "" if name == "b_dec" else f" for feature {feature}"
+            raise CorruptInputError(f"{weights.files[0]}: {name} holds NaN or infinite values{where}: fix or "
+                                    f"re-download it")
+    encoder = FeatureEncoder(enc[0], small["b_enc"].clone(), small.get("threshold"), small.get("b_dec"),
+                             tc.normalize_activations, fitted.placement)
     rows = fold_mlp(f, enc, dec, None)
     w_write = actual_write(dec, post if fitted.placement.writes_before_post_norm else None)
     target = Target(layer, None, feature, fitted.spec, rows.read[0].clone(), rows.write[0].clone(), w_write[0].clone(),
