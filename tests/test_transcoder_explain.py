@@ -70,7 +70,9 @@ def test_feature_row_is_the_scan_row(gpt2: Any, convention: str) -> None:
         i = rows[(layer, feature)]
         assert row["cos"] == pytest.approx(float(scan["cos"][i]), abs=1e-6)
         assert row["class"] == scan["class"][i] and row["z"] == pytest.approx(float(scan["z"][i]), abs=1e-5)
-    planted = explain_feature(str(gpt2.path), str(DATA / "set"), 0, 1, activations=False)["feature"]
+    doc = explain_feature(str(gpt2.path), DATA / "set", 0, 1, activations=False)   # a Path works too
+    assert json.loads(json.dumps(doc))["provenance"]["options"]["transcoder"] == str(DATA / "set")
+    planted = doc["feature"]
     assert planted["cos"] == pytest.approx(-1.0, abs=2e-7) and planted["class"] == "weakening"
     assert planted["neuronpedia"] == "https://neuronpedia.org/gpt2-small/0-planted/1"
     assert (planted["architecture"], planted["d_sae"], planted["reads"], planted["writes"]) == \

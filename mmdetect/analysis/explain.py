@@ -17,6 +17,7 @@ The result is a JSON-ready dict; ``report.panels.render_explain`` draws it on th
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -134,7 +135,7 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
                           n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len)
 
 
-def explain_feature(model: str, transcoder: str, layer: int, feature: int, *, revision: str | None = None,
+def explain_feature(model: str, transcoder: str | Path, layer: int, feature: int, *, revision: str | None = None,
                     convention: str = DEFAULT, text: str | None = None, dataset: str | None = None,
                     field_name: str = "text", activations: bool = True, top: int = TOP, n_contexts: int = 8,
                     max_tokens: int = 4096, seq_len: int = 128) -> dict[str, Any]:
@@ -149,10 +150,10 @@ def explain_feature(model: str, transcoder: str, layer: int, feature: int, *, re
     tcs = open_transcoders(transcoder)
     try:
         with open_circuit(model, revision=revision, convention=convention) as circuit:
-            target, facts = find_feature(circuit, tcs, layer, feature, transcoder)
+            target, facts = find_feature(circuit, tcs, layer, feature, str(transcoder))
             return _explained(circuit, target, facts, corpus, explicit=bool(text or dataset), top=top,
                               n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len,
-                              transcoder=transcoder)
+                              transcoder=str(transcoder))
     finally:
         for tc in tcs:
             if tc.weights is not None:
