@@ -139,6 +139,19 @@ def test_mlp_as_transcoder_has_the_neurons_activation_evidence(relu_gpt2: Path, 
     assert planted["deletion"]["score"] > 0.5
 
 
+@pytest.mark.parametrize("hooks", ["hf", "bridge"])
+def test_every_normed_hook_name_gives_the_same_evidence(relu_gpt2: Path, mlp_tc: Path, tmp_path: Path,
+                                                        hooks: str) -> None:
+    """ln_2 / the MLP module by their Hugging Face names, and TransformerBridge's mlp.hook_in / mlp.hook_out, sit
+    where TransformerLens' ln2.hook_normalized / hook_mlp_out do in GPT-2: the evidence is the same numbers."""
+    from builders import Tiny
+
+    other = _mlp_as_transcoder(tmp_path / hooks, Tiny(relu_gpt2, "gpt2", (0, 3)).state(), HOOKS[hooks])
+    want = explain_feature(str(relu_gpt2), str(mlp_tc), 1, 40, max_tokens=TOKENS, top=1)["activations"]
+    got = explain_feature(str(relu_gpt2), str(other), 1, 40, max_tokens=TOKENS, top=1)["activations"]
+    assert got["deletion"] == want["deletion"] and got["contexts"] == want["contexts"]
+
+
 def _hidden(model_path: Path, layer: int, max_tokens: int) -> tuple[list[Any], dict[str, np.ndarray]]:
     """The windows explain runs and, per token (window order), the residual entering the pre-MLP norm (``resid``),
     that norm's output (``normed``) and the MLP's output (``mlp``)."""
