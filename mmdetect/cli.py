@@ -439,12 +439,17 @@ def _expert(_ctx: click.Context, _param: Any, value: str | None) -> int | str | 
 
 @main.command(epilog=_example("mmdetect explain ./stories260K --layer 0 --neuron 84",
                               "mmdetect explain gpt2 -l 10 -n 2035 --text story.txt --format json -o n2035.json",
-                              "mmdetect explain ./qwen-moe -l 3 -n 12 --expert shared --no-activations"))
+                              "mmdetect explain ./qwen-moe -l 3 -n 12 --expert shared --no-activations",
+                              "mmdetect explain ./gpt2 --transcoder ./gpt2-transcoders -l 0 --feature 1"))
 @click.argument("model")
-@click.option("-l", "--layer", type=click.IntRange(min=0), required=True, help="The neuron's layer.")
-@click.option("-n", "--neuron", type=click.IntRange(min=0), required=True, help="The neuron's index in its MLP.")
+@click.option("-l", "--layer", type=click.IntRange(min=0), required=True, help="The neuron's (or feature's) layer.")
+@click.option("-n", "--neuron", type=click.IntRange(min=0), default=None, help="The neuron's index in its MLP.")
 @click.option("--expert", default=None, metavar="E", callback=_expert,
               help="Routed expert index, or a label such as shared (MoE).")
+@click.option("--transcoder", default=None, metavar="PATH",
+              help="Explain a feature of this SAELens transcoder (as scan --transcoder takes it) instead of a neuron.")
+@click.option("--feature", type=click.IntRange(min=0), default=None,
+              help="With --transcoder: the feature's index in the transcoder at --layer.")
 @revision_option
 @convention_option()
 @text_options
@@ -456,25 +461,44 @@ def _expert(_ctx: click.Context, _param: Any, value: str | None) -> int | str | 
 @format_option(["table", "json"], "A panel on the terminal (default), or the JSON document.")
 @output_option("Write to this file (atomically); a .json name implies --format json.")
 @debug_option
-def explain(model: str, layer: int, neuron: int, expert: int | str | None, revision: str | None, convention: str,
-            text: str | None, dataset: str | None, field_name: str, max_tokens: int, seq_len: int, activations: bool,
-            top: int, contexts: int, fmt: str | None, output: str | None) -> None:
-    """Explain one MLP neuron of MODEL: its upstream writers, its vocabulary view and what it does on text.
+def explain(model: str, layer: int, neuron: int | None, expert: int | str | None, transcoder: str | None,
+            feature: int | None, revision: str | None, convention: str, text: str | None, dataset: str | None,
+            field_name: str, max_tokens: int, seq_len: int, activations: bool, top: int, contexts: int,
+            fmt: str | None, output: str | None) -> None:
+    """Explain one MLP neuron of MODEL (or one transcoder feature): its upstream writers, its vocabulary view and
+    what it does on text.
 
     Upstream writers are earlier neurons, heads and embedding tokens that write along the direction the neuron
     reads, ranked by |cos| (heads: share of output energy). The deletion score is the fraction of the residual's
-    component along that direction which the neuron's own write removes, on the tokens where it fires most.
+    component along that direction which the neuron's own write removes, on the tokens where it fires most. A
+    feature (--transcoder PATH --feature F) reads its encoder column and writes its decoder row; its activation comes
+    from the transcoder's own encoder on the MLP's input.
     """
     from mmdetect import report
     from mmdetect.analysis.explain import explain as run_explain
+    from mmdetect.analysis.explain import explain_feature
+    from mmdetect.errors import UsageError
     from mmdetect.report.panels import render_explain
 
+    if transcoder is None and feature is not None:
+        raise UsageError("--feature F goes with --transcoder PATH (the transcoder whose feature F is explained)")
+    if transcoder is not None and (feature is None or neuron is not None or expert is not None):
+        raise UsageError("explain --transcoder PATH takes --feature F (not --neuron or --expert): the feature's "
+                         "index in the transcoder at --layer")
+    if transcoder is None and neuron is None:
+        raise UsageError("explain needs --neuron N (or --transcoder PATH --feature F for a transcoder feature)")
     if output is not None:
         report.check_writable(output)
         fmt = fmt or ("json" if output.lower().endswith(".json") else "table")
-    doc = run_explain(model, layer, neuron, expert, revision=revision, convention=convention, text=text,
-                      dataset=dataset, field_name=field_name, activations=activations, top=top,
-                      n_contexts=contexts, max_tokens=max_tokens, seq_len=seq_len)
+    options: dict[str, Any] = {"revision": revision, "convention": convention, "text": text, "dataset": dataset,
+                               "field_name": field_name, "activations": activations, "top": top,
+                               "n_contexts": contexts, "max_tokens": max_tokens, "seq_len": seq_len}
+    if transcoder is not None:
+        assert feature is not None
+        doc = explain_feature(model, transcoder, layer, feature, **options)
+    else:
+        assert neuron is not None
+        doc = run_explain(model, layer, neuron, expert, **options)
     if fmt == "json":
         report.write_document(doc, output)
         return

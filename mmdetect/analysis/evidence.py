@@ -9,6 +9,12 @@ along r̂_j that the neuron's own write removes where it fires most (1 = erases 
 amplifies it). The score comes from the corpus pass (``corpus.stats.Moments``), on the windows that
 ``mmdetect activations`` reads from the same corpus, so ``explain``, ``scan --verify`` and its ``deletion`` column give
 one number; the probe here adds the per-token distribution and contexts of the explained neurons.
+
+A transcoder feature (``Target.kind`` "feature") gets the same numbers with its own activation: a is its encoder's
+output on the transcoder's input (``features.FeatureEncoder``, on the MLP's input or the residual in front of its
+norm, as the transcoder's hook says), w_j its decoder row (times the post-norm gain where it writes in front of that
+norm, and s then that norm's 1/rms), and its deletion score the same ``Moments.deletion``, fed by its probe
+(``FeatureProbe``) because the corpus pass measures neurons only.
 """
 from __future__ import annotations
 
@@ -23,15 +29,15 @@ from mmdetect.analysis.targets import Target
 from mmdetect.corpus.activations import batch_tokens, batches
 from mmdetect.corpus.defaults import BATCH_TOKENS
 from mmdetect.corpus.directions import sites as weight_sites
-from mmdetect.corpus.hooks import Hooks, Site
+from mmdetect.corpus.hooks import Hooks, Site, Tokens
 from mmdetect.corpus.model import find_module, forward, gguf_module_names, load_model
 from mmdetect.corpus.model import gguf_tokenizer as load_gguf_tokenizer
 from mmdetect.corpus.sources import CorpusSource
-from mmdetect.corpus.stats import NO_KEY
+from mmdetect.corpus.stats import NO_KEY, Moments
 from mmdetect.corpus.vocab import Vocab
 from mmdetect.corpus.windows import Window, windows
 from mmdetect.errors import MMDetectError
-from mmdetect.registry import tensor_key
+from mmdetect.registry import MLPSpec, tensor_key
 from mmdetect.scanner.neurons import unit
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 3
@@ -45,6 +51,29 @@ def load_hf_model(circuit: Circuit) -> Any:
 def gguf_tokenizer(circuit: Circuit, vocab: Vocab) -> Vocab:
     """``vocab`` (a GGUF's own token list) with the tokenizer transformers builds from the GGUF's metadata."""
     return Vocab(vocab.size, tokenizer=load_gguf_tokenizer(circuit.ckpt), tokens=vocab.table)
+
+
+def mlp_modules(modules: dict[str, Any], spec: MLPSpec, layer: int,
+                renames: dict[str, str] | None) -> tuple[str | None, Any, Any, bool]:
+    """(why not, or None; the MLP's output projection; the module whose input is the residual stream at the MLP's
+    input; whether a post-MLP norm follows) for the dense MLP ``spec`` at ``layer`` of a transformers model."""
+    if spec.experts in ("fused", "stacked") or (spec.experts == "indexed"):
+        return ("routed experts run on a router-chosen subset of tokens; activation evidence covers dense MLPs "
+                "and shared experts", None, None, False)
+    down = find_module(modules, tensor_key(spec.out.key, layer, None), renames)
+    if down is None:
+        return (f"no module holds {tensor_key(spec.out.key, layer, None)} in the transformers model", None,
+                None, False)
+    if spec.pre_norm is None:
+        resid = find_module(modules, tensor_key(spec.out.key, layer, None).rsplit(".", 2)[0] + ".weight", renames)
+    elif spec.pre_norm.weight is None:
+        return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
+                None, False)
+    else:
+        resid = find_module(modules, tensor_key(spec.pre_norm.weights[0], layer, None), renames)
+    if resid is None:
+        return ("the module feeding this MLP was not found in the transformers model", None, None, False)
+    return None, down, resid, spec.post_norm is not None
 
 
 class Probe:
@@ -73,25 +102,7 @@ class Probe:
             self._attach(down, resid, post, ts)
 
     def _modules(self, modules: dict[str, Any], target: Target) -> tuple[str | None, Any, Any, bool]:
-        spec = target.spec
-        if spec.experts in ("fused", "stacked") or (spec.experts == "indexed"):
-            return ("routed experts run on a router-chosen subset of tokens; activation evidence covers dense MLPs "
-                    "and shared experts", None, None, False)
-        down = find_module(modules, tensor_key(spec.out.key, target.layer, None), self.renames)
-        if down is None:
-            return (f"no module holds {tensor_key(spec.out.key, target.layer, None)} in the transformers model", None,
-                    None, False)
-        if spec.pre_norm is None:
-            resid = find_module(modules, tensor_key(spec.out.key, target.layer, None).rsplit(".", 2)[0] + ".weight",
-                            self.renames)
-        elif spec.pre_norm.weight is None:
-            return ("the norm in front of this MLP has no parameters, so its input cannot be hooked by name", None,
-                    None, False)
-        else:
-            resid = find_module(modules, tensor_key(spec.pre_norm.weights[0], target.layer, None), self.renames)
-        if resid is None:
-            return ("the module feeding this MLP was not found in the transformers model", None, None, False)
-        return None, down, resid, spec.post_norm is not None
+        return mlp_modules(modules, target.spec, target.layer, self.renames)
 
     def _attach(self, down: Any, resid: Any, post: bool, ts: list[int]) -> None:
         idx = torch.tensor([self.targets[t].index for t in ts])
@@ -133,6 +144,76 @@ class Probe:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+
+
+class FeatureProbe(Probe):
+    """``Probe`` for transcoder features (``Target.kind`` "feature"). At each token: the feature's activation a from
+    its own encoder (``features.FeatureEncoder``) on the transcoder's input x, the residual's component c along r̂,
+    and the post-norm scale s (1 where the decoder writes after a post-norm, or there is none), recorded per token as
+    a neuron's are. x is the pre-MLP norm's output (the MLP's input) where the transcoder reads after the norm, and
+    the residual stream entering the norm otherwise. The same hooks feed each feature's own
+    :class:`~mmdetect.corpus.stats.Moments` (``sites``, one row each), so its deletion score is the corpus pass's
+    definition, as a neuron's is. ``tokens`` must be set before each forward pass, as for ``corpus.hooks.Hooks``."""
+
+    def __init__(self, model: Any, targets: list[Target], renames: dict[str, str] | None = None) -> None:
+        self.targets, self.renames = targets, renames
+        self.skipped: dict[int, str] = {}
+        self.records: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.hooks: list[Any] = []
+        self.sites: dict[int, Site] = {}
+        self.tokens: Tokens | None = None
+        modules = dict(model.named_modules())
+        for t, target in enumerate(targets):
+            reason, down, resid, post = mlp_modules(modules, target.spec, target.layer, renames)
+            enc = target.encoder
+            if reason:
+                self.skipped[t] = reason
+                continue
+            rhat = unit(target.r.float())
+            w_along = (target.w_write.double() * rhat.double()).sum()
+            self.sites[t] = Site(target.layer, None, None, target.spec, torch.ones(1), rhat[None].clone(),
+                                 w_along[None], Moments.empty(1))
+            self.records[t] = {"a": [], "c": [], "s": []}
+            normed = enc.placement.reads_normed and target.spec.pre_norm is not None
+            self._attach_feature(t, down, resid, normed, post and enc.placement.writes_before_post_norm)
+
+    def _attach_feature(self, t: int, down: Any, resid: Any, normed: bool, post: bool) -> None:
+        enc, site, rec = self.targets[t].encoder, self.sites[t], self.records[t]
+        pending: dict[str, torch.Tensor] = {}
+
+        def on_resid(_mod: Any, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            pending["x"] = x.detach().reshape(-1, x.shape[-1])
+
+        def on_down_out(_mod: Any, _args: tuple, _kwargs: dict, out: Any) -> None:
+            x = pending.pop("x")
+            pre = enc.pre(pending.pop("in") if "in" in pending else x).cpu()
+            a = enc.act(pre)
+            c = (x.double() * site.rhat.to(x.device).double()).sum(-1).cpu()            # [B*T]
+            if post:
+                y = out[0] if isinstance(out, tuple) else out
+                s = (1.0 / y.detach().float().reshape(-1, y.shape[-1]).pow(2).mean(dim=1).add(1e-6).sqrt()).cpu()
+            else:
+                s = torch.ones(a.shape[0])
+            rec["a"].append(a.clone())
+            rec["c"].append(c.float())
+            rec["s"].append(s.clone())
+            tokens = self.tokens
+            if tokens is None:
+                raise RuntimeError("FeatureProbe.tokens is not set for this forward pass")
+            rows = tokens.keep.cpu()
+            kept_c = c[rows]
+            site.moments.update(pre[rows][:, None], None, a[rows][:, None], tokens.keys.cpu()[rows], s[rows],
+                                lambda tt, _j: kept_c[tt])
+
+        def on_norm_out(_mod: Any, _args: tuple, out: Any) -> None:
+            y = out[0] if isinstance(out, tuple) else out
+            pending["in"] = y.detach().reshape(-1, y.shape[-1])
+
+        self.hooks.append(resid.register_forward_pre_hook(on_resid, with_kwargs=True))
+        if normed:
+            self.hooks.append(resid.register_forward_hook(on_norm_out))
+        self.hooks.append(down.register_forward_hook(on_down_out, with_kwargs=True))
 
 
 def deletion(site: Site, j: int, rec: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -189,7 +270,7 @@ def _f(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _run(model: Any, sites: list[Site], probe: Probe, hooks: Hooks, wins: list[Window], seq_len: int) \
+def _run(model: Any, probe: Probe, hooks: Hooks | FeatureProbe, wins: list[Window], seq_len: int) \
         -> list[tuple[int, int]]:
     """The windows through the model in the corpus pass's batches, both hook sets attached; (window, position) of
     every token, in the order the probe recorded them."""
@@ -220,31 +301,40 @@ def evidence(circuit: Circuit, targets: list[Target], source: CorpusSource, voca
     if not wins:
         raise MMDetectError(f"{source.name} gave no tokens")
     renames = gguf_module_names(circuit.ckpt, model) or None
-    wanted = {(t.layer, t.expert) for t in targets}
-    sites = [s for s in weight_sites(circuit.ckpt, circuit.convention, {t.layer for t in targets})
-             if (s.layer, s.expert) in wanted and not s.routed]
-    by_key = {(s.layer, s.expert): s for s in sites}
-    probe = Probe(model, targets, renames)
-    try:
-        hooks = Hooks(model, sites, renames)
-    except BaseException:
-        probe.remove()
-        raise
-    where = _run(model, sites, probe, hooks, wins, seq_len)
+    if any(t.kind == "feature" for t in targets):   # each feature's own Moments, fed by its probe
+        if not all(t.kind == "feature" for t in targets):
+            raise ValueError("evidence takes neurons or transcoder features, not both at once")
+        features = FeatureProbe(model, targets, renames)
+        probe: Probe = features
+        hooks: Hooks | FeatureProbe = features
+        by_target = features.sites
+    else:
+        wanted = {(t.layer, t.expert) for t in targets}
+        sites = [s for s in weight_sites(circuit.ckpt, circuit.convention, {t.layer for t in targets})
+                 if (s.layer, s.expert) in wanted and not s.routed]
+        by_key = {(s.layer, s.expert): s for s in sites}
+        by_target = {t: by_key[k] for t, k in enumerate((x.layer, x.expert) for x in targets) if k in by_key}
+        probe = Probe(model, targets, renames)
+        try:
+            hooks = Hooks(model, sites, renames)
+        except BaseException:
+            probe.remove()
+            raise
+    where = _run(model, probe, hooks, wins, seq_len)
     rows = {w.index: [int(i) for i in w.ids] for w in wins}
     first = {w.index: w.bos for w in wins}
     keep = torch.tensor([not (pos == 0 and first[r]) for r, pos in where])
     out: list[dict[str, Any]] = []
     for t, target in enumerate(targets):
         rec = probe.result(t)
-        site = by_key.get((target.layer, target.expert))
+        site = by_target.get(t)
         if t in probe.skipped or site is None:
             out.append({"skipped": probe.skipped.get(t, "no dense MLP of the corpus pass holds this neuron")})
             continue
         if rec is None or rec["a"].numel() != len(where):
             out.append({"skipped": "the hooked module did not run once per token (it is not a dense MLP)"})
             continue
-        dele = deletion(site, target.index, rec)
+        dele = deletion(site, 0 if target.kind == "feature" else target.index, rec)
         out.append({
             "source": source.description, "rows": len(wins), "seq_len": seq_len,
             "tokens": "bytes" if vocab.bytes and vocab.kind == "ids" else vocab.kind,

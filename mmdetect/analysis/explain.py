@@ -1,5 +1,5 @@
-"""Explain one candidate neuron: who writes what it reads, what it reads and writes in vocabulary terms, and whether
-it erases on real text. This module puts together the parts:
+"""Explain one candidate neuron (or transcoder feature): who writes what it reads, what it reads and writes in
+vocabulary terms, and whether it erases on real text. This module puts together the parts:
 
 * the neuron and its scan row (``targets``), in the convention asked for (``mmdetect.convention``);
 * its upstream writers (``writers``), from the weights;
@@ -9,10 +9,15 @@ it erases on real text. This module puts together the parts:
   its mean over the vocabulary;
 * the activation evidence and deletion score (``evidence``), from running the model with transformers.
 
+A transcoder feature (``explain_feature``) is one more kind of target (``features.find_feature``): the same parts,
+with its encoder column as the read, its decoder row as the write, and its activation from the transcoder's own
+encoder on the MLP's input.
+
 The result is a JSON-ready dict; ``report.panels.render_explain`` draws it on the terminal.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +28,7 @@ from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.targets import Target, find_targets, neuron_stats
 from mmdetect.analysis.writers import TOP, ReadTargets, head_null_hi
 from mmdetect.convention import DEFAULT
-from mmdetect.corpus.sources import resolve_source
+from mmdetect.corpus.sources import CorpusSource, resolve_source
 from mmdetect.corpus.vocab import Vocab, load_vocab
 from mmdetect.errors import MMDetectError, warn
 from mmdetect.results.provenance import Provenance
@@ -126,41 +131,76 @@ def explain(model: str, layer: int, neuron: int, expert: Any = None, *, revision
     corpus = resolve_source(text, dataset, field_name) if activations else None
     with open_circuit(model, revision=revision, convention=convention) as circuit:
         target = find_targets(circuit, [(layer, expert, neuron)])[0]
-        d = circuit.d_model
-        doc: dict[str, Any] = {"provenance": _provenance(circuit, "explain"), "neuron": neuron_stats(target)}
-        vocab = None
-        if circuit.attention is not None:
-            vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
-        else:
-            warn(f"{circuit.attention_gap}; upstream heads, the embedding and the vocabulary view are left out")
-        (writers,), (view,) = writers_and_vocab(circuit, [target], vocab, top)
-        lo, hi = null_band(d)
-        dh = circuit.head_dim(circuit.attention_layers[0]) if circuit.attention is not None else None
-        doc["writers"] = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
-                          "parallel_block": bool(circuit.attention and circuit.attention.parallel), **writers}
-        doc["vocab"] = view
-        doc["tokens"] = vocab.kind if vocab is not None else None
-        if corpus is not None:  # activations asked for
-            try:
-                model_hf = load_hf_model(circuit)  # first: a model transformers cannot build needs no vocabulary
-                if vocab is None:
-                    vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))
-                doc["activations"] = evidence(circuit, [target], corpus, vocab, max_tokens=max_tokens,
-                                              seq_len=seq_len, n_contexts=n_contexts,
-                                              model=model_hf)[0]
-            except MMDetectError as exc:
-                if text or dataset:
-                    raise
-                warn(f"no activation evidence: {exc}")
-                doc["activations"] = {"skipped": str(exc)}
-        else:
-            doc["activations"] = {"skipped": "--no-activations"}
+        return _explained(circuit, target, {}, corpus, explicit=bool(text or dataset), top=top,
+                          n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len)
+
+
+def explain_feature(model: str, transcoder: str | Path, layer: int, feature: int, *, revision: str | None = None,
+                    convention: str = DEFAULT, text: str | None = None, dataset: str | None = None,
+                    field_name: str = "text", activations: bool = True, top: int = TOP, n_contexts: int = 8,
+                    max_tokens: int = 4096, seq_len: int = 128) -> dict[str, Any]:
+    """Everything mmdetect can say about one feature of the SAELens transcoder(s) at ``transcoder`` standing in for
+    MODEL's MLP at ``layer``, as explain says it about a neuron (``features.find_feature``): the document keyed
+    ``feature`` in place of ``neuron``, with the transcoder's facts and the feature's Neuronpedia link beside its
+    scan row; the activation evidence runs the transcoder's own encoder on the MLP's input."""
+    from mmdetect.analysis.features import find_feature
+    from mmdetect.io.transcoder import open_transcoders
+
+    corpus = resolve_source(text, dataset, field_name) if activations else None
+    tcs = open_transcoders(transcoder)
+    try:
+        with open_circuit(model, revision=revision, convention=convention) as circuit:
+            target, facts = find_feature(circuit, tcs, layer, feature, str(transcoder))
+            return _explained(circuit, target, facts, corpus, explicit=bool(text or dataset), top=top,
+                              n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len,
+                              transcoder=str(transcoder))
+    finally:
+        for tc in tcs:
+            if tc.weights is not None:
+                tc.weights.close()
+
+
+def _explained(circuit: Circuit, target: Target, facts: dict[str, Any], corpus: CorpusSource | None, *,
+               explicit: bool, top: int, n_contexts: int, max_tokens: int, seq_len: int,
+               **options: Any) -> dict[str, Any]:
+    """The explain document of one target (neuron or feature): its scan row (with ``facts``), upstream writers,
+    vocabulary view and, with a corpus, its activation evidence. ``explicit``: the corpus was asked for by name, so
+    a model transformers cannot run is an error rather than a warning."""
+    d = circuit.d_model
+    doc: dict[str, Any] = {"provenance": _provenance(circuit, "explain", **options),
+                           target.kind: {**neuron_stats(target), **facts}}
+    vocab = None
+    if circuit.attention is not None:
+        vocab = load_vocab(circuit.ckpt, circuit.vocab_size())
+    else:
+        warn(f"{circuit.attention_gap}; upstream heads, the embedding and the vocabulary view are left out")
+    (writers,), (view,) = writers_and_vocab(circuit, [target], vocab, top)
+    lo, hi = null_band(d)
+    dh = circuit.head_dim(circuit.attention_layers[0]) if circuit.attention is not None else None
+    doc["writers"] = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
+                      "parallel_block": bool(circuit.attention and circuit.attention.parallel), **writers}
+    doc["vocab"] = view
+    doc["tokens"] = vocab.kind if vocab is not None else None
+    if corpus is not None:  # activations asked for
+        try:
+            model_hf = load_hf_model(circuit)  # first: a model transformers cannot build needs no vocabulary
+            if vocab is None:
+                vocab = load_vocab(circuit.ckpt, vocab_size_from_config(circuit))
+            doc["activations"] = evidence(circuit, [target], corpus, vocab, max_tokens=max_tokens,
+                                          seq_len=seq_len, n_contexts=n_contexts, model=model_hf)[0]
+        except MMDetectError as exc:
+            if explicit:
+                raise
+            warn(f"no activation evidence: {exc}")
+            doc["activations"] = {"skipped": str(exc)}
+    else:
+        doc["activations"] = {"skipped": "--no-activations"}
     return doc
 
 
-def _provenance(circuit: Circuit, command: str) -> dict[str, Any]:
+def _provenance(circuit: Circuit, command: str, **options: Any) -> dict[str, Any]:
     return Provenance.of(circuit.ckpt, command, convention=circuit.convention.name, device="cpu",
                          family=circuit.family.family if circuit.family else None,
                          attention_family=circuit.attention.family if circuit.attention else None,
                          heuristic=circuit.family.heuristic if circuit.family else None,
-                         attention_gap=circuit.attention_gap).to_dict()
+                         attention_gap=circuit.attention_gap, **options).to_dict()

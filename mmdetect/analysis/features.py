@@ -22,8 +22,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.heads import ov_eigenvalues, spectrum_scores
-from mmdetect.convention import DEFAULT, Convention, MLPFold, feature_fold, fold, for_model, get_convention
+from mmdetect.analysis.targets import Target
+from mmdetect.convention import (
+    DEFAULT,
+    Convention,
+    MLPFold,
+    actual_write,
+    feature_fold,
+    fold,
+    fold_mlp,
+    for_model,
+    get_convention,
+)
 from mmdetect.errors import THRESHOLD, CorruptInputError, UnsupportedError, UsageError, check_unit, quoted
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.io.transcoder import Transcoder, open_transcoders
@@ -147,14 +159,15 @@ def _fit(ckpt: Checkpoint, tcs: list[Transcoder]) -> list[_Layer]:
     return out
 
 
-def _finite(tc: Transcoder, name: str, what: str, w: torch.Tensor, norms: torch.Tensor) -> None:
-    """Refuse non-finite weights in one line (a NaN would otherwise pass as a dead feature)."""
+def _finite(tc: Transcoder, name: str, what: str, w: torch.Tensor, norms: torch.Tensor, first: int = 0) -> None:
+    """Refuse non-finite weights in one line (a NaN would otherwise pass as a dead feature). ``first``: the feature
+    index of row 0 of ``w``."""
     bad = ~torch.isfinite(norms)
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
         nan = not bool(torch.isfinite(w[i]).all())
         assert tc.weights is not None
-        raise CorruptInputError(f"{tc.weights.files[0]}: {name} {what} {i} "
+        raise CorruptInputError(f"{tc.weights.files[0]}: {name} {what} {i + first} "
                                 + ("holds NaN or infinite values" if nan else "is too large for float32 arithmetic")
                                 + ": fix or re-download it")
 
@@ -166,22 +179,34 @@ def skip_scores(w_skip: torch.Tensor, f: MLPFold) -> dict[str, float]:
     return spectrum_scores(ov_eigenvalues(fold(w_skip, f.read), fold(torch.eye(d), f.write)))
 
 
-def _scan_layer(ckpt: Checkpoint, layer: _Layer, conv: Convention, dev: str,
-                read_lock: threading.Lock) -> dict[str, Any]:
-    tc, spec = layer.tc, layer.spec
-    assert tc.weights is not None
-    with read_lock:  # one read at a time: the disk sees one sequential stream
-        pre = read_gain(ckpt, spec.pre_norm, tc.layer, layer.d)
-        post = read_gain(ckpt, spec.post_norm, tc.layer, layer.d)
-        w_enc, w_dec = tc.weights.read("W_enc"), tc.weights.read("W_dec")
-        w_skip = tc.weights.read("W_skip") if tc.skip else None
+def _gains(ckpt: Checkpoint, layer: _Layer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The MLP's pre- and post-norm gains at the transcoder's layer ([d] or None), refused when not finite."""
+    spec, at = layer.spec, layer.tc.layer
+    pre = read_gain(ckpt, spec.pre_norm, at, layer.d)
+    post = read_gain(ckpt, spec.post_norm, at, layer.d)
     for gain, which in ((pre, spec.pre_norm), (post, spec.post_norm)):
         if gain is not None and which is not None and not bool(torch.isfinite(gain).all()):
-            raise CorruptInputError(f"{ckpt.ref}: the norm weight {tensor_key(which.weights[0], tc.layer)} holds NaN "
+            raise CorruptInputError(f"{ckpt.ref}: the norm weight {tensor_key(which.weights[0], at)} holds NaN "
                                     f"or infinite values: fix or re-download the model")
-    f = feature_fold(conv, spec, pre, post, reads_normed=layer.placement.reads_normed,
-                     writes_before_post_norm=layer.placement.writes_before_post_norm,
-                     centres_input=tc.normalize_activations == "layer_norm")
+    return pre, post
+
+
+def _fold(layer: _Layer, conv: Convention, pre: torch.Tensor | None, post: torch.Tensor | None) -> MLPFold:
+    """The folds of this layer's features: ``convention.feature_fold`` at the transcoder's placement."""
+    return feature_fold(conv, layer.spec, pre, post, reads_normed=layer.placement.reads_normed,
+                        writes_before_post_norm=layer.placement.writes_before_post_norm,
+                        centres_input=layer.tc.normalize_activations == "layer_norm")
+
+
+def _scan_layer(ckpt: Checkpoint, layer: _Layer, conv: Convention, dev: str,
+                read_lock: threading.Lock) -> dict[str, Any]:
+    tc = layer.tc
+    assert tc.weights is not None
+    with read_lock:  # one read at a time: the disk sees one sequential stream
+        pre, post = _gains(ckpt, layer)
+        w_enc, w_dec = tc.weights.read("W_enc"), tc.weights.read("W_dec")
+        w_skip = tc.weights.read("W_skip") if tc.skip else None
+    f = _fold(layer, conv, pre, post)
     stats = mlp_cosines(w_enc.T, w_dec, None, f, device=dev)
     _finite(tc, "W_enc", "column (feature)", w_enc.T, stats.norm_in)
     _finite(tc, "W_dec", "row (feature)", w_dec, stats.norm_out)
@@ -292,3 +317,92 @@ def scan_transcoder(model: str, transcoder: str | Path, *, revision: str | None 
             if tc.weights is not None:
                 tc.weights.close()
     return result.to_frame() if as_frame else result
+
+
+# -- one feature, for explain ----------------------------------------------------------------------------------------
+
+@dataclass
+class FeatureEncoder:
+    """One feature's activation from the transcoder's input x [N, d_in], computed as SAELens' ``encode`` computes it:
+    x normalised per token (``normalize_activations``: ``constant_norm_rescale`` scales it to norm sqrt(d_in),
+    ``layer_norm`` centres it and divides by its std + 1e-5; ``expected_average_only_in`` is folded into the saved
+    weights, so nothing), minus b_dec where ``apply_b_dec_to_input``, then pre = x . W_enc[:, f] + b_enc[f] and
+    a = relu(pre), times (pre > threshold[f]) for a JumpReLU transcoder. ``placement`` says where x is taken: the
+    MLP's input (the pre-MLP norm's output) or the residual stream in front of that norm."""
+
+    w: torch.Tensor                   # [d_in] float32: W_enc[:, f]
+    b: torch.Tensor                   # [] float32: b_enc[f]
+    threshold: torch.Tensor | None    # [] float32: threshold[f] (JumpReLU)
+    b_dec: torch.Tensor | None        # [d_in] float32, subtracted from x (apply_b_dec_to_input)
+    normalize: str
+    placement: Placement
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d_in] -> the pre-activation [N] float32."""
+        x = x.float()
+        if self.normalize == "constant_norm_rescale":
+            x = x * (x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True))
+        elif self.normalize == "layer_norm":
+            x = x - x.mean(dim=-1, keepdim=True)
+            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        if self.b_dec is not None:
+            x = x - self.b_dec.to(x.device)
+        return x @ self.w.to(x.device) + self.b.to(x.device)
+
+    def act(self, pre: torch.Tensor) -> torch.Tensor:
+        """The pre-activation [N] -> the activation [N] that multiplies the decoder row."""
+        a = torch.relu(pre)
+        return a if self.threshold is None else a * (pre > self.threshold.to(pre.device)).to(a.dtype)
+
+
+def _layers_text(layers: list[int]) -> str:
+    shown = ", ".join(str(x) for x in layers[:8])
+    return f"layer {shown}" if len(layers) == 1 else f"layers {shown}" + (", ..." if len(layers) > 8 else "")
+
+
+def find_feature(circuit: Circuit, transcoders: list[Transcoder], layer: int, feature: int,
+                 source: str) -> tuple[Target, dict[str, Any]]:
+    """Feature ``feature`` of the transcoder at ``layer`` as an explain :class:`Target` (kind "feature"): its read is
+    its encoder column and its write its decoder row, folded in the circuit's convention exactly as
+    ``scan_features`` folds them (``_fold``: the transcoder's placement); its actual write is the decoder row times
+    the post-MLP norm's gain where the decoder writes in front of that norm. Returns the target and the
+    transcoder's facts (the scan's per-layer keys, with this feature's Neuronpedia link). ``source``: how the user
+    named the transcoder(s), for the messages."""
+    by_layer = {tc.layer: tc for tc in transcoders}
+    tc = by_layer.get(layer)
+    if tc is None:
+        raise UsageError(f"layer {layer} has no transcoder in {source} (it has {_layers_text(sorted(by_layer))}): "
+                         f"check --layer")
+    (fitted,) = _fit(circuit.ckpt, [tc])
+    if not 0 <= feature < tc.d_sae:
+        raise UsageError(f"feature {feature} is out of range: the transcoder at layer {layer} has {tc.d_sae} features "
+                         f"(0-{tc.d_sae - 1})")
+    if tc.apply_b_dec_to_input and tc.d_in != tc.d_out:
+        raise UnsupportedError(f"{tc.path}: apply_b_dec_to_input is set but b_dec has d_out = {tc.d_out} entries, "
+                               f"not d_in = {tc.d_in}: SAELens cannot subtract it from the input either")
+    weights = tc.weights
+    assert weights is not None
+    pre, post = _gains(circuit.ckpt, fitted)
+    f = _fold(fitted, circuit.convention, pre, post)
+    enc = weights.read("W_enc", populate=False)[:, feature].float().clone()[None]   # [1, d_in]: one column
+    dec = weights.read("W_dec", feature, feature + 1).float()                         # [1, d_out]
+    stats = mlp_cosines(enc, dec, None, f)
+    _finite(tc, "W_enc", "column (feature)", enc, stats.norm_in, feature)
+    _finite(tc, "W_dec", "row (feature)", dec, stats.norm_out, feature)
+    # what the encoder adds to x . W_enc[:, f]: this feature's bias and threshold, and all of b_dec where it is used
+    used = {"b_enc": feature, "threshold": feature, "b_dec": slice(None) if tc.apply_b_dec_to_input else None}
+    small = {name: weights.read(name).float()[at] for name, at in used.items() if at is not None and name in weights}
+    for name, t in small.items():
+        if not bool(torch.isfinite(t).all()):
+            where = "" if name == "b_dec" else f" for feature {feature}"
+            raise CorruptInputError(f"{weights.files[0]}: {name} holds NaN or infinite values{where}: fix or "
+                                    f"re-download it")
+    encoder = FeatureEncoder(enc[0], small["b_enc"].clone(), small.get("threshold"), small.get("b_dec"),
+                             tc.normalize_activations, fitted.placement)
+    rows = fold_mlp(f, enc, dec, None)
+    w_write = actual_write(dec, post if fitted.placement.writes_before_post_norm else None)
+    target = Target(layer, None, feature, fitted.spec, rows.read[0].clone(), rows.write[0].clone(), w_write[0].clone(),
+                    stats, kind="feature", encoder=encoder)
+    facts = {k: v for k, v in _layer_facts(fitted, {}).items() if not k.startswith("skip_") and k != "neuronpedia"}
+    facts["neuronpedia"] = tc.link(feature)
+    return target, facts

@@ -4,6 +4,11 @@ A :class:`Target` is one MLP neuron in the circuit's convention: its read r, wri
 sign), and its actual write w (the stored write times the post-norm gain) for the deletion score. Its statistics
 come from the scan's own kernel (``scanner.neurons.mlp_cosines``) on its row, so explain, ``scan --verify`` and the
 scan report the same cos, cos_gate_out and cos_gate_in.
+
+A transcoder feature that stands in for an MLP is a Target too (``kind`` "feature", made by
+``features.find_feature``): its read is its folded encoder column, its write its folded decoder row, and its
+``encoder`` gives its activation from the MLP's input; writers, the vocabulary view and the deletion score take it as
+they take a neuron.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from mmdetect.scanner.stats import classify, null_band, null_p, null_z
 @dataclass
 class Target:
     """One MLP neuron in the circuit's convention: read r and write o ([d], canonical sign), gate g, actual write
-    w_write [d], the canonical flip ``sign`` and the scan kernel's statistics of its row (``stats``, [1] each)."""
+    w_write [d], the canonical flip ``sign`` and the scan kernel's statistics of its row (``stats``, [1] each).
+    ``kind`` "feature": a transcoder feature in place of the MLP ``spec`` at ``layer`` (``index`` its feature index,
+    ``encoder`` its ``features.FeatureEncoder``)."""
 
     layer: int
     expert: Any                 # the expert label as scan's `expert` column shows it (None for dense MLPs)
@@ -37,10 +44,12 @@ class Target:
     stats: NeuronStats = field(repr=False)
     sign: float = 1.0
     gate: torch.Tensor | None = field(default=None, repr=False)
+    kind: str = "neuron"
+    encoder: Any = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
-        return component_label("neuron", self.layer, self.index, self.expert)
+        return component_label(self.kind, self.layer, self.index, self.expert)
 
 
 def job_label(job: Job) -> Any:
@@ -109,11 +118,12 @@ def find_targets(circuit: Circuit, wanted: list[tuple[int, Any, int]]) -> list[T
 
 
 def neuron_stats(target: Target) -> dict[str, Any]:
-    """The scan row of this neuron: cos(r, o), gate cosines, Gerstner's class, z and p against the null."""
+    """The scan row of this neuron (or feature: keyed ``feature``): cos(r, o), gate cosines, Gerstner's class, z and
+    p against the null."""
     d = int(target.r.shape[0])
     st = target.stats
     c = float(st.cos[0])
-    out: dict[str, Any] = {"layer": target.layer, "expert": target.expert, "neuron": target.index, "cos": c,
+    out: dict[str, Any] = {"layer": target.layer, "expert": target.expert, target.kind: target.index, "cos": c,
                            "norm_in": float(st.norm_in[0]), "norm_out": float(st.norm_out[0]), "d_model": d,
                            "z": float(null_z(np.array([c]), d)[0]), "p": float(null_p(np.array([c]), d)[0]),
                            "null_band": list(null_band(d))}

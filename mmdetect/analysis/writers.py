@@ -52,11 +52,14 @@ class TopK:
 
 
 def component_label(kind: str, layer: int | None, index: Any, expert: Any = None, token: str | None = None) -> str:
-    """How a component is named in every table: ``L3N12``, ``L3/Eshared N12``, ``L2H5``, ``embed 'the'``."""
+    """How a component is named in every table: ``L3N12``, ``L3/Eshared N12``, ``L2H5``, ``embed 'the'``, and a
+    transcoder feature ``L3F12``."""
     if kind == "token":
         return f"embed {token!r}"
     if kind == "head":
         return f"L{layer}H{index}"
+    if kind == "feature":
+        return f"L{layer}F{index}"
     return f"L{layer}" + (f"/E{expert}" if expert is not None else "") + f"N{index}"
 
 

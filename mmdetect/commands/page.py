@@ -105,6 +105,10 @@ def read_extras(paths: Iterable[str]) -> Extras:
                 if isinstance(doc, dict) and "neuron" in doc and "writers" in doc:
                     out.explain.append(doc)
                     continue
+                if isinstance(doc, dict) and "feature" in doc and "writers" in doc:
+                    raise UnsupportedError(f"--with {name} explains a transcoder feature: the report page shows "
+                                           f"neurons only; read it with `mmdetect explain ... --transcoder` or as "
+                                           f"JSON")
                 key = next((k for k in ("heads", "chains") if isinstance(doc, dict) and isinstance(doc.get(k), list)),
                            None)
                 if key is None:
@@ -402,7 +406,8 @@ def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[st
         raise CorruptInputError(f"{path} has no cos column: it is not an mmdetect scan output")
     if "feature" in df.columns and "neuron" not in df.columns:
         raise UnsupportedError(f"{path} is a transcoder scan (one row per feature): the report page shows neuron "
-                               f"scans only; use the table, `mmdetect plot {path}` or a file format")
+                               f"scans only; use the table, `mmdetect plot {path}` or a file format, and `mmdetect "
+                               f"explain MODEL --transcoder PATH -l L --feature F` for one feature")
     if not meta:
         warn(f"no provenance for {path} (no sibling .meta.json, .json or .parquet): the page cannot say which "
              f"convention or threshold the numbers are in")

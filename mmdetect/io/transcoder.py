@@ -46,6 +46,7 @@ class Transcoder:
     hf_hook_name_out: str | None = None
     normalize_activations: str = "none"
     weights: Checkpoint | None = field(default=None, repr=False)
+    apply_b_dec_to_input: bool = False   # the encoder reads x - b_dec (SAELens' flag; only where d_in == d_out)
 
     @property
     def skip(self) -> bool:
@@ -111,6 +112,10 @@ def read_transcoder(folder: Path) -> Transcoder:
     if norm not in ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"):
         raise UnsupportedError(f"{cfg_path}: normalize_activations {quoted(norm)} changes directions in a way "
                                f"mmdetect does not fold")
+    b_dec_in = cfg.get("apply_b_dec_to_input", False)
+    if not isinstance(b_dec_in, bool):
+        raise CorruptInputError(f"{cfg_path}: apply_b_dec_to_input is {quoted(b_dec_in)}, not true or false: fix or "
+                                f"re-download it")
     if cfg.get("reshape_activations", "none") != "none":
         raise UnsupportedError(f"{cfg_path}: reshape_activations {quoted(cfg.get('reshape_activations'))}: only MLP "
                                f"transcoders (no hook_z reshaping) are scanned")
@@ -140,7 +145,8 @@ def read_transcoder(folder: Path) -> Transcoder:
     ckpt = Checkpoint(ref=str(folder), path=folder, format="safetensors", config={}, tensors=tensors,
                       files=[weights], inputs=[cfg_path, weights])
     return Transcoder(folder, arch, d_in, d_sae, d_out, hook_in, hook_out, layer, facts["model_name"],
-                      facts["neuronpedia_id"], facts["hf_hook_name"], facts["hf_hook_name_out"], str(norm), ckpt)
+                      facts["neuronpedia_id"], facts["hf_hook_name"], facts["hf_hook_name_out"], str(norm), ckpt,
+                      apply_b_dec_to_input=b_dec_in)
 
 
 def open_transcoders(path: str | Path) -> list[Transcoder]:

@@ -35,15 +35,20 @@ def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = 
     from rich.text import Text
 
     console = console or Console()
-    prov, nrn = doc["provenance"], doc["neuron"]
+    kind = "feature" if "feature" in doc else "neuron"   # a transcoder feature (explain --transcoder) or a neuron
+    prov, nrn = doc["provenance"], doc[kind]
     where = f"layer {nrn['layer']}" + (f" expert {nrn['expert']}" if nrn.get("expert") is not None else "") + \
-        f" neuron {nrn['neuron']}"
+        f" {kind} {nrn[kind]}"
     lines = [f"[bold]{escape(where)}[/bold] of {escape(str(name or prov['model']))} ({prov['model_type']}, "
              f"{prov['convention']} convention, d_model {nrn['d_model']})",
              f"cos(read, write) = [bold]{nrn['cos']:+.3f}[/bold]  z = {nrn['z']:+.1f}  class: {nrn['class'] or '-'}"
              + (f"  cos(gate, out) = {nrn['cos_gate_out']:+.3f}  cos(gate, in) = {nrn['cos_gate_in']:+.3f}"
                 if "cos_gate_out" in nrn else "")
              + f"  (random directions: ±{nrn['null_band'][1]:.3f})"]
+    if kind == "feature":
+        lines.append(f"transcoder {escape(str(nrn['transcoder']))} ({nrn['architecture']}, {nrn['d_sae']:,} features): "
+                     f"reads {escape(nrn['hook_name'])} ({nrn['reads']}), writes {escape(nrn['hook_name_out'])} "
+                     f"({nrn['writes']})" + (f"\n{escape(nrn['neuronpedia'])}" if nrn.get("neuronpedia") else ""))
     if prov.get("attention_gap"):
         lines.append(f"[yellow]{escape(prov['attention_gap'])}[/yellow]")
     parts: list[Any] = [Text.from_markup("\n".join(lines))]
@@ -81,7 +86,7 @@ def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = 
                 f"min {dist['min']:+.3g}\n  histogram {dist['histogram']['edges'][0]:+.3g} "
                 f"{_spark(dist['histogram']['counts'])} {dist['histogram']['edges'][-1]:+.3g}\n"
                 f"[bold]Deletion score {_num(dele['score'])}[/bold] over the {dele['tokens']} tokens where |a| is "
-                f"largest: the neuron's own write removes that fraction of the residual's component along r̂ "
+                f"largest: the {kind}'s own write removes that fraction of the residual's component along r̂ "
                 f"(median per token {_num(dele.get('median_fraction'))})")
         parts.append(Text.from_markup(head))
         ct = Table(title="Top-activating contexts" + (" (text shown as the UTF-8 bytes it was fed as)"
