@@ -249,3 +249,26 @@ def test_heads_tables_fit_too(llama: Tiny, width: int, heads: list[str], per_lay
     for row, s in zip(layers["rows"], df.attrs["layers"], strict=True):
         assert all(NUMBER.fullmatch(cell) for cell in row), row
         assert dict(zip(layers["headers"], row))["null band"] == f"{fmt_cell(s['null_lo'])}…{fmt_cell(s['null_hi'])}"
+
+
+# -- with corpus statistics joined (scan --activations) ----------------------------------------------------------
+
+def test_statistics_columns_in_the_per_layer_table(frames: dict[str, pd.DataFrame]) -> None:
+    df = frames["gated"].copy()
+    df.attrs = {**frames["gated"].attrs, "layers": [dict(s) for s in frames["gated"].attrs["layers"]]}
+    for k, s in enumerate(df.attrs["layers"]):
+        s.update(n_stats=s["n_neurons"], share_flagged_firing=0.75 if k == 0 else float("nan"),
+                 spearman_freq_pos=-0.4321, spearman_freq_pos_p=3.2e-9, spearman_gate_neg=0.5 - k,
+                 spearman_gate_neg_p=0.0)
+    wide = tables(rendered(df, 160))[1]
+    assert wide["headers"][-3:] == ["firing", "ρ freq_pos", "ρ neg gate"]
+    first = dict(zip(wide["headers"], wide["rows"][0]))
+    assert (first["firing"], first["ρ freq_pos"], first["ρ neg gate"]) == ("75%", "-0.43 (3e-09)", "+0.50 (<1e-300)")
+    assert dict(zip(wide["headers"], wide["rows"][1]))["firing"] == ""  # no flagged neuron: no share
+    text = rendered(df, 80)
+    assert max(cell_len(line) for line in text.splitlines()) <= 80
+    narrow = tables(text)[1]
+    assert "ρ neg gate" in narrow["headers"] and "ρ freq_pos" in narrow["headers"]  # the relation stays longest
+    assert "-0.43 (3e-09)" in narrow["rows"][0]
+    caption = " ".join(narrow["after"].split())
+    assert "not shown at 80 columns: empirical, neurons, null band, MAD, q05, firing" in caption

@@ -97,6 +97,16 @@ def fit(console: Any, columns: list[Column], drop: list[str], *, styles: list[st
     return table
 
 
+def _share(v: Any) -> str:
+    return "" if v is None or v != v else f"{100 * v:.0f}%"
+
+
+def _rho(rho: Any, p: Any) -> str:
+    if rho is None or rho != rho:
+        return ""
+    return f"{rho:+.2f}" if p != p else f"{rho:+.2f} ({p:.0e})" if p > 0 else f"{rho:+.2f} (<1e-300)"
+
+
 def _count(v: Any) -> str:
     return "" if v is None or v != v else str(v)
 
@@ -152,12 +162,22 @@ def render(df: Any, top: int = 20, console: Any = None, name: str | None = None)
             "empirical": [f"{fmt_cell(s['emp_null_lo'])}…{fmt_cell(s['emp_null_hi'])}" for s in layers],
         }
         short = {"neurons": "n", "flagged": "flag", "null band": "null", "empirical": "emp"}
+        drop = ["empirical", "neurons", "null band", "MAD", "q05", "share", "median"]
+        title = ("Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% band of random "
+                 "directions, empirical = mismatched neuron pairs")
+        stats = any(s.get("n_stats") for s in layers)
+        if stats:  # scan --activations: the corpus statistics' relation to cos (report.join)
+            gate = any(s.get("spearman_gate_neg") == s.get("spearman_gate_neg") for s in layers)
+            cells["firing"] = [_share(s.get("share_flagged_firing")) for s in layers]
+            cells["ρ freq_pos"] = [_rho(s.get("spearman_freq_pos"), s.get("spearman_freq_pos_p")) for s in layers]
+            if gate:
+                cells["ρ neg gate"] = [_rho(s.get("spearman_gate_neg"), s.get("spearman_gate_neg_p")) for s in layers]
+            drop = ["empirical", "neurons", "null band", "MAD", "q05", "firing", "share", "ρ freq_pos", "median"]
+            title += ("; firing = flagged neurons with freq_pos > 0.5; ρ = Spearman of cos with freq_pos"
+                      + (" and with the negative-gate share" if gate else "") + ", p-value in brackets")
         columns = [Column(c, v, short=short.get(c)) for c, v in cells.items()]
-        console.print(fit(console, columns, ["empirical", "neurons", "null band", "MAD", "q05", "share", "median"],
-                          hint="a wider terminal or --format json shows every column",
-                          title="Per layer (cos quantiles; MAD = median |cos - median|, z_layer's scale; null = 95% "
-                                "band of random directions, empirical = mismatched neuron pairs)",
-                          title_justify="left", header_style="bold"))
+        console.print(fit(console, columns, drop, hint="a wider terminal or --format json shows every column",
+                          title=title + ")", title_justify="left", header_style="bold"))
 
 
 def render_features(df: Any, top: int = 20, console: Any = None) -> None:
