@@ -18,6 +18,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +57,7 @@ class _Short(Exception):
 class _Header:
     """A cursor over the header bytes."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | mmap.mmap) -> None:
         self.data, self.pos = data, 0
 
     def left(self) -> int:
@@ -77,8 +79,15 @@ class _Header:
         self.pos += length
         return text
 
-    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
-        """A scalar or string value; arrays are skipped (None)."""
+    def skip_string(self) -> None:
+        length = self.take("<Q")
+        if length > self.left():
+            raise _Short
+        self.pos += length
+
+    def value(self, vtype: int, key: str, depth: int = 0, keep: bool = False) -> Any:
+        """A scalar or string value; an array is skipped (None), or with ``keep`` read as a list (of lists, for
+        nested arrays)."""
         if vtype in SCALARS:
             return self.take(SCALARS[vtype])
         if vtype == STRING:
@@ -93,18 +102,23 @@ class _Header:
             raise CorruptInputError(f"key {quoted(key)} claims an array of {count:,} items, more than the header "
                                     f"holds")
         if item in SCALARS:
+            out = list(struct.unpack_from(f"<{count}{SCALARS[item][1]}", self.data, self.pos)) if keep else None
             self.pos += count * least
-        else:
+            return out
+        if item == STRING:
+            if keep:
+                return [self.string() for _ in range(count)]
             for _ in range(count):
-                self.value(item, key, depth + 1)
-        return None
+                self.skip_string()
+            return None
+        items = [self.value(item, key, depth + 1, keep) for _ in range(count)]
+        return items if keep else None
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], int]], int]:
-    """(scalar metadata, {tensor: (ggml type, ggml-order dims, relative offset)}, end of the tensor infos)."""
-    if data[:4] != b"GGUF":
+def _counts(cur: _Header) -> tuple[int, int]:
+    """The magic and version checked: (tensor count, key-value count), each checked against the bytes left."""
+    if cur.data[:4] != b"GGUF":
         raise CorruptInputError("no GGUF magic")
-    cur = _Header(data)
     cur.pos = 4
     version = cur.take("<I")
     if version not in (2, 3):
@@ -112,6 +126,13 @@ def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int,
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
     if n_kv * 12 > cur.left() or n_tensors * 24 > cur.left():
         raise CorruptInputError(f"the header claims {n_tensors:,} tensors and {n_kv:,} keys, more than it holds")
+    return n_tensors, n_kv
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], int]], int]:
+    """(scalar metadata, {tensor: (ggml type, ggml-order dims, relative offset)}, end of the tensor infos)."""
+    cur = _Header(data)
+    n_tensors, n_kv = _counts(cur)
     fields: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -146,6 +167,45 @@ def _config(fields: dict[str, Any], where: str) -> dict[str, Any]:
     return config
 
 
+@contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A header that runs short or breaks a rule, as one error naming the file."""
+    try:
+        yield
+    except (_Short, struct.error):
+        raise CorruptInputError(f"{path.name} is not a readable GGUF file (header runs past the end of the file): "
+                                f"download it again") from None
+    except (CorruptInputError, UnsupportedError) as exc:
+        raise type(exc)(f"{path.name} is not a readable GGUF file ({exc}): download it again") from None
+
+
+def read_fields(path: Path, keys: Collection[str]) -> dict[str, Any]:
+    """The values of ``keys`` in a GGUF's metadata, arrays included (lists of numbers or strings), read from a
+    mapping of the file, with the header's checks of :func:`read_index` (counts against the bytes left, nesting at
+    most ``MAX_NESTING``); the parse stops at the last key wanted, and other arrays are skipped by their lengths, so a
+    262k-token vocabulary takes a fraction of a second. Keys the file lacks are absent from the result.
+    CorruptInputError or UnsupportedError naming the file when the header is not GGUF or breaks a rule."""
+    wanted = set(keys)
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise CorruptInputError(f"{path.name} is not a readable GGUF file (no GGUF magic): download it again")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data, _unreadable(path):
+            cur = _Header(data)
+            _, n_kv = _counts(cur)
+            fields: dict[str, Any] = {}
+            for _ in range(n_kv):
+                if wanted <= fields.keys():
+                    break
+                key = cur.string()
+                value = cur.value(cur.take("<I"), key, keep=key in wanted)
+                if key in wanted:
+                    fields[key] = value
+            return fields
+    finally:
+        os.close(fd)
+
+
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[str, Entry]]:
     """Parse and validate a GGUF header: (config, {tensor: TensorInfo in numpy order}, {tensor: Entry})."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -156,13 +216,8 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[
         data = pread_exact(fd, min(size, HEADER_BYTES), 0)
     finally:
         os.close(fd)
-    try:
+    with _unreadable(path):
         fields, infos, end = _parse(data)
-    except (_Short, struct.error):
-        raise CorruptInputError(f"{path.name} is not a readable GGUF file (header runs past the end of the file): "
-                                f"download it again") from None
-    except (CorruptInputError, UnsupportedError) as exc:
-        raise type(exc)(f"{path.name} is not a readable GGUF file ({exc}): download it again") from None
     align = fields.get("general.alignment", 32)
     if type(align) is not int or align <= 0 or align & (align - 1):
         raise CorruptInputError(f"{path.name}: general.alignment is {quoted(align)}; it must be a positive power of "
