@@ -6,7 +6,7 @@ of both signs so that folding matters): LayerNorm (gpt2, opt, bloom with its emb
 LayerNorm in front of a gated MLP), RMSNorm (llama), 1 + w (gemma), post-MLP norms (gemma2, olmo2 with no norm in
 front of the MLP), parallel blocks (gptj, gpt_neox), fused gate/up (phi3) and MoE with a shared expert (qwen2_moe).
 
-Expected values are independent of mmdetect: ``reference`` applies the rule table of ``mmdetect/convention.py``'s
+Expected values are independent of mmdetect: ``reference`` applies the rule table of ``mmdetect.convention``'s
 docstring, in numpy float64, to the MLPs that ``slowpath`` finds in the transformers model (its module tree and its
 forward pass, not the registry), reading only the convention's flags (for ``transformerlens``, the flags after the
 registry's per-model-type exceptions, ``for_model``: olmo2 folds no norm there). Besides the named conventions, a
@@ -15,6 +15,7 @@ convention is data: every path follows its flags without a code path of its own.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,18 +31,8 @@ from mmdetect.analysis.chains import chains_circuit
 from mmdetect.analysis.circuit import open_circuit
 from mmdetect.analysis.explain import explain
 from mmdetect.analysis.targets import find_targets, neuron_stats
-from mmdetect.convention import (
-    CONVENTIONS,
-    Convention,
-    Fold,
-    Rule,
-    canonical_sign,
-    fold,
-    fold_into,
-    for_model,
-    get_convention,
-    mlp_fold,
-)
+from mmdetect.convention import CONVENTIONS, Convention, Fold, Rule, for_model, get_convention, mlp_fold
+from mmdetect.convention.kernel import canonical_sign, fold, fold_into
 from mmdetect.errors import MMDetectError
 from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
 from mmdetect.scanner import scan
@@ -252,6 +243,40 @@ def test_fold_is_the_same_for_any_storage_order() -> None:
     fold_into(out, col_major, Fold(gain, True))
     torch.testing.assert_close(out, fold(w, Fold(gain, True)), rtol=0, atol=0)
     torch.testing.assert_close(fold(w, Fold()), w, rtol=0, atol=0)
+
+
+def fold_v1(w: torch.Tensor, f: Fold) -> torch.Tensor:
+    """The second implementation of the fold that ``fold`` replaced (now ``fold_into`` on a new tensor)."""
+    out = w.float()
+    if f.gain is not None:
+        out = out * f.gain.to(out.device, torch.float32)
+    if f.scale != 1.0:
+        out = out * f.scale
+    if f.centre:
+        out = out - out.mean(dim=1, keepdim=True)
+    if f.centre_rows:
+        out = out - out.mean(dim=0, keepdim=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "columns", "sliced rows", "sliced columns", "every other row"])
+def test_fold_is_fold_into_with_the_bits_of_before(dtype: torch.dtype, layout: str) -> None:
+    """One kernel: fold (explain, heads, chains) gives the bits and the layout the separate fold gave, for every
+    stored dtype and storage order the readers hand over, with and without gain, centring, scale and row centring."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 300, 257
+    base = (torch.randn(n + 7, d + 5, generator=gen) * 3 + 0.2).to(dtype)
+    cols = base.T.contiguous().T
+    w = {"rows": base[:n, :d].contiguous(), "columns": cols[:n, :d].contiguous().T.contiguous().T,
+         "sliced rows": base[3:3 + n, :d], "sliced columns": cols[3:3 + n, 2:2 + d],
+         "every other row": base[:n + 6:2, :d]}[layout]
+    gain = torch.rand(d, generator=gen) + 0.5
+    for g, centre, rows, scale in itertools.product((None, gain), (False, True), (False, True), (1.0, 0.37)):
+        f = Fold(g, centre, rows, scale)
+        got, want = fold(w, f), fold_v1(w, f)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (g is not None, centre, rows, scale)
+        assert got.stride() == want.stride()
 
 
 def test_canonical_sign() -> None:

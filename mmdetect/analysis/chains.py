@@ -26,7 +26,8 @@ import torch
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label
-from mmdetect.convention import DEFAULT, fold
+from mmdetect.convention import DEFAULT
+from mmdetect.convention.kernel import fold
 from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results.provenance import Provenance

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
 
 TOP_K = 20                      # neurons explained (panels)
@@ -205,7 +206,7 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     return docs
 
 
-def model_page(model: str, *, revision: str | None = None, convention: str = "folded", threshold: float = THRESHOLD,
+def model_page(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = THRESHOLD,
                layers: str | None = None, device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
                top_rows: int = TOP_ROWS, heads: bool = True, chains: bool = True, activations: bool | None = None,
                text: str | None = None, dataset: str | None = None, field_name: str = "text",
@@ -318,7 +319,7 @@ def load_stats(spec: str, model: str | None, *, fingerprint: str | None, convent
         from mmdetect.corpus.activations import Request, run
 
         (say or (lambda _m: None))("measuring every neuron over the corpus (--activations auto)")
-        stats = run(Request(model, revision=revision, convention=convention or "folded", layers=layers,
+        stats = run(Request(model, revision=revision, convention=convention or DEFAULT, layers=layers,
                             device=device, text=text, dataset=dataset, field_name=field_name, progress=progress))
     else:
         from mmdetect.report.activations import read_stats
@@ -474,7 +475,7 @@ def vocab_views(circuit: Any, wanted: list[tuple[int, Any, int]], k: int) -> lis
 
 
 def neuronpedia_export(model: str, output: str, *, stats: str, revision: str | None = None,
-                       convention: str = "folded", threshold: float = THRESHOLD, layers: str | None = None,
+                       convention: str = DEFAULT, threshold: float = THRESHOLD, layers: str | None = None,
                        device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
                        model_id: str | None = None, source_set: str = "mmdetect-mlp", text: str | None = None,
                        dataset: str | None = None, field_name: str = "text", log: Log | None = None) -> list[Path]:

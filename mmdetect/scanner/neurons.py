@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmdetect.convention import Fold, MLPFold, canonical_sign, fold_into
+from mmdetect.convention import Fold, MLPFold
+from mmdetect.convention.kernel import canonical_sign, fold_into
 
 NULL_PAIRS = 1024  # mismatched (read_i, write_i+1) pairs per MLP for the empirical null
 CHUNK = 512  # rows per slab; the empirical null pairs neighbours inside a slab, so slabs are part of the result

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.track.accumulate import NO_STEP, Tracker
 from mmdetect.track.inputs import TrackPoint, plan_points
@@ -54,7 +55,7 @@ def _ref(source: str) -> str:
 
 
 def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[str] | None = None,
-          steps: list[int] | None = None, convention: str = "folded", threshold: float = THRESHOLD,
+          steps: list[int] | None = None, convention: str = DEFAULT, threshold: float = THRESHOLD,
           layers: str | None = None, device: str = "cpu", fmt: str = "parquet", everything: bool = False,
           shard: tuple[int, int] | None = None, force: bool = False, top: int = 10, plots: bool = True,
           progress: bool | None = None) -> TrackResult:
