@@ -418,7 +418,48 @@ def test_chains_flag_the_scans_neurons(built: dict[str, Built], scans: dict, mod
     for rec in deleters.to_dict(orient="records"):
         key = (int(rec["deleter_layer"]), _label(rec["deleter_expert"]), int(rec["deleter_index"]))
         assert rows[key][0] <= threshold
-        assert rec["erase"] == pytest.approx(-rows[key][0], abs=1e-6)
+        assert rec["erase"] == -rows[key][0]        # the scan's own cos, bit for bit
+
+
+def _plant_at(folder: Path, layer: int, neuron: int) -> Path:
+    """Neuron ``neuron`` of ``layer`` reads e_0 and writes -24 e_0 + 7 e_1: cos = -24/25 in float32 arithmetic, that
+    is float32(-0.96) = -0.9599999785..., which lies just above -0.96 (its gate reads e_2: gate . up = 0)."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = load_file(str(file))
+    p = f"model.layers.{layer}.mlp."
+    for name in ("up_proj", "gate_proj"):
+        state[p + name + ".weight"][neuron] = 0.0
+    state[p + "up_proj.weight"][neuron, 0] = 1.0
+    state[p + "gate_proj.weight"][neuron, 2] = 1.0
+    state[p + "down_proj.weight"][:, neuron] = 0.0
+    state[p + "down_proj.weight"][0, neuron], state[p + "down_proj.weight"][1, neuron] = -24.0, 7.0
+    save_file(state, str(file), metadata={"format": "pt"})
+    return folder
+
+
+def test_chains_and_scan_flag_a_neuron_at_the_threshold_alike(tmp_path: Path, transformers: Any) -> None:
+    """One decision of "flagged": at threshold -0.96 the planted cos float32(-0.96) > -0.96 is flagged by neither
+    scan nor chains (chains' own float32 comparison used to flag it); at the float32 value itself by both. Under
+    transformerlens its gate . up tie zeroes it (NaN) for both, where chains, reading no gate, used to flag it."""
+    from builders import build_llama
+
+    folder = _plant_at(build_llama(tmp_path / "m", plant=None), layer=1, neuron=5)
+    at = float(np.float32(-0.96))
+    for conv, threshold, want in [("raw", -0.96, False), ("raw", at, True), ("transformerlens", at, False)]:
+        df = scan(str(folder), convention=conv, threshold=threshold)
+        row = df[(df["layer"] == 1) & (df["neuron"] == 5)].iloc[0]
+        assert bool(row["flagged"]) is want, (conv, threshold)
+        if conv == "raw":
+            assert row["cos"] == at
+        with open_circuit(str(folder), convention=conv) as circuit:
+            chains = chains_circuit(circuit, threshold=threshold, heads=False, per_deleter=1, layers="1")
+        assert chains.attrs["deleters"]["neurons_flagged"] == int(df[df["layer"] == 1]["flagged"].sum())
+        deleters = set(zip(chains["deleter_layer"], chains["deleter_index"]))
+        assert ((1, 5) in deleters) is want, (conv, threshold)
+        if want:
+            assert chains[chains["deleter_index"] == 5]["erase"].iloc[0] == -at
 
 
 def test_a_convention_reaches_the_checkpoint_only_through_its_flags(built: dict[str, Built], scans: dict) -> None:

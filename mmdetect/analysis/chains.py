@@ -31,7 +31,8 @@ from mmdetect.convention.kernel import fold
 from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results.provenance import Provenance
-from mmdetect.scanner.neurons import unit
+from mmdetect.results.rows import is_flagged
+from mmdetect.scanner.neurons import mlp_cosines, unit
 from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
@@ -43,18 +44,23 @@ COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_exp
 
 
 def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] | None) -> list[dict[str, Any]]:
-    """Every MLP neuron with cos(r_j, o_j) <= threshold, most negative first, with its (sign-canonical) read r_j.
+    """Every MLP neuron the scan flags (cos(r_j, o_j) <= threshold), most negative first, with its (sign-canonical)
+    read r_j.
 
-    One streamed pass (the scan's pipeline: a block per worker). cos needs no sign canonicalisation (flipping r_j and
-    o_j together leaves r_j * o_j unchanged, bit for bit), so only the flagged rows' signs are computed.
+    One streamed pass (the scan's pipeline: a block per worker). cos comes from the scan's own kernel
+    (``scanner.neurons.mlp_cosines``, gate included: it decides a tie under the transformerlens convention) and the
+    flag from ``results.is_flagged``, so a neuron is a deleter exactly when ``scan`` flags it, with the same cos.
+    Only the flagged rows' signs are computed.
     """
     def work(job: Job) -> list[dict[str, Any]]:
         with lock:
-            block = load_block(circuit.ckpt, job, gate=False)   # cos needs no gate; the signs read their rows
+            block = load_block(circuit.ckpt, job)
         f = circuit.mlp_fold(block)
-        r, o = fold(block.w_in, f.read), fold(block.w_out, f.write)              # [n, d]
-        cos = (r * o).sum(1) / (r.norm(dim=1) * o.norm(dim=1))                    # [n], NaN for dead neurons
-        rows = torch.nonzero(cos <= threshold).flatten().tolist()
+        cos = mlp_cosines(block.w_in, block.w_out, block.w_gate, f).cos              # [n], NaN for dead neurons
+        rows = np.flatnonzero(is_flagged(cos.numpy(), threshold)).tolist()
+        if not rows:
+            return []
+        r = fold(block.w_in, f.read)                                              # [n, d]
         start = job.part[0] if job.part else 0
         with lock:
             signs = circuit.row_signs(job, rows)

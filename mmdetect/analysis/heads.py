@@ -28,7 +28,7 @@ import torch
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
-from mmdetect.results import Provenance
+from mmdetect.results import Provenance, is_flagged
 from mmdetect.scanner.pipeline import ordered_map, single_threaded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,8 +133,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, layers: Any 
             rows += layer_rows
             advance(1)
     df = pd.DataFrame(rows)
-    with np.errstate(invalid="ignore"):
-        df["flagged"] = np.isfinite(df["copying"]) & (df["copying"] <= threshold)
+    df["flagged"] = is_flagged(df["copying"], threshold)
     df = df.sort_values(["copying", "layer", "head"], na_position="last", kind="stable").reset_index(drop=True)
     ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
     ranks[df["copying"].isna().to_numpy()] = pd.NA

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mmdetect.errors import THRESHOLD, MMDetectError
+from mmdetect.results.rows import is_flagged
 
 THRESHOLD_COLOR = "#c0392b"
 FLAGGED_COLOR = "#c0392b"
@@ -133,7 +134,7 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
     data = [cos_all[(layer_all == i) & np.isfinite(cos_all)] for i in ids]
     if threshold is None:
         threshold = float(prov.get("threshold", THRESHOLD))
-    flagged = df["flagged"].to_numpy(dtype=bool) if "flagged" in df else np.isfinite(cos_all) & (cos_all <= threshold)
+    flagged = df["flagged"].to_numpy(dtype=bool) if "flagged" in df else is_flagged(cos_all, threshold)
     counts = np.array([int((layer_all == i).sum()) for i in ids])
     n_flag = np.array([int(((layer_all == i) & flagged).sum()) for i in ids])
     shares = 100.0 * n_flag / np.maximum(counts, 1)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mmdetect.results.rows import is_flagged
+
 # -- the random baseline -----------------------------------------------------------------------------------------
 # The cosine of two independent uniformly random directions in R^d is X = 2B - 1 with B ~ Beta((d-1)/2, (d-1)/2):
 # mean 0, variance 1/d.
@@ -142,8 +144,7 @@ def finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.n
     """Flag, classify and add the null z and p and the layer-relative z_layer for all rows at once (vectorised, after
     the last block)."""
     cos, gated, dims = rows.pop("cos"), rows.pop("_gated"), rows.pop("_d")
-    with np.errstate(invalid="ignore"):
-        rows["flagged"] = np.isfinite(cos) & (cos <= threshold)
+    rows["flagged"] = is_flagged(cos, threshold)
     cls = np.empty(len(cos), dtype=object)
     cls[~gated] = classify(cos[~gated])
     cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
