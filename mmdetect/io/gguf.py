@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmdetect.errors import CorruptInputError, UnsupportedError, quoted
-from mmdetect.io.info import TensorInfo, check_fits
-from mmdetect.io.paths import open_regular, populate_mapping, pread_exact
+from mmdetect.io.info import Extent, TensorInfo, check_fits
+from mmdetect.io.paths import Descriptors, open_regular, populate_mapping, pread_exact
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -275,6 +275,24 @@ def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) 
             return dequant.dequantize(raw, name).view(stop - start, *shape[1:])
         return dequant.dequantize(_map(fd, entry.offset, entry.nbytes), name).view(shape)[rows]
     return _read_numpy(fd, key, info, entry, rows)
+
+
+class GGUFReader:
+    """The :class:`~mmdetect.io.info.Reader` of a GGUF file: tensors dequantised to float32 (:func:`read_tensor`)
+    from the entries :func:`read_index` validated."""
+
+    def __init__(self, fds: Descriptors, entries: dict[str, Entry]) -> None:
+        self.fds, self.entries = fds, entries
+
+    def read(self, key: str, info: TensorInfo, start: int | None, stop: int | None, populate: bool) -> torch.Tensor:
+        rows = slice(start, stop) if start is not None else slice(None)
+        return read_tensor(self.fds.get(info.file), key, info, self.entries[key], rows)
+
+    def extent(self, key: str, info: TensorInfo, start: int | None, stop: int | None) -> Extent | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _map(fd: int, offset: int, nbytes: int) -> torch.Tensor:

@@ -69,6 +69,24 @@ def open_regular(path: Path) -> int:
     return fd
 
 
+class Descriptors:
+    """Read-only descriptors of regular files (``open_regular``), each opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def get(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = open_regular(Path(file))
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
     """``length`` bytes at ``offset`` (fewer only at the end of the file): pread may return short reads."""
     chunks, got = [], 0
