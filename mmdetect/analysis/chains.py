@@ -200,7 +200,6 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
 
     wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else {int(x) for x in layers}
     vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
-    rows: list[dict[str, Any]] = []
     flagged = _neuron_deleters(circuit, threshold, wanted)
     used = flagged[:max_deleters]
     n_heads_flagged, head_used = 0, []
@@ -213,7 +212,29 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
         from mmdetect.errors import warn
 
         warn(f"{circuit.attention_gap}; chains list neuron deleters only")
-    # One streamed pass over the writers serves both kinds of deleter.
+    rows = _pairs(circuit, used, head_used, per_deleter, vocab)
+    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
+                        kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    df.attrs["provenance"] = Provenance.of(
+        circuit.ckpt, "chains", convention=circuit.convention.name, threshold=threshold,
+        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
+        family=circuit.family.family if circuit.family else None,
+        attention_family=circuit.attention.family if circuit.attention else None,
+        heuristic=circuit.family.heuristic if circuit.family else None, head_threshold=head_threshold,
+        per_deleter=per_deleter, max_deleters=max_deleters, score="align * erase").to_dict()
+    df.attrs["layers"] = []
+    df.attrs["deleters"] = {"neurons_flagged": len(flagged), "neurons_used": len(used),
+                            "heads_flagged": n_heads_flagged, "heads_used": len(head_used)}
+    return df
+
+
+def _pairs(circuit: Circuit, used: list[dict[str, Any]], head_used: list[dict[str, Any]], per_deleter: int,
+           vocab: Any) -> list[dict[str, Any]]:
+    """The best writers of each neuron deleter (``used``) and head deleter (``head_used``), as table rows, from one
+    streamed pass over the writers that serves both kinds of deleter."""
+    rows: list[dict[str, Any]] = []
     consumers: list[Any] = []
     mlp_layers: set[int] = set()
     attention_layers: set[int] = set()
@@ -246,21 +267,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
         for dele, entries in zip(head_used, head_side.result(vocab)):
             for e in entries:
                 rows.append(_row(e, "head", dele["layer"], None, dele["head"], e["align"], e["erase"], np.nan))
-    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
-                        kind="stable").reset_index(drop=True)
-    df.insert(0, "rank", np.arange(1, len(df) + 1))
-    df.attrs["provenance"] = Provenance.of(
-        circuit.ckpt, "chains", convention=circuit.convention.name, threshold=threshold,
-        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
-        family=circuit.family.family if circuit.family else None,
-        attention_family=circuit.attention.family if circuit.attention else None,
-        heuristic=circuit.family.heuristic if circuit.family else None, head_threshold=head_threshold,
-        per_deleter=per_deleter, max_deleters=max_deleters, score="align * erase").to_dict()
-    df.attrs["layers"] = []
-    df.attrs["deleters"] = {"neurons_flagged": len(flagged), "neurons_used": len(used),
-                            "heads_flagged": n_heads_flagged, "heads_used": len(head_used)}
-    return df
+    return rows
 
 
 def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, erase: float,

@@ -239,14 +239,11 @@ def model_page(model: str, *, revision: str | None = None, convention: str = DEF
     if measured is not None and activations is None:
         activations = False       # the corpus statistics are the panels' activation evidence
         no_activations = "the corpus statistics (--activations) below are this neuron's activation evidence"
-    notes: dict[str, str] = {}
+    notes = {part: leave_out or f"not computed (--no-{part})" for part, on in (("heads", heads), ("chains", chains))
+             if not on}
     docs: list[dict[str, Any]] = []
     heads_df, chains_df = add.heads, add.chains
     want_heads, want_chains = heads and heads_df is None, chains and chains_df is None
-    if not heads:
-        notes["heads"] = leave_out or "not computed (--no-heads)"
-    if not chains:
-        notes["chains"] = leave_out or "not computed (--no-chains)"
     if wanted or want_heads or want_chains:
         with open_circuit(model, revision=revision, convention=convention) as circuit:
             if wanted:
@@ -266,19 +263,25 @@ def model_page(model: str, *, revision: str | None = None, convention: str = DEF
                 heads_df = _optional("heads", notes, lambda: _heads(circuit, layers))
             if want_chains:
                 chains_df = _chains(circuit, threshold, layers, n_flagged, heads_df, notes, say)
-    if not wanted:
-        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
-                         "no neuron has a cosine, so no neuron was explained")
-    elif n_above < len(wanted):
-        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
-                         f"{threshold:g}), fewer than --top-k {top_k}: the {len(wanted) - n_above} most negative "
-                         f"others are explained too, their panels marked below the threshold")
+    _panels_note(notes, len(wanted), n_above, n_flagged, threshold, top_k)
     docs = _merge_docs(docs, add.explain)
     html = scan_page(result.columns, result.attrs["layers"], result.attrs["provenance"], explain=docs,
                      heads=heads_df, chains=chains_df, top_rows=top_rows, notes=notes, stats=measured, name=name)
     parts = [f"{len(result):,} neurons", f"{n_flagged:,} flagged", f"{len(docs)} panels"]
     parts += [f"{len(df):,} {name}" for name, df in (("heads", heads_df), ("chains", chains_df)) if df is not None]
     return Built(html, "model", f"scan of {result.attrs['provenance'].get('model')}: {', '.join(parts)}")
+
+
+def _panels_note(notes: dict[str, str], n_wanted: int, n_above: int, n_flagged: int, threshold: float,
+                 top_k: int) -> None:
+    """Why there are no panels, or why some panels show neurons below the threshold."""
+    if not n_wanted:
+        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
+                         "no neuron has a cosine, so no neuron was explained")
+    elif n_above < n_wanted:
+        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
+                         f"{threshold:g}), fewer than --top-k {top_k}: the {n_wanted - n_above} most negative "
+                         f"others are explained too, their panels marked below the threshold")
 
 
 def model_identity(model: str, revision: str | None = None) -> tuple[str, str]:
