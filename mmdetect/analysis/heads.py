@@ -126,7 +126,7 @@ def scan_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, layers: Any 
         return (int(heads.v.shape[2]), heads.head_dim), score_heads(heads)
 
     # Layers on worker threads with torch single-threaded, as the scan does: a multi-threaded 128 x 128 eigvals
-    # took 0.7 s instead of 0.02 s on a busy 2-core machine.
+    # is many times slower on a busy machine (docs/performance.md).
     with _progress(progress, len(chosen), circuit.ckpt.ref) as advance:
         for layer, (shape, layer_rows) in zip(chosen, ordered_map(work, chosen)):
             shapes[layer] = shape

@@ -40,7 +40,8 @@ def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
     through a transposed view) on the CPU is first gathered into a contiguous [d, m] buffer (rows of m elements), then
     converted and transposed in one copy: the stored matrix's rows are often a multiple of 4 KB apart (14336 bf16
     neurons are 28 KB), so reading many of them at once, as a transposing copy from the stored matrix does, keeps
-    evicting its own cache lines (3.5 ns per element; 0.85 ns this way). Elsewhere it is converted and transposed in
+    evicting its own cache lines (docs/performance.md has the cost per element both ways). Elsewhere it is
+    converted and transposed in
     [m, TILE] tiles. ``f.gain`` must be float32 on out's device.
     """
     if w.stride(-1) != 1 and w.stride(0) == 1 and w.device == out.device:
@@ -55,7 +56,7 @@ def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
             out.mul_(f.gain)
     elif f.gain is not None and w.dtype in HALF and w.device == out.device:
         # The same float32 product as torch.mul(w, gain) (which widens w first), but a mixed-dtype mul is not
-        # vectorised: widening, then an in-place float32 mul, is about 3x faster.
+        # vectorised: widening, then an in-place float32 mul, is faster (docs/performance.md).
         out.copy_(w)
         out.mul_(f.gain)
     elif f.gain is not None:

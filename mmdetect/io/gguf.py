@@ -6,8 +6,8 @@ pairs (u64-length strings, typed scalars, arrays of one type); then per tensor i
 ggml order (fastest first), u32 ggml type and a u64 offset into the data section, which starts at the next multiple of
 ``general.alignment`` (32 when absent) after the header.
 
-gguf-py's GGUFReader also decodes every array into numpy objects, which takes ~10 s for a 262k-token vocabulary; here
-arrays are skipped by their lengths, so opening a file takes milliseconds. Every count is checked against the bytes
+gguf-py's GGUFReader also decodes every array into numpy objects, which takes seconds for a 262k-token vocabulary
+(docs/performance.md); here arrays are skipped by their lengths. Every count is checked against the bytes
 that are left before it is used (so a garbage count ends the parse at once instead of looping), the alignment must be
 a positive power of two, arrays nest at most ``MAX_NESTING`` deep, a tensor has at most four dimensions whose product
 is computed in Python integers (it cannot overflow) and must fill whole quantisation blocks, and every tensor must end
@@ -182,8 +182,8 @@ def _unreadable(path: Path) -> Iterator[None]:
 def read_fields(path: Path, keys: Collection[str]) -> dict[str, Any]:
     """The values of ``keys`` in a GGUF's metadata, arrays included (lists of numbers or strings), read from a
     mapping of the file, with the header's checks of :func:`read_index` (counts against the bytes left, nesting at
-    most ``MAX_NESTING``); the parse stops at the last key wanted, and other arrays are skipped by their lengths, so a
-    262k-token vocabulary takes a fraction of a second. Keys the file lacks are absent from the result.
+    most ``MAX_NESTING``); the parse stops at the last key wanted, and other arrays are skipped by their lengths.
+    Keys the file lacks are absent from the result.
     CorruptInputError or UnsupportedError naming the file when the header is not GGUF or breaks a rule."""
     wanted = set(keys)
     fd = open_regular(path)

@@ -140,7 +140,7 @@ def populate_mapping(mm: mmap.mmap) -> None:
     does the I/O and the threads computing on it take no page faults; elsewhere MADV_WILLNEED starts the read-ahead.
 
     madvise is called through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it, and while it
-    waited for the disk (0.1 s for a 180 MB weight) every other thread of the scan stopped at its next torch call.
+    waited for the disk (the whole read of a weight) every other thread of the scan stopped at its next torch call.
     The range starts at the mapping's start: madvise wants a page-aligned start, which a tensor's rarely is.
     """
     madvise = _libc_madvise()

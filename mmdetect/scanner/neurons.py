@@ -92,9 +92,9 @@ class NeuronCosines:
     once every row is in. Pieces may come in any order and from several threads at once (each writes only its own
     rows of the Gram matrices); the result is the same, bit for bit, as one ``mlp_cosines`` call over all rows.
 
-    On the CPU each slab is folded and multiplied in sub-slabs that stay in cache (about 30% faster than whole
-    slabs). That changes no bit: folds are per element and per row, and the batched matmul computes each neuron's
-    Gram matrix on its own. The null pairs straddle sub-slabs, so a sub-slab folds one row more than it keeps.
+    On the CPU each slab is folded and multiplied in sub-slabs that stay in cache (faster than whole slabs:
+    docs/performance.md). That changes no bit: folds are per element and per row, and the batched matmul computes each
+    neuron's Gram matrix on its own. The null pairs straddle sub-slabs, so a sub-slab folds one row more than it keeps.
     """
 
     def __init__(self, n: int, d: int, gated: bool, fold: MLPFold = PLAIN, *, device: str | torch.device = "cpu",
