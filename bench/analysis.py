@@ -1,6 +1,6 @@
 """`make bench ARGS=--analysis`: scan, heads, chains and explain side by side on a Qwen2-1.5B-shaped checkpoint,
 as bf16 safetensors and as the same weights in a Q4_0 GGUF (the format issue 13 measured), each command a child
-process with its wall time and peak RSS from wait4 (``bench.run.run``).
+process with its wall time and peak RSS from wait4 (``bench.child.run``).
 
 chains' head deleters cost a fixed amount of arithmetic that no exact method avoids: per writer (an upstream neuron,
 token or head) and head deleter, p = W_V ô (once per key/value head) and q = W_O ô, each d·d_head multiply-adds.
@@ -16,7 +16,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from bench.run import BIN, DATA, OUT, PY, ROOT, Run, ensure, run, warm
+from bench.cache import warm
+from bench.child import BIN, DATA, OUT, PY, ROOT, Run, ensure, run
 
 SHAPE = "qwen2-1.5b"
 # The deepest layer's neuron 0: explain then streams every earlier MLP, every attention layer and both vocabularies.

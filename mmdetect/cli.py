@@ -590,7 +590,8 @@ main.add_command(report_command, "report")
 def entry() -> None:  # pragma: no cover - exercised by the installed `mmdetect` command, not by CliRunner
     """The console script: run the CLI, flush, and leave without the interpreter's teardown.
 
-    Tearing down torch, pandas and pyarrow takes ~0.3-0.4 s after the work is done; every file is already complete
+    Tearing down torch, pandas and pyarrow takes a noticeable time after the work is done (docs/performance.md,
+    "Measured choices in the code"); every file is already complete
     (written atomically) and the streams are flushed here, so nothing is lost by skipping it.
     """
     try:

@@ -10,6 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from mmdetect import convention as conventions
 from mmdetect.errors import THRESHOLD, UsageError, check_unit
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,17 +52,12 @@ revision_option = click.option("--revision", default=None, metavar="REV",
 
 
 def convention_names() -> list[str]:
-    """The conventions ``--convention`` accepts: the keys of ``convention.CONVENTIONS``.
-
-    Read when an option is parsed or its help shown, never at import: the convention module imports torch.
-    """
-    from mmdetect.convention import CONVENTIONS
-
-    return list(CONVENTIONS)
+    """The conventions ``--convention`` accepts: the keys of ``convention.CONVENTIONS`` (data, no torch)."""
+    return list(conventions.CONVENTIONS)
 
 
 class ConventionChoice(click.Choice):
-    """``click.Choice`` over ``convention_names()``, looked up on first use."""
+    """``click.Choice`` over ``convention_names()``, read when an option is parsed or its help shown."""
 
     def __init__(self) -> None:
         super().__init__((), case_sensitive=True)
@@ -87,10 +83,10 @@ def convention_option(override: bool = False) -> Callable[[F], F]:
                 raise click.UsageError(f"--raw means --convention raw; it contradicts --convention {convention}: "
                                        f"give only one")
             chosen = "raw" if raw_alias else convention
-            return fn(*args, convention=chosen if override or chosen else "folded", **kwargs)
+            return fn(*args, convention=chosen if override or chosen else conventions.DEFAULT, **kwargs)
 
         what = "Override every entry's convention" if override else "How a neuron's read and write vectors are " \
-            "taken from the weights (default: folded)"
+            f"taken from the weights (default: {conventions.DEFAULT})"
         command = click.option("--raw", "raw_alias", is_flag=True,
                                help="Same as --convention raw: plain cos(w_in, w_out) of the stored weights, no "
                                     "norm folding, centring or sign canonicalisation.")(command)

@@ -87,6 +87,11 @@ def test_no_module_imports_itself_through_others() -> None:
     assert graph.find_modules_that_directly_import("mmdetect") == set()  # the API's front door stands outside
 
 
+def test_the_benchmarks_import_no_circle() -> None:
+    # bench.run (the entry point) and bench.analysis share their helpers through bench.child, not through each other.
+    assert _cycles(grimp.build_graph("bench", include_external_packages=False)) == []
+
+
 def test_the_cycle_check_finds_a_cycle() -> None:
     class Graph:
         modules = {"a", "b", "c", "d"}

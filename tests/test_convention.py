@@ -6,7 +6,7 @@ of both signs so that folding matters): LayerNorm (gpt2, opt, bloom with its emb
 LayerNorm in front of a gated MLP), RMSNorm (llama), 1 + w (gemma), post-MLP norms (gemma2, olmo2 with no norm in
 front of the MLP), parallel blocks (gptj, gpt_neox), fused gate/up (phi3) and MoE with a shared expert (qwen2_moe).
 
-Expected values are independent of mmdetect: ``reference`` applies the rule table of ``mmdetect/convention.py``'s
+Expected values are independent of mmdetect: ``reference`` applies the rule table of ``mmdetect.convention``'s
 docstring, in numpy float64, to the MLPs that ``slowpath`` finds in the transformers model (its module tree and its
 forward pass, not the registry), reading only the convention's flags (for ``transformerlens``, the flags after the
 registry's per-model-type exceptions, ``for_model``: olmo2 folds no norm there). Besides the named conventions, a
@@ -15,6 +15,7 @@ convention is data: every path follows its flags without a code path of its own.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,18 +31,8 @@ from mmdetect.analysis.chains import chains_circuit
 from mmdetect.analysis.circuit import open_circuit
 from mmdetect.analysis.explain import explain
 from mmdetect.analysis.targets import find_targets, neuron_stats
-from mmdetect.convention import (
-    CONVENTIONS,
-    Convention,
-    Fold,
-    Rule,
-    canonical_sign,
-    fold,
-    fold_into,
-    for_model,
-    get_convention,
-    mlp_fold,
-)
+from mmdetect.convention import CONVENTIONS, Convention, Fold, Rule, for_model, get_convention, mlp_fold
+from mmdetect.convention.kernel import canonical_sign, fold, fold_into
 from mmdetect.errors import MMDetectError
 from mmdetect.registry import MLPSpec, NormSpec, TensorSpec
 from mmdetect.scanner import scan
@@ -254,6 +245,40 @@ def test_fold_is_the_same_for_any_storage_order() -> None:
     torch.testing.assert_close(fold(w, Fold()), w, rtol=0, atol=0)
 
 
+def fold_v1(w: torch.Tensor, f: Fold) -> torch.Tensor:
+    """The second implementation of the fold that ``fold`` replaced (now ``fold_into`` on a new tensor)."""
+    out = w.float()
+    if f.gain is not None:
+        out = out * f.gain.to(out.device, torch.float32)
+    if f.scale != 1.0:
+        out = out * f.scale
+    if f.centre:
+        out = out - out.mean(dim=1, keepdim=True)
+    if f.centre_rows:
+        out = out - out.mean(dim=0, keepdim=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["rows", "columns", "sliced rows", "sliced columns", "every other row"])
+def test_fold_is_fold_into_with_the_bits_of_before(dtype: torch.dtype, layout: str) -> None:
+    """One kernel: fold (explain, heads, chains) gives the bits and the layout the separate fold gave, for every
+    stored dtype and storage order the readers hand over, with and without gain, centring, scale and row centring."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 300, 257
+    base = (torch.randn(n + 7, d + 5, generator=gen) * 3 + 0.2).to(dtype)
+    cols = base.T.contiguous().T
+    w = {"rows": base[:n, :d].contiguous(), "columns": cols[:n, :d].contiguous().T.contiguous().T,
+         "sliced rows": base[3:3 + n, :d], "sliced columns": cols[3:3 + n, 2:2 + d],
+         "every other row": base[:n + 6:2, :d]}[layout]
+    gain = torch.rand(d, generator=gen) + 0.5
+    for g, centre, rows, scale in itertools.product((None, gain), (False, True), (False, True), (1.0, 0.37)):
+        f = Fold(g, centre, rows, scale)
+        got, want = fold(w, f), fold_v1(w, f)
+        assert got.dtype == torch.float32 and torch.equal(got, want), (g is not None, centre, rows, scale)
+        assert got.stride() == want.stride()
+
+
 def test_canonical_sign() -> None:
     s = canonical_sign(torch.tensor([0.5, -0.25, 0.0, float("nan"), -1e-30]))
     assert s.tolist() == [1.0, -1.0, 1.0, 1.0, -1.0]
@@ -393,7 +418,48 @@ def test_chains_flag_the_scans_neurons(built: dict[str, Built], scans: dict, mod
     for rec in deleters.to_dict(orient="records"):
         key = (int(rec["deleter_layer"]), _label(rec["deleter_expert"]), int(rec["deleter_index"]))
         assert rows[key][0] <= threshold
-        assert rec["erase"] == pytest.approx(-rows[key][0], abs=1e-6)
+        assert rec["erase"] == -rows[key][0]        # the scan's own cos, bit for bit
+
+
+def _plant_at(folder: Path, layer: int, neuron: int) -> Path:
+    """Neuron ``neuron`` of ``layer`` reads e_0 and writes -24 e_0 + 7 e_1: cos = -24/25 in float32 arithmetic, that
+    is float32(-0.96) = -0.9599999785..., which lies just above -0.96 (its gate reads e_2: gate . up = 0)."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = load_file(str(file))
+    p = f"model.layers.{layer}.mlp."
+    for name in ("up_proj", "gate_proj"):
+        state[p + name + ".weight"][neuron] = 0.0
+    state[p + "up_proj.weight"][neuron, 0] = 1.0
+    state[p + "gate_proj.weight"][neuron, 2] = 1.0
+    state[p + "down_proj.weight"][:, neuron] = 0.0
+    state[p + "down_proj.weight"][0, neuron], state[p + "down_proj.weight"][1, neuron] = -24.0, 7.0
+    save_file(state, str(file), metadata={"format": "pt"})
+    return folder
+
+
+def test_chains_and_scan_flag_a_neuron_at_the_threshold_alike(tmp_path: Path, transformers: Any) -> None:
+    """One decision of "flagged": at threshold -0.96 the planted cos float32(-0.96) > -0.96 is flagged by neither
+    scan nor chains (chains' own float32 comparison used to flag it); at the float32 value itself by both. Under
+    transformerlens its gate . up tie zeroes it (NaN) for both, where chains, reading no gate, used to flag it."""
+    from builders import build_llama
+
+    folder = _plant_at(build_llama(tmp_path / "m", plant=None), layer=1, neuron=5)
+    at = float(np.float32(-0.96))
+    for conv, threshold, want in [("raw", -0.96, False), ("raw", at, True), ("transformerlens", at, False)]:
+        df = scan(str(folder), convention=conv, threshold=threshold)
+        row = df[(df["layer"] == 1) & (df["neuron"] == 5)].iloc[0]
+        assert bool(row["flagged"]) is want, (conv, threshold)
+        if conv == "raw":
+            assert row["cos"] == at
+        with open_circuit(str(folder), convention=conv) as circuit:
+            chains = chains_circuit(circuit, threshold=threshold, heads=False, per_deleter=1, layers="1")
+        assert chains.attrs["deleters"]["neurons_flagged"] == int(df[df["layer"] == 1]["flagged"].sum())
+        deleters = set(zip(chains["deleter_layer"], chains["deleter_index"]))
+        assert ((1, 5) in deleters) is want, (conv, threshold)
+        if want:
+            assert chains[chains["deleter_index"] == 5]["erase"].iloc[0] == -at
 
 
 def test_a_convention_reaches_the_checkpoint_only_through_its_flags(built: dict[str, Built], scans: dict) -> None:

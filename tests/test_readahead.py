@@ -22,7 +22,8 @@ from builders import llama_config
 
 import mmdetect
 import mmdetect.scanner
-from mmdetect.convention import HALF, Fold, MLPFold, fold_into
+from mmdetect.convention import Fold, MLPFold
+from mmdetect.convention.kernel import HALF, fold_into
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.io.memory import (
     HEADROOM,

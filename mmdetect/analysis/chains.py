@@ -26,11 +26,13 @@ import torch
 from mmdetect.analysis.circuit import Circuit, open_circuit
 from mmdetect.analysis.passes import Slab, writer_items, writer_pass
 from mmdetect.analysis.writers import ReadTargets, TopK, component_label
-from mmdetect.convention import DEFAULT, fold
+from mmdetect.convention import DEFAULT
+from mmdetect.convention.kernel import fold
 from mmdetect.corpus.vocab import load_vocab
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
 from mmdetect.results.provenance import Provenance
-from mmdetect.scanner.neurons import unit
+from mmdetect.results.rows import is_flagged
+from mmdetect.scanner.neurons import mlp_cosines, unit
 from mmdetect.scanner.pipeline import ordered_map
 from mmdetect.scanner.read import Job, load_block, plan_jobs
 
@@ -42,18 +44,23 @@ COLUMNS = ["rank", "score", "writer", "writer_kind", "writer_layer", "writer_exp
 
 
 def _neuron_deleters(circuit: Circuit, threshold: float, wanted: Container[int] | None) -> list[dict[str, Any]]:
-    """Every MLP neuron with cos(r_j, o_j) <= threshold, most negative first, with its (sign-canonical) read r_j.
+    """Every MLP neuron the scan flags (cos(r_j, o_j) <= threshold), most negative first, with its (sign-canonical)
+    read r_j.
 
-    One streamed pass (the scan's pipeline: a block per worker). cos needs no sign canonicalisation (flipping r_j and
-    o_j together leaves r_j * o_j unchanged, bit for bit), so only the flagged rows' signs are computed.
+    One streamed pass (the scan's pipeline: a block per worker). cos comes from the scan's own kernel
+    (``scanner.neurons.mlp_cosines``, gate included: it decides a tie under the transformerlens convention) and the
+    flag from ``results.is_flagged``, so a neuron is a deleter exactly when ``scan`` flags it, with the same cos.
+    Only the flagged rows' signs are computed.
     """
     def work(job: Job) -> list[dict[str, Any]]:
         with lock:
-            block = load_block(circuit.ckpt, job, gate=False)   # cos needs no gate; the signs read their rows
+            block = load_block(circuit.ckpt, job)
         f = circuit.mlp_fold(block)
-        r, o = fold(block.w_in, f.read), fold(block.w_out, f.write)              # [n, d]
-        cos = (r * o).sum(1) / (r.norm(dim=1) * o.norm(dim=1))                    # [n], NaN for dead neurons
-        rows = torch.nonzero(cos <= threshold).flatten().tolist()
+        cos = mlp_cosines(block.w_in, block.w_out, block.w_gate, f).cos              # [n], NaN for dead neurons
+        rows = np.flatnonzero(is_flagged(cos.numpy(), threshold)).tolist()
+        if not rows:
+            return []
+        r = fold(block.w_in, f.read)                                              # [n, d]
         start = job.part[0] if job.part else 0
         with lock:
             signs = circuit.row_signs(job, rows)
@@ -193,7 +200,6 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
 
     wanted = parse_layers(layers) if isinstance(layers, (str, type(None))) else {int(x) for x in layers}
     vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
-    rows: list[dict[str, Any]] = []
     flagged = _neuron_deleters(circuit, threshold, wanted)
     used = flagged[:max_deleters]
     n_heads_flagged, head_used = 0, []
@@ -206,7 +212,29 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
         from mmdetect.errors import warn
 
         warn(f"{circuit.attention_gap}; chains list neuron deleters only")
-    # One streamed pass over the writers serves both kinds of deleter.
+    rows = _pairs(circuit, used, head_used, per_deleter, vocab)
+    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
+                        kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    df.attrs["provenance"] = Provenance.of(
+        circuit.ckpt, "chains", convention=circuit.convention.name, threshold=threshold,
+        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
+        family=circuit.family.family if circuit.family else None,
+        attention_family=circuit.attention.family if circuit.attention else None,
+        heuristic=circuit.family.heuristic if circuit.family else None, head_threshold=head_threshold,
+        per_deleter=per_deleter, max_deleters=max_deleters, score="align * erase").to_dict()
+    df.attrs["layers"] = []
+    df.attrs["deleters"] = {"neurons_flagged": len(flagged), "neurons_used": len(used),
+                            "heads_flagged": n_heads_flagged, "heads_used": len(head_used)}
+    return df
+
+
+def _pairs(circuit: Circuit, used: list[dict[str, Any]], head_used: list[dict[str, Any]], per_deleter: int,
+           vocab: Any) -> list[dict[str, Any]]:
+    """The best writers of each neuron deleter (``used``) and head deleter (``head_used``), as table rows, from one
+    streamed pass over the writers that serves both kinds of deleter."""
+    rows: list[dict[str, Any]] = []
     consumers: list[Any] = []
     mlp_layers: set[int] = set()
     attention_layers: set[int] = set()
@@ -239,21 +267,7 @@ def chains_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, head_thres
         for dele, entries in zip(head_used, head_side.result(vocab)):
             for e in entries:
                 rows.append(_row(e, "head", dele["layer"], None, dele["head"], e["align"], e["erase"], np.nan))
-    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.sort_values(["score", "deleter_layer", "deleter_index"], ascending=[False, True, True],
-                        kind="stable").reset_index(drop=True)
-    df.insert(0, "rank", np.arange(1, len(df) + 1))
-    df.attrs["provenance"] = Provenance.of(
-        circuit.ckpt, "chains", convention=circuit.convention.name, threshold=threshold,
-        layers=layers if isinstance(layers, (str, type(None))) else wanted, device="cpu",
-        family=circuit.family.family if circuit.family else None,
-        attention_family=circuit.attention.family if circuit.attention else None,
-        heuristic=circuit.family.heuristic if circuit.family else None, head_threshold=head_threshold,
-        per_deleter=per_deleter, max_deleters=max_deleters, score="align * erase").to_dict()
-    df.attrs["layers"] = []
-    df.attrs["deleters"] = {"neurons_flagged": len(flagged), "neurons_used": len(used),
-                            "heads_flagged": n_heads_flagged, "heads_used": len(head_used)}
-    return df
+    return rows
 
 
 def _row(e: dict, kind: str, layer: int, expert: Any, index: int, align: float, erase: float,

@@ -30,11 +30,7 @@ from mmdetect.convention import (
     Fold,
     MLPFold,
     Rule,
-    actual_write,
-    canonical_sign,
     embedding_fold,
-    fold,
-    fold_mlp,
     for_model,
     get_convention,
     head_fold,
@@ -42,6 +38,7 @@ from mmdetect.convention import (
     mlp_fold,
     unembedding_fold,
 )
+from mmdetect.convention.kernel import actual_write, canonical_sign, fold, fold_mlp
 from mmdetect.errors import MMDetectError
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.registry import AttentionLayout, MLPSpec, NormSpec, Proj, tensor_key

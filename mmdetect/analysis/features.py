@@ -25,17 +25,8 @@ import torch
 from mmdetect.analysis.circuit import Circuit
 from mmdetect.analysis.heads import ov_eigenvalues, spectrum_scores
 from mmdetect.analysis.targets import Target
-from mmdetect.convention import (
-    DEFAULT,
-    Convention,
-    MLPFold,
-    actual_write,
-    feature_fold,
-    fold,
-    fold_mlp,
-    for_model,
-    get_convention,
-)
+from mmdetect.convention import DEFAULT, Convention, MLPFold, feature_fold, for_model, get_convention
+from mmdetect.convention.kernel import actual_write, fold, fold_mlp
 from mmdetect.errors import THRESHOLD, CorruptInputError, UnsupportedError, UsageError, check_unit, quoted
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
 from mmdetect.io.transcoder import Transcoder, open_transcoders

@@ -28,7 +28,7 @@ import torch
 from mmdetect.analysis.circuit import Circuit, Heads, open_circuit
 from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
-from mmdetect.results import Provenance
+from mmdetect.results import Provenance, is_flagged
 from mmdetect.scanner.pipeline import ordered_map, single_threaded
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,15 +126,14 @@ def scan_circuit(circuit: Circuit, *, threshold: float = THRESHOLD, layers: Any 
         return (int(heads.v.shape[2]), heads.head_dim), score_heads(heads)
 
     # Layers on worker threads with torch single-threaded, as the scan does: a multi-threaded 128 x 128 eigvals
-    # took 0.7 s instead of 0.02 s on a busy 2-core machine.
+    # is many times slower on a busy machine (docs/performance.md).
     with _progress(progress, len(chosen), circuit.ckpt.ref) as advance:
         for layer, (shape, layer_rows) in zip(chosen, ordered_map(work, chosen)):
             shapes[layer] = shape
             rows += layer_rows
             advance(1)
     df = pd.DataFrame(rows)
-    with np.errstate(invalid="ignore"):
-        df["flagged"] = np.isfinite(df["copying"]) & (df["copying"] <= threshold)
+    df["flagged"] = is_flagged(df["copying"], threshold)
     df = df.sort_values(["copying", "layer", "head"], na_position="last", kind="stable").reset_index(drop=True)
     ranks = pd.array(np.arange(1, len(df) + 1), dtype="Int64")
     ranks[df["copying"].isna().to_numpy()] = pd.NA

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, CorruptInputError, MMDetectError, NotFoundError, UnsupportedError, warn
 
 TOP_K = 20                      # neurons explained (panels)
@@ -209,7 +210,7 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     return docs
 
 
-def model_page(model: str, *, revision: str | None = None, convention: str = "folded", threshold: float = THRESHOLD,
+def model_page(model: str, *, revision: str | None = None, convention: str = DEFAULT, threshold: float = THRESHOLD,
                layers: str | None = None, device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
                top_rows: int = TOP_ROWS, heads: bool = True, chains: bool = True, activations: bool | None = None,
                text: str | None = None, dataset: str | None = None, field_name: str = "text",
@@ -242,14 +243,11 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
     if measured is not None and activations is None:
         activations = False       # the corpus statistics are the panels' activation evidence
         no_activations = "the corpus statistics (--activations) below are this neuron's activation evidence"
-    notes: dict[str, str] = {}
+    notes = {part: leave_out or f"not computed (--no-{part})" for part, on in (("heads", heads), ("chains", chains))
+             if not on}
     docs: list[dict[str, Any]] = []
     heads_df, chains_df = add.heads, add.chains
     want_heads, want_chains = heads and heads_df is None, chains and chains_df is None
-    if not heads:
-        notes["heads"] = leave_out or "not computed (--no-heads)"
-    if not chains:
-        notes["chains"] = leave_out or "not computed (--no-chains)"
     if wanted or want_heads or want_chains:
         with open_circuit(model, revision=revision, convention=convention) as circuit:
             if wanted:
@@ -269,13 +267,7 @@ def model_page(model: str, *, revision: str | None = None, convention: str = "fo
                 heads_df = _optional("heads", notes, lambda: _heads(circuit, layers))
             if want_chains:
                 chains_df = _chains(circuit, threshold, layers, n_flagged, heads_df, notes, say)
-    if not wanted:
-        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
-                         "no neuron has a cosine, so no neuron was explained")
-    elif n_above < len(wanted):
-        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
-                         f"{threshold:g}), fewer than --top-k {top_k}: the {len(wanted) - n_above} most negative "
-                         f"others are explained too, their panels marked below the threshold")
+    _panels_note(notes, len(wanted), n_above, n_flagged, threshold, top_k)
     docs = _merge_docs(docs, add.explain)
     html = scan_page(result.columns, result.attrs["layers"], result.attrs["provenance"], explain=docs,
                      heads=heads_df, chains=chains_df, top_rows=top_rows, notes=notes, stats=measured, name=name)
@@ -295,6 +287,18 @@ def model_name(model: str) -> str:
         return model
     with open_checkpoint(model) as ckpt:
         return display_name(ckpt)
+
+
+def _panels_note(notes: dict[str, str], n_wanted: int, n_above: int, n_flagged: int, threshold: float,
+                 top_k: int) -> None:
+    """Why there are no panels, or why some panels show neurons below the threshold."""
+    if not n_wanted:
+        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
+                         "no neuron has a cosine, so no neuron was explained")
+    elif n_above < n_wanted:
+        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
+                         f"{threshold:g}), fewer than --top-k {top_k}: the {n_wanted - n_above} most negative "
+                         f"others are explained too, their panels marked below the threshold")
 
 
 def model_identity(model: str, revision: str | None = None) -> tuple[str, str]:
@@ -335,7 +339,7 @@ def load_stats(spec: str, model: str | None, *, fingerprint: str | None, convent
         from mmdetect.corpus.activations import Request, run
 
         (say or (lambda _m: None))("measuring every neuron over the corpus (--activations auto)")
-        stats = run(Request(model, revision=revision, convention=convention or "folded", layers=layers,
+        stats = run(Request(model, revision=revision, convention=convention or DEFAULT, layers=layers,
                             device=device, text=text, dataset=dataset, field_name=field_name, progress=progress))
     else:
         from mmdetect.report.activations import read_stats
@@ -495,7 +499,7 @@ def vocab_views(circuit: Any, wanted: list[tuple[int, Any, int]], k: int) -> lis
 
 
 def neuronpedia_export(model: str, output: str, *, stats: str, revision: str | None = None,
-                       convention: str = "folded", threshold: float = THRESHOLD, layers: str | None = None,
+                       convention: str = DEFAULT, threshold: float = THRESHOLD, layers: str | None = None,
                        device: str = "cpu", progress: bool | None = None, top_k: int = TOP_K,
                        model_id: str | None = None, source_set: str = "mmdetect-mlp", text: str | None = None,
                        dataset: str | None = None, field_name: str = "text", log: Log | None = None) -> list[Path]:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from mmdetect.convention import Convention, actual_write, fold_mlp, mlp_fold
+from mmdetect.convention import Convention, mlp_fold
+from mmdetect.convention.kernel import actual_write, fold_mlp
 from mmdetect.corpus.hooks import Site
 from mmdetect.corpus.stats import TOP_K, Moments
 from mmdetect.io.checkpoint import Checkpoint

@@ -13,7 +13,6 @@ recorded with ``io.output.protect`` so that no output can overwrite it.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from mmdetect.errors import CorruptInputError, NotFoundError, UnsupportedError, quoted
 from mmdetect.io import gguf, hub, torchbin
-from mmdetect.io.info import TensorInfo, check_fits
+from mmdetect.io.info import Extent, Reader, TensorInfo
 from mmdetect.io.output import protect
-from mmdetect.io.paths import kind, member, open_regular, populate_mapping, pread_exact, read_json
-from mmdetect.io.safetensors import DTYPES, FLOATS, FP8, read_header
+from mmdetect.io.paths import Descriptors, kind, member, open_regular, pread_exact, read_json
+from mmdetect.io.safetensors import SafetensorsReader, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,29 +42,15 @@ QUANT_SUFFIXES = {
     ".qweight": "GPTQ/AWQ", ".qzeros": "GPTQ/AWQ", ".g_idx": "GPTQ", "_blocks": "MXFP4", ".SCB": "bitsandbytes int8",
     ".weight.absmax": "bitsandbytes 4-bit", ".weight.quant_map": "bitsandbytes 4-bit",
 }
-FP8_BLOCK = 128             # DeepSeek-V3's weight_block_size, when the config does not give one
-MAP_MIN_BYTES = 1 << 20     # tensors at least this big are memory-mapped instead of copied
-
-
-@dataclass(frozen=True)
-class Extent:
-    """Bytes [begin, end) of ``file``, validated against its header, holding a tensor of ``shape`` and ``dtype`` (a
-    torch dtype name) as stored."""
-
-    file: str
-    begin: int
-    end: int
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
 
 @dataclass
 class Checkpoint:
-    """A resolved model: its config, its tensor index, and a reader. Use as a context manager."""
+    """A resolved model: its config, its tensor index, and the reader of its format. Use as a context manager.
+
+    The reader (an ``io.info.Reader``: ``io.safetensors.SafetensorsReader``, ``io.torchbin.BinReader`` or
+    ``io.gguf.GGUFReader``) is chosen once, from ``format``, when the checkpoint is made; reading never branches on
+    the format."""
 
     ref: str
     path: Path
@@ -76,9 +61,17 @@ class Checkpoint:
     from_hub: bool = False            # ref is a hub id and path its snapshot in the HF cache
     files: list[Path] = field(default_factory=list)   # the weight files
     inputs: list[Path] = field(default_factory=list)  # every file read: weights, config.json, index
-    _fds: dict[str, int] = field(default_factory=dict, repr=False)
-    _gguf: dict[str, gguf.Entry] = field(default_factory=dict, repr=False)
-    _bin: dict[str, Any] = field(default_factory=dict, repr=False)
+    _gguf: dict[str, gguf.Entry] = field(default_factory=dict, repr=False)  # a GGUF's validated tensor entries
+    _fds: Descriptors = field(default_factory=Descriptors, repr=False)
+    reader: Reader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.format == "gguf":
+            self.reader = gguf.GGUFReader(self._fds, self._gguf)
+        elif self.format == "bin":
+            self.reader = torchbin.BinReader()
+        else:
+            self.reader = SafetensorsReader(self._fds, self.tensors, self.config)
 
     # -- metadata -------------------------------------------------------------------------------------------------
     @property
@@ -109,33 +102,16 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def _byte_range(self, info: TensorInfo, start: int | None, stop: int | None) -> tuple[int, int, list[int]]:
-        shape = list(info.shape)
-        begin, end = info.start, info.end
-        if start is not None and shape:
-            row_bytes = (end - begin) // max(1, shape[0])
-            r0, r1, _ = slice(start, stop).indices(shape[0])
-            begin, end = begin + r0 * row_bytes, begin + max(r0, r1) * row_bytes
-            shape[0] = max(0, r1 - r0)
-        return begin, end, shape
-
     def nbytes(self, key: str, start: int | None = None, stop: int | None = None) -> int:
         """Bytes of the file that ``read(key, start, stop)`` maps or reads (0 where it dequantises instead)."""
-        info = self.tensors[key]
-        if self.format != "safetensors" or info.dtype not in FLOATS:
-            return 0
-        begin, end, _ = self._byte_range(info, start, stop)
-        return end - begin
+        extent = self.extent(key, start, stop)
+        return 0 if extent is None else extent.nbytes
 
     def extent(self, key: str, start: int | None = None, stop: int | None = None) -> Extent | None:
         """Where ``read(key, start, stop)`` finds its bytes, when it reads them as they are stored (a float tensor of a
         safetensors file): the file, the validated byte range and the shape. None where it dequantises instead
         (GGUF, FP8 with scales) or loads a pickle (.bin)."""
-        info = self.tensors[key]
-        if self.format != "safetensors" or info.dtype not in FLOATS:
-            return None
-        begin, end, shape = self._byte_range(info, start, stop)
-        return Extent(info.file, begin, end, tuple(shape), DTYPES[info.dtype][0])
+        return self.reader.extent(key, self.tensors[key], start, stop)
 
     def drop_cached(self, key: str, start: int | None = None, stop: int | None = None) -> None:
         """Tell the kernel that the bytes of ``read(key, start, stop)`` will not be read again (POSIX_FADV_DONTNEED), so
@@ -143,122 +119,25 @@ class Checkpoint:
         checkpoint larger than memory, once nothing maps the range any more (mapped pages are not dropped)."""
         extent = self.extent(key, start, stop)
         if extent is not None and extent.nbytes and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd(extent.file), extent.begin, extent.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fds.get(extent.file), extent.begin, extent.nbytes, os.POSIX_FADV_DONTNEED)
 
     def read(self, key: str, start: int | None = None, stop: int | None = None,
              populate: bool = True) -> torch.Tensor:
         """One tensor in its stored layout, or rows ``start:stop`` of its first axis (one expert of a fused tensor).
 
-        Only those bytes are touched. Large safetensors tensors are memory-mapped (see ``_map``) rather than copied;
-        small ones are read with pread. ``populate=False`` maps without reading ahead, for a caller that will touch
-        only some of the pages (a few columns of a row-major matrix). FP8 weights with scales and GGUF tensors come
-        back dequantised to float32. A read that could not fit in memory is refused before it is tried.
+        Only those bytes are touched. Large safetensors tensors are memory-mapped rather than copied; small ones are
+        read with pread. ``populate=False`` maps without reading ahead, for a caller that will touch only some of the
+        pages (a few columns of a row-major matrix). FP8 weights with scales and GGUF tensors come back dequantised
+        to float32. A read that could not fit in memory is refused before it is tried.
         """
-        import torch
-
         info = self.tensors.get(key)
         if info is None:
             raise NotFoundError(f"tensor {key!r} is not in {self.ref}: the checkpoint does not match its config")
-        rows = slice(start, stop) if start is not None else slice(None)
-        if self.format == "gguf":
-            return gguf.read_tensor(self._fd(info.file), key, info, self._gguf[key], rows)
-        if self.format == "bin":
-            tensor = self._bin_state(info.file)[key][rows]
-            check_fits(tensor.nbytes, key, info.file)
-            return tensor
-        if info.dtype in FP8:
-            return self._read_fp8(key, info)[rows]
-        if info.dtype not in FLOATS:
-            raise UnsupportedError(f"tensor {key!r} in {Path(info.file).name} has dtype {info.dtype}, which is not a "
-                                   f"floating-point weight: mmdetect reads F64, F32, F16, BF16 and scaled FP8")
-        begin, end, shape = self._byte_range(info, start, stop)
-        check_fits(end - begin, key, info.file)
-        dtype = getattr(torch, DTYPES[info.dtype][0])
-        if end <= begin:
-            return torch.empty(shape, dtype=dtype)
-        return self._read_bytes(info.file, begin, end, shape, dtype, populate)
-
-    def _read_bytes(self, file: str, begin: int, end: int, shape: list[int], dtype: torch.dtype,
-                    populate: bool) -> torch.Tensor:
-        """Bytes [begin, end) of ``file`` as a tensor: mapped when large, read with pread when small."""
-        import torch
-
-        if end - begin >= MAP_MIN_BYTES:
-            return self._map(file, begin, end, dtype, populate).reshape(shape)
-        buf = bytearray(end - begin)
-        if os.preadv(self._fd(file), [buf], begin) != len(buf):
-            raise CorruptInputError(f"{Path(file).name} is truncated: a tensor ends past the end of the file; "
-                                    f"download the checkpoint again")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def _map(self, file: str, begin: int, end: int, dtype: torch.dtype, populate: bool = True) -> torch.Tensor:
-        """Bytes [begin, end) of ``file`` as a 1-D tensor over a private mapping of the page cache: no copy.
-
-        The page tables are filled up front (``populate_mapping``), so the caller's thread does the I/O and the
-        threads computing on the tensor take no faults.
-        The mapping is private and writable (copy-on-write: nothing is written back), which torch needs, and it is
-        unmapped when the last tensor viewing it is freed.
-        """
-        import torch
-
-        base = begin - begin % mmap.ALLOCATIONGRANULARITY
-        if end > os.fstat(self._fd(file)).st_size:
-            raise CorruptInputError(f"{Path(file).name} is truncated: a tensor ends past the end of the file; "
-                                    f"download the checkpoint again")
-        mm = mmap.mmap(self._fd(file), end - base, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=base)
-        if populate:
-            populate_mapping(mm)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return torch.frombuffer(mm, dtype=dtype, offset=begin - base, count=(end - begin) // itemsize)
-
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = open_regular(Path(file))
-        return fd
-
-    def _read_fp8(self, key: str, info: TensorInfo) -> torch.Tensor:
-        """An FP8 weight times its scales: one scalar, one per output row, or (block-wise, DeepSeek-V3 style) one per
-        tile of ``quantization_config.weight_block_size`` (default 128 x 128) over the last two axes."""
-        import torch
-
-        scale_key = next((k for k in (f"{key}_scale_inv", f"{key}_scale") if k in self.tensors), None)
-        if scale_key is None:
-            raise UnsupportedError(f"tensor {key!r} is FP8 without a scale tensor, so it cannot be dequantised: use "
-                                   f"the bf16/fp16 release of this model")
-        check_fits(5 * (info.end - info.start), key, info.file)  # the FP8 bytes and their float32 values
-        raw = self._read_bytes(info.file, info.start, info.end, list(info.shape), torch.uint8, populate=True)
-        weight = raw.view(getattr(torch, DTYPES[info.dtype][0])).float()
-        scale = self.read(scale_key).float()
-        if scale.numel() == 1:
-            return weight * scale.reshape(())
-        if scale.dim() == 1 and weight.dim() >= 1 and scale.numel() == weight.shape[0]:  # per output channel
-            return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
-        quant = self.config.get("quantization_config") or {}
-        block = quant.get("weight_block_size") if isinstance(quant, dict) else None
-        block_rows, block_cols = block or (FP8_BLOCK, FP8_BLOCK)
-        if weight.dim() < 2 or scale.dim() < 2:
-            raise CorruptInputError(f"tensor {scale_key!r} has shape {list(scale.shape)}, which does not scale "
-                                    f"{key!r} {list(weight.shape)}")
-        rows, cols = weight.shape[-2:]
-        full = scale.repeat_interleave(block_rows, -2).repeat_interleave(block_cols, -1)[..., :rows, :cols]
-        if full.shape[-2:] != (rows, cols):
-            raise CorruptInputError(f"tensor {scale_key!r} has shape {list(scale.shape)}, which does not tile "
-                                    f"{key!r} {list(weight.shape)} in {block_rows}x{block_cols} blocks")
-        return weight * full
-
-    def _bin_state(self, file: str) -> dict[str, Any]:
-        if file not in self._bin:
-            self._bin = {file: torchbin.load_state(Path(file))}
-        return self._bin[file]
+        return self.reader.read(key, info, start, stop, populate)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._bin.clear()
-        self._gguf = {}
+        self._fds.close()
+        self.reader.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -332,7 +211,7 @@ def check_quantization(config: dict[str, Any], ref: str) -> None:
         if not (isinstance(block, list) and len(block) == 2 and all(type(n) is int and n > 0 for n in block)):
             raise CorruptInputError(f"{ref}: quantization_config.weight_block_size is {quoted(block)}, not two "
                                     f"positive integers")
-        return  # block-wise FP8 with weight_scale_inv: dequantised in Checkpoint._read_fp8
+        return  # block-wise FP8 with weight_scale_inv: dequantised by SafetensorsReader
     name = QUANT_METHODS.get(method, method)
     raise UnsupportedError(f"{ref} is quantised with {name}; mmdetect needs unquantised weights: scan the original "
                            f"fp16/bf16/fp32 release instead")

@@ -56,8 +56,8 @@ def _executor() -> ThreadPoolExecutor:
 
 def empty_float32(count: int) -> torch.Tensor:
     """An uninitialised float32 tensor of ``count`` values. Large ones (Linux) are anonymous mappings with
-    MADV_HUGEPAGE: writing a fresh 64 MB buffer then faults in 32 pages instead of 16,384, which took a third of the
-    time (20 against 60 ms here, where page faults are dear)."""
+    MADV_HUGEPAGE: writing a fresh 64 MB buffer then faults in 32 pages instead of 16,384 (docs/performance.md has
+    the time it saves)."""
     nbytes = 4 * count
     if nbytes < HUGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(count, dtype=torch.float32)
@@ -105,10 +105,10 @@ def dequantize(raw: torch.Tensor, qtype: str, workers: int | None = None) -> tor
 
 
 # --- the kernels: blocks (n, bytes per block) uint8 -> out (n, values per block) float32, written in place ---------
-# torch's elementwise kernels run at 5-10 G elements/s on contiguous tensors, much slower on views whose rows are 16 or
-# 32 bytes long, each call costs several microseconds, and fresh memory costs page faults. So a kernel cuts nibbles
-# and bit planes from 64-bit words (eight bytes per element) straight into per-thread scratch buffers in their final
-# order (``_planes``), widens them to float32 in one contiguous copy, then scales and shifts in place.
+# torch's elementwise kernels are fast on contiguous tensors (docs/performance.md), much slower on views whose rows
+# are 16 or 32 bytes long, each call costs several microseconds, and fresh memory costs page faults. So a kernel cuts
+# nibbles and bit planes from 64-bit words (eight bytes per element) straight into per-thread scratch buffers in their
+# final order (``_planes``), widens them to float32 in one contiguous copy, then scales and shifts in place.
 
 M1, M2, M4 = 0x0101010101010101, 0x0303030303030303, 0x0F0F0F0F0F0F0F0F
 _local = threading.local()

@@ -6,8 +6,8 @@ pairs (u64-length strings, typed scalars, arrays of one type); then per tensor i
 ggml order (fastest first), u32 ggml type and a u64 offset into the data section, which starts at the next multiple of
 ``general.alignment`` (32 when absent) after the header.
 
-gguf-py's GGUFReader also decodes every array into numpy objects, which takes ~10 s for a 262k-token vocabulary; here
-arrays are skipped by their lengths, so opening a file takes milliseconds. Every count is checked against the bytes
+gguf-py's GGUFReader also decodes every array into numpy objects, which takes seconds for a 262k-token vocabulary
+(docs/performance.md); here arrays are skipped by their lengths. Every count is checked against the bytes
 that are left before it is used (so a garbage count ends the parse at once instead of looping), the alignment must be
 a positive power of two, arrays nest at most ``MAX_NESTING`` deep, a tensor has at most four dimensions whose product
 is computed in Python integers (it cannot overflow) and must fill whole quantisation blocks, and every tensor must end
@@ -18,13 +18,15 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmdetect.errors import CorruptInputError, UnsupportedError, quoted
-from mmdetect.io.info import TensorInfo, check_fits
-from mmdetect.io.paths import open_regular, populate_mapping, pread_exact
+from mmdetect.io.info import Extent, TensorInfo, check_fits
+from mmdetect.io.paths import Descriptors, open_regular, populate_mapping, pread_exact
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -55,7 +57,7 @@ class _Short(Exception):
 class _Header:
     """A cursor over the header bytes."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | mmap.mmap) -> None:
         self.data, self.pos = data, 0
 
     def left(self) -> int:
@@ -77,8 +79,15 @@ class _Header:
         self.pos += length
         return text
 
-    def value(self, vtype: int, key: str, depth: int = 0) -> Any:
-        """A scalar or string value; arrays are skipped (None)."""
+    def skip_string(self) -> None:
+        length = self.take("<Q")
+        if length > self.left():
+            raise _Short
+        self.pos += length
+
+    def value(self, vtype: int, key: str, depth: int = 0, keep: bool = False) -> Any:
+        """A scalar or string value; an array is skipped (None), or with ``keep`` read as a list (of lists, for
+        nested arrays)."""
         if vtype in SCALARS:
             return self.take(SCALARS[vtype])
         if vtype == STRING:
@@ -93,8 +102,13 @@ class _Header:
             raise CorruptInputError(f"key {quoted(key)} claims an array of {count:,} items, more than the header "
                                     f"holds")
         if item in SCALARS:
+            out = list(struct.unpack_from(f"<{count}{SCALARS[item][1]}", self.data, self.pos)) if keep else None
             self.pos += count * least
-        elif item == STRING:  # a vocabulary: 262k strings in Gemma 3, stepped over by their lengths, not decoded
+            return out
+        if item == STRING:
+            if keep:
+                return [self.string() for _ in range(count)]
+            # a vocabulary (262k strings in Gemma 3) stepped over by its lengths, not decoded
             data, pos, end = self.data, self.pos, len(self.data)
             for _ in range(count):
                 if pos + 8 > end:
@@ -103,17 +117,15 @@ class _Header:
             if pos > end:
                 raise _Short
             self.pos = pos
-        else:
-            for _ in range(count):
-                self.value(item, key, depth + 1)
-        return None
+            return None
+        items = [self.value(item, key, depth + 1, keep) for _ in range(count)]
+        return items if keep else None
 
 
-def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], int]], int]:
-    """(scalar metadata, {tensor: (ggml type, ggml-order dims, relative offset)}, end of the tensor infos)."""
-    if data[:4] != b"GGUF":
+def _counts(cur: _Header) -> tuple[int, int]:
+    """The magic and version checked: (tensor count, key-value count), each checked against the bytes left."""
+    if cur.data[:4] != b"GGUF":
         raise CorruptInputError("no GGUF magic")
-    cur = _Header(data)
     cur.pos = 4
     version = cur.take("<I")
     if version not in (2, 3):
@@ -121,6 +133,13 @@ def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int,
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
     if n_kv * 12 > cur.left() or n_tensors * 24 > cur.left():
         raise CorruptInputError(f"the header claims {n_tensors:,} tensors and {n_kv:,} keys, more than it holds")
+    return n_tensors, n_kv
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...], int]], int]:
+    """(scalar metadata, {tensor: (ggml type, ggml-order dims, relative offset)}, end of the tensor infos)."""
+    cur = _Header(data)
+    n_tensors, n_kv = _counts(cur)
     fields: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -155,6 +174,45 @@ def _config(fields: dict[str, Any], where: str) -> dict[str, Any]:
     return config
 
 
+@contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A header that runs short or breaks a rule, as one error naming the file."""
+    try:
+        yield
+    except (_Short, struct.error):
+        raise CorruptInputError(f"{path.name} is not a readable GGUF file (header runs past the end of the file): "
+                                f"download it again") from None
+    except (CorruptInputError, UnsupportedError) as exc:
+        raise type(exc)(f"{path.name} is not a readable GGUF file ({exc}): download it again") from None
+
+
+def read_fields(path: Path, keys: Collection[str]) -> dict[str, Any]:
+    """The values of ``keys`` in a GGUF's metadata, arrays included (lists of numbers or strings), read from a
+    mapping of the file, with the header's checks of :func:`read_index` (counts against the bytes left, nesting at
+    most ``MAX_NESTING``); the parse stops at the last key wanted, and other arrays are skipped by their lengths.
+    Keys the file lacks are absent from the result.
+    CorruptInputError or UnsupportedError naming the file when the header is not GGUF or breaks a rule."""
+    wanted = set(keys)
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size == 0:
+            raise CorruptInputError(f"{path.name} is not a readable GGUF file (no GGUF magic): download it again")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as data, _unreadable(path):
+            cur = _Header(data)
+            _, n_kv = _counts(cur)
+            fields: dict[str, Any] = {}
+            for _ in range(n_kv):
+                if wanted <= fields.keys():
+                    break
+                key = cur.string()
+                value = cur.value(cur.take("<I"), key, keep=key in wanted)
+                if key in wanted:
+                    fields[key] = value
+            return fields
+    finally:
+        os.close(fd)
+
+
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[str, Entry]]:
     """Parse and validate a GGUF header: (config, {tensor: TensorInfo in numpy order}, {tensor: Entry})."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -165,13 +223,8 @@ def read_index(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo], dict[
         data = pread_exact(fd, min(size, HEADER_BYTES), 0)
     finally:
         os.close(fd)
-    try:
+    with _unreadable(path):
         fields, infos, end = _parse(data)
-    except (_Short, struct.error):
-        raise CorruptInputError(f"{path.name} is not a readable GGUF file (header runs past the end of the file): "
-                                f"download it again") from None
-    except (CorruptInputError, UnsupportedError) as exc:
-        raise type(exc)(f"{path.name} is not a readable GGUF file ({exc}): download it again") from None
     align = fields.get("general.alignment", 32)
     if type(align) is not int or align <= 0 or align & (align - 1):
         raise CorruptInputError(f"{path.name}: general.alignment is {quoted(align)}; it must be a positive power of "
@@ -229,6 +282,24 @@ def read_tensor(fd: int, key: str, info: TensorInfo, entry: Entry, rows: slice) 
             return dequant.dequantize(raw, name).view(stop - start, *shape[1:])
         return dequant.dequantize(_map(fd, entry.offset, entry.nbytes), name).view(shape)[rows]
     return _read_numpy(fd, key, info, entry, rows)
+
+
+class GGUFReader:
+    """The :class:`~mmdetect.io.info.Reader` of a GGUF file: tensors dequantised to float32 (:func:`read_tensor`)
+    from the entries :func:`read_index` validated."""
+
+    def __init__(self, fds: Descriptors, entries: dict[str, Entry]) -> None:
+        self.fds, self.entries = fds, entries
+
+    def read(self, key: str, info: TensorInfo, start: int | None, stop: int | None, populate: bool) -> torch.Tensor:
+        rows = slice(start, stop) if start is not None else slice(None)
+        return read_tensor(self.fds.get(info.file), key, info, self.entries[key], rows)
+
+    def extent(self, key: str, info: TensorInfo, start: int | None, stop: int | None) -> Extent | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _map(fd: int, offset: int, nbytes: int) -> torch.Tensor:

@@ -11,9 +11,13 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from mmdetect.errors import UnsupportedError, quoted
 from mmdetect.io.memory import cgroup_limit
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 @dataclass
@@ -23,6 +27,41 @@ class TensorInfo:
     file: str
     start: int = 0   # absolute byte offsets in `file` (safetensors only)
     end: int = 0
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Bytes [begin, end) of ``file``, validated against its header, holding a tensor of ``shape`` and ``dtype`` (a
+    torch dtype name) as stored."""
+
+    file: str
+    begin: int
+    end: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class Reader(Protocol):
+    """How one checkpoint format's tensors come off the disk: one implementation per format (``io.safetensors``,
+    ``io.torchbin``, ``io.gguf``), chosen once when the checkpoint opens. ``start``/``stop`` select rows of the first
+    axis (None: the whole tensor); ``info`` is the tensor's entry in the checkpoint's index."""
+
+    def read(self, key: str, info: TensorInfo, start: int | None, stop: int | None, populate: bool) -> torch.Tensor:
+        """The tensor (or those rows) in its stored layout, or dequantised to float32 where the format quantises."""
+        ...
+
+    def extent(self, key: str, info: TensorInfo, start: int | None, stop: int | None) -> Extent | None:
+        """Where ``read`` finds the bytes when it takes them as they are stored; None where it dequantises or
+        unpickles instead."""
+        ...
+
+    def close(self) -> None:
+        """Drop what the reader holds (descriptors are the checkpoint's and closed by it)."""
+        ...
 
 
 @functools.lru_cache(maxsize=1)

@@ -69,6 +69,24 @@ def open_regular(path: Path) -> int:
     return fd
 
 
+class Descriptors:
+    """Read-only descriptors of regular files (``open_regular``), each opened on first use and closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def get(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = open_regular(Path(file))
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
     """``length`` bytes at ``offset`` (fewer only at the end of the file): pread may return short reads."""
     chunks, got = [], 0
@@ -122,7 +140,7 @@ def populate_mapping(mm: mmap.mmap) -> None:
     does the I/O and the threads computing on it take no page faults; elsewhere MADV_WILLNEED starts the read-ahead.
 
     madvise is called through ctypes, which releases the GIL for the call: ``mmap.madvise`` holds it, and while it
-    waited for the disk (0.1 s for a 180 MB weight) every other thread of the scan stopped at its next torch call.
+    waited for the disk (the whole read of a weight) every other thread of the scan stopped at its next torch call.
     The range starts at the mapping's start: madvise wants a page-aligned start, which a tensor's rarely is.
     """
     madvise = _libc_madvise()

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmdetect.errors import CorruptInputError, UnsupportedError, quoted
-from mmdetect.io.info import TensorInfo
+from mmdetect.io.info import Extent, TensorInfo, check_fits
 from mmdetect.io.paths import open_regular
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _load(file: Path, **kwargs: Any) -> dict[str, Any]:
@@ -61,3 +64,24 @@ def bin_index(file: Path) -> dict[str, TensorInfo]:
 def load_state(file: Path) -> dict[str, Any]:
     """A .bin file's tensors, memory-mapped (only the tensors that are indexed are touched)."""
     return _load(file, map_location="cpu", mmap=True)
+
+
+class BinReader:
+    """The :class:`~mmdetect.io.info.Reader` of ``pytorch_model*.bin`` files: one file's state dict loaded
+    (memory-mapped) at a time, a tensor sliced from it."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, dict[str, Any]] = {}
+
+    def read(self, key: str, info: TensorInfo, start: int | None, stop: int | None, populate: bool) -> torch.Tensor:
+        if info.file not in self._state:
+            self._state = {info.file: load_state(Path(info.file))}
+        tensor = self._state[info.file][key][slice(start, stop) if start is not None else slice(None)]
+        check_fits(tensor.nbytes, key, info.file)
+        return tensor
+
+    def extent(self, key: str, info: TensorInfo, start: int | None, stop: int | None) -> Extent | None:
+        return None
+
+    def close(self) -> None:
+        self._state.clear()

@@ -1,8 +1,8 @@
 """Rows -> a pyarrow Table, for the CSV, TSV and Parquet writers.
 
 A ``ScanResult``'s numpy columns become Arrow arrays from raw buffers: ``pa.array()`` on numpy data imports pandas (to
-recognise its types), which would cost the command line a quarter of a second for nothing. NaN becomes null, as in
-pandas' own conversion. A DataFrame or a list of dicts goes through pyarrow's own converters.
+recognise its types), a start-up cost the command line would pay for nothing (docs/performance.md). NaN becomes null,
+as in pandas' own conversion. A DataFrame or a list of dicts goes through pyarrow's own converters.
 """
 from __future__ import annotations
 

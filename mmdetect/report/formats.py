@@ -117,7 +117,7 @@ def dumps(doc: Any, indent: int | None = None) -> str:
 
 
 def _encode(doc: Any, indent: int | None = None) -> str:
-    # check_circular off: these documents are trees built here (a tenth faster on a scan's records).
+    # check_circular off: these documents are trees built here, and the check costs time on a scan's records.
     encoder = json.JSONEncoder(indent=indent, separators=COMPACT if indent is None else None, allow_nan=False,
                                check_circular=False)
     return encoder.encode(doc) + "\n"
@@ -153,7 +153,8 @@ def _markdown(df: Any) -> str:
 def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
     """{format: (binary, writer(rows, fh))}."""
     def csv(rows: Any, fh: IO[Any], sep: str = ",") -> None:
-        # pyarrow's C++ writer is ~9x faster than DataFrame.to_csv. Floats are written as the shortest repr of
+        # pyarrow's C++ writer, much faster than DataFrame.to_csv (docs/performance.md). Floats are written as the
+        # shortest repr of
         # their float32 value: the cosines are computed in float32, so no digit that means anything is lost.
         import pyarrow.csv as pa_csv
 
@@ -163,7 +164,8 @@ def _writers() -> dict[str, tuple[bool, Callable[..., None]]]:
                          pa_csv.WriteOptions(delimiter=sep, quoting_style="needed"))
 
     def as_json(rows: Any, fh: IO[Any], key: str = "neurons") -> None:
-        # orjson: a scan's rows are hundreds of thousands of records, which the json module encodes 7x slower.
+        # orjson: a scan's rows are hundreds of thousands of records, which the json module encodes several times
+        # slower (docs/performance.md).
         # document() cleans what needs it (NaN -> None); the records are clean already.
         import orjson
 

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from mmdetect.results.rows import is_flagged
+
 ASSETS = Path(__file__).resolve().parents[1] / "data" / "html"
 HIST_BINS = 800                 # cos in [-1, 1] in bins of 0.0025; the page merges them to fit its width
 HIST_RANGE = (-1.0, 1.0)
@@ -320,7 +322,7 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
     layer, cos, flagged = _layer_rows(cols)
     threshold = prov.get("threshold")
     if "flagged" not in cols and isinstance(threshold, (int, float)):
-        flagged = np.isfinite(cos) & (cos <= threshold)
+        flagged = is_flagged(cos, threshold)
     summary = _clean(list(layers or [])) or _summary_from_rows(layer, cos, flagged)
     summary = sorted(summary, key=lambda s: int(s["layer"]))
     layer_ids = [int(s["layer"]) for s in summary]

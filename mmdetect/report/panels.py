@@ -29,13 +29,22 @@ def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = 
     """The explain report as rich panels and tables. name: the model's, for the header (default: the provenance's
     model reference)."""
     from rich.console import Console, Group
-    from rich.markup import escape
     from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
 
     console = console or Console()
     kind = "feature" if "feature" in doc else "neuron"   # a transcoder feature (explain --transcoder) or a neuron
+    parts: list[Any] = [_target_text(doc, kind, name), _writers_table(doc["writers"])]
+    if doc.get("vocab"):
+        parts.append(_vocab_table(doc["vocab"]))
+    parts += _activation_parts(doc.get("activations") or {}, kind)
+    console.print(Panel(Group(*parts), title="mmdetect explain", title_align="left"))
+
+
+def _target_text(doc: dict[str, Any], kind: str, name: str | None) -> Any:
+    """Which neuron or feature, its cosines and class, its transcoder, and the attention gap when there is one."""
+    from rich.markup import escape
+    from rich.text import Text
+
     prov, nrn = doc["provenance"], doc[kind]
     where = f"layer {nrn['layer']}" + (f" expert {nrn['expert']}" if nrn.get("expert") is not None else "") + \
         f" {kind} {nrn[kind]}"
@@ -51,9 +60,13 @@ def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = 
                      f"({nrn['writes']})" + (f"\n{escape(nrn['neuronpedia'])}" if nrn.get("neuronpedia") else ""))
     if prov.get("attention_gap"):
         lines.append(f"[yellow]{escape(prov['attention_gap'])}[/yellow]")
-    parts: list[Any] = [Text.from_markup("\n".join(lines))]
+    return Text.from_markup("\n".join(lines))
 
-    wr = doc["writers"]
+
+def _writers_table(wr: dict[str, Any]) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="Upstream writers of what it reads", title_justify="left", header_style="bold",
                   caption=f"score: |cos(write, r̂)| (random directions: < {wr['null_band'][1]:.3f}); heads: share of "
                           f"output energy along r̂", caption_justify="left")
@@ -62,46 +75,55 @@ def render_explain(doc: dict[str, Any], console: Any = None, name: str | None = 
     for n, e in enumerate(wr["top"], 1):
         extra = _num(e.get("cos")) if e["kind"] != "head" else f"{e['subspace']:.3f}"
         table.add_row(str(n), escape(e["label"]), e["kind"], f"{e['score']:.3f}", extra)
-    parts.append(table)
+    return table
 
-    voc = doc.get("vocab")
-    if voc:
-        vt = Table(title="Vocabulary view (unembedding with the final norm's gain)", title_justify="left",
-                   header_style="bold")
-        for col in ("reads (cos)", "promotes (logit)", "suppresses (logit)"):
-            vt.add_column(col)
-        for a, b, c in zip(voc["reads"], voc["promotes"], voc["suppresses"]):
-            vt.add_row(f"{escape(repr(a['token']))} {a['cos']:+.3f}", f"{escape(repr(b['token']))} {b['logit']:+.3g}",
-                       f"{escape(repr(c['token']))} {c['logit']:+.3g}")
-        parts.append(vt)
 
-    act = doc.get("activations") or {}
+def _vocab_table(voc: dict[str, Any]) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    vt = Table(title="Vocabulary view (unembedding with the final norm's gain)", title_justify="left",
+               header_style="bold")
+    for col in ("reads (cos)", "promotes (logit)", "suppresses (logit)"):
+        vt.add_column(col)
+    for a, b, c in zip(voc["reads"], voc["promotes"], voc["suppresses"]):
+        vt.add_row(f"{escape(repr(a['token']))} {a['cos']:+.3f}", f"{escape(repr(b['token']))} {b['logit']:+.3g}",
+                   f"{escape(repr(c['token']))} {c['logit']:+.3g}")
+    return vt
+
+
+def _activation_parts(act: dict[str, Any], kind: str = "neuron") -> list[Any]:
+    """The activation evidence: distribution, deletion score and the top-activating contexts (or why it was
+    skipped)."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
     if "skipped" in act:
-        parts.append(Text(f"Activation evidence: skipped ({act['skipped']})", style="yellow"))
-    elif act:
-        dist, dele = act["distribution"], act["deletion"]
-        q = dist["quantiles"]
-        head = (f"[bold]Activation evidence[/bold] on {escape(act['source'])}: {dist['tokens']:,} tokens · "
-                f"mean {dist['mean']:+.3g} · median {q['q50']:+.3g} · q99 {q['q99']:+.3g} · max {dist['max']:+.3g} · "
-                f"min {dist['min']:+.3g}\n  histogram {dist['histogram']['edges'][0]:+.3g} "
-                f"{_spark(dist['histogram']['counts'])} {dist['histogram']['edges'][-1]:+.3g}\n"
-                f"[bold]Deletion score {_num(dele['score'])}[/bold] over the {dele['tokens']} tokens where |a| is "
-                f"largest: the {kind}'s own write removes that fraction of the residual's component along r̂ "
-                f"(median per token {_num(dele.get('median_fraction'))})")
-        parts.append(Text.from_markup(head))
-        ct = Table(title="Top-activating contexts" + (" (text shown as the UTF-8 bytes it was fed as)"
-                                                      if act.get("tokens") == "bytes" else ""),
-                   title_justify="left", header_style="bold")
-        for col in ("act", "removed", "context"):
-            ct.add_column(col, justify="right" if col != "context" else "left")
-        for c in act["contexts"]:
-            text = Text()
-            text.append(c["before"].replace("\n", "⏎"))
-            text.append(c["token"].replace("\n", "⏎"), style="bold reverse")
-            text.append(c["after"].replace("\n", "⏎"))
-            ct.add_row(f"{c['activation']:+.3g}", _num(c["fraction_removed"], 2), text)
-        parts.append(ct)
-    console.print(Panel(Group(*parts), title="mmdetect explain", title_align="left"))
+        return [Text(f"Activation evidence: skipped ({act['skipped']})", style="yellow")]
+    if not act:
+        return []
+    dist, dele = act["distribution"], act["deletion"]
+    q = dist["quantiles"]
+    head = (f"[bold]Activation evidence[/bold] on {escape(act['source'])}: {dist['tokens']:,} tokens · "
+            f"mean {dist['mean']:+.3g} · median {q['q50']:+.3g} · q99 {q['q99']:+.3g} · max {dist['max']:+.3g} · "
+            f"min {dist['min']:+.3g}\n  histogram {dist['histogram']['edges'][0]:+.3g} "
+            f"{_spark(dist['histogram']['counts'])} {dist['histogram']['edges'][-1]:+.3g}\n"
+            f"[bold]Deletion score {_num(dele['score'])}[/bold] over the {dele['tokens']} tokens where |a| is "
+            f"largest: the {kind}'s own write removes that fraction of the residual's component along r̂ "
+            f"(median per token {_num(dele.get('median_fraction'))})")
+    ct = Table(title="Top-activating contexts" + (" (text shown as the UTF-8 bytes it was fed as)"
+                                                  if act.get("tokens") == "bytes" else ""),
+               title_justify="left", header_style="bold")
+    for col in ("act", "removed", "context"):
+        ct.add_column(col, justify="right" if col != "context" else "left")
+    for c in act["contexts"]:
+        text = Text()
+        text.append(c["before"].replace("\n", "⏎"))
+        text.append(c["token"].replace("\n", "⏎"), style="bold reverse")
+        text.append(c["after"].replace("\n", "⏎"))
+        ct.add_row(f"{c['activation']:+.3g}", _num(c["fraction_removed"], 2), text)
+    return [Text.from_markup(head), ct]
 
 
 def render_verify(df: Any, console: Any = None, top: int = 20) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from mmdetect.errors import THRESHOLD, MMDetectError
+from mmdetect.results.rows import is_flagged
 
 THRESHOLD_COLOR = "#c0392b"
 FLAGGED_COLOR = "#c0392b"
@@ -81,7 +83,7 @@ def read_scan(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
             doc = json.loads(path.read_text())
             rows = doc["features"] if "features" in doc and "neurons" not in doc else doc["neurons"]
             df, meta = pd.DataFrame(rows), {"provenance": doc.get("provenance") or {},
-                                                      "layers": doc.get("layers") or []}
+                                            "layers": doc.get("layers") or []}
         elif fmt == "parquet":
             df, meta = pd.read_parquet(path), read_metadata(path)
         else:
@@ -113,6 +115,48 @@ def _null_bands(layers: list[dict] | None, d_model: int | None, ids: list[int]) 
     return {}
 
 
+@dataclass
+class _ScanPlot:
+    """What the model figure draws, prepared from a scan's rows: per layer (``ids``) the finite cosines (``data``),
+    neuron counts, flagged counts and shares; every row's cos, layer and flag."""
+
+    ids: list[int]
+    data: list[Any]
+    cos: Any
+    layer: Any
+    flagged: Any
+    n_flag: Any
+    shares: Any
+    gated: bool
+    threshold: float
+    convention: str | None
+    prov: dict[str, Any]
+    layers: list[dict] | None
+    what: str = "neurons"  # a transcoder scan (one row per feature): "features"
+
+
+def _scan_plot(df: Any, layers: list[dict] | None, threshold: float | None, convention: str | None) -> _ScanPlot:
+    import numpy as np
+
+    prov = df.attrs.get("provenance", {}) if hasattr(df, "attrs") else {}
+    layers = layers if layers is not None else (df.attrs.get("layers") if hasattr(df, "attrs") else None)
+    cos_all = df["cos"].to_numpy(dtype=np.float64)
+    layer_all = df["layer"].to_numpy()
+    ids = sorted({int(v) for v in layer_all})
+    if not ids:
+        raise MMDetectError("the scan output has no rows to plot")
+    data = [cos_all[(layer_all == i) & np.isfinite(cos_all)] for i in ids]
+    if threshold is None:
+        threshold = float(prov.get("threshold", THRESHOLD))
+    flagged = df["flagged"].to_numpy(dtype=bool) if "flagged" in df else is_flagged(cos_all, threshold)
+    counts = np.array([int((layer_all == i).sum()) for i in ids])
+    n_flag = np.array([int(((layer_all == i) & flagged).sum()) for i in ids])
+    return _ScanPlot(ids, data, cos_all, layer_all, flagged, n_flag, 100.0 * n_flag / np.maximum(counts, 1),
+                     "cos_gate_in" in df and bool(df["cos_gate_in"].notna().any()), threshold,
+                     convention or prov.get("convention"), prov, layers,
+                     "features" if "feature" in df.columns else "neurons")
+
+
 def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | None = None,
                  threshold: float | None = THRESHOLD, title: str | None = None, convention: str | None = None) -> Any:
     """Per layer: the distribution of cos (violin, median tick), each flagged neuron as a red dot, the
@@ -123,106 +167,115 @@ def model_figure(df: Any, *, layers: list[dict] | None = None, d_model: int | No
     """
     import numpy as np
 
-    prov = df.attrs.get("provenance", {}) if hasattr(df, "attrs") else {}
-    layers = layers if layers is not None else (df.attrs.get("layers") if hasattr(df, "attrs") else None)
-    convention = convention or prov.get("convention")
-    cos_all = df["cos"].to_numpy(dtype=np.float64)
-    layer_all = df["layer"].to_numpy()
-    ids = sorted({int(v) for v in layer_all})
-    if not ids:
-        raise MMDetectError("the scan output has no rows to plot")
-    data = [cos_all[(layer_all == i) & np.isfinite(cos_all)] for i in ids]
-    if threshold is None:
-        threshold = float(prov.get("threshold", THRESHOLD))
-    flagged = df["flagged"].to_numpy(dtype=bool) if "flagged" in df else np.isfinite(cos_all) & (cos_all <= threshold)
-    counts = np.array([int((layer_all == i).sum()) for i in ids])
-    n_flag = np.array([int(((layer_all == i) & flagged).sum()) for i in ids])
-    shares = 100.0 * n_flag / np.maximum(counts, 1)
-    gated = "cos_gate_in" in df and bool(df["cos_gate_in"].notna().any())
-
-    n = len(ids)
+    sp = _scan_plot(df, layers, threshold, convention)
+    n = len(sp.ids)
     with style():
         fig = figure(min(13.0, max(6.4, 1.6 + 0.26 * n)), 4.8)
         top, ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 3.2]})
         x = np.arange(n)
-
-        top.bar(x, shares, width=0.7, color=FLAGGED_COLOR, alpha=0.85)
-        top.set_ylabel("flagged (%)")
-        top.set_ylim(0, max(1.0, float(shares.max()) * 1.25))
-        for xi, s, k in zip(x, shares, n_flag):
-            if n <= 24 and k:
-                top.annotate(f"{s:.1f}", (xi, s), xytext=(0, 1.5),
-                             textcoords="offset points", ha="center", va="bottom", fontsize=6.5, color="#444")
-        top.grid(axis="y", color="#e6e6e6", linewidth=0.6)
-        top.set_axisbelow(True)
-
-        bands = _null_bands(layers, d_model, ids)
-        handles: list[Any] = []  # legend entries: patches and lines
-        from matplotlib.lines import Line2D
-        from matplotlib.patches import Patch
-
-        if bands:
-            ds = {int(s["layer"]): s.get("d_model") for s in layers or []} if layers else {}
-            for xi, i in zip(x, ids):
-                lo, hi = bands[i]
-                ax.fill_between([xi - 0.5, xi + 0.5], lo, hi, color=NULL_COLOR, alpha=0.22, linewidth=0, zorder=0)
-            dvals = {v for v in ds.values() if v} or ({int(d_model)} if d_model else set())
-            dtext = f", d={dvals.pop()}" if len(dvals) == 1 else ""
-            handles.append(Patch(color=NULL_COLOR, alpha=0.35, label=f"random directions, 95%{dtext}"))
-        nonempty = [k for k, d in enumerate(data) if d.size > 1 and np.ptp(d) > 0]
-        if nonempty:
-            parts = ax.violinplot([data[k] for k in nonempty], positions=x[nonempty], widths=0.8, showextrema=False,
-                                  showmedians=False, points=120)
-            for body in parts["bodies"]:
-                body.set_facecolor(BODY_COLOR)
-                body.set_edgecolor(BODY_COLOR)
-                body.set_alpha(0.45)
-                body.set_linewidth(0.5)
-        medians = np.array([np.median(d) if d.size else np.nan for d in data])
-        ax.scatter(x, medians, marker="_", s=90, color="#1f1f1f", linewidths=1.2, zorder=3)
-        what = "features" if "feature" in df.columns else "neurons"  # a transcoder scan: one row per feature
-        handles.append(Patch(color=BODY_COLOR, alpha=0.55, label=f"all {what}"))
-        handles.append(Line2D([], [], marker="_", linestyle="none", color="#1f1f1f", markersize=9, label="median"))
-
-        rng = np.random.default_rng(0)
-        fx, fy = [], []
-        for xi, i in zip(x, ids):
-            sel = (layer_all == i) & flagged & np.isfinite(cos_all)
-            ys = cos_all[sel]
-            fx.append(xi + rng.uniform(-0.22, 0.22, ys.size))
-            fy.append(ys)
-        fx_all, fy_all = np.concatenate(fx), np.concatenate(fy)
-        if fy_all.size:
-            size = 7 if fy_all.size < 2000 else 3
-            ax.scatter(fx_all, fy_all, s=size, color=FLAGGED_COLOR, alpha=0.75 if fy_all.size < 2000 else 0.35,
-                       linewidths=0, zorder=4, rasterized=fy_all.size > 5000)
-            handles.append(Line2D([], [], marker="o", linestyle="none", color=FLAGGED_COLOR, markersize=4,
-                                  label=f"flagged ({int(fy_all.size):,})"))
-        ax.axhline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0, zorder=2)
-        handles.append(Line2D([], [], color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0,
-                              label=f"threshold {_num(threshold)}"))
-        ax.axhline(0, color="#bbbbbb", linewidth=0.6, zorder=1)
-        ax.set_ylim(-1.02, 1.02)
-        ax.set_xlim(-0.6, n - 0.4)
-        read, write = ("up", "down") if gated else ("W_enc[:, i]", "W_dec[i]") if what == "features" else \
-            ("w_in", "w_out")
-        ax.set_ylabel(f"cos({read}, {write})" + (f", {convention}" if convention else ""))
-        ax.set_xlabel("layer")
-        step = 1 if n <= 26 else 2 if n <= 52 else max(1, n // 24)
-        ax.set_xticks(x[::step], [str(i) for i in ids][::step])
-        ax.grid(axis="y", color="#eeeeee", linewidth=0.6)
-        ax.set_axisbelow(True)
-        fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False,
-                   handlelength=1.4, columnspacing=1.4)
-        if not bands:
-            ax.text(0.01, 0.02, "no random-direction band: d_model unknown (pass --d-model)", transform=ax.transAxes,
-                    fontsize=7, color="#666666", va="bottom")
-        total = int(flagged.sum())
-        name = title or prov.get("model") or "scan"
-        kind = f" · {prov['model_type']}" if prov.get("model_type") else ""
-        share = 100 * total / max(1, len(df))
-        top.set_title(f"{name}{kind} · {total:,} of {len(df):,} {what} flagged ({share:.1f}%)", loc="left")
+        _draw_shares(top, x, sp)
+        bands = _null_bands(sp.layers, d_model, sp.ids)
+        handles = _draw_cosines(ax, x, sp, bands, d_model) + _draw_flagged(ax, x, sp)
+        _finish(fig, top, ax, x, sp, handles, bool(bands), title, len(df))
     return fig
+
+
+def _draw_shares(top: Any, x: Any, sp: _ScanPlot) -> None:
+    """The upper panel: the flagged share of each layer, labelled when there are few layers."""
+    top.bar(x, sp.shares, width=0.7, color=FLAGGED_COLOR, alpha=0.85)
+    top.set_ylabel("flagged (%)")
+    top.set_ylim(0, max(1.0, float(sp.shares.max()) * 1.25))
+    for xi, s, k in zip(x, sp.shares, sp.n_flag):
+        if len(sp.ids) <= 24 and k:
+            top.annotate(f"{s:.1f}", (xi, s), xytext=(0, 1.5),
+                         textcoords="offset points", ha="center", va="bottom", fontsize=6.5, color="#444")
+    top.grid(axis="y", color="#e6e6e6", linewidth=0.6)
+    top.set_axisbelow(True)
+
+
+def _draw_cosines(ax: Any, x: Any, sp: _ScanPlot, bands: dict[int, tuple[float, float]],
+                  d_model: int | None) -> list[Any]:
+    """The random-direction band, each layer's violin and median; their legend entries."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []  # legend entries: patches and lines
+    if bands:
+        ds = {int(s["layer"]): s.get("d_model") for s in sp.layers or []} if sp.layers else {}
+        for xi, i in zip(x, sp.ids):
+            lo, hi = bands[i]
+            ax.fill_between([xi - 0.5, xi + 0.5], lo, hi, color=NULL_COLOR, alpha=0.22, linewidth=0, zorder=0)
+        dvals = {v for v in ds.values() if v} or ({int(d_model)} if d_model else set())
+        dtext = f", d={dvals.pop()}" if len(dvals) == 1 else ""
+        handles.append(Patch(color=NULL_COLOR, alpha=0.35, label=f"random directions, 95%{dtext}"))
+    nonempty = [k for k, d in enumerate(sp.data) if d.size > 1 and np.ptp(d) > 0]
+    if nonempty:
+        parts = ax.violinplot([sp.data[k] for k in nonempty], positions=x[nonempty], widths=0.8, showextrema=False,
+                              showmedians=False, points=120)
+        for body in parts["bodies"]:
+            body.set_facecolor(BODY_COLOR)
+            body.set_edgecolor(BODY_COLOR)
+            body.set_alpha(0.45)
+            body.set_linewidth(0.5)
+    medians = np.array([np.median(d) if d.size else np.nan for d in sp.data])
+    ax.scatter(x, medians, marker="_", s=90, color="#1f1f1f", linewidths=1.2, zorder=3)
+    handles.append(Patch(color=BODY_COLOR, alpha=0.55, label=f"all {sp.what}"))
+    handles.append(Line2D([], [], marker="_", linestyle="none", color="#1f1f1f", markersize=9, label="median"))
+    return handles
+
+
+def _draw_flagged(ax: Any, x: Any, sp: _ScanPlot) -> list[Any]:
+    """Each flagged neuron as a dot, jittered within its layer (a fixed seed: the same figure every time)."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+
+    rng = np.random.default_rng(0)
+    fx, fy = [], []
+    for xi, i in zip(x, sp.ids):
+        ys = sp.cos[(sp.layer == i) & sp.flagged & np.isfinite(sp.cos)]
+        fx.append(xi + rng.uniform(-0.22, 0.22, ys.size))
+        fy.append(ys)
+    fx_all, fy_all = np.concatenate(fx), np.concatenate(fy)
+    if not fy_all.size:
+        return []
+    size = 7 if fy_all.size < 2000 else 3
+    ax.scatter(fx_all, fy_all, s=size, color=FLAGGED_COLOR, alpha=0.75 if fy_all.size < 2000 else 0.35,
+               linewidths=0, zorder=4, rasterized=fy_all.size > 5000)
+    return [Line2D([], [], marker="o", linestyle="none", color=FLAGGED_COLOR, markersize=4,
+                   label=f"flagged ({int(fy_all.size):,})")]
+
+
+def _finish(fig: Any, top: Any, ax: Any, x: Any, sp: _ScanPlot, handles: list[Any], banded: bool,
+            title: str | None, n_rows: int) -> None:
+    """The threshold line, axes, ticks, legend and title."""
+    from matplotlib.lines import Line2D
+
+    n = len(sp.ids)
+    ax.axhline(sp.threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0, zorder=2)
+    handles.append(Line2D([], [], color=THRESHOLD_COLOR, linestyle="--", linewidth=1.0,
+                          label=f"threshold {_num(sp.threshold)}"))
+    ax.axhline(0, color="#bbbbbb", linewidth=0.6, zorder=1)
+    ax.set_ylim(-1.02, 1.02)
+    ax.set_xlim(-0.6, n - 0.4)
+    read, write = ("up", "down") if sp.gated else ("W_enc[:, i]", "W_dec[i]") if sp.what == "features" else \
+        ("w_in", "w_out")
+    ax.set_ylabel(f"cos({read}, {write})" + (f", {sp.convention}" if sp.convention else ""))
+    ax.set_xlabel("layer")
+    step = 1 if n <= 26 else 2 if n <= 52 else max(1, n // 24)
+    ax.set_xticks(x[::step], [str(i) for i in sp.ids][::step])
+    ax.grid(axis="y", color="#eeeeee", linewidth=0.6)
+    ax.set_axisbelow(True)
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False,
+               handlelength=1.4, columnspacing=1.4)
+    if not banded:
+        ax.text(0.01, 0.02, "no random-direction band: d_model unknown (pass --d-model)", transform=ax.transAxes,
+                fontsize=7, color="#666666", va="bottom")
+    total = int(sp.flagged.sum())
+    name = title or sp.prov.get("model") or "scan"
+    kind = f" · {sp.prov['model_type']}" if sp.prov.get("model_type") else ""
+    share = 100 * total / max(1, n_rows)
+    top.set_title(f"{name}{kind} · {total:,} of {n_rows:,} {sp.what} flagged ({share:.1f}%)", loc="left")
 
 
 def _num(v: float) -> str:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from mmdetect.results.progress import progress
 from mmdetect.results.provenance import Provenance
-from mmdetect.results.rows import COLUMNS, ScanResult, flagged_rows
+from mmdetect.results.rows import COLUMNS, ScanResult, flagged_rows, is_flagged
 
-__all__ = ["COLUMNS", "Provenance", "ScanResult", "flagged_rows", "progress"]
+__all__ = ["COLUMNS", "Provenance", "ScanResult", "flagged_rows", "is_flagged", "progress"]

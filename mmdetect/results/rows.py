@@ -59,6 +59,17 @@ class ScanResult:
         return df
 
 
+def is_flagged(values: Any, threshold: float) -> np.ndarray:
+    """values <= threshold, NaN never: the one decision of "flagged" (a neuron by its cos, a head by its copying
+    score, in every command), made in float64. A float32 score widens exactly and the threshold is not rounded to
+    float32, so a score at the threshold is flagged by every command or by none."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(v) & (v <= threshold)
+
+
 def flagged_rows(rows: Any) -> Any:
     """Only the flagged rows of a ``ScanResult`` or a DataFrame (any table with a ``flagged`` column), same attrs."""
     if isinstance(rows, ScanResult):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mmdetect.convention import Fold, MLPFold, canonical_sign, fold_into
+from mmdetect.convention import Fold, MLPFold
+from mmdetect.convention.kernel import canonical_sign, fold_into
 
 NULL_PAIRS = 1024  # mismatched (read_i, write_i+1) pairs per MLP for the empirical null
 CHUNK = 512  # rows per slab; the empirical null pairs neighbours inside a slab, so slabs are part of the result
@@ -91,9 +92,9 @@ class NeuronCosines:
     once every row is in. Pieces may come in any order and from several threads at once (each writes only its own
     rows of the Gram matrices); the result is the same, bit for bit, as one ``mlp_cosines`` call over all rows.
 
-    On the CPU each slab is folded and multiplied in sub-slabs that stay in cache (about 30% faster than whole
-    slabs). That changes no bit: folds are per element and per row, and the batched matmul computes each neuron's
-    Gram matrix on its own. The null pairs straddle sub-slabs, so a sub-slab folds one row more than it keeps.
+    On the CPU each slab is folded and multiplied in sub-slabs that stay in cache (faster than whole slabs:
+    docs/performance.md). That changes no bit: folds are per element and per row, and the batched matmul computes each
+    neuron's Gram matrix on its own. The null pairs straddle sub-slabs, so a sub-slab folds one row more than it keeps.
     """
 
     def __init__(self, n: int, d: int, gated: bool, fold: MLPFold = PLAIN, *, device: str | torch.device = "cpu",

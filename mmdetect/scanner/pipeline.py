@@ -77,7 +77,8 @@ def compute_blocks(ckpt: Checkpoint, jobs: list[Job], compute: Callable[[Block],
     Each worker reads a block (one at a time, under a lock, so the disk sees one sequential stream), computes it and
     releases it, so one worker's read overlaps another's compute, and at most ``workers`` blocks are mapped at once.
     Torch runs single-threaded inside each worker: per-slab kernels are too small for its intra-op thread pool,
-    which spins against the other threads and, on a busy machine, made one layer 25x slower; parallelism comes from
+    which spins against the other threads and, on a busy machine, made one layer many times slower; parallelism
+    comes from
     whole blocks side by side instead. When that many blocks would not fit in READ_AHEAD_BYTES (Llama-70B-sized
     MLPs), fewer workers run, down to one block at a time.
     """

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mmdetect.results.rows import is_flagged
+
 # -- the random baseline -----------------------------------------------------------------------------------------
 # The cosine of two independent uniformly random directions in R^d is X = 2B - 1 with B ~ Beta((d-1)/2, (d-1)/2):
 # mean 0, variance 1/d.
@@ -16,8 +18,8 @@ import numpy as np
 # With x = sin(t), the density of X is proportional to cos(t)^(d-2) on t in [-pi/2, pi/2]. Its CDF is tabulated
 # once per d by Simpson's rule in log space, on NULL_GRID intervals over [-T, 0] in t, where T = min(pi/2, 40/sqrt(d))
 # leaves out less than e^-800 of the mass, and interpolated linearly in t. Checked against scipy.special.betainc in
-# the tests (relative error of either tail below 1e-6 for d from 3 to 10^6). scipy itself would add ~0.15 s of
-# imports (scipy.special pulls in numpy.ma and an array-API layer) to every scan, a tenth of its whole budget.
+# the tests (relative error of either tail below 1e-6 for d from 3 to 10^6). scipy itself would add its imports
+# (scipy.special pulls in numpy.ma and an array-API layer) to every scan's start-up (docs/performance.md).
 NULL_GRID = 1 << 16
 
 
@@ -69,7 +71,7 @@ MAD_SCALE = 1.4826
 
 
 def median(values: np.ndarray) -> float:
-    """np.median of a 1-D float array (NaN when empty), through np.partition: np.median imports numpy.ma (60 ms)."""
+    """np.median of a 1-D float array (NaN when empty), through np.partition: np.median imports numpy.ma."""
     n = values.size
     if not n:
         return float("nan")
@@ -142,13 +144,12 @@ def finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.n
     """Flag, classify and add the null z and p and the layer-relative z_layer for all rows at once (vectorised, after
     the last block)."""
     cos, gated, dims = rows.pop("cos"), rows.pop("_gated"), rows.pop("_d")
-    with np.errstate(invalid="ignore"):
-        rows["flagged"] = np.isfinite(cos) & (cos <= threshold)
+    rows["flagged"] = is_flagged(cos, threshold)
     cls = np.empty(len(cos), dtype=object)
     cls[~gated] = classify(cos[~gated])
     cls[gated] = classify(cos[gated], rows["cos_gate_out"][gated], rows["cos_gate_in"][gated])
     z, p = np.empty_like(cos), np.empty_like(cos)
-    # The distinct widths, from where the (block-ordered) column changes: np.unique would import numpy.ma (60 ms).
+    # The distinct widths, from where the (block-ordered) column changes: np.unique would import numpy.ma.
     for d in set(dims[np.r_[True, dims[1:] != dims[:-1]]].tolist()):
         sel = dims == d
         z[sel], p[sel] = null_z(cos[sel], int(d)), null_p(cos[sel], int(d))
@@ -156,7 +157,7 @@ def finish_rows(rows: dict[str, np.ndarray], threshold: float) -> dict[str, np.n
 
 
 def quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
-    """numpy's default (linear) quantiles; np.quantile itself imports numpy.ma, 60 ms of a scan's start-up."""
+    """numpy's default (linear) quantiles; np.quantile itself imports numpy.ma, at a scan's start-up."""
     if not values.size:
         return [float("nan")] * len(qs)
     ordered = np.sort(values)

@@ -239,6 +239,14 @@ def _tokens(entry: Entry) -> str:
 
 # -- the sweep ------------------------------------------------------------------------------------------------------
 
+def output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as an output folder: it may not exist yet, but it may not be a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MMDetectError(f"--output-dir {out} is a file: give a folder")
+    return out
+
+
 def run_sweep(zoo: Zoo, output_dir: str | os.PathLike, *, shard: tuple[int, int] | None = None,
               only: Iterable[str] = (), force: bool = False, baseline: str | os.PathLike | None = None,
               tolerance: float = DEFAULT_TOLERANCE["shares"], plots: bool = True, progress: bool | None = None,
@@ -248,20 +256,32 @@ def run_sweep(zoo: Zoo, output_dir: str | os.PathLike, *, shard: tuple[int, int]
     A model that fails is recorded with its error and the sweep goes on. ``debug`` re-raises unexpected exceptions
     (not user errors) so their traceback can be seen.
     """
-    from mmdetect.report.live import SweepProgress
-
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise MMDetectError(f"--output-dir {out} is a file: give a folder")
+    out = output_folder(output_dir)
     if tolerance < 0:
         raise MMDetectError(f"--tolerance {tolerance} is negative: give a share such as 0.01")
     entries = select(zoo.entries, shard, only)
     old = read_baseline(baseline) if baseline is not None else None
-    out.mkdir(parents=True, exist_ok=True)
     header = {"config": {"path": str(zoo.path), "sha256": zoo.sha256, "description": zoo.description,
                          "entries": [e.name for e in zoo.entries]},
               "shard": f"{shard[0]}/{shard[1]}" if shard else None, "only": list(only) or None,
               "baseline": str(baseline) if baseline is not None else None, "tolerance": tolerance}
+    records = run_units(entries, out, header, force=force, plots=plots, progress=progress, debug=debug, old=old,
+                        tolerance=tolerance)
+    return SweepResult(records, out, exit_code(records), counts(records))
+
+
+def run_units(entries: list[Entry], output_dir: str | os.PathLike, header: dict[str, Any], *, force: bool = False,
+              plots: bool = True, progress: bool | None = None, debug: bool = False,
+              old: dict[str, dict[int, float]] | None = None,
+              tolerance: float = DEFAULT_TOLERANCE["shares"]) -> list[ModelRecord]:
+    """The one runner of units, for ``run_sweep`` and ``mmdetect track``: each entry scanned into ``output_dir`` (or
+    its intact earlier output reused), one at a time under the folder's lock, with its gates evaluated against
+    ``old`` (a baseline) and its sidecar written last; the reports (``header`` on top) after every unit, and the
+    final ones at the end. A unit that fails is recorded with its error and the run goes on."""
+    from mmdetect.report.live import SweepProgress
+
+    out = output_folder(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     records: list[ModelRecord] = []
     with folder_lock(out, "sweep"), SweepProgress([(e.name, e.model) for e in entries], progress) as bar:
         for entry in entries:
@@ -289,4 +309,4 @@ def run_sweep(zoo: Zoo, output_dir: str | os.PathLike, *, shard: tuple[int, int]
             # lists the models it never reached as missing.
             write_reports(out, records, header, plots=False, final=False)
         write_reports(out, records, header, plots=plots)
-    return SweepResult(records, out, exit_code(records), counts(records))
+    return records

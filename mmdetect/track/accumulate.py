@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmdetect.errors import MMDetectError
+from mmdetect.results.rows import is_flagged
 
 NO_STEP = -1  # "never" in the integer step arrays; written as an empty cell
 
@@ -81,8 +82,7 @@ class Tracker:
         """Account for one step; returns its cosines aligned on ``keys``. ``label`` names the checkpoint in errors."""
         order, keys = neuron_keys(columns)
         cos = np.asarray(columns["cos"], dtype=np.float64)[order]
-        with np.errstate(invalid="ignore"):
-            flag = np.isfinite(cos) & (cos <= self.threshold)
+        flag = is_flagged(cos, self.threshold)
         if self.keys is None:
             self._start(keys, np.asarray(columns["layer"])[order], cos)
         elif len(keys) != len(self.keys) or not np.array_equal(keys, self.keys):

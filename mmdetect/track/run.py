@@ -23,7 +23,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mmdetect.convention import DEFAULT
 from mmdetect.errors import THRESHOLD, MMDetectError, check_unit
+from mmdetect.sweep.config import DEFAULT_TOLERANCE
 from mmdetect.track.accumulate import NO_STEP, Tracker
 from mmdetect.track.inputs import TrackPoint, plan_points
 from mmdetect.version import __version__
@@ -54,7 +56,7 @@ def _ref(source: str) -> str:
 
 
 def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[str] | None = None,
-          steps: list[int] | None = None, convention: str = "folded", threshold: float = THRESHOLD,
+          steps: list[int] | None = None, convention: str = DEFAULT, threshold: float = THRESHOLD,
           layers: str | None = None, device: str = "cpu", fmt: str = "parquet", everything: bool = False,
           shard: tuple[int, int] | None = None, force: bool = False, top: int = 10, plots: bool = True,
           progress: bool | None = None) -> TrackResult:
@@ -69,17 +71,20 @@ def track(sources: list[str], *, output_dir: str | os.PathLike, revisions: list[
         raise MMDetectError(f"--format {fmt!r}: a track is written as {' or '.join(TRACK_FILES)}")
     check_unit(threshold)
     points = plan_points(list(sources), list(revisions or []), steps)
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise MMDetectError(f"--output-dir {out} is a file: give a folder")
+    out = sweep.output_folder(output_dir)
     options = sweep.ScanOptions(threshold=threshold, convention=convention, layers=layers, format="csv", device=device)
     entries = [sweep.Entry(index=i, name=u.name, model=u.ref, ref=_ref(u.ref), revision=u.revision, scan=options)
                for i, u in enumerate(points)]
     digest = hashlib.sha256(json.dumps([[u.ref, u.revision, u.step] for u in points]).encode()).hexdigest()
-    plan = sweep.Zoo(path=out / "track.json", description=f"track of {len(points)} checkpoints", entries=entries,
-                   sha256=digest)
-    result = sweep.run_sweep(plan, out / CHECKPOINTS, shard=shard, force=force, plots=False, progress=progress)
-    failed = [(r.name, r.error) for r in result.records if r.error]
+    # The checkpoints' reports (checkpoints/summary.*, results.json) name the track's points as a sweep's reports name
+    # its config: track.json is the identity of this list of points, not a file.
+    header = {"config": {"path": str(out / "track.json"), "sha256": digest,
+                         "description": f"track of {len(points)} checkpoints", "entries": [e.name for e in entries]},
+              "shard": f"{shard[0]}/{shard[1]}" if shard else None, "only": None, "baseline": None,
+              "tolerance": DEFAULT_TOLERANCE["shares"]}
+    records = sweep.run_units(sweep.select(entries, shard), out / CHECKPOINTS, header, force=force, plots=False,
+                              progress=progress)
+    failed = [(r.name, r.error) for r in records if r.error]
     done = {e.name for e in entries if (out / CHECKPOINTS / e.data_file).is_file()
             and (out / CHECKPOINTS / e.meta_file).is_file()}
     missing = [u.name for u in points if u.name not in done]

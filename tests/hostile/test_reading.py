@@ -208,6 +208,49 @@ def test_gguf_header(tmp_path: Path, case: str) -> None:
     refused(tmp_path, _gguf(tmp_path, make()), kind, "m.gguf", *phrases)
 
 
+def _with_tokens(value: bytes) -> bytes:
+    """The baseline file with a tokenizer.ggml.tokens key whose value (item type, count, items) is ``value``."""
+    key = b"tokenizer.ggml.tokens"
+    placeholder = key + struct.pack("<I", U64) + struct.pack("<Q", 0)
+    data = gguf_bytes(llama_kvs() + [("tokenizer.ggml.model", STRING, "llama"), ("tokenizer.ggml.tokens", U64, 0)],
+                      llama_tensors())
+    return data.replace(placeholder, key + struct.pack("<I", ARRAY) + value)
+
+
+@pytest.mark.parametrize(("value", "phrase"), [
+    # 100,000 arrays each holding the next (built flat: a recursive reader would end in RecursionError)
+    (struct.pack("<IQ", ARRAY, 1) * 100_000 + struct.pack("<IQ", U32, 0),
+     "key 'tokenizer.ggml.tokens' nests arrays more than 2 deep"),
+    (struct.pack("<IQ", STRING, 2**60), "key 'tokenizer.ggml.tokens' claims an array of 1,152,921,504,606,846,976"),
+    (struct.pack("<IQ", STRING, 3) + struct.pack("<Q", 2**40) + b"ab", "header runs past the end of the file"),
+], ids=["nested 100,000 deep", "2**60 strings", "a string of 2**40 bytes"])
+def test_the_tokenizer_fields_are_read_with_the_header_checks(tmp_path: Path, value: bytes, phrase: str) -> None:
+    """The vocabulary view reads tokenizer.ggml.* through io.gguf: a hostile token list is one CorruptInputError
+    naming the file and the key (the view then has no GGUF token list), and the scan refuses the file in one line."""
+    from mmdetect.corpus import tokens
+
+    path = _gguf(tmp_path, _with_tokens(value))
+    with pytest.raises(CorruptInputError) as exc:
+        tokens.read_gguf_tokenizer(path)
+    assert str(exc.value).startswith("m.gguf is not a readable GGUF file (") and phrase in str(exc.value)
+    assert str(exc.value).endswith("): download it again") and "\n" not in str(exc.value)
+    assert tokens.read_gguf_vocab(path) is None
+    refused(tmp_path, path, CorruptInputError, "m.gguf", phrase)
+
+
+def test_the_tokenizer_fields_of_a_valid_file(tmp_path: Path) -> None:
+    path = _gguf(tmp_path, _with_tokens(struct.pack("<IQ", STRING, 3) + b"".join(
+        struct.pack("<Q", len(t)) + t for t in (b"<s>", "\u2581é".encode(), b"\xff"))))
+    from mmdetect.corpus import tokens
+    from mmdetect.io.gguf import read_fields
+
+    assert tokens.read_gguf_tokenizer(path) == {"tokenizer.ggml.model": "llama",
+                                                "tokenizer.ggml.tokens": ["<s>", "\u2581é", "\ufffd"]}
+    assert read_fields(path, ["llama.block_count", "no.such.key"]) == {"llama.block_count": 1}
+    table = tokens.read_gguf_vocab(path)
+    assert table is not None and table.scheme == tokens.SENTENCEPIECE and table.label(1) == " é"
+
+
 def test_the_crafted_gguf_baseline_scans_like_its_safetensors_twin(tmp_path: Path) -> None:
     """The cases above differ from a valid file in one field: this is that file, and it scans (same cosines)."""
     gguf = mmdetect.scan(str(_gguf(tmp_path, gguf_bytes(llama_kvs(alignment=64), llama_tensors(), alignment=64))))

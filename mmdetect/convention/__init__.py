@@ -22,8 +22,10 @@ The three conventions, against each other (``docs/conventions.md`` has the measu
   unembedding).
 
 Every path (the scan's kernel, explain, ``scan --verify``, heads, chains) asks the functions below which gain and
-which centring to apply, and folds rows with :func:`fold` / :func:`fold_into`. Pure torch, no I/O. Shapes: ``n`` rows
-(neurons, heads x head_dim, tokens), ``d`` = d_model; rows arrive in the canonical orientation ``[n, d]``.
+which centring to apply (a :class:`Fold` per role), and applies it with the one kernel in ``convention.kernel``
+(``fold_into``; ``fold`` is it on a new tensor). This module is data and decisions only: it imports neither torch nor
+anything else heavy, so the command line reads its names and default at start-up. Shapes: ``n`` rows (neurons,
+heads x head_dim, tokens), ``d`` = d_model; rows arrive in the canonical orientation ``[n, d]``.
 
 Where each role's norm and centring condition come from (the norm facts are the registry's ``NormSpec``s):
 
@@ -42,16 +44,15 @@ unembedding           final norm                   the final norm is a LayerNorm
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
 from mmdetect.errors import MMDetectError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from mmdetect.registry import NormSpec
 
 
@@ -268,120 +269,3 @@ def unembedding_fold(conv: Convention, final_norm: NormSpec | None, gain: torch.
     rule = conv.unembed
     centre_here = centres(final_norm) and (rule.centre_weightless or bool(final_norm and final_norm.weights))
     return replace(_apply(rule, gain, centre_here), centre_rows=rule.centre_vocab, scale=conv.unembed_scale)
-
-
-# -- applying a fold ---------------------------------------------------------------------------------------------------
-
-TILE = 128  # columns of d per transposing copy: a [m, 128] tile of a column-major chunk stays in L1/L2
-GATHER_BYTES = 4 << 20  # a column-major chunk is gathered into a contiguous buffer of at most this many bytes
-HALF = (torch.bfloat16, torch.float16)  # stored dtypes that widen to float32 exactly
-_GATHER = threading.local()  # each thread's gather buffer, per dtype
-
-
-def _gathered(w: torch.Tensor) -> torch.Tensor:
-    """A column-major chunk w [m, d] (rows of the stored [d, n] matrix, n apart) copied into this thread's contiguous
-    [d, m] buffer: each of the d reads is m contiguous elements."""
-    m, d = w.shape
-    buffers = _GATHER.__dict__.setdefault("by_dtype", {})
-    buf = buffers.get(w.dtype)
-    if buf is None or buf.numel() < m * d:
-        buf = buffers[w.dtype] = torch.empty(m * d, dtype=w.dtype)
-    out = buf[: m * d].view(d, m)
-    out.copy_(w.T)
-    return out
-
-
-def fold_into(out: torch.Tensor, w: torch.Tensor, f: Fold) -> None:
-    """out[m, d] (float32, may be a view into a work buffer) <- fold(w[m, d]) without intermediate copies.
-
-    A row-major chunk is converted, then scaled in place. A column-major chunk (an ``out`` weight stored [d, n], seen
-    through a transposed view) on the CPU is first gathered into a contiguous [d, m] buffer (rows of m elements), then
-    converted and transposed in one copy: the stored matrix's rows are often a multiple of 4 KB apart (14336 bf16
-    neurons are 28 KB), so reading many of them at once, as a transposing copy from the stored matrix does, keeps
-    evicting its own cache lines (3.5 ns per element; 0.85 ns this way). Elsewhere it is converted and transposed in
-    [m, TILE] tiles. ``f.gain`` must be float32 on out's device.
-    """
-    if w.stride(-1) != 1 and w.stride(0) == 1 and w.device == out.device:
-        if out.device.type == "cpu":
-            rows = max(1, GATHER_BYTES // max(1, w.shape[1] * w.element_size()))
-            for r0 in range(0, w.shape[0], rows):
-                out[r0:r0 + rows].copy_(_gathered(w[r0:r0 + rows]).T)
-        else:
-            for k0 in range(0, w.shape[1], TILE):
-                out[:, k0:k0 + TILE].copy_(w[:, k0:k0 + TILE])
-        if f.gain is not None:
-            out.mul_(f.gain)
-    elif f.gain is not None and w.dtype in HALF and w.device == out.device:
-        # The same float32 product as torch.mul(w, gain) (which widens w first), but a mixed-dtype mul is not
-        # vectorised: widening, then an in-place float32 mul, is about 3x faster.
-        out.copy_(w)
-        out.mul_(f.gain)
-    elif f.gain is not None:
-        torch.mul(w.to(out.device), f.gain, out=out)
-    else:
-        out.copy_(w)
-    if f.scale != 1.0:
-        out.mul_(f.scale)
-    if f.centre:
-        out.sub_(out.mean(dim=1, keepdim=True))
-    if f.centre_rows:
-        out.sub_(out.mean(dim=0, keepdim=True))
-
-
-def fold(w: torch.Tensor, f: Fold) -> torch.Tensor:
-    """[n, d] (any float dtype, any strides) -> [n, d] float32: times the gain, then centred over d if ``f.centre``.
-
-    The same arithmetic as ``fold_into``, on a new tensor that keeps w's strides (a transposed view stays one), so
-    the mean is reduced in the same order whichever path made it.
-    """
-    out = w.float()
-    if f.gain is not None:
-        out = out * f.gain.to(out.device, torch.float32)
-    if f.scale != 1.0:
-        out = out * f.scale
-    if f.centre:
-        out = out - out.mean(dim=1, keepdim=True)
-    if f.centre_rows:
-        out = out - out.mean(dim=0, keepdim=True)
-    return out
-
-
-def canonical_sign(gate_up: torch.Tensor, zero_ties: bool = False) -> torch.Tensor:
-    """[n] -> [n] of +1 / -1 from gate_j . up_j (or any quantity of the same sign, such as cos(gate_j, up_j)).
-
-    Flipping up_j and out_j together leaves a gated MLP unchanged; the canonical sign makes gate_j . up_j >= 0.
-    NaN (a dead neuron) keeps +1. An exact tie (0) keeps +1, or with ``zero_ties`` gives 0, as ``torch.sign`` does.
-    """
-    if zero_ties:
-        return torch.where(torch.isnan(gate_up), 1.0, torch.sign(gate_up))
-    return torch.where(gate_up < 0, -1.0, 1.0)
-
-
-@dataclass
-class FoldedMLP:
-    """One MLP's rows in a convention, float32 [n, d]: read r_j, write o_j and gate g_j. r_j and o_j are already
-    multiplied by ``sign`` [n] (the canonical flip of up and out together; all +1 when the convention does not flip
-    or the MLP is not gated; 0 on a tie where the convention zeroes ties); the gate is never flipped, so
-    g_j . r_j >= 0 after a flip."""
-
-    read: torch.Tensor
-    write: torch.Tensor
-    gate: torch.Tensor | None
-    sign: torch.Tensor
-
-
-def fold_mlp(f: MLPFold, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None) -> FoldedMLP:
-    """w_in, w_out, w_gate [n, d] (canonical orientation) -> the MLP's folded, sign-canonicalised rows."""
-    r, o = fold(w_in, f.read), fold(w_out, f.write)
-    g = None if w_gate is None else fold(w_gate, f.gate)
-    sign = torch.ones(r.shape[0], device=r.device)
-    if g is not None and f.flip_sign:
-        sign = canonical_sign((g * r).sum(dim=1), f.zero_ties)
-        r, o = r * sign[:, None], o * sign[:, None]
-    return FoldedMLP(r, o, g, sign)
-
-
-def actual_write(w_out: torch.Tensor, post_gain: torch.Tensor | None) -> torch.Tensor:
-    """[n, d] -> [n, d] float32: what each neuron adds to the residual per unit of activation, in every convention
-    (the stored write times the post-MLP norm's gain; the norm's 1/rms, a positive scalar per token, is left out)."""
-    return fold(w_out, Fold(post_gain, False))
