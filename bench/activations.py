@@ -22,17 +22,12 @@ import math
 import sys
 from pathlib import Path
 
+from bench.child import OUT, PY
 from bench.generate import SHAPES
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DATA = HERE / "data"
-OUT = HERE / "out"
-PY = sys.executable
 SEQ_LEN = 512
 
 BENCH_SHAPES = ("qwen2-0.5b", "llama-1b")
-TARGETS = {"throughput vs bare forward": 0.8, "statistics' cost": 0.25, "memory over the weights (GB)": 1.0}
 
 # The children: each prints one JSON line {"load": s, "pass": s, "tokens": n}.
 BARE = """
@@ -138,7 +133,7 @@ def corpus(tokens: int, vocab: int) -> Path:
 
 def child(script: str, *args: str) -> tuple[dict, object]:
     """Run one route: its own timings (its last stdout line) and the wall time and peak RSS of the process."""
-    from bench.run import run
+    from bench.child import run
 
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = OUT / "child.json"
@@ -172,7 +167,8 @@ def weight_bytes(folder: Path, size: int = 4) -> int:
 
 def bench_activations(tokens: int, offload_tokens: int) -> tuple[list[str], list[str]]:
     """The section's table lines and target verdicts."""
-    from bench.run import ensure, verdict, warm
+    from bench.cache import warm
+    from bench.child import ensure, verdict
 
     batch = 8
     lines = [f"## Corpus pass (`mmdetect activations`), {tokens:,} tokens in windows of {SEQ_LEN}, float32, CPU\n",

@@ -59,3 +59,7 @@ def ensure(name: str) -> Path:
         print(f"generating {name} in {folder} ...", flush=True)
         subprocess.run([PY, "-m", "bench.generate", name, str(folder)], check=True, cwd=ROOT)
     return folder
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"

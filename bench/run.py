@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from bench.cache import cached_fraction, evict, warm, weight_files
-from bench.child import BIN, DATA, HERE, LOADS, OUT, PY, ROOT, Run, ensure, median, run
+from bench.child import BIN, DATA, HERE, LOADS, OUT, PY, ROOT, Run, ensure, median, run, verdict
 
 
 def median_run(cmd: list[str], repeat: int, folder: Path, cold: bool, tree: Path = ROOT) -> Run:
@@ -157,10 +157,6 @@ def shape_table(args: argparse.Namespace, before: Path | None) -> tuple[list[str
         if not args.keep and name != "tinyllama":
             shutil.rmtree(DATA / name, ignore_errors=True)
     return lines, verdicts
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def shape_verdicts(name: str, row: dict) -> list[str]:
