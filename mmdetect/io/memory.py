@@ -6,9 +6,8 @@ When they do not fit, caching them is worse than useless: each page read pushes 
 files first), and the next scan starts cold all the same. Then the scan drops each range once it is done with it
 (``Checkpoint.drop_cached``, POSIX_FADV_DONTNEED), which on a full cache also spares the kernel the reclaim.
 
-Measured on the 2-core machine (cold 4 GB files, 64 MB ranges): mapping with MADV_POPULATE_READ and dropping behind
-reads 2.7 GB/s for 0.06 s of CPU; pread into a reused buffer and dropping behind, 2.5 GB/s for 0.5 s (the copy);
-pread without dropping on a full page cache, 0.8 to 1.6 GB/s for 1.8 to 4.6 s (the reclaim); O_DIRECT, 1.1 GB/s.
+Mapping and dropping behind was the fastest way to read measured (docs/performance.md, "Measured choices in the
+code": each I/O method's rate and CPU time).
 
 ``drop_behind`` decides from two numbers, so it can be tested without a machine of the right size.
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from mmdetect.convention import DEFAULT as DEFAULT_CONVENTION
 from mmdetect.corpus.defaults import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN
 from mmdetect.errors import THRESHOLD, MMDetectError, UsageError, check_unit, warn
 
@@ -77,7 +78,7 @@ def _convention(v: Any) -> str:
 def _raw(v: Any) -> str:
     if not isinstance(v, bool):
         raise Invalid(f"raw must be true or false, got {v!r}")
-    return "raw" if v else "folded"
+    return "raw" if v else DEFAULT_CONVENTION
 
 
 def _layers(v: Any) -> str | None:
@@ -193,7 +194,7 @@ class ScanOptions:
     """The scan options a config's ``defaults:``, an entry or the command line sets (built-in defaults here)."""
 
     threshold: float = field(default=THRESHOLD, metadata=_rule(_threshold))
-    convention: str = field(default="folded", metadata=_rule(_convention))
+    convention: str = field(default=DEFAULT_CONVENTION, metadata=_rule(_convention))
     layers: str | None = field(default=None, metadata=_rule(_layers))
     format: str = field(default="csv", metadata=_rule(_format))
     device: str = field(default="cpu", metadata=_rule(_device))
