@@ -477,3 +477,19 @@ def test_gemma3_270m_gguf_deletion_equals_its_safetensors_copy(tmp_path: Path, t
         assert a["deletion"]["tokens"] == b["deletion"]["tokens"] > 0
         assert math.isfinite(a["deletion"]["score"])
         assert a["deletion"]["score"] == pytest.approx(b["deletion"]["score"], rel=1e-5, abs=1e-7)
+
+
+def test_chains_of_a_moe_model_write_csv_with_mixed_expert_labels(transformers: Any, tmp_path: Path) -> None:
+    """Routed experts (indices) and the shared expert ("shared") in one expert column: written as text."""
+    import pandas as pd
+    from builders import build_peer
+
+    folder = build_peer("qwen2_moe", tmp_path / "moe")
+    out = tmp_path / "chains.csv"
+    r = CliRunner().invoke(main, ["chains", str(folder), "--threshold", "-0.1", "--no-heads", "--format", "csv",
+                                  "-o", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(out, dtype={"writer_expert": str, "deleter_expert": str})
+    assert len(df) > 0
+    labels = set(df.deleter_expert.dropna()) | set(df.writer_expert.dropna())
+    assert labels and all(v == "shared" or v.isdigit() for v in labels)

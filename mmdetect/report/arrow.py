@@ -16,6 +16,11 @@ def _expert_strings(values: Any) -> list:
     return [None if v is None or v != v else str(v) for v in values]
 
 
+def _is_expert(name: Any) -> bool:
+    """An expert column: a scan's ``expert``, chains' ``writer_expert`` and ``deleter_expert``."""
+    return isinstance(name, str) and (name == "expert" or name.endswith("_expert"))
+
+
 def arrow_table(data: Any, float32: bool = False) -> Any:
     """A pyarrow Table of a ``ScanResult``, a DataFrame or a list of dicts, in column order.
 
@@ -26,14 +31,16 @@ def arrow_table(data: Any, float32: bool = False) -> Any:
     import pyarrow as pa
 
     if isinstance(data, list):
-        return pa.Table.from_pylist(data)
+        keys = {k for row in data for k in row if _is_expert(k)}
+        return pa.Table.from_pylist([{**row, **{k: _expert_strings([row[k]])[0] for k in keys if k in row}}
+                                     for row in data] if keys else data)
     if not isinstance(data, ScanResult):  # a DataFrame
         import pandas as pd
 
         frame = data.copy()
         frame.attrs = {}
-        if "expert" in frame:
-            frame["expert"] = pd.array(_expert_strings(frame["expert"]), dtype="string")
+        for name in [c for c in frame.columns if _is_expert(c)]:
+            frame[name] = pd.array(_expert_strings(frame[name]), dtype="string")
         if float32:
             floats = frame.select_dtypes("float64").columns
             frame[floats] = frame[floats].astype("float32")
