@@ -101,29 +101,34 @@ class Moments:
             return
         self.tokens += pre.shape[0]
         keys = keys.to(pre.device)
+        ws = _Workspace(min(CHUNK, self.n), pre.shape[0], pre.device)
         for lo in range(0, self.n, CHUNK):
             cols = slice(lo, min(self.n, lo + CHUNK))
-            x, p = _neuron_major(pre[:, cols]), _neuron_major(post[:, cols])
-            u = None if up is None else _neuron_major(up[:, cols])
-            self._sums(cols, x, u, p)
+            x, p = _neuron_major(pre[:, cols], ws.t[0]), _neuron_major(post[:, cols], ws.t[1])
+            u = None if up is None else _neuron_major(up[:, cols], ws.t[2])
+            self._sums(cols, x, u, p, ws)
             pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
             self._top(cols, pf, keys)
             self._deletion(cols, pf, keys, scale, component)
 
-    def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor) -> None:
-        """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64)."""
-        x64 = x.to(torch.float64)
-        x2 = x64 * x64
-        self.pre[cols] += torch.stack([x64.sum(1), x2.sum(1), (x2 * x64).sum(1), (x2 * x2).sum(1)], 1).cpu()
-        self.hist[cols] += _histogram(x64).cpu()
-        f64 = torch.float64
-        self.post[cols] += torch.stack([p.sum(1, dtype=f64), p.abs().sum(1, dtype=f64)], 1).cpu()
-        self.post_min[cols] = torch.minimum(self.post_min[cols], p.amin(1).to(f64).cpu())
-        self.post_max[cols] = torch.maximum(self.post_max[cols], p.amax(1).to(f64).cpu())
+    def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor, ws: _Workspace) -> None:
+        """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64); the float64
+        temporaries are written into ``ws``."""
+        m = x.shape[0]
+        x64, x2, tmp = (buf[:m] for buf in ws.f64)
+        x64.copy_(x)
+        torch.mul(x64, x64, out=x2)
+        self.pre[cols] += torch.stack([x64.sum(1), x2.sum(1), torch.mul(x2, x64, out=tmp).sum(1),
+                                       torch.mul(x2, x2, out=tmp).sum(1)], 1).cpu()
+        self.hist[cols] += _histogram(x64, tmp).cpu()
+        p64 = x64.copy_(p)
+        self.post[cols] += torch.stack([p64.sum(1), torch.abs(p64, out=tmp).sum(1)], 1).cpu()
+        self.post_min[cols] = torch.minimum(self.post_min[cols], p.amin(1).to(torch.float64).cpu())
+        self.post_max[cols] = torch.maximum(self.post_max[cols], p.amax(1).to(torch.float64).cpu())
         if u is None:
             self.pos[cols] += (x > 0).sum(1, dtype=torch.int32).cpu()
             return
-        n_pos, n_case, s_case = _cases(x, u, p)
+        n_pos, n_case, s_case = _cases(x, u, p64, ws)
         self.pos[cols] += n_pos.cpu()
         self.case_n[cols] += n_case.cpu()
         self.case_sum[cols] += s_case.cpu()
@@ -217,16 +222,32 @@ class Moments:
         return score.numpy()
 
 
-def _neuron_major(a: torch.Tensor) -> torch.Tensor:
-    """[N, m] token-major columns of a wider tensor -> [m, N] contiguous, float32 (an exact copy of bfloat16 /
-    float16) or float64 as given. Transposed a block of TOKEN_BLOCK rows at a time: each block's rows are read as
-    contiguous runs, which is several times faster than a strided copy of the whole column slice."""
-    out = torch.cat([a[t:t + TOKEN_BLOCK].T for t in range(0, a.shape[0], TOKEN_BLOCK)], 1)
-    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+class _Workspace:
+    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3, float32 x6 and the transposed inputs x3.
+    Fresh tensors of this size would be allocated and page-faulted anew for every chunk, which costs more than the
+    arithmetic done in them."""
+
+    def __init__(self, m: int, n_tok: int, device: torch.device) -> None:
+        self.f64 = [torch.empty(m, n_tok, dtype=torch.float64, device=device) for _ in range(3)]
+        self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(6)]
+        self.t = [torch.empty(m, n_tok, device=device) for _ in range(3)]
+        self.offsets = torch.arange(0, m * HIST_SLOTS, HIST_SLOTS, device=device)[:, None] - _MAGIC_BITS
 
 
-def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """[m, N] float64 -> [m, 258] int64 counts: [underflow, 256 bins of width 25/256 from -10, overflow].
+def _neuron_major(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[N, m] token-major columns of a wider tensor -> [m, N] contiguous (in ``out`` [>= m, N] for float32), float32
+    (an exact copy of bfloat16 / float16) or float64 as given. Transposed a block of TOKEN_BLOCK rows at a time: each
+    block's rows are read as contiguous runs, several times faster than a strided copy of the whole column slice."""
+    blocks = [a[t:t + TOKEN_BLOCK].T for t in range(0, a.shape[0], TOKEN_BLOCK)]
+    if a.dtype == torch.float32:
+        return torch.cat(blocks, 1, out=out[:a.shape[1]])
+    out64 = torch.cat(blocks, 1)
+    return out64 if out64.dtype == torch.float64 else out64.float()
+
+
+def _histogram(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """[m, N] float64 -> [m, 258] int64 counts: [underflow, 256 bins of width 25/256 from -10, overflow]; ``tmp``
+    [m, N] float64 is overwritten.
 
     The bin of x is floor((x + 10) * 256 / 25): every edge -10 + 25k/256 is exact in float64 and so is x + 10 for a
     float32 x, so each value lands where numpy.histogram(x, linspace(-10, 15, 257)) puts it, the last bin closed at
@@ -236,10 +257,9 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     conversion pass (2^52 + s has the bits of int 2^52 + s) and counted by one bincount; the values above 15 (and
     NaN), found from each row's max, are then moved from the last bin to overflow."""
     m = x.shape[0]
-    b = (x + 10.0).mul_(256.0).div_(25.0).floor_().add_(1.0).clamp_(0.0, float(HIST_BINS))
-    top = x.amax(1)
+    b = torch.add(x, 10.0, out=tmp).mul_(256.0).div_(25.0).floor_().add_(1.0).clamp_(0.0, float(HIST_BINS))
     over = torch.zeros(m, dtype=torch.int64, device=x.device)
-    if not bool((top <= HIST_HI).all()):                        # a value above 15, or NaN (amax propagates it)
+    if not bool((x.amax(1) <= HIST_HI).all()):                 # a value above 15, or NaN (amax propagates it)
         over = (~(x <= HIST_HI)).sum(1, dtype=torch.int32).long()
         b.nan_to_num_(nan=float(HIST_BINS))
     slot = b.add_(_MAGIC).view(torch.int64)
@@ -254,29 +274,36 @@ _MAGIC = 2.0 ** 52                                              # 2^52 + s for a
 _MAGIC_BITS = int(torch.tensor(_MAGIC, dtype=torch.float64).view(torch.int64))   # ... has the bits _MAGIC_BITS + s
 
 
-def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                torch.Tensor]:
-    """Tokens with pre > 0 [m], and the counts and sums (float64) of ``post`` [m, N] in the four sign cases of
+def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, ws: _Workspace) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens with pre > 0 [m], and the counts and sums of ``post`` [m, N] float64 in the four sign cases of
     (pre, up) [m, N]: [m, 4] each. A zero (or NaN) is neither positive nor negative: it falls in none.
 
     With finite inputs the indicators come from sign arithmetic (pos = (s^2 + s) / 2, neg = pos - s for s = sign(x),
-    exact 0/1 values) and the counts from float sums of them (exact below 2^24 tokens): a few times faster than
-    comparisons and boolean reductions, which is the way taken otherwise."""
-    if pre.shape[1] < 2 ** 24 and bool(torch.isfinite(pre.sum(1)).all()) and bool(torch.isfinite(up.sum(1)).all()):
-        sx, su = torch.sign(pre), torch.sign(up)
-        g_pos = (sx * sx + sx).mul_(0.5)
-        u_pos = (su * su + su).mul_(0.5)
-        g_neg, u_neg = g_pos - sx, u_pos - su
+    exact 0/1 values, in ``ws``'s buffers) and the counts from float sums of them (exact below 2^24 tokens): a few
+    times faster than comparisons and boolean reductions, which is the way taken otherwise."""
+    m = pre.shape[0]
+    prod = ws.f64[2][:m]
+    if pre.dtype == torch.float32 and up.dtype == torch.float32 and pre.shape[1] < 2 ** 24 \
+            and bool(torch.isfinite(pre.sum(1)).all()) and bool(torch.isfinite(up.sum(1)).all()):
+        g_neg, u_neg, g_pos, u_pos, mask, _ = (buf[:m] for buf in ws.f32)
+        sx, su = torch.sign(pre, out=g_neg), torch.sign(up, out=u_neg)
+        torch.mul(sx, sx, out=g_pos).add_(sx).mul_(0.5)
+        torch.mul(su, su, out=u_pos).add_(su).mul_(0.5)
+        torch.sub(g_pos, sx, out=g_neg)
+        torch.sub(u_pos, su, out=u_neg)
         n_pos = g_pos.sum(1).round().long()
-        masks: list[torch.Tensor] = [g_pos * u_pos, g_pos * u_neg, g_neg * u_pos, g_neg * u_neg]   # CASES' order
-        counts = [mask.sum(1).round().long() for mask in masks]
-    else:
-        gp, gn, up_, un = pre > 0, pre < 0, up > 0, up < 0
-        n_pos = gp.sum(1, dtype=torch.int32).long()
-        masks = [gp & up_, gp & un, gn & up_, gn & un]
-        counts = [mask.sum(1, dtype=torch.int32).long() for mask in masks]
-    sums = [(post * mask).sum(1, dtype=torch.float64) for mask in masks]   # post * 0/1 is exact
-    return n_pos, torch.stack(counts, 1), torch.stack(sums, 1)
+        counts, sums = [], []
+        for g, i in ((g_pos, u_pos), (g_pos, u_neg), (g_neg, u_pos), (g_neg, u_neg)):    # CASES' order
+            torch.mul(g, i, out=mask)
+            counts.append(mask.sum(1).round().long())
+            sums.append(torch.mul(post, mask, out=prod).sum(1))          # post * 0/1 is exact
+        return n_pos, torch.stack(counts, 1), torch.stack(sums, 1)
+    gp, gn, up_, un = pre > 0, pre < 0, up > 0, up < 0
+    masks = [gp & up_, gp & un, gn & up_, gn & un]
+    return (gp.sum(1, dtype=torch.int32).long(),
+            torch.stack([b.sum(1, dtype=torch.int32).long() for b in masks], 1),
+            torch.stack([torch.mul(post, b, out=prod).sum(1) for b in masks], 1))
 
 
 def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: torch.Tensor) \
