@@ -7,7 +7,8 @@ batches 2..k, the steady state of a long run. The same batches go through the im
 optimisation (``bench.stats_baseline``), and the two results are compared field by field. For scale: one float32
 ``x @ W.T`` of [N, d] x [d, n], one of the MLP's three matmuls.
 
-    python -m bench.stats_update [--tokens 4096] [--width 4864] [--d-model 896] [--batches 4] [--threads T] [--no-baseline]
+    python -m bench.stats_update [--tokens 4096] [--width 4864] [--d-model 896] [--batches 4] [--threads T]
+                                 [--no-baseline]
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch
 
 from bench import stats_baseline
 from mmdetect.corpus import stats
-
 
 SUMS = ("pre", "post", "case_sum")
 

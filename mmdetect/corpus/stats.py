@@ -223,15 +223,14 @@ class Moments:
 
 
 class _Workspace:
-    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3, float32 x6 and the transposed inputs x3.
+    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3, float32 x5 and the transposed inputs x3.
     Fresh tensors of this size would be allocated and page-faulted anew for every chunk, which costs more than the
     arithmetic done in them."""
 
     def __init__(self, m: int, n_tok: int, device: torch.device) -> None:
         self.f64 = [torch.empty(m, n_tok, dtype=torch.float64, device=device) for _ in range(3)]
-        self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(6)]
+        self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(5)]
         self.t = [torch.empty(m, n_tok, device=device) for _ in range(3)]
-        self.offsets = torch.arange(0, m * HIST_SLOTS, HIST_SLOTS, device=device)[:, None] - _MAGIC_BITS
 
 
 def _neuron_major(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -286,7 +285,7 @@ def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, ws: _Workspa
     prod = ws.f64[2][:m]
     if pre.dtype == torch.float32 and up.dtype == torch.float32 and pre.shape[1] < 2 ** 24 \
             and bool(torch.isfinite(pre.sum(1)).all()) and bool(torch.isfinite(up.sum(1)).all()):
-        g_neg, u_neg, g_pos, u_pos, mask, _ = (buf[:m] for buf in ws.f32)
+        g_neg, u_neg, g_pos, u_pos, mask = (buf[:m] for buf in ws.f32)
         sx, su = torch.sign(pre, out=g_neg), torch.sign(up, out=u_neg)
         torch.mul(sx, sx, out=g_pos).add_(sx).mul_(0.5)
         torch.mul(su, su, out=u_pos).add_(su).mul_(0.5)
