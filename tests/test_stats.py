@@ -86,7 +86,8 @@ def _reference(batches: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(("sizes", "nan"), [((300, 257, 3, 64), False), ((40, 2, 90), True)])
 def test_update_equals_a_float64_reference(monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...],
                                            nan: bool) -> None:
-    monkeypatch.setattr(stats, "CHUNK", 16)            # n = 70: several chunks and a short last one
+    monkeypatch.setattr(stats, "BLOCK", 32)            # n = 70: several blocks and a short last one,
+    monkeypatch.setattr(stats, "CHUNK", 12)            # chunks of them and a short last one
     monkeypatch.setattr(stats, "TOKEN_BLOCK", 64)      # and a short last block of the transposition
     batches = _batches(len(sizes), 70, sizes, nan)
     m = Moments.empty(70, TOP)

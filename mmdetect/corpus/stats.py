@@ -36,7 +36,8 @@ HIST_SLOTS = HIST_BINS + 2                        # [underflow, 256 bins, overfl
 DELETION_K = 32                                   # tokens with the largest |post| that the deletion score averages
 CASES = ("gp_ip", "gp_in", "gn_ip", "gn_in")      # sign cases of (gate, linear input); exact zeros fall in none
 NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set sorts last
-CHUNK = 32                                        # neurons at once: a chunk's [32, N] temporaries stay in cache
+BLOCK = 256                                       # neurons transposed to neuron-major at once
+CHUNK = 32                                        # neurons summed at once: a chunk's [32, N] temporaries stay in cache
 TOKEN_BLOCK = 256                                 # rows per block of the transposition to neuron-major
 
 
@@ -95,21 +96,25 @@ class Moments:
         (the post-norm's 1/rms per token). ``component(tokens, neurons)`` gives the residual's component along each
         neuron's read direction at those (batch-relative) tokens, for the tokens that enter the deletion set.
 
-        Each chunk of CHUNK neurons is transposed once to neuron-major [m, N], so that every reduction, the
-        histogram's bin offsets and the top-k run along contiguous memory, and its temporaries stay in cache."""
+        Each block of BLOCK neurons is transposed once to neuron-major [m, N], so that every reduction, the
+        histogram's bin offsets and the top-k run along contiguous memory; the sums go CHUNK neurons at a time,
+        so that their float64 temporaries stay in cache, the top and deletion sets a block at a time."""
         if pre.shape[0] == 0:
             return
         self.tokens += pre.shape[0]
         keys = keys.to(pre.device)
-        ws = _Workspace(min(CHUNK, self.n), pre.shape[0], pre.device)
-        for lo in range(0, self.n, CHUNK):
-            cols = slice(lo, min(self.n, lo + CHUNK))
-            x, p = _neuron_major(pre[:, cols], ws.t[0]), _neuron_major(post[:, cols], ws.t[1])
-            u = None if up is None else _neuron_major(up[:, cols], ws.t[2])
-            self._sums(cols, x, u, p, ws)
+        ws = _Workspace(min(CHUNK, self.n), min(BLOCK, self.n), pre.shape[0], pre.device)
+        for lo in range(0, self.n, BLOCK):
+            block = slice(lo, min(self.n, lo + BLOCK))
+            x, p = _neuron_major(pre[:, block], ws.t[0]), _neuron_major(post[:, block], ws.t[1])
+            u = None if up is None else _neuron_major(up[:, block], ws.t[2])
+            for at in range(0, x.shape[0], CHUNK):
+                rows = slice(at, at + CHUNK)
+                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows], None if u is None else u[rows],
+                           p[rows], ws)
             pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
-            self._top(cols, pf, keys)
-            self._deletion(cols, pf, keys, scale, component)
+            self._top(block, pf, keys)
+            self._deletion(block, pf, keys, scale, component)
 
     def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor, ws: _Workspace) -> None:
         """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64); the float64
@@ -223,14 +228,15 @@ class Moments:
 
 
 class _Workspace:
-    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3, float32 x5 and the transposed inputs x3.
+    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3 and float32 x5, the transposed inputs
+    [BLOCK, N] float32 x3.
     Fresh tensors of this size would be allocated and page-faulted anew for every chunk, which costs more than the
     arithmetic done in them."""
 
-    def __init__(self, m: int, n_tok: int, device: torch.device) -> None:
+    def __init__(self, m: int, block: int, n_tok: int, device: torch.device) -> None:
         self.f64 = [torch.empty(m, n_tok, dtype=torch.float64, device=device) for _ in range(3)]
         self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(5)]
-        self.t = [torch.empty(m, n_tok, device=device) for _ in range(3)]
+        self.t = [torch.empty(block, n_tok, device=device) for _ in range(3)]
 
 
 def _neuron_major(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
