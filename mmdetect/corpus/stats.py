@@ -133,7 +133,7 @@ class Moments:
         if u is None:
             self.pos[cols] += (x > 0).sum(1, dtype=torch.int32).cpu()
             return
-        n_pos, n_case, s_case = _cases(x, u, p64, ws)
+        n_pos, n_case, s_case = _cases(x, u, p, p64, ws)
         self.pos[cols] += n_pos.cpu()
         self.case_n[cols] += n_case.cpu()
         self.case_sum[cols] += s_case.cpu()
@@ -279,17 +279,19 @@ _MAGIC = 2.0 ** 52                                              # 2^52 + s for a
 _MAGIC_BITS = int(torch.tensor(_MAGIC, dtype=torch.float64).view(torch.int64))   # ... has the bits _MAGIC_BITS + s
 
 
-def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, ws: _Workspace) \
+def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, post64: torch.Tensor, ws: _Workspace) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens with pre > 0 [m], and the counts and sums of ``post`` [m, N] float64 in the four sign cases of
-    (pre, up) [m, N]: [m, 4] each. A zero (or NaN) is neither positive nor negative: it falls in none.
+    """Tokens with pre > 0 [m], and the counts and float64 sums of ``post`` [m, N] (``post64``: its float64 copy)
+    in the four sign cases of (pre, up) [m, N]: [m, 4] each. A zero (or NaN) is neither positive nor negative: it
+    falls in none.
 
-    With finite inputs the indicators come from sign arithmetic (pos = (s^2 + s) / 2, neg = pos - s for s = sign(x),
-    exact 0/1 values, in ``ws``'s buffers) and the counts from float sums of them (exact below 2^24 tokens): a few
-    times faster than comparisons and boolean reductions, which is the way taken otherwise."""
+    With finite float32 inputs the indicators come from sign arithmetic (pos = (s^2 + s) / 2, neg = pos - s for
+    s = sign(x), exact 0/1 values, in ``ws``'s buffers), the counts from float sums of them (exact below 2^24
+    tokens) and the sums from post * indicator (exact in float32) summed in float64: a few times faster than
+    comparisons and boolean reductions, which is the way taken otherwise."""
     m = pre.shape[0]
     prod = ws.f64[2][:m]
-    if pre.dtype == torch.float32 and up.dtype == torch.float32 and pre.shape[1] < 2 ** 24 \
+    if pre.dtype == up.dtype == post.dtype == torch.float32 and pre.shape[1] < 2 ** 24 \
             and bool(torch.isfinite(pre.sum(1)).all()) and bool(torch.isfinite(up.sum(1)).all()):
         g_neg, u_neg, g_pos, u_pos, mask = (buf[:m] for buf in ws.f32)
         sx, su = torch.sign(pre, out=g_neg), torch.sign(up, out=u_neg)
@@ -302,13 +304,13 @@ def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, ws: _Workspa
         for g, i in ((g_pos, u_pos), (g_pos, u_neg), (g_neg, u_pos), (g_neg, u_neg)):    # CASES' order
             torch.mul(g, i, out=mask)
             counts.append(mask.sum(1).round().long())
-            sums.append(torch.mul(post, mask, out=prod).sum(1))          # post * 0/1 is exact
+            sums.append(torch.mul(post, mask, out=mask).sum(1, dtype=torch.float64))   # post * 0/1 is exact
         return n_pos, torch.stack(counts, 1), torch.stack(sums, 1)
     gp, gn, up_, un = pre > 0, pre < 0, up > 0, up < 0
     masks = [gp & up_, gp & un, gn & up_, gn & un]
     return (gp.sum(1, dtype=torch.int32).long(),
             torch.stack([b.sum(1, dtype=torch.int32).long() for b in masks], 1),
-            torch.stack([torch.mul(post, b, out=prod).sum(1) for b in masks], 1))
+            torch.stack([torch.mul(post64, b, out=prod).sum(1) for b in masks], 1))
 
 
 def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: torch.Tensor) \
