@@ -37,7 +37,7 @@ DELETION_K = 32                                   # tokens with the largest |pos
 CASES = ("gp_ip", "gp_in", "gn_ip", "gn_in")      # sign cases of (gate, linear input); exact zeros fall in none
 NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set sorts last
 BLOCK = 256                                       # neurons transposed to neuron-major at once
-CHUNK = 32                                        # neurons summed at once: a chunk's [32, N] temporaries stay in cache
+CHUNK = 64                                        # neurons summed at once: a chunk's [64, N] temporaries stay in cache
 TOKEN_BLOCK = 256                                 # rows per block of the transposition to neuron-major
 
 
