@@ -113,8 +113,8 @@ class Moments:
                 self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows], None if u is None else u[rows],
                            p[rows], ws)
             pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
-            self._top(block, pf, keys)
-            self._deletion(block, pf, keys, scale, component)
+            self._top(block, pf, keys, ws.mask)
+            self._deletion(block, pf, torch.abs(pf, out=ws.t[0][:pf.shape[0]]), keys, scale, component, ws.mask)
 
     def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor, ws: _Workspace) -> None:
         """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64); the float64
@@ -138,15 +138,15 @@ class Moments:
         self.case_n[cols] += n_case.cpu()
         self.case_sum[cols] += s_case.cpu()
 
-    def _top(self, cols: slice, p: torch.Tensor, keys: torch.Tensor) -> None:
-        merged = _enter(p, keys, self.top_val[cols], self.top_key[cols])
+    def _top(self, cols: slice, p: torch.Tensor, keys: torch.Tensor, scratch: torch.Tensor) -> None:
+        merged = _enter(p, keys, self.top_val[cols], self.top_key[cols], scratch)
         if merged is not None:
             rows, val, key, _src, _tok = merged
             self.top_val[cols.start + rows], self.top_key[cols.start + rows] = val, key
 
-    def _deletion(self, cols: slice, p: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
-                  component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        merged = _enter(p.abs(), keys, self.del_abs[cols], self.del_key[cols])
+    def _deletion(self, cols: slice, p: torch.Tensor, p_abs: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+                  component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> None:
+        merged = _enter(p_abs, keys, self.del_abs[cols], self.del_key[cols], scratch)
         if merged is None:
             return
         rows, val, key, src, tok = merged                  # rows: the chunk's neurons whose set changed
@@ -229,7 +229,7 @@ class Moments:
 
 class _Workspace:
     """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3 and float32 x5, the transposed inputs
-    [BLOCK, N] float32 x3.
+    [BLOCK, N] float32 x3 and a [BLOCK, N] bool scratch.
     Fresh tensors of this size would be allocated and page-faulted anew for every chunk, which costs more than the
     arithmetic done in them."""
 
@@ -237,6 +237,7 @@ class _Workspace:
         self.f64 = [torch.empty(m, n_tok, dtype=torch.float64, device=device) for _ in range(3)]
         self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(5)]
         self.t = [torch.empty(block, n_tok, device=device) for _ in range(3)]
+        self.mask = torch.empty(block, n_tok, dtype=torch.bool, device=device)
 
 
 def _neuron_major(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -313,8 +314,8 @@ def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, post64: torc
             torch.stack([torch.mul(post64, b, out=prod).sum(1) for b in masks], 1))
 
 
-def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: torch.Tensor) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: torch.Tensor,
+           scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Merge a batch v [m, N] float32 (neuron-major, tokens in key order) into running top sets [m, k]: the k best of
     each neuron's union, as ``_merge`` orders them. Only the tokens that can enter are looked at: a value below the
     running set's k-th one cannot (NaN, which topk puts first, is never below). A neuron with at most k candidates
@@ -324,7 +325,7 @@ def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: 
     key [r, k], src [r, k] (index into [running k, candidates c]), tok [r, c] the candidates' batch rows (-1: none))."""
     k = run_val.shape[1]
     kth = run_val[:, -1:].to(v.device)
-    enter = ~(v < kth)
+    enter = torch.lt(v, kth, out=scratch[:v.shape[0]]).logical_not_()          # scratch [>= m, N] bool
     count = enter.sum(1, dtype=torch.int32).long().cpu()
     rows = torch.nonzero(count > 0).flatten()
     if rows.numel() == 0:
