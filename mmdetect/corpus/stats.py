@@ -36,7 +36,9 @@ HIST_SLOTS = HIST_BINS + 2                        # [underflow, 256 bins, overfl
 DELETION_K = 32                                   # tokens with the largest |post| that the deletion score averages
 CASES = ("gp_ip", "gp_in", "gn_ip", "gn_in")      # sign cases of (gate, linear input); exact zeros fall in none
 NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set sorts last
-CHUNK = 1024                                      # neurons processed at once: bounds the float64 temporaries
+BLOCK = 256                                       # neurons transposed to neuron-major at once
+CHUNK = 64                                        # neurons summed at once: a chunk's [64, N] temporaries stay in cache
+TOKEN_BLOCK = 256                                 # rows per block of the transposition to neuron-major
 
 
 def _zeros(n: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -92,62 +94,78 @@ class Moments:
                scale: torch.Tensor, component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         """Add N tokens: pre, up, post [N, n] (any float dtype, any device), keys [N] int64 ascending, scale [N]
         (the post-norm's 1/rms per token). ``component(tokens, neurons)`` gives the residual's component along each
-        neuron's read direction at those (batch-relative) tokens, for the tokens that enter the deletion set."""
+        neuron's read direction at those (batch-relative) tokens, for the tokens that enter the deletion set.
+
+        Each block of BLOCK neurons is transposed once to neuron-major [m, N], so that every reduction, the
+        histogram's bin offsets and the top-k run along contiguous memory; the sums go CHUNK neurons at a time,
+        so that their float64 temporaries stay in cache, the top and deletion sets a block at a time."""
         if pre.shape[0] == 0:
             return
         self.tokens += pre.shape[0]
         keys = keys.to(pre.device)
-        for lo in range(0, self.n, CHUNK):
-            hi = min(self.n, lo + CHUNK)
-            cols = slice(lo, hi)
-            self._sums(cols, pre[:, cols], None if up is None else up[:, cols], post[:, cols])
-            self._top(cols, post[:, cols], keys)
-            self._deletion(cols, post[:, cols], keys, scale, component)
+        ws = _Workspace(min(CHUNK, self.n), min(BLOCK, self.n), pre.shape[0], pre.device)
+        for lo in range(0, self.n, BLOCK):
+            block = slice(lo, min(self.n, lo + BLOCK))
+            x, p = _neuron_major(pre[:, block], ws.t[0]), _neuron_major(post[:, block], ws.t[1])
+            u = None if up is None else _neuron_major(up[:, block], ws.t[2])
+            for at in range(0, x.shape[0], CHUNK):
+                rows = slice(at, at + CHUNK)
+                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows], None if u is None else u[rows],
+                           p[rows], ws)
+            pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
+            self._top(block, pf, keys, ws.mask)
+            self._deletion(block, pf, torch.abs(pf, out=ws.t[0][:pf.shape[0]]), keys, scale, component, ws.mask)
 
-    def _sums(self, cols: slice, pre: torch.Tensor, up: torch.Tensor | None, post: torch.Tensor) -> None:
-        x = pre.double()
-        x2 = x * x
-        self.pre[cols] += torch.stack([x.sum(0), x2.sum(0), (x2 * x).sum(0), (x2 * x2).sum(0)], 1).cpu()
-        self.pos[cols] += (pre > 0).sum(0).cpu()
-        self.hist[cols] += _histogram(x).cpu()
-        p = post.double()
-        self.post[cols] += torch.stack([p.sum(0), p.abs().sum(0)], 1).cpu()
-        self.post_min[cols] = torch.minimum(self.post_min[cols], p.amin(0).cpu())
-        self.post_max[cols] = torch.maximum(self.post_max[cols], p.amax(0).cpu())
-        if up is not None:
-            n_case, s_case = _cases(pre, up, p)
-            self.case_n[cols] += n_case.cpu()
-            self.case_sum[cols] += s_case.cpu()
+    def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor, ws: _Workspace) -> None:
+        """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64); the float64
+        temporaries are written into ``ws``."""
+        m = x.shape[0]
+        x64, x2, tmp = (buf[:m] for buf in ws.f64)
+        x64.copy_(x)
+        torch.mul(x64, x64, out=x2)
+        self.pre[cols] += torch.stack([x64.sum(1), x2.sum(1), torch.mul(x2, x64, out=tmp).sum(1),
+                                       torch.mul(x2, x2, out=tmp).sum(1)], 1).cpu()
+        self.hist[cols] += _histogram(x64, tmp).cpu()
+        p64 = x64.copy_(p)
+        self.post[cols] += torch.stack([p64.sum(1), torch.abs(p64, out=tmp).sum(1)], 1).cpu()
+        self.post_min[cols] = torch.minimum(self.post_min[cols], p.amin(1).to(torch.float64).cpu())
+        self.post_max[cols] = torch.maximum(self.post_max[cols], p.amax(1).to(torch.float64).cpu())
+        if u is None:
+            self.pos[cols] += (x > 0).sum(1, dtype=torch.int32).cpu()
+            return
+        n_pos, n_case, s_case = _cases(x, u, p, p64, ws)
+        self.pos[cols] += n_pos.cpu()
+        self.case_n[cols] += n_case.cpu()
+        self.case_sum[cols] += s_case.cpu()
 
-    def _top(self, cols: slice, post: torch.Tensor, keys: torch.Tensor) -> None:
-        k = self.top_val.shape[1]
-        val, tok = _batch_top(post.float(), k)
-        merged_val, merged_key, _src = _merge(self.top_val[cols], self.top_key[cols], val.cpu(),
-                                              keys[tok].cpu(), k)
-        self.top_val[cols], self.top_key[cols] = merged_val, merged_key
+    def _top(self, cols: slice, p: torch.Tensor, keys: torch.Tensor, scratch: torch.Tensor) -> None:
+        merged = _enter(p, keys, self.top_val[cols], self.top_key[cols], scratch)
+        if merged is not None:
+            rows, val, key, _src, _tok = merged
+            self.top_val[cols.start + rows], self.top_key[cols.start + rows] = val, key
 
-    def _deletion(self, cols: slice, post: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
-                  component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        a = post.float()
-        val, tok = _batch_top(a.abs(), DELETION_K)
-        val, tok = val.cpu(), tok.cpu()
-        merged_val, merged_key, src = _merge(self.del_abs[cols], self.del_key[cols], val, keys.cpu()[tok],
-                                             DELETION_K)
-        old = src < DELETION_K                       # kept from the running set: its a, c, s are known
+    def _deletion(self, cols: slice, p: torch.Tensor, p_abs: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+                  component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> None:
+        merged = _enter(p_abs, keys, self.del_abs[cols], self.del_key[cols], scratch)
+        if merged is None:
+            return
+        rows, val, key, src, tok = merged                  # rows: the chunk's neurons whose set changed
+        at = cols.start + rows
+        old = src < DELETION_K                             # kept from the running set: its a, c, s are known
         idx = src.clamp(max=DELETION_K - 1)
-        new_a = torch.gather(self.del_a[cols], 1, idx)
-        new_c = torch.gather(self.del_c[cols], 1, idx)
-        new_s = torch.gather(self.del_s[cols], 1, idx)
-        fresh = ~old & (merged_key != NO_KEY)
+        new_a = torch.gather(self.del_a[at], 1, idx)
+        new_c = torch.gather(self.del_c[at], 1, idx)
+        new_s = torch.gather(self.del_s[at], 1, idx)
+        fresh = ~old & (key != NO_KEY)
         if fresh.any():
-            rows, slots = torch.nonzero(fresh, as_tuple=True)          # neuron (chunk-relative), slot
-            t = tok[rows, src[rows, slots] - DELETION_K]               # batch-relative token of each fresh entry
-            neuron = rows + cols.start
-            new_a[rows, slots] = a[t.to(a.device), rows.to(a.device)].double().cpu()
-            new_c[rows, slots] = component(t, neuron).double().cpu()
-            new_s[rows, slots] = scale.cpu()[t].double()
-        self.del_abs[cols], self.del_key[cols] = merged_val, merged_key
-        self.del_a[cols], self.del_c[cols], self.del_s[cols] = new_a, new_c, new_s
+            r, slots = torch.nonzero(fresh, as_tuple=True)           # row of ``rows``, slot
+            t = tok[r, src[r, slots] - DELETION_K]                    # batch-relative token of each fresh entry
+            neuron = rows[r]                                          # chunk-relative
+            new_a[r, slots] = p[neuron.to(p.device), t.to(p.device)].double().cpu()
+            new_c[r, slots] = component(t, neuron + cols.start).double().cpu()
+            new_s[r, slots] = scale.cpu()[t].double()
+        self.del_abs[at], self.del_key[at] = val, key
+        self.del_a[at], self.del_c[at], self.del_s[at] = new_a, new_c, new_s
 
     # -- combining --------------------------------------------------------------------------------------------------
 
@@ -209,57 +227,168 @@ class Moments:
         return score.numpy()
 
 
-def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """[N, m] float64 -> [m, 258] int64 counts: [underflow, 256 bins of width 25/256 from -10, overflow].
+class _Workspace:
+    """Buffers reused by every chunk of one update: [CHUNK, N] float64 x3 and float32 x5, the transposed inputs
+    [BLOCK, N] float32 x3 and a [BLOCK, N] bool scratch.
+    Fresh tensors of this size would be allocated and page-faulted anew for every chunk, which costs more than the
+    arithmetic done in them."""
+
+    def __init__(self, m: int, block: int, n_tok: int, device: torch.device) -> None:
+        self.f64 = [torch.empty(m, n_tok, dtype=torch.float64, device=device) for _ in range(3)]
+        self.f32 = [torch.empty(m, n_tok, device=device) for _ in range(5)]
+        self.t = [torch.empty(block, n_tok, device=device) for _ in range(3)]
+        self.mask = torch.empty(block, n_tok, dtype=torch.bool, device=device)
+
+
+def _neuron_major(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[N, m] token-major columns of a wider tensor -> [m, N] contiguous (in ``out`` [>= m, N] for float32), float32
+    (an exact copy of bfloat16 / float16) or float64 as given. Transposed a block of TOKEN_BLOCK rows at a time: each
+    block's rows are read as contiguous runs, several times faster than a strided copy of the whole column slice."""
+    blocks = [a[t:t + TOKEN_BLOCK].T for t in range(0, a.shape[0], TOKEN_BLOCK)]
+    if a.dtype == torch.float32:
+        return torch.cat(blocks, 1, out=out[:a.shape[1]])
+    out64 = torch.cat(blocks, 1)
+    return out64 if out64.dtype == torch.float64 else out64.float()
+
+
+def _histogram(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """[m, N] float64 -> [m, 258] int64 counts: [underflow, 256 bins of width 25/256 from -10, overflow]; ``tmp``
+    [m, N] float64 is overwritten.
 
     The bin of x is floor((x + 10) * 256 / 25): every edge -10 + 25k/256 is exact in float64 and so is x + 10 for a
     float32 x, so each value lands where numpy.histogram(x, linspace(-10, 15, 257)) puts it, the last bin closed at
-    15 as numpy's is. NaN counts as overflow."""
-    b = torch.floor((x + 10.0) * 256.0 / 25.0)
-    b = torch.where(x == HIST_HI, HIST_BINS - 1.0, b)
-    b = torch.nan_to_num(b, nan=HIST_BINS).clamp_(-1, HIST_BINS).long() + 1          # 0 .. 257
-    m = x.shape[1]
-    b += torch.arange(m, device=x.device)[None, :] * HIST_SLOTS
-    return torch.bincount(b.flatten(), minlength=m * HIST_SLOTS).view(m, HIST_SLOTS)
+    15 as numpy's is. NaN counts as overflow.
+
+    One slot per value, 1 + bin clamped to [0, 256] (15 itself in the last bin), made an integer without a
+    conversion pass (2^52 + s has the bits of int 2^52 + s) and counted by one bincount; the values above 15 (and
+    NaN), found from each row's max, are then moved from the last bin to overflow."""
+    m = x.shape[0]
+    b = torch.add(x, 10.0, out=tmp).mul_(256.0).div_(25.0).floor_().add_(1.0).clamp_(0.0, float(HIST_BINS))
+    over = torch.zeros(m, dtype=torch.int64, device=x.device)
+    if not bool((x.amax(1) <= HIST_HI).all()):                 # a value above 15, or NaN (amax propagates it)
+        over = (~(x <= HIST_HI)).sum(1, dtype=torch.int32).long()
+        b.nan_to_num_(nan=float(HIST_BINS))
+    slot = b.add_(_MAGIC).view(torch.int64)
+    slot += torch.arange(0, m * HIST_SLOTS, HIST_SLOTS, device=x.device)[:, None] - _MAGIC_BITS
+    hist = torch.bincount(slot.flatten(), minlength=m * HIST_SLOTS).view(m, HIST_SLOTS)
+    hist[:, HIST_BINS] -= over
+    hist[:, HIST_BINS + 1] += over
+    return hist
 
 
-def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts and sums of ``post`` [N, m] float64 in the four sign cases of (pre, up): [m, 4] each."""
-    code = (pre < 0).long() * 2 + (up < 0).long()                       # gp_ip 0, gp_in 1, gn_ip 2, gn_in 3
-    code = torch.where((pre == 0) | (up == 0) | pre.isnan() | up.isnan(), 4, code)   # a zero falls in no case
-    m = pre.shape[1]
-    code += torch.arange(m, device=pre.device)[None, :] * 5
-    flat = code.flatten()
-    counts = torch.bincount(flat, minlength=m * 5).view(m, 5)[:, :4]
-    sums = torch.bincount(flat, weights=post.flatten(), minlength=m * 5).view(m, 5)[:, :4]
-    return counts, sums
+_MAGIC = 2.0 ** 52                                              # 2^52 + s for an integer 0 <= s < 2^52 ...
+_MAGIC_BITS = int(torch.tensor(_MAGIC, dtype=torch.float64).view(torch.int64))   # ... has the bits _MAGIC_BITS + s
+
+
+def _cases(pre: torch.Tensor, up: torch.Tensor, post: torch.Tensor, post64: torch.Tensor, ws: _Workspace) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens with pre > 0 [m], and the counts and float64 sums of ``post`` [m, N] (``post64``: its float64 copy)
+    in the four sign cases of (pre, up) [m, N]: [m, 4] each. A zero (or NaN) is neither positive nor negative: it
+    falls in none.
+
+    With finite float32 inputs the indicators come from sign arithmetic (pos = (s^2 + s) / 2, neg = pos - s for
+    s = sign(x), exact 0/1 values, in ``ws``'s buffers), the counts from float sums of them (exact below 2^24
+    tokens) and the sums from post * indicator (exact in float32) summed in float64: a few times faster than
+    comparisons and boolean reductions, which is the way taken otherwise."""
+    m = pre.shape[0]
+    prod = ws.f64[2][:m]
+    if pre.dtype == up.dtype == post.dtype == torch.float32 and pre.shape[1] < 2 ** 24 \
+            and bool(torch.isfinite(pre.sum(1)).all()) and bool(torch.isfinite(up.sum(1)).all()):
+        g_neg, u_neg, g_pos, u_pos, mask = (buf[:m] for buf in ws.f32)
+        sx, su = torch.sign(pre, out=g_neg), torch.sign(up, out=u_neg)
+        torch.mul(sx, sx, out=g_pos).add_(sx).mul_(0.5)
+        torch.mul(su, su, out=u_pos).add_(su).mul_(0.5)
+        torch.sub(g_pos, sx, out=g_neg)
+        torch.sub(u_pos, su, out=u_neg)
+        n_pos = g_pos.sum(1).round().long()
+        counts, sums = [], []
+        for g, i in ((g_pos, u_pos), (g_pos, u_neg), (g_neg, u_pos), (g_neg, u_neg)):    # CASES' order
+            torch.mul(g, i, out=mask)
+            counts.append(mask.sum(1).round().long())
+            sums.append(torch.mul(post, mask, out=mask).sum(1, dtype=torch.float64))   # post * 0/1 is exact
+        return n_pos, torch.stack(counts, 1), torch.stack(sums, 1)
+    gp, gn, up_, un = pre > 0, pre < 0, up > 0, up < 0
+    masks = [gp & up_, gp & un, gn & up_, gn & un]
+    return (gp.sum(1, dtype=torch.int32).long(),
+            torch.stack([b.sum(1, dtype=torch.int32).long() for b in masks], 1),
+            torch.stack([torch.mul(post64, b, out=prod).sum(1) for b in masks], 1))
+
+
+def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: torch.Tensor,
+           scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Merge a batch v [m, N] float32 (neuron-major, tokens in key order) into running top sets [m, k]: the k best of
+    each neuron's union, as ``_merge`` orders them. Only the tokens that can enter are looked at: a value below the
+    running set's k-th one cannot (NaN, which topk puts first, is never below). A neuron with at most k candidates
+    takes them all; one with more (every neuron in the first batch) takes its batch top k (``_batch_top``).
+
+    Returns None when no neuron has a candidate, else (rows [r] int64: the neurons whose set is merged, val [r, k],
+    key [r, k], src [r, k] (index into [running k, candidates c]), tok [r, c] the candidates' batch rows (-1: none))."""
+    k = run_val.shape[1]
+    kth = run_val[:, -1:].to(v.device)
+    enter = torch.lt(v, kth, out=scratch[:v.shape[0]]).logical_not_()          # scratch [>= m, N] bool
+    count = enter.sum(1, dtype=torch.int32).long().cpu()
+    rows = torch.nonzero(count > 0).flatten()
+    if rows.numel() == 0:
+        return None
+    count = count[rows]
+    dense = count > k
+    width = k if bool(dense.any()) else int(count.max())
+    r = rows.shape[0]
+    cand_val = torch.full((r, width), float("-inf"))
+    cand_tok = torch.full((r, width), -1, dtype=torch.int64)
+    sparse = torch.nonzero(~dense).flatten()
+    if sparse.numel():
+        hit, t = torch.nonzero(enter[rows[sparse].to(v.device)], as_tuple=True)    # row-major: tokens ascending
+        hit, t = hit.cpu(), t.cpu()
+        n_hit = count[sparse]
+        start = torch.cumsum(n_hit, 0) - n_hit
+        slot = torch.arange(hit.shape[0]) - start[hit]
+        at = sparse[hit]
+        cand_val[at, slot] = v[rows[at].to(v.device), t.to(v.device)].cpu()
+        cand_tok[at, slot] = t
+    full = torch.nonzero(dense).flatten()
+    if full.numel():
+        val, tok = _batch_top(v[rows[full].to(v.device)], k)
+        cand_val[full, :val.shape[1]], cand_tok[full, :val.shape[1]] = val.cpu(), tok.cpu()
+    cand_key = torch.where(cand_tok >= 0, keys.cpu()[cand_tok.clamp(min=0)], NO_KEY)
+    val, key, src = _merge(run_val[rows], run_key[rows], cand_val, cand_key, k)
+    return rows, val, key, src, cand_tok
 
 
 def _batch_top(v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of each column of v [N, m], ties broken by the earlier row: (values [m, k'], rows [m, k']) with
-    k' = min(k, N). torch.topk picks among equal values arbitrarily, so columns with a tie at the boundary are sorted
-    stably instead."""
-    k = min(k, v.shape[0])
-    val, idx = torch.topk(v, k, dim=0)
-    kth = val[-1]
-    ties = (v >= kth[None, :]).sum(0) > k
+    """The k largest of each row of v [m, N], ties broken by the earlier column: (values [m, k'], columns [m, k'])
+    with k' = min(k, N). torch.topk picks among equal values arbitrarily, so rows with a tie at the boundary are
+    sorted stably instead."""
+    k = min(k, v.shape[1])
+    val, idx = torch.topk(v, k, dim=1)
+    kth = val[:, -1:]
+    ties = (v >= kth).sum(1) > k
     if ties.any():
-        cols = torch.nonzero(ties).flatten()
-        sv, si = torch.sort(v[:, cols], dim=0, descending=True, stable=True)
-        val[:, cols], idx[:, cols] = sv[:k], si[:k]
-    return val.T.contiguous(), idx.T.contiguous()
+        rows = torch.nonzero(ties).flatten()
+        sv, si = torch.sort(v[rows], dim=1, descending=True, stable=True)
+        val[rows], idx[rows] = sv[:, :k], si[:, :k]
+    return val, idx
 
 
 def _merge(val_a: torch.Tensor, key_a: torch.Tensor, val_b: torch.Tensor, key_b: torch.Tensor, k: int) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two top sets [m, ka], [m, kb] (values and keys) -> the k best of their union, by value descending and key
     ascending on ties, and where each came from (index into the concatenation [a, b]); empty slots (-inf, NO_KEY)
-    last."""
+    last, those of a before those of b.
+
+    One stable sort by value, then a check: a row where equal values came out with keys descending (a's entry tied
+    with b's of a smaller key, or b given out of key order) is sorted again by key first, then stably by value."""
     val = torch.cat([val_a, val_b.to(val_a.dtype)], 1)
     key = torch.cat([key_a, key_b], 1)
-    by_key = torch.argsort(key, dim=1, stable=True)
-    by_val = torch.argsort(torch.gather(val, 1, by_key), dim=1, descending=True, stable=True)
-    src = torch.gather(by_key, 1, by_val)[:, :k]       # the running set always has k slots: k candidates at least
+    order = torch.argsort(val, dim=1, descending=True, stable=True)
+    sv, sk = torch.gather(val, 1, order), torch.gather(key, 1, order)
+    same = (sv[:, 1:] == sv[:, :-1]) | (sv[:, 1:].isnan() & sv[:, :-1].isnan())
+    bad = torch.nonzero((same & (sk[:, 1:] < sk[:, :-1])).any(1)).flatten()
+    if bad.numel():
+        by_key = torch.argsort(key[bad], dim=1, stable=True)
+        by_val = torch.argsort(torch.gather(val[bad], 1, by_key), dim=1, descending=True, stable=True)
+        order[bad] = torch.gather(by_key, 1, by_val)
+    src = order[:, :k].contiguous()                     # the running set always has k slots: k candidates at least
     return torch.gather(val, 1, src), torch.gather(key, 1, src), src
 
 
