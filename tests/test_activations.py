@@ -638,3 +638,26 @@ def test_columns_equal_transformerlens_run_with_cache(transformers: Any, tmp_pat
         np.testing.assert_array_less(np.abs(got.post_mean - post.mean(0)), TOL * scale_post + 1e-12)
         np.testing.assert_allclose(got.post_max, post.max(0), rtol=TOL, atol=TOL * scale_post.max())
         np.testing.assert_allclose(got.post_abs_mean, np.abs(post).mean(0), rtol=TOL)
+
+
+def test_top_rows_arrow_equals_the_rows_built_one_by_one() -> None:
+    """The companion file's top column from arrays (``TopRows.arrow``) equals pyarrow's conversion of the rows as
+    dicts: values, windows, positions, contexts where known (null where not), empty rows."""
+    import pyarrow as pa
+
+    from mmdetect.corpus.activations import TopRows
+    from mmdetect.corpus.stats import NO_KEY
+
+    kind = pa.list_(pa.struct([("value", pa.float64()), ("window", pa.int64()), ("position", pa.int64()),
+                               ("token_id", pa.int64()), ("token", pa.string()), ("before", pa.string()),
+                               ("after", pa.string())]))
+    values = np.array([[3.5, 1.25, -np.inf], [-np.inf, -np.inf, -np.inf], [0.1, 0.1, 0.0]], dtype=np.float32)
+    keys = np.array([[70, 3, NO_KEY], [NO_KEY] * 3, [64, 3, 130]], dtype=np.int64)
+    tops = {3: {"token_id": 9, "token": " a", "before": "x", "after": "é"}, 130: {"token_id": 1, "token": "<s>",
+                                                                                  "before": "", "after": " b"}}
+    rows = TopRows(values, keys, 64, tops)
+    assert len(rows) == 3 and rows[1] == [] and rows[0][0] == {"value": 3.5, "window": 1, "position": 6}
+    assert rows[2][1] == {"value": np.float32(0.1).item(), "window": 0, "position": 3, **tops[3]}
+    assert rows.arrow(kind).equals(pa.array(list(rows), kind))
+    empty = TopRows(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), 64, {})
+    assert empty.arrow(kind).equals(pa.array([], kind)) and not empty

@@ -273,12 +273,52 @@ class MergedSite:
     moments: Moments
 
 
+class TopRows(Sequence):
+    """The top tokens of every neuron (``details["top"]``): row i is neuron i's list of {value, window, position,
+    token_id, token, before, after} (the last four where the corpus had the token), built when asked for; the
+    companion file takes them as one Arrow array (``arrow``), without a Python object per entry."""
+
+    def __init__(self, values: np.ndarray, keys: np.ndarray, seq_len: int, tops: dict[int, dict[str, Any]]) -> None:
+        self.values, self.keys, self.seq_len, self.tops = values, keys, seq_len, tops
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return [{"value": float(v), "window": int(k) // self.seq_len, "position": int(k) % self.seq_len,
+                 **self.tops.get(int(k), {})} for v, k in zip(self.values[i], self.keys[i]) if k != NO_KEY]
+
+    def arrow(self, kind: Any) -> Any:
+        """The rows as a pyarrow array of ``kind`` (a list of the struct above)."""
+        import pyarrow as pa
+
+        valid = self.keys != NO_KEY
+        offsets = np.concatenate([[0], np.cumsum(valid.sum(1))]).astype(np.int32)
+        keys, values = self.keys[valid], self.values[valid].astype(np.float64)
+        fields = {f.name: f.type for f in kind.value_type}
+        unique, where = np.unique(keys, return_inverse=True)
+        known = [self.tops.get(int(k)) for k in unique.tolist()]
+
+        def per_key(name: str) -> Any:
+            col = pa.array([None if c is None else c.get(name) for c in known], fields[name])
+            return col.take(pa.array(where)) if len(keys) else pa.array([], fields[name])
+
+        children = [pa.array(values, pa.float64()), pa.array(keys // self.seq_len, pa.int64()),
+                    pa.array(keys % self.seq_len, pa.int64())] + [per_key(n) for n in ("token_id", "token", "before",
+                                                                                        "after")]
+        struct = pa.StructArray.from_arrays(children, fields=list(kind.value_type))
+        return pa.ListArray.from_arrays(pa.array(offsets), struct, type=kind)
+
+
 def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str, Any]], seq_len: int) -> Result:
     """The table and the companion columns of measured sites (a run's, or merged shards')."""
     import pandas as pd
 
     frames: list[Any] = []
-    details: dict[str, list[Any]] = {"layer": [], "expert": [], "neuron": [], "hist": [], "top": []}
+    details: dict[str, Any] = {"layer": [], "expert": [], "neuron": [], "hist": []}
+    values, keys = [], []
     for site in sites:
         m = site.moments
         cols = m.columns(site.gated, site.w_along)
@@ -289,10 +329,11 @@ def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str,
         details["expert"] += [site.expert] * n
         details["neuron"] += list(range(n))
         details["hist"] += m.hist.numpy().tolist()
-        vals, keys = m.top_val.numpy(), m.top_key.numpy()
-        for j in range(n):
-            details["top"].append([{"value": float(v), "window": int(k) // seq_len, "position": int(k) % seq_len,
-                                    **tops.get(int(k), {})} for v, k in zip(vals[j], keys[j]) if k != NO_KEY])
+        values.append(m.top_val.numpy())
+        keys.append(m.top_key.numpy())
+    k = max((v.shape[1] for v in values), default=0)
+    details["top"] = TopRows(np.concatenate(values) if values else np.zeros((0, k), np.float32),
+                             np.concatenate(keys) if keys else np.zeros((0, k), np.int64), seq_len, tops)
     df = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     df.attrs["provenance"] = prov.to_dict()
     return Result(df, details, prov)

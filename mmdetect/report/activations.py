@@ -52,7 +52,7 @@ def write_details(result: Result, path: str | os.PathLike) -> None:
                "expert": pa.array([_expert(e) for e in d["expert"]], pa.string()),
                "neuron": pa.array(d["neuron"], pa.int64()),
                "hist": pa.array(d["hist"], pa.list_(pa.int64())),
-               "top": pa.array(d["top"], top_type)}
+               "top": d["top"].arrow(top_type) if hasattr(d["top"], "arrow") else pa.array(d["top"], top_type)}
     for name in frame.columns:
         if name not in KEYS:
             columns[name] = pa.array(frame[name].to_numpy(), pa.int64() if name == "tokens" else pa.float64())
