@@ -95,32 +95,10 @@ def merge(folders: list[str | os.PathLike], output_dir: str | os.PathLike, *,
     that never ran), or whose files fail their checks, is listed as failed, so the exit code says the zoo is
     incomplete.
     """
-    if not folders:
-        raise MMDetectError("merge needs at least one sweep output folder")
-    docs = []
-    for f in folders:
-        if not (Path(f) / "results.json").is_file():
-            warn(f"{f} has no results.json (a shard that never started?); its models are reported as missing")
-            continue
-        docs.append((Path(f), _load_results(Path(f))))
-    if not docs:
-        raise MMDetectError(f"none of {', '.join(map(str, folders))} has a results.json: pass the --output-dir of "
-                            f"`mmdetect sweep` runs")
+    docs = _shard_results(folders)
     first = docs[0][1]["config"]
-    for folder, doc in docs[1:]:
-        if doc["config"]["sha256"] != first["sha256"] or doc["config"]["entries"] != first["entries"]:
-            raise MMDetectError(f"{folder} comes from a different config or options than {docs[0][0]} "
-                                f"({doc['config']['path']} vs {first['path']}): merge shards of one sweep only")
     entries: list[str] = first["entries"]
-    found: dict[str, tuple[Path, ModelRecord | str]] = {}
-    for folder, doc in docs:
-        for item in doc["models"]:
-            got = _record(folder, item, entries)
-            if got is None:
-                continue
-            name, rec = got
-            if name not in found or (_usable(rec) and not _usable(found[name][1])):
-                found[name] = (folder, rec)
+    found = _found_records(docs, entries)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise MMDetectError(f"--output-dir {out} is a file: give a folder")
@@ -155,6 +133,42 @@ def merge(folders: list[str | os.PathLike], output_dir: str | os.PathLike, *,
                   "baseline": str(baseline) if baseline is not None else None, "tolerance": tolerance}
         write_reports(out, records, header, plots=plots)
     return SweepResult(records, out, exit_code(records), counts(records))
+
+
+def _shard_results(folders: list[str | os.PathLike]) -> list[tuple[Path, dict[str, Any]]]:
+    """Each folder's results.json (a folder without one is warned about and left out), all of one config."""
+    if not folders:
+        raise MMDetectError("merge needs at least one sweep output folder")
+    docs = []
+    for f in folders:
+        if not (Path(f) / "results.json").is_file():
+            warn(f"{f} has no results.json (a shard that never started?); its models are reported as missing")
+            continue
+        docs.append((Path(f), _load_results(Path(f))))
+    if not docs:
+        raise MMDetectError(f"none of {', '.join(map(str, folders))} has a results.json: pass the --output-dir of "
+                            f"`mmdetect sweep` runs")
+    first = docs[0][1]["config"]
+    for folder, doc in docs[1:]:
+        if doc["config"]["sha256"] != first["sha256"] or doc["config"]["entries"] != first["entries"]:
+            raise MMDetectError(f"{folder} comes from a different config or options than {docs[0][0]} "
+                                f"({doc['config']['path']} vs {first['path']}): merge shards of one sweep only")
+    return docs
+
+
+def _found_records(docs: list[tuple[Path, dict[str, Any]]], entries: list[str]) \
+        -> dict[str, tuple[Path, ModelRecord | str]]:
+    """Each model's record and the folder it came from; a usable record wins over a failed one of another shard."""
+    found: dict[str, tuple[Path, ModelRecord | str]] = {}
+    for folder, doc in docs:
+        for item in doc["models"]:
+            got = _record(folder, item, entries)
+            if got is None:
+                continue
+            name, rec = got
+            if name not in found or (_usable(rec) and not _usable(found[name][1])):
+                found[name] = (folder, rec)
+    return found
 
 
 def _checked_copy(folder: Path, record: ModelRecord, out: Path) -> ModelRecord:

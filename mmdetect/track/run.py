@@ -140,39 +140,12 @@ def aggregate(out: Path, points: list[TrackPoint], *, threshold: float, fmt: str
               plots: bool, options: dict[str, Any]) -> list[str]:
     """Write the track's outputs from its points' CSVs, one step in memory at a time. Returns the files written."""
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from mmdetect import report
 
     tracker = Tracker(threshold)
-    layer_rows: list[dict[str, Any]] = []
-    model_types: set[str] = set()
     track_path = out / TRACK_FILES[fmt]
-    with report.atomic_open(track_path, binary=True) as fh:
-        writer: Any = None
-        try:
-            for point, table, meta in _steps(out, points):
-                prov = meta.get("provenance") or {}
-                label = f"{point.ref}{'@' + point.revision if point.revision else ''}"
-                model_types.add(str(prov.get("model_type")))
-                if len(model_types) > 1:
-                    raise MMDetectError(f"{label} is a {prov.get('model_type')!r} model, unlike the checkpoints "
-                                        f"before it: every checkpoint of a track must share the architecture")
-                tracker.add(point.step, _columns(table), label)
-                layer_rows += [{"step": point.step, **s} for s in meta.get("layers", [])]
-                if fmt == "csv":
-                    _append_csv(fh, out / CHECKPOINTS / f"{point.name}.csv", point.step, header=writer is None)
-                    writer = True
-                else:
-                    stepped = table.add_column(0, "step", pa.array(np.full(table.num_rows, point.step,
-                                                                           dtype=np.int64)))
-                    if writer is None:
-                        writer = pq.ParquetWriter(fh, stepped.schema)
-                    writer.write_table(stepped.cast(writer.schema))
-        finally:
-            if isinstance(writer, pq.ParquetWriter):
-                writer.close()
+    layer_rows = _write_track(out, points, fmt, tracker, track_path)
     written = [track_path.name]
 
     layers_df = pd.DataFrame(layer_rows)
@@ -197,6 +170,44 @@ def aggregate(out: Path, points: list[TrackPoint], *, threshold: float, fmt: str
     with report.atomic_open(out / "track.json") as fh:
         fh.write(json.dumps(report.clean(doc), indent=1) + "\n")
     return written + ["track.json"]
+
+
+def _write_track(out: Path, points: list[TrackPoint], fmt: str, tracker: Tracker, track_path: Path) \
+        -> list[dict[str, Any]]:
+    """Every step's rows into the one track file (``fmt``), each step fed to ``tracker`` as it is read; returns the
+    per-layer summary rows, with their step."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmdetect import report
+
+    layer_rows: list[dict[str, Any]] = []
+    model_types: set[str] = set()
+    with report.atomic_open(track_path, binary=True) as fh:
+        writer: Any = None
+        try:
+            for point, table, meta in _steps(out, points):
+                prov = meta.get("provenance") or {}
+                label = f"{point.ref}{'@' + point.revision if point.revision else ''}"
+                model_types.add(str(prov.get("model_type")))
+                if len(model_types) > 1:
+                    raise MMDetectError(f"{label} is a {prov.get('model_type')!r} model, unlike the checkpoints "
+                                        f"before it: every checkpoint of a track must share the architecture")
+                tracker.add(point.step, _columns(table), label)
+                layer_rows += [{"step": point.step, **s} for s in meta.get("layers", [])]
+                if fmt == "csv":
+                    _append_csv(fh, out / CHECKPOINTS / f"{point.name}.csv", point.step, header=writer is None)
+                    writer = True
+                else:
+                    stepped = table.add_column(0, "step", pa.array(np.full(table.num_rows, point.step,
+                                                                           dtype=np.int64)))
+                    if writer is None:
+                        writer = pq.ParquetWriter(fh, stepped.schema)
+                    writer.write_table(stepped.cast(writer.schema))
+        finally:
+            if isinstance(writer, pq.ParquetWriter):
+                writer.close()
+    return layer_rows
 
 
 def _figures(out: Path, points: list[TrackPoint], layers_df: Any, emergence: dict[str, np.ndarray], top: int,
