@@ -220,5 +220,5 @@ def bench_activations(tokens: int, offload_tokens: int) -> tuple[list[str], list
 
 
 if __name__ == "__main__":  # python -m bench.activations [TOKENS]: the section alone, printed
-    lines, verdicts = bench_activations(int(sys.argv[1]) if len(sys.argv) > 1 else 4096, 1024)
+    lines, verdicts = bench_activations(int(sys.argv[1]) if len(sys.argv) > 1 else 16384, 1024)
     print("\n".join(lines + ["", *verdicts]))

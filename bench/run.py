@@ -249,9 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="only scan, heads, chains and explain side by side on the Qwen2-1.5B shape "
                              "(bench/results-analysis.md)")
-    parser.add_argument("--activations", type=int, nargs="?", const=4096, metavar="TOKENS",
+    parser.add_argument("--activations", type=int, nargs="?", const=16384, metavar="TOKENS",
                         help="only the corpus pass against a bare forward and TransformerLens, on the Qwen2-0.5B and "
-                             "Llama-1B shapes, TOKENS tokens each (default 4096; bench/results-activations.md)")
+                             "Llama-1B shapes, TOKENS tokens each (default 16384: four batches, so that filling the "
+                             "top sets in the first is not most of the run; bench/results-activations.md)")
     args = parser.parse_args(argv)
     command = f"python -m bench.run {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     if args.analysis:
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.activations:
         from bench import activations
 
-        lines, verdicts = activations.bench_activations(args.activations, max(512, args.activations // 4))
+        lines, verdicts = activations.bench_activations(args.activations, min(1024, args.activations))
         text = (f"# mmdetect corpus-pass benchmark\n\nMachine: {machine()}.  \nDate: "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One run per route; peak RSS from wait4; warm "
                 f"cache; the 1-minute load average before each run in the table. Reproduce: "
