@@ -144,20 +144,14 @@ def explain_feature(model: str, transcoder: str | Path, layer: int, feature: int
     ``feature`` in place of ``neuron``, with the transcoder's facts and the feature's Neuronpedia link beside its
     scan row; the activation evidence runs the transcoder's own encoder on the MLP's input."""
     from mmdetect.analysis.features import find_feature
-    from mmdetect.io.transcoder import open_transcoders
+    from mmdetect.io.transcoder import opened_transcoders
 
     corpus = resolve_source(text, dataset, field_name) if activations else None
-    tcs = open_transcoders(transcoder)
-    try:
-        with open_circuit(model, revision=revision, convention=convention) as circuit:
-            target, facts = find_feature(circuit, tcs, layer, feature, str(transcoder))
-            return _explained(circuit, target, facts, corpus, explicit=bool(text or dataset), top=top,
-                              n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len,
-                              transcoder=str(transcoder))
-    finally:
-        for tc in tcs:
-            if tc.weights is not None:
-                tc.weights.close()
+    with opened_transcoders(transcoder) as tcs, \
+            open_circuit(model, revision=revision, convention=convention) as circuit:
+        target, facts = find_feature(circuit, tcs, layer, feature, str(transcoder))
+        return _explained(circuit, target, facts, corpus, explicit=bool(text or dataset), top=top,
+                          n_contexts=n_contexts, max_tokens=max_tokens, seq_len=seq_len, transcoder=str(transcoder))
 
 
 def _explained(circuit: Circuit, target: Target, facts: dict[str, Any], corpus: CorpusSource | None, *,

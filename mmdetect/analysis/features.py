@@ -29,7 +29,7 @@ from mmdetect.convention import DEFAULT, Convention, MLPFold, feature_fold, for_
 from mmdetect.convention.kernel import actual_write, fold, fold_mlp
 from mmdetect.errors import THRESHOLD, CorruptInputError, UnsupportedError, UsageError, check_unit, quoted
 from mmdetect.io.checkpoint import Checkpoint, open_checkpoint
-from mmdetect.io.transcoder import Transcoder, open_transcoders
+from mmdetect.io.transcoder import Transcoder, opened_transcoders
 from mmdetect.registry import MLPSpec, tensor_key
 from mmdetect.registry.resolve import resolve_layout
 from mmdetect.results import Provenance, ScanResult
@@ -297,16 +297,9 @@ def scan_transcoder(model: str, transcoder: str | Path, *, revision: str | None 
 
     check_unit(threshold)
     conv = get_convention(convention)
-    tcs = open_transcoders(transcoder)
-    try:
-        with open_checkpoint(model, revision=revision) as ckpt:
-            result = scan_features(ckpt, tcs, threshold=threshold, convention=conv, layers=layers, device=device,
-                                   progress=progress, neurons=neurons, scan_neurons=scan_result,
-                                   source=str(transcoder))
-    finally:
-        for tc in tcs:
-            if tc.weights is not None:
-                tc.weights.close()
+    with opened_transcoders(transcoder) as tcs, open_checkpoint(model, revision=revision) as ckpt:
+        result = scan_features(ckpt, tcs, threshold=threshold, convention=conv, layers=layers, device=device,
+                               progress=progress, neurons=neurons, scan_neurons=scan_result, source=str(transcoder))
     return result.to_frame() if as_frame else result
 
 

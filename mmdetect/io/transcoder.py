@@ -10,7 +10,9 @@ Every claim is checked before a weight is used; a violation is one line naming t
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,3 +173,15 @@ def open_transcoders(path: str | Path) -> list[Transcoder]:
                                     f"{tc.layer}: give one transcoder per layer")
         by_layer[tc.layer] = tc
     return [by_layer[k] for k in sorted(by_layer)]
+
+
+@contextlib.contextmanager
+def opened_transcoders(path: str | Path) -> Iterator[list[Transcoder]]:
+    """``open_transcoders(path)``, their weight files closed when the block ends."""
+    tcs = open_transcoders(path)
+    try:
+        yield tcs
+    finally:
+        for tc in tcs:
+            if tc.weights is not None:
+                tc.weights.close()
