@@ -14,7 +14,20 @@ import pandas as pd
 import pytest
 import yaml
 from builders import SHARED_MODELS, Tiny, reference
-from zoo import HAVE_SHARED, ROOT, SHARED, entries, full, models, no_step_summary, rewritten, run, scans, write_config  # noqa: F401
+from zoo import (  # noqa: F401
+    HAVE_SHARED,
+    ROOT,
+    SHARED,
+    entries,
+    full,
+    models,
+    no_step_summary,
+    refused_before_opening,
+    rewritten,
+    run,
+    scans,
+    write_config,
+)
 
 from mmdetect import sweep as zoo
 
@@ -373,19 +386,8 @@ GOOD = {"name": "tiny-llama", "model": "./models/tiny-llama"}
      "key 'expect'.shares: layers [0] are expected but the entry's layers: '1' leaves them out"),
 ])
 def test_config_errors_name_the_entry_and_key_before_scanning(models, tmp_path, monkeypatch, bad, expected):
-    import mmdetect.io.checkpoint
-
-    def fail(*a, **k):  # pragma: no cover - reaching it is the failure
-        raise AssertionError("a model was opened before the config was validated")
-
-    monkeypatch.setattr(mmdetect.io.checkpoint, "open_checkpoint", fail)
     config = write_config(tmp_path / "cfg", models, items=[GOOD, bad])
-    result = run("sweep", config, "-d", tmp_path / "out")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: ")
-    assert expected in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert expected in refused_before_opening(config, tmp_path / "out", monkeypatch)
 
 
 @pytest.mark.parametrize("doc, expected", [

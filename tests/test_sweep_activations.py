@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from builders import build_peer
-from zoo import no_step_summary, rewritten, run  # noqa: F401
+from zoo import no_step_summary, refused_before_opening, rewritten, run  # noqa: F401
 
 MAX_TOKENS, SEQ_LEN = 600, 32
 DEFAULTS = {"threshold": 0.0, "convention": "folded", "format": "csv",
@@ -340,19 +340,8 @@ GOOD = {"name": "llama", "model": "./models/llama"}
 ])
 def test_bad_activations_keys_give_one_line(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             bad: dict[str, Any], expected: str) -> None:
-    import mmdetect.io.checkpoint
-
-    def fail(*a: Any, **k: Any) -> None:  # pragma: no cover - reaching it is the failure
-        raise AssertionError("a model was opened before the config was validated")
-
-    monkeypatch.setattr(mmdetect.io.checkpoint, "open_checkpoint", fail)
     config = write_config(tmp_path / "cfg", base, items=[GOOD, bad])
-    result = run("sweep", config, "-d", tmp_path / "out")
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: ")
-    assert expected in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert expected in refused_before_opening(config, tmp_path / "out", monkeypatch)
 
 
 @pytest.mark.parametrize("activations, expected", [

@@ -72,6 +72,23 @@ def run(*args: object) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def refused_before_opening(config: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``mmdetect sweep config -d out`` with opening a model made a failure: the one error line it gives (exit 2, the
+    config named first, nothing written)."""
+    import mmdetect.io.checkpoint
+
+    def fail(*a: Any, **k: Any) -> None:  # pragma: no cover - reaching it is the failure
+        raise AssertionError("a model was opened before the config was validated")
+
+    monkeypatch.setattr(mmdetect.io.checkpoint, "open_checkpoint", fail)
+    result = run("sweep", config, "-d", out)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config}: ")
+    assert not out.exists()
+    return lines[0]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
