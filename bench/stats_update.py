@@ -4,24 +4,52 @@ Random activations shaped like one gated MLP's (seeded; pre, up ~ N(0, 1), post 
 across batches, scale = 1 and a component callback that costs next to nothing, fed to ``Moments.empty(n).update``
 batch after batch. The first batch fills every top set (every token is a candidate), so it is timed apart from
 batches 2..k, the steady state of a long run. The same batches go through the implementation before the
-optimisation (``bench.stats_baseline``), and the two results are compared field by field. For scale: one float32
+optimisation (``mmdetect/corpus/stats.py`` at ``--baseline REF``, default 39a4665, read with ``git show``), and the
+two results are compared field by field. For scale: one float32
 ``x @ W.T`` of [N, d] x [d, n], one of the MLP's three matmuls.
 
     python -m bench.stats_update [--tokens 4096] [--width 4864] [--d-model 896] [--batches 4] [--threads T]
-                                 [--no-baseline]
+                                 [--baseline REF | --no-baseline]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from bench import stats_baseline
 from mmdetect.corpus import stats
 
+BASELINE = "39a4665"  # the statistics before the per-batch update was optimised
+
 SUMS = ("pre", "post", "case_sum")
+
+
+def baseline(ref: str) -> Any:
+    """``mmdetect/corpus/stats.py`` of commit ``ref`` as a module of its own (``git show``, into bench/out)."""
+    import importlib.util
+    import subprocess
+
+    from bench.child import OUT, ROOT
+
+    done = subprocess.run(["git", "show", f"{ref}:mmdetect/corpus/stats.py"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"the baseline {ref} is not in this checkout's history ({done.stderr.strip()}): give "
+                         f"--baseline REF or --no-baseline")
+    text = done.stdout
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"stats-{ref}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"stats_{ref}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def batches(n_tok: int, width: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
@@ -76,6 +104,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4864)
     ap.add_argument("--d-model", type=int, default=896)
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--baseline", default=BASELINE, metavar="REF",
+                    help=f"the commit whose mmdetect/corpus/stats.py is the baseline (default {BASELINE})")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -89,7 +119,7 @@ def main() -> None:
     new, t_new = run(stats.Moments.empty, data, args.width)
     _, rest_new = report("optimised", t_new, elements)
     if not args.no_baseline:
-        old, t_old = run(stats_baseline.Moments.empty, data, args.width)
+        old, t_old = run(baseline(args.baseline).Moments.empty, data, args.width)
         _, rest_old = report("baseline", t_old, elements)
         print(f"  speedup: batch 1 {t_old[0] / t_new[0]:.1f}x, batches 2..k {rest_old / rest_new:.1f}x")
         a, b = new.tensors(), old.tensors()  # type: ignore[attr-defined]
