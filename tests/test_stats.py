@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdetect.corpus import stats
+from mmdetect.corpus import fused, stats
 from mmdetect.corpus.stats import DELETION_K, HIST_SLOTS, NO_KEY, Moments
 
 TOP = 5
@@ -83,9 +83,23 @@ def _reference(batches: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
     return ref
 
 
+PATHS = ["torch", "fused", "fused-few"] if fused.available() else ["torch"]
+
+
+def _path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """The torch operations, or corpus.fused (its candidate lists of 64, or of 3 so that most neurons take the
+    batch top k from every token, in every batch)."""
+    if path == "torch":
+        monkeypatch.setattr(fused, "available", lambda: False)
+    if path == "fused-few":
+        monkeypatch.setattr(stats, "CANDIDATES", 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("sizes", "nan"), [((300, 257, 3, 64), False), ((40, 2, 90), True)])
 def test_update_equals_a_float64_reference(monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, ...],
-                                           nan: bool) -> None:
+                                           nan: bool, path: str) -> None:
+    _path(monkeypatch, path)
     monkeypatch.setattr(stats, "BLOCK", 32)            # n = 70: several blocks and a short last one,
     monkeypatch.setattr(stats, "CHUNK", 12)            # chunks of them and a short last one
     monkeypatch.setattr(stats, "TOKEN_BLOCK", 64)      # and a short last block of the transposition
@@ -101,6 +115,60 @@ def test_update_equals_a_float64_reference(monkeypatch: pytest.MonkeyPatch, size
     for name in ("pre", "post", "case_sum"):
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-12, atol=1e-9, err_msg=name)
     assert (got["top_key"][:, 0] != NO_KEY).all() and (got["del_key"] != NO_KEY).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_counted_rows_and_sign_equal_the_rows_taken_and_signed_first(monkeypatch: pytest.MonkeyPatch, path: str,
+                                                                     dtype: torch.dtype) -> None:
+    """update(..., rows=, sign=) reads the model's tensors in place (BOS rows skipped, the scan's sign applied as
+    each value is read): the same state as the counted rows copied out and multiplied by the sign first."""
+    _path(monkeypatch, path)
+    n = 37
+    sign = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    ref, got = Moments.empty(n, TOP), Moments.empty(n, TOP)
+    for b in _batches(5, n, (120, 50, 200), nan=False):
+        extra = b["pre"].shape[0] // 4
+        rows = torch.sort(torch.randperm(b["pre"].shape[0] + extra)[:b["pre"].shape[0]]).values
+        wide = {}
+        for name in ("pre", "up", "post"):
+            t = torch.full((b["pre"].shape[0] + extra, n), 99.0)        # rows that do not count: never read
+            t[rows] = b[name]
+            wide[name] = t.to(dtype)
+        narrow = {name: wide[name][rows] * (sign.to(dtype) if name != "pre" else 1) for name in wide}
+        comp = _component(b["keys"])
+        ref.update(narrow["pre"], narrow["up"], narrow["post"], b["keys"], b["scale"], comp)
+        got.update(wide["pre"], wide["up"], wide["post"], b["keys"], b["scale"], comp, rows=rows, sign=sign)
+    for name, t in ref.tensors().items():
+        if name in ("pre", "post", "case_sum"):
+            np.testing.assert_allclose(got.tensors()[name].numpy(), t.numpy(), rtol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got.tensors()[name].numpy(), t.numpy(), err_msg=name)
+    assert int(got.tokens) == 370 and bool((got.case_n.sum(1) > 0).all())
+
+
+@pytest.mark.skipif(not fused.available(), reason="numba is not installed: corpus.fused is not used")
+def test_fused_and_torch_paths_agree_on_a_wide_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch shaped like a real MLP's (silu gate, many tokens) through both paths: identical counts, histograms
+    and sets, sums to 1e-12."""
+    g = torch.Generator().manual_seed(3)
+    pre, up = torch.randn(2000, 300, generator=g) * 3, torch.randn(2000, 300, generator=g)
+    post = torch.nn.functional.silu(pre) * up
+    keys = torch.arange(2000, dtype=torch.int64) * 2
+    both = []
+    for path in ("fused", "torch"):
+        with monkeypatch.context() as mp:
+            _path(mp, path)
+            m = Moments.empty(300, TOP)
+            for lo in range(0, 2000, 500):
+                part = slice(lo, lo + 500)
+                m.update(pre[part], up[part], post[part], keys[part], torch.ones(500), _component(keys[part]))
+            both.append(m.tensors())
+    for name, t in both[1].items():
+        if name in ("pre", "post", "case_sum"):
+            np.testing.assert_allclose(both[0][name].numpy(), t.numpy(), rtol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(both[0][name].numpy(), t.numpy(), err_msg=name)
 
 
 def test_merge_orders_ties_by_key_whichever_side_they_come_from() -> None:

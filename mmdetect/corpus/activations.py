@@ -9,6 +9,7 @@ the shards add up to the state of one run (``merge_states``). A run that is stop
 """
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 from mmdetect.convention import DEFAULT, get_convention
 from mmdetect.corpus import state as saved
 from mmdetect.corpus.defaults import BATCH_TOKENS, DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, TOP_K
+from mmdetect.corpus.directions import plan
 from mmdetect.corpus.directions import sites as weight_sites
 from mmdetect.corpus.hooks import Hooks, Site, Tokens
 from mmdetect.corpus.model import (
@@ -32,7 +34,7 @@ from mmdetect.corpus.model import (
     load_model,
 )
 from mmdetect.corpus.sources import resolve_source
-from mmdetect.corpus.stats import CASES, NO_KEY, Moments, describe
+from mmdetect.corpus.stats import CASES, HIST_SLOTS, NO_KEY, Moments, describe
 from mmdetect.corpus.vocab import Vocab, load_vocab
 from mmdetect.corpus.windows import Window, corpus_digest, windows
 from mmdetect.errors import MMDetectError, UsageError
@@ -116,11 +118,11 @@ def run(req: Request) -> Result:
     source = resolve_source(req.text, req.dataset, req.field_name, req.split)   # a bad corpus fails first
     ckpt = open_checkpoint(req.model, revision=req.revision)
     try:
-        sites = weight_sites(ckpt, conv, layers, req.top_k)
-        if not sites:
+        if not plan(ckpt, layers):
             raise MMDetectError(f"{ckpt.ref} has no MLP to measure{' in --layers' if req.layers else ''}")
         model = load_model(ckpt, device=device, dtype=req.dtype, max_memory=req.max_memory, hint=HINT,
                            offload=True)
+        sites = weight_sites(ckpt, conv, layers, req.top_k)   # after the load: not held through its peak
         vocab = _vocab(ckpt, model)
         forget_gguf_reader()
         context = getattr(model.config, "max_position_embeddings", None)
@@ -136,6 +138,8 @@ def run(req: Request) -> Result:
         if done is not None:
             stream = windows(source, vocab, seq_len, req.max_tokens, req.shard)
             _pass(model, sites, stream, ckpt, req, identity, prov.to_dict(), seq_len, done)
+        del model                     # its weights are not needed for the outputs: their memory goes first
+        gc.collect()
         return build(sites, prov, _contexts(sites, source, vocab, seq_len, req), seq_len)
     finally:
         ckpt.close()
@@ -273,6 +277,39 @@ class MergedSite:
     moments: Moments
 
 
+class HistRows(Sequence):
+    """The histograms of every neuron (``details["hist"]``): row i is neuron i's 258 counts as a list, built when
+    asked for, from one [n, 258] int64 array; the companion file takes them as one Arrow array (``arrow``)."""
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.counts[i].tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, HistRows):
+            return np.array_equal(self.counts, other.counts)
+        return isinstance(other, Sequence) and len(other) == len(self) and all(
+            list(b) == a for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def arrow(self, kind: Any) -> Any:
+        """The rows as a pyarrow array of ``kind`` (a list of int64), without a Python object per count."""
+        import pyarrow as pa
+
+        n, width = self.counts.shape if self.counts.ndim == 2 else (0, 0)
+        offsets = pa.array(np.arange(0, (n + 1) * width, max(width, 1), dtype=np.int32)[:n + 1])
+        return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(self.counts).reshape(-1),
+                                                          kind.value_type), type=kind)
+
+
 class TopRows(Sequence):
     """The top tokens of every neuron (``details["top"]``): row i is neuron i's list of {value, window, position,
     token_id, token, before, after} (the last four where the corpus had the token), built when asked for; the
@@ -317,8 +354,8 @@ def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str,
     import pandas as pd
 
     frames: list[Any] = []
-    details: dict[str, Any] = {"layer": [], "expert": [], "neuron": [], "hist": []}
-    values, keys = [], []
+    details: dict[str, Any] = {"layer": [], "expert": [], "neuron": []}
+    values, keys, hists = [], [], []
     for site in sites:
         m = site.moments
         cols = m.columns(site.gated, site.w_along)
@@ -328,10 +365,11 @@ def build(sites: Sequence[Measured], prov: Provenance, tops: dict[int, dict[str,
         details["layer"] += [site.layer] * n
         details["expert"] += [site.expert] * n
         details["neuron"] += list(range(n))
-        details["hist"] += m.hist.numpy().tolist()
+        hists.append(m.hist.numpy())
         values.append(m.top_val.numpy())
         keys.append(m.top_key.numpy())
     k = max((v.shape[1] for v in values), default=0)
+    details["hist"] = HistRows(np.concatenate(hists) if hists else np.zeros((0, HIST_SLOTS), np.int64))
     details["top"] = TopRows(np.concatenate(values) if values else np.zeros((0, k), np.float32),
                              np.concatenate(keys) if keys else np.zeros((0, k), np.int64), seq_len, tops)
     df = pd.concat(frames, ignore_index=True)[list(COLUMNS)]

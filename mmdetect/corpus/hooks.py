@@ -129,7 +129,7 @@ class Hooks:
             post = _flat(_arg(args, kwargs, 0, "input"))
             y = _flat(out[0] if isinstance(out, tuple) else out)
             scale = 1.0 / y.float().pow(2).mean(dim=1).add(1e-6).sqrt() if post_norm else None
-            self._feed(site, captured.pop("pre"), captured.pop("up", None), post, scale, captured.get("x"))
+            self._feed(site, captured.pop("pre"), captured.pop("up", None), post, scale, captured.pop("x", None))
 
         self.handles.append(down.register_forward_hook(on_down, with_kwargs=True))
 
@@ -175,10 +175,11 @@ class Hooks:
             hidden = _arg(args, kwargs, 0, "hidden_states")
             chosen = _arg(args, kwargs, 1, "top_k_index")
             keep = self._tokens().keep_mask.to(chosen.device)
+            resid = captured.pop("x", None)       # this layer's: not kept alive into the next layers
             for index, site in by_index.items():
                 rows = torch.nonzero((chosen == index).any(dim=-1) & keep).flatten()
                 pre, up, post = _expert_activations(mod, index, hidden[rows])
-                self._feed(site, pre, up, post, None, captured.get("x"), rows=rows)
+                self._feed(site, pre, up, post, None, resid, rows=rows)
 
         self.handles.append(module.register_forward_pre_hook(on_experts, with_kwargs=True))
 
@@ -192,16 +193,12 @@ class Hooks:
         """One MLP's activations of this batch into its Moments. ``rows``: the batch rows they belong to (routed
         experts, already restricted to counted tokens); otherwise they are every position and BOS rows are dropped."""
         tokens = self._tokens()
+        counted = None
         if rows is None:
-            rows = tokens.keep.to(pre.device)
-            pre, post = pre[rows], post[rows]
-            up = None if up is None else up[rows]
-        sign = site.sign.to(post.device, post.dtype)
-        post = post * sign
-        up = None if up is None else up * sign
+            rows = counted = tokens.keep.to(pre.device)
         keys = tokens.keys.to(rows.device)[rows]
         scale = torch.ones(rows.shape[0]) if scale is None else scale[rows].cpu()
-        site.moments.update(pre, up, post, keys, scale, _component(site, resid, rows))
+        site.moments.update(pre, up, post, keys, scale, _component(site, resid, rows), rows=counted, sign=site.sign)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -57,16 +57,35 @@ def site_record(site: Site) -> dict[str, Any]:
 
 def save(path: str | os.PathLike, identity: dict[str, Any], windows: int, complete: bool, sites: list[Site],
          provenance: dict[str, Any]) -> None:
-    from safetensors.torch import save as st_save
-
     tensors = {f"{i}.{name}": t.contiguous() for i, site in enumerate(sites)
                for name, t in site.moments.tensors().items()}
     tensors.update({f"{i}.w_along": site.w_along.double().contiguous() for i, site in enumerate(sites)})
     meta = {"format": FORMAT, "identity": identity, "windows": windows, "complete": complete,
             "sites": [site_record(s) for s in sites], "digest": _digest(tensors), "provenance": provenance}
-    data = st_save(tensors, metadata={"mmdetect": json.dumps(meta, sort_keys=True)})
     with atomic_write(path, binary=True) as fh:
-        fh.write(data)
+        _write_safetensors(fh, tensors, {"mmdetect": json.dumps(meta, sort_keys=True)})
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64", torch.int32: "I32"}
+
+
+def _write_safetensors(fh: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """``tensors`` in the safetensors format (the header, then each tensor's bytes in the header's order), written
+    one tensor at a time: no buffer of the whole file (``safetensors.torch.save`` builds one, twice the state's size
+    at its peak). safetensors' own reader reads it (``load``)."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                  # the data starts 8-byte aligned, as safetensors writes it
+    fh.write(len(text).to_bytes(8, "little"))
+    fh.write(text)
+    for t in tensors.values():
+        if t.numel():
+            fh.write(memoryview(t.contiguous().view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 def load(path: str | os.PathLike) -> State:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmdetect.corpus import fused
 from mmdetect.corpus.defaults import TOP_K
 
 HIST_LO, HIST_HI, HIST_BINS = -10.0, 15.0, 256   # universal-neurons' fixed edges: linspace(-10, 15, 257)
@@ -39,6 +40,7 @@ NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set s
 BLOCK = 256                                       # neurons transposed to neuron-major at once
 CHUNK = 64                                        # neurons summed at once: a chunk's [64, N] temporaries stay in cache
 TOKEN_BLOCK = 256                                 # rows per block of the transposition to neuron-major
+CANDIDATES = 64                                   # tokens corpus.fused lists per neuron and set
 
 
 def _zeros(n: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -91,30 +93,94 @@ class Moments:
     # -- one batch --------------------------------------------------------------------------------------------------
 
     def update(self, pre: torch.Tensor, up: torch.Tensor | None, post: torch.Tensor, keys: torch.Tensor,
-               scale: torch.Tensor, component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        """Add N tokens: pre, up, post [N, n] (any float dtype, any device), keys [N] int64 ascending, scale [N]
-        (the post-norm's 1/rms per token). ``component(tokens, neurons)`` gives the residual's component along each
-        neuron's read direction at those (batch-relative) tokens, for the tokens that enter the deletion set.
+               scale: torch.Tensor, component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               rows: torch.Tensor | None = None, sign: torch.Tensor | None = None) -> None:
+        """Add N tokens: pre, up, post [R, n] (any float dtype, any device), of which the rows ``rows`` [N] int64
+        count (None: all R, in order), with ``sign`` [n] (None: 1) multiplying up and post (the scan's orientation);
+        keys [N] int64 ascending, scale [N] (the post-norm's 1/rms per token), both per counted token.
+        ``component(tokens, neurons)`` gives the residual's component along each neuron's read direction at those
+        tokens (indices into the counted tokens), for the tokens that enter the deletion set.
 
-        Each block of BLOCK neurons is transposed once to neuron-major [m, N], so that every reduction, the
-        histogram's bin offsets and the top-k run along contiguous memory; the sums go CHUNK neurons at a time,
-        so that their float64 temporaries stay in cache, the top and deletion sets a block at a time."""
-        if pre.shape[0] == 0:
+        On the CPU with numba (``corpus.fused``), one kernel reads every value once, in place; otherwise each block
+        of BLOCK neurons is transposed once to neuron-major [m, N], so that every reduction, the histogram's bin
+        offsets and the top-k run along contiguous memory; the sums go CHUNK neurons at a time, so that their
+        float64 temporaries stay in cache, the top and deletion sets a block at a time. Both give the same counts,
+        histograms and sets; the float64 sums differ in their last bits."""
+        n_tok = pre.shape[0] if rows is None else rows.shape[0]
+        if n_tok == 0:
             return
-        self.tokens += pre.shape[0]
+        if _fusable(pre, up, post):
+            self._update_fused(pre, up, post, keys, scale, component, rows, sign)
+            return
+        if rows is not None:
+            rows = rows.to(pre.device)
+            pre, post = pre[rows], post[rows]
+            up = None if up is None else up[rows]
+        if sign is not None:
+            sign = sign.to(post.device, post.dtype)
+            post = post * sign
+            up = None if up is None else up * sign.to(up.dtype)
+        self.tokens += n_tok
         keys = keys.to(pre.device)
-        ws = _Workspace(min(CHUNK, self.n), min(BLOCK, self.n), pre.shape[0], pre.device)
+        ws = _Workspace(min(CHUNK, self.n), min(BLOCK, self.n), n_tok, pre.device)
         for lo in range(0, self.n, BLOCK):
             block = slice(lo, min(self.n, lo + BLOCK))
             x, p = _neuron_major(pre[:, block], ws.t[0]), _neuron_major(post[:, block], ws.t[1])
             u = None if up is None else _neuron_major(up[:, block], ws.t[2])
             for at in range(0, x.shape[0], CHUNK):
-                rows = slice(at, at + CHUNK)
-                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows], None if u is None else u[rows],
-                           p[rows], ws)
+                rows_ = slice(at, at + CHUNK)
+                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows_],
+                           None if u is None else u[rows_], p[rows_], ws)
             pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
             self._top(block, pf, keys, ws.mask)
             self._deletion(block, pf, torch.abs(pf, out=ws.t[0][:pf.shape[0]]), keys, scale, component, ws.mask)
+
+    def _update_fused(self, pre: torch.Tensor, up: torch.Tensor | None, post: torch.Tensor, keys: torch.Tensor,
+                      scale: torch.Tensor, component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      rows: torch.Tensor | None, sign: torch.Tensor | None) -> None:
+        """``update`` through ``corpus.fused``: the sums, counts and histogram in one kernel, which also lists the
+        tokens that may enter each top and deletion set; the sets are then merged from those few candidates (every
+        token of a neuron that has more than CANDIDATES, as in the first batch, through ``_batch_top``)."""
+        n = self.n
+        rows = torch.arange(pre.shape[0]) if rows is None else rows.cpu()
+        n_tok = int(rows.shape[0])
+        sign = torch.ones(n) if sign is None else sign
+        sign = sign.to(torch.float64 if post.dtype == torch.float64 else torch.float32)
+        lo = torch.empty(n, dtype=torch.float64)
+        hi = torch.empty(n, dtype=torch.float64)
+        n_top, n_del = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+        top_tok = torch.empty(n, CANDIDATES, dtype=torch.int32)
+        del_tok = torch.empty(n, CANDIDATES, dtype=torch.int32)
+        arrays = [t.detach().numpy() for t in (pre, post if up is None else up, post)]
+        fused.accumulate(arrays[0], arrays[1], arrays[2], up is not None, rows.numpy(), sign.numpy(),
+                         self.top_val[:, -1].contiguous().numpy(), self.del_abs[:, -1].contiguous().numpy(),
+                         self.pre.numpy(), self.pos.numpy(), self.hist.numpy(), self.post.numpy(), lo.numpy(),
+                         hi.numpy(), self.case_n.numpy(), self.case_sum.numpy(), n_top.numpy(), top_tok.numpy(),
+                         n_del.numpy(), del_tok.numpy())
+        self.tokens += n_tok
+        self.post_min = torch.minimum(self.post_min, lo)
+        self.post_max = torch.maximum(self.post_max, hi)
+        keys = keys.cpu()
+        post_rows = post.detach().cpu()
+
+        def values(neurons: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            """p (float32, signed) at (neuron, counted token) pairs."""
+            return (post_rows[rows[tokens], neurons] * sign[neurons]).float()
+
+        def columns(neurons: torch.Tensor) -> torch.Tensor:
+            """p [len(neurons), N] float32, neuron-major."""
+            block = post_rows.index_select(1, neurons).index_select(0, rows).float()
+            return (block * sign[neurons].float()).T.contiguous()
+
+        merged = _enter_listed(n_top, top_tok, keys, self.top_val, self.top_key,
+                               lambda j, t: values(j, t), columns)
+        if merged is not None:
+            at, val, key, _src, _tok = merged
+            self.top_val[at], self.top_key[at] = val, key
+        merged = _enter_listed(n_del, del_tok, keys, self.del_abs, self.del_key,
+                               lambda j, t: values(j, t).abs(), lambda j: columns(j).abs())
+        if merged is not None:
+            self._fill_deletion(0, merged, values, scale, component)
 
     def _sums(self, cols: slice, x: torch.Tensor, u: torch.Tensor | None, p: torch.Tensor, ws: _Workspace) -> None:
         """x, u, p [m, N] neuron-major, float32 or float64 (float32 values are exact in float64); the float64
@@ -147,10 +213,16 @@ class Moments:
     def _deletion(self, cols: slice, p: torch.Tensor, p_abs: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
                   component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scratch: torch.Tensor) -> None:
         merged = _enter(p_abs, keys, self.del_abs[cols], self.del_key[cols], scratch)
-        if merged is None:
-            return
-        rows, val, key, src, tok = merged                  # rows: the chunk's neurons whose set changed
-        at = cols.start + rows
+        if merged is not None:
+            self._fill_deletion(cols.start, merged, lambda j, t: p[j.to(p.device), t.to(p.device)], scale, component)
+
+    def _fill_deletion(self, start: int, merged: tuple[torch.Tensor, ...],
+                       values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: torch.Tensor,
+                       component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Take the merged deletion sets of neurons ``start + rows``: entries kept from the running set keep their
+        a, c, s; a fresh entry takes its post-activation (``values(neuron - start, token)``), component and scale."""
+        rows, val, key, src, tok = merged                  # rows: the block's neurons whose set changed
+        at = start + rows
         old = src < DELETION_K                             # kept from the running set: its a, c, s are known
         idx = src.clamp(max=DELETION_K - 1)
         new_a = torch.gather(self.del_a[at], 1, idx)
@@ -160,9 +232,9 @@ class Moments:
         if fresh.any():
             r, slots = torch.nonzero(fresh, as_tuple=True)           # row of ``rows``, slot
             t = tok[r, src[r, slots] - DELETION_K]                    # batch-relative token of each fresh entry
-            neuron = rows[r]                                          # chunk-relative
-            new_a[r, slots] = p[neuron.to(p.device), t.to(p.device)].double().cpu()
-            new_c[r, slots] = component(t, neuron + cols.start).double().cpu()
+            neuron = rows[r]                                          # block-relative
+            new_a[r, slots] = values(neuron, t).double().cpu()
+            new_c[r, slots] = component(t, neuron + start).double().cpu()
             new_s[r, slots] = scale.cpu()[t].double()
         self.del_abs[at], self.del_key[at] = val, key
         self.del_a[at], self.del_c[at], self.del_s[at] = new_a, new_c, new_s
@@ -353,6 +425,51 @@ def _enter(v: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor, run_key: 
     cand_key = torch.where(cand_tok >= 0, keys.cpu()[cand_tok.clamp(min=0)], NO_KEY)
     val, key, src = _merge(run_val[rows], run_key[rows], cand_val, cand_key, k)
     return rows, val, key, src, cand_tok
+
+
+def _enter_listed(count: torch.Tensor, listed: torch.Tensor, keys: torch.Tensor, run_val: torch.Tensor,
+                  run_key: torch.Tensor, values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  columns: Callable[[torch.Tensor], torch.Tensor]) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``_enter`` from candidates listed by ``corpus.fused``: count [n] tokens that may enter each neuron's running
+    set [n, k], the first CANDIDATES of them in ``listed`` [n, CANDIDATES] (ascending). A neuron with at most that
+    many takes them all (``values(neurons, tokens)``); one with more takes its batch top k from every token
+    (``columns(neurons)`` [m, N], BLOCK neurons at a time). The k best of the union are the same either way: a token
+    that is not listed cannot enter. Returns what ``_enter`` returns, for every neuron (rows index ``run_val``)."""
+    k = run_val.shape[1]
+    rows = torch.nonzero(count > 0).flatten()
+    if rows.numel() == 0:
+        return None
+    count = count[rows]
+    over = count > listed.shape[1]
+    few = torch.nonzero(~over).flatten()
+    width = max(int(count[few].max()) if few.numel() else 0, k if bool(over.any()) else 0)
+    r = rows.shape[0]
+    cand_val = torch.full((r, width), float("-inf"))
+    cand_tok = torch.full((r, width), -1, dtype=torch.int64)
+    if few.numel():
+        w = int(count[few].max())
+        tok = listed[rows[few], :w].long()
+        hit = torch.arange(w)[None, :] < count[few][:, None]
+        at, slot = torch.nonzero(hit, as_tuple=True)
+        cand_tok[few[at], slot] = tok[at, slot]
+        cand_val[few[at], slot] = values(rows[few[at]], tok[at, slot])
+    many = torch.nonzero(over).flatten()
+    for lo in range(0, many.numel(), BLOCK):
+        part = many[lo:lo + BLOCK]
+        val, tok = _batch_top(columns(rows[part]), k)
+        cand_val[part, :val.shape[1]], cand_tok[part, :val.shape[1]] = val, tok
+    cand_key = torch.where(cand_tok >= 0, keys[cand_tok.clamp(min=0)], NO_KEY)
+    val, key, src = _merge(run_val[rows], run_key[rows], cand_val, cand_key, k)
+    return rows, val, key, src, cand_tok
+
+
+def _fusable(pre: torch.Tensor, up: torch.Tensor | None, post: torch.Tensor) -> bool:
+    """Whether ``corpus.fused`` takes these activations: numba present, CPU tensors of float32 or float64, one
+    dtype, rows countable in int32."""
+    kinds = {t.dtype for t in (pre, post) + (() if up is None else (up,))}
+    return fused.available() and pre.device.type == "cpu" and len(kinds) == 1 \
+        and kinds <= {torch.float32, torch.float64} and pre.shape[0] < 2 ** 31
 
 
 def _batch_top(v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

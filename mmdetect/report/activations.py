@@ -51,7 +51,8 @@ def write_details(result: Result, path: str | os.PathLike) -> None:
     columns = {"layer": pa.array(d["layer"], pa.int64()),
                "expert": pa.array([_expert(e) for e in d["expert"]], pa.string()),
                "neuron": pa.array(d["neuron"], pa.int64()),
-               "hist": pa.array(d["hist"], pa.list_(pa.int64())),
+               "hist": d["hist"].arrow(pa.list_(pa.int64())) if hasattr(d["hist"], "arrow")
+               else pa.array(d["hist"], pa.list_(pa.int64())),
                "top": d["top"].arrow(top_type) if hasattr(d["top"], "arrow") else pa.array(d["top"], top_type)}
     for name in frame.columns:
         if name not in KEYS:
