@@ -512,11 +512,10 @@ def _merge_docs(computed: list[dict[str, Any]], given: list[dict[str, Any]]) -> 
 def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[str] = (),
                      stats: str | None = None) -> Built:
     """The page of a scan output file (and --with files, and an ``mmdetect activations`` output to join)."""
-    from mmdetect.report.page import scan_page
-    from mmdetect.report.plot import read_scan
-
     from mmdetect.errors import UsageError
     from mmdetect.report.featurepage import is_feature_scan
+    from mmdetect.report.page import scan_page
+    from mmdetect.report.plot import read_scan
 
     add = read_extras(extras)
     df, meta = read_scan(path)
