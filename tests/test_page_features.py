@@ -264,6 +264,12 @@ def test_refusals(gpt2: Any, made: dict[str, Path], tmp_path: Path) -> None:
              "error: --format neuronpedia exports the model's neurons, not a transcoder's features", tmp_path / "np")
 
 
+def test_scan_format_html_points_at_report(gpt2: Any, tmp_path: Path) -> None:
+    _refused(_cli("scan", gpt2.path, "--transcoder", DATA / "set", "--format", "html", "-o", tmp_path / "x.html"),
+             "error: scan --transcoder does not take --format html: `mmdetect report MODEL --transcoder PATH -o "
+             "page.html` writes the report page", tmp_path / "x.html")
+
+
 def test_transcoder_with_a_scan_output_does_nothing(made: dict[str, Path], tmp_path: Path) -> None:
     done = _cli("report", made["scan"], "--transcoder", DATA / "set", "-o", tmp_path / "p.html")
     assert done.exit_code == 0, done.output
