@@ -110,7 +110,7 @@ def test_feature_script_says_when_page_js_changed() -> None:
         feature_script(js.replace('"aria-label": "neuron panel"', '"aria-label": "unit panel"'))
 
 
-def test_a_csv_scan_without_provenance(made: dict[str, Path], tmp_path: Path) -> None:
+def test_a_csv_scan_without_provenance(made: dict[str, Path], tmp_path: Path, opened: Any) -> None:
     """No sibling .json or .parquet: the summary comes from the rows (counts, no links, no transcoder facts)."""
     page = tmp_path / "bare.html"
     done = _cli("report", made["csv"], "-o", page)
@@ -120,6 +120,13 @@ def test_a_csv_scan_without_provenance(made: dict[str, Path], tmp_path: Path) ->
     assert [(s["layer"], s["n_features"], s["n_flagged"]) for s in data["layers"]] == [(0, 12, 3), (1, 12, 0)]
     assert data["totals"]["n_features"] == 24 and "neuronpedia" not in data["tables"]["features"]["columns"]
     assert "explain MODEL --transcoder PATH -l L --feature F --format json" in data["notes"]["panels"]
+    o = opened(page)
+    o.page.wait_for_selector("html[data-features-ready='1']")
+    assert _transcoders(o.page) == [{"layer": "0", "n_flagged": "3 of 12", "min": "-1.000"},
+                                    {"layer": "1", "n_flagged": "0 of 12", "min": "-0.205"}]
+    assert "without its per-layer summary" in o.page.inner_text("#transcoders-section")
+    assert o.page.locator("#features a.np-link").count() == 0 and shown(o.page, "features") == 24
+    o.check_clean()
 
 
 # -- in Chromium -------------------------------------------------------------------------------------------------------
@@ -243,22 +250,25 @@ def test_refusals(gpt2: Any, made: dict[str, Path], tmp_path: Path) -> None:
              f"error: --with {made['n3']} explains a neuron and {made['scan']} is a transcoder scan (one row per "
              f"feature): give `mmdetect explain MODEL --transcoder PATH -l L --feature F --format json` outputs", page)
     _refused(_cli("report", gpt2.path, "--with", made["f1"], "--no-activations", "-o", page),
-             f"error: --with {made['f1']} explains a transcoder feature and {gpt2.path} is a neuron scan", page)
+             f"error: --with {made['f1']} explains a transcoder feature and the page of {gpt2.path} shows its "
+             f"neurons: give it with the transcoder's scan", page)
     _refused(_cli("report", gpt2.path, "--transcoder", DATA / "set", "--with", made["n3"], "-o", page),
-             f"error: --with {made['n3']} explains a neuron and --transcoder {DATA / 'set'} is a transcoder scan", page)
+             f"error: --with {made['n3']} explains a neuron and the page of --transcoder {DATA / 'set'} is a "
+             f"transcoder scan (one row per feature): give `mmdetect explain MODEL --transcoder PATH", page)
     stats = tmp_path / "stats.csv"
     stats.write_text("layer,neuron\n")
     _refused(_cli("report", made["scan"], "--activations", stats, "-o", page),
              f"error: --activations {stats}: corpus statistics are per neuron (`mmdetect activations`), and "
              f"{made['scan']} is a transcoder scan (one row per feature): leave --activations out", page)
     _refused(_cli("report", gpt2.path, "--transcoder", DATA / "set", "--activations", "auto", "-o", page),
-             f"error: --activations auto: corpus statistics are per neuron (`mmdetect activations`), and "
-             f"--transcoder {DATA / 'set'} is a transcoder scan", page)
+             f"error: --activations auto: corpus statistics are per neuron (`mmdetect activations`), and the page of "
+             f"--transcoder {DATA / 'set'} is a transcoder scan (one row per feature): leave --activations out", page)
     heads = tmp_path / "heads.csv"
     assert _cli("heads", gpt2.path, "--format", "csv", "-o", heads).exit_code == 0
     _refused(_cli("report", made["scan"], "--with", heads, "-o", page),
-             f"error: --with {heads} is a heads output, and {made['scan']} is a transcoder scan whose page shows "
-             f"its features only: add it to the model's page (`mmdetect report MODEL --with {heads}`)", page)
+             f"error: --with {heads} is a heads output, and {made['scan']} is a transcoder scan (one row per "
+             f"feature), whose page shows its features only: add it to the model's page (`mmdetect report MODEL "
+             f"--with {heads}`)", page)
     _refused(_cli("report", gpt2.path, "--transcoder", DATA / "set", "--format", "neuronpedia", "--activations",
                   "auto", "-o", tmp_path / "np"),
              "error: --format neuronpedia exports the model's neurons, not a transcoder's features", tmp_path / "np")

@@ -84,24 +84,23 @@ class Extras:
     files: dict[str, str] = field(default_factory=dict)   # "heads", "chains" -> the file each came from
     explain_files: list[str] = field(default_factory=list)  # the file of each explain document
 
-    def check_unit(self, unit: str, source: str) -> None:
-        """Refuse, in one line, extras that do not fit a page of ``unit`` rows ("neuron" or "feature")."""
+    def check_unit(self, unit: str, where: str) -> None:
+        """Refuse, in one line, extras that do not fit a page of ``unit`` rows ("neuron" or "feature"); ``where``
+        says what the page is of ("x.parquet is a neuron scan")."""
         from mmdetect.errors import UsageError
 
         for doc, name in zip(self.explain, self.explain_files):
             if unit not in doc:
                 if unit == "feature":
-                    raise UsageError(f"--with {name} explains a neuron and {source} is a transcoder scan (one row "
-                                     f"per feature): give `mmdetect explain MODEL --transcoder PATH -l L --feature F "
-                                     f"--format json` outputs")
-                raise UsageError(f"--with {name} explains a transcoder feature and {source} is a neuron scan: give "
-                                 f"it with the transcoder's scan (`mmdetect scan MODEL --transcoder PATH -o "
-                                 f"tc.parquet`) as SOURCE, or `mmdetect report MODEL --transcoder PATH`")
+                    raise UsageError(f"--with {name} explains a neuron and {where}: give `mmdetect explain MODEL "
+                                     f"--transcoder PATH -l L --feature F --format json` outputs")
+                raise UsageError(f"--with {name} explains a transcoder feature and {where}: give it with the "
+                                 f"transcoder's scan (`mmdetect scan MODEL --transcoder PATH -o tc.parquet`) as "
+                                 f"SOURCE, or `mmdetect report MODEL --transcoder PATH`")
         if unit == "feature":
             for part, name in self.files.items():
-                raise UsageError(f"--with {name} is a {part} output, and {source} is a transcoder scan whose page "
-                                 f"shows its features only: add it to the model's page (`mmdetect report MODEL "
-                                 f"--with {name}`)")
+                raise UsageError(f"--with {name} is a {part} output, and {where}, whose page shows its features "
+                                 f"only: add it to the model's page (`mmdetect report MODEL --with {name}`)")
 
 
 def _table_file(path: Path) -> Any:
@@ -278,7 +277,7 @@ def model_page(model: str, *, revision: str | None = None, convention: str = DEF
                                no_activations=no_activations, stats=stats)
     say = log or (lambda _m: None)
     add = read_extras(extras)
-    add.check_unit("neuron", model)
+    add.check_unit("neuron", f"the page of {model} shows its neurons")
     name, fingerprint = model_identity(model, revision)
     measured = load_stats(stats, model, fingerprint=fingerprint, convention=convention, revision=revision,
                           layers=layers, device=device, text=text, dataset=dataset, field_name=field_name,
@@ -348,11 +347,12 @@ def transcoder_page(model: str, transcoder: str, *, revision: str | None = None,
     from mmdetect.io.transcoder import opened_transcoders
     from mmdetect.report.page import scan_page
 
+    where = f"the page of --transcoder {transcoder} is a transcoder scan (one row per feature)"
     if stats:
-        raise UsageError(_STATS_PER_NEURON.format(stats=stats, source=f"--transcoder {transcoder}"))
+        raise UsageError(_STATS_PER_NEURON.format(stats=stats, where=where))
     say = log or (lambda _m: None)
     add = read_extras(extras)
-    add.check_unit("feature", f"--transcoder {transcoder}")
+    add.check_unit("feature", where)
     name, _fingerprint = model_identity(model, revision)
     result = scan_transcoder(model, transcoder, revision=revision, threshold=threshold, convention=convention,
                              layers=layers, device=device, progress=progress, neurons=True, as_frame=False)
@@ -382,8 +382,8 @@ def transcoder_page(model: str, transcoder: str, *, revision: str | None = None,
                                 f"{len(result):,} features, {n_flagged:,} flagged, {len(docs)} panels")
 
 
-_STATS_PER_NEURON = ("--activations {stats}: corpus statistics are per neuron (`mmdetect activations`), and {source} "
-                     "is a transcoder scan (one row per feature): leave --activations out")
+_STATS_PER_NEURON = ("--activations {stats}: corpus statistics are per neuron (`mmdetect activations`), and {where}: "
+                     "leave --activations out")
 
 
 def model_name(model: str) -> str:
@@ -522,9 +522,10 @@ def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[st
     if "cos" not in df.columns:
         raise CorruptInputError(f"{path} has no cos column: it is not an mmdetect scan output")
     features = is_feature_scan(df.columns)
-    add.check_unit("feature" if features else "neuron", path)
+    where = f"{path} is a transcoder scan (one row per feature)" if features else f"{path} is a neuron scan"
+    add.check_unit("feature" if features else "neuron", where)
     if features and stats:
-        raise UsageError(_STATS_PER_NEURON.format(stats=stats, source=path))
+        raise UsageError(_STATS_PER_NEURON.format(stats=stats, where=where))
     if not meta:
         warn(f"no provenance for {path} (no sibling .meta.json, .json or .parquet): the page cannot say which "
              f"convention or threshold the numbers are in")

@@ -61,9 +61,11 @@
   var sec = h("section", {id: "transcoders-section"}, h("h2", null, "Transcoders"),
     h("p", {class: "note"}, "One transcoder per layer" + (opts.transcoder ? " (" + opts.transcoder + ")" : "") +
       ", each feature scanned as a neuron: cos of its encoder column (what it reads) and its decoder row (what it " +
-      "writes), folded as the MLP it stands in for. skip copying: the copying score of a skip transcoder's W_skip, " +
-      "as heads score an OV circuit (−1: it writes back the negative of what it reads). neurons: the model's own " +
-      "MLP neurons at that layer, from the same scan (scan --neurons)."));
+      "writes), folded as the MLP it stands in for." + (has("skip_copying") ? " skip copying: the copying score of " +
+      "a skip transcoder's W_skip, as heads score an OV circuit (−1: it writes back the negative of what it reads)." :
+        "") + (has("n_neurons") ? " neurons: the model's own MLP neurons at that layer, from the same scan (scan " +
+        "--neurons)." : "") + (has("transcoder") ? "" : " The scan came without its per-layer summary (a sibling " +
+        ".json or .parquet), so only the counts are known here.")));
   if (!D.layers || !D.layers.length) sec.append(h("p", {class: "empty"}, "no per-layer data"));
   else {
     var table = h("table", {class: "mini transcoders", id: "transcoders"});
