@@ -417,13 +417,15 @@ def scan_page(columns: Any, layers: list[dict] | None = None, provenance: Mappin
     """The complete HTML document for one scan.
 
     columns: the scan's rows as a dict of numpy arrays (``ScanResult.columns``), a ``ScanResult`` or a DataFrame
-    (then ``layers`` and ``provenance`` default to its ``attrs``). layers: the per-layer summary
+    (then ``layers`` and ``provenance`` default to its ``attrs``); a transcoder scan's rows (keyed ``layer,
+    feature``) give a page of features (``report.featurepage``). layers: the per-layer summary
     (``attrs["layers"]``). provenance: ``attrs["provenance"]``. explain: ``explain()`` documents, one per neuron
-    panel. heads, chains: the DataFrames of ``heads`` and ``chains``. top_rows: the table holds every flagged neuron
-    plus this many of the most negative others; max_rows caps the table whatever the flagged count. notes: what was
-    left out and why, by section ("heads", "chains", "panels"), shown where that section would be. stats: a corpus
-    pass's result (``report.activations.read_stats``), joined onto the rows (``report.pagestats``). name: the model's
-    name for the title and the heading (default: from the provenance's model reference, ``ref_name``).
+    panel (``explain_feature()`` documents for a page of features). heads, chains: the DataFrames of ``heads`` and
+    ``chains``. top_rows: the table holds every flagged neuron plus this many of the most negative others; max_rows
+    caps the table whatever the flagged count. notes: what was left out and why, by section ("heads", "chains",
+    "panels"), shown where that section would be. stats: a corpus pass's result (``report.activations.read_stats``),
+    joined onto the rows (``report.pagestats``). name: the model's name for the title and the heading (default: from
+    the provenance's model reference, ``ref_name``).
     """
     data = scan_data(columns, layers, provenance, explain=explain, heads=heads, chains=chains,
                      top_rows=top_rows, max_rows=max_rows, notes=notes, stats=stats, name=name)
@@ -524,7 +526,9 @@ def render_page(data: Mapping[str, Any], title: str) -> str:
     """The HTML document around ``data`` (the page's JSON) with the inline style sheet and script.
 
     A page that carries a corpus pass (``data["stats"]``) also gets ``stats.css`` and ``stats.js``, after the page's
-    own: they draw the statistics on what ``page.js`` built. Every other page is exactly what it was without them."""
+    own: they draw the statistics on what ``page.js`` built. A transcoder scan's page (``data["unit"]`` "feature")
+    runs ``page.js`` in the feature's words (``report.featurepage.feature_script``), then ``features.js``, with
+    ``features.css``. Every other page is exactly what it was without them."""
     css, js = _asset("page.css"), _asset("page.js")
     if data.get("unit") == "feature":   # a transcoder scan: page.js in the feature's words, then features.js
         css, js = css + _asset("features.css"), feature_script(js) + _asset("features.js")
