@@ -190,8 +190,9 @@ def _scan_transcoder(model: str, transcoder: str | None, with_neurons: bool, *, 
     refused = [flag for flag, given in (("--verify", verify is not None), ("--activations", activations is not None),
                                         ("--format html", fmt == "html")) if given]
     if refused:
-        raise UsageError(f"scan --transcoder does not take {refused[0]}: write the table or a file format (csv, "
-                         f"json, parquet ...)")
+        raise UsageError(f"scan --transcoder does not take {refused[0]}: " + (
+            "`mmdetect report MODEL --transcoder PATH -o page.html` writes the report page" if fmt == "html" and
+            refused[0] == "--format html" else "write the table or a file format (csv, json, parquet ...)"))
     rows = scan_transcoder(model, transcoder, neurons=with_neurons,
                            as_frame=fmt not in ("csv", "tsv", "json", "jsonl"), **options)
     rows = flagged_rows(rows) if flagged_only else rows

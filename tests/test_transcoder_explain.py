@@ -354,22 +354,20 @@ def test_hostile_transcoder_files_are_one_line(gpt2: Any, tmp_path: Path) -> Non
     assert done.exit_code == 2 and "d_out is 32, but" in done.output and "has d_model 64" in done.output
 
 
-# -- the report page: neurons only, refused in one line ---------------------------------------------------------------
+# -- the report page: a feature's document on a feature scan's page, refused on a neuron scan's ----------------------
 
-def test_report_page_refuses_features_in_one_line(gpt2: Any, tmp_path: Path) -> None:
-    """The page's table, panels and labels are keyed by neuron (``mmdetect/data/html/page.js``): a feature scan as
-    SOURCE and a feature's explain document given with --with are refused, and point at explain --transcoder."""
+def test_report_page_takes_a_feature_document_with_a_feature_scan(gpt2: Any, tmp_path: Path) -> None:
+    """The pages themselves are tested in test_page_features.py."""
     doc = tmp_path / "f1.json"
     assert _cli("explain", gpt2.path, "--transcoder", DATA / "set", "-l", 0, "--feature", 1, "--no-activations",
                 "-o", doc).exit_code == 0
     scan = tmp_path / "scan.parquet"
     assert _cli("scan", gpt2.path, "-o", scan).exit_code == 0
     done = _cli("report", scan, "--with", doc, "-o", tmp_path / "page.html")
-    assert done.exit_code == 2 and done.output.startswith(f"error: --with {doc} explains a transcoder feature: the "
-                                                          f"report page shows neurons only"), done.output
+    assert done.exit_code == 2 and done.output.startswith(f"error: --with {doc} explains a transcoder feature and "
+                                                          f"{scan} is a neuron scan"), done.output
     assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "page.html").exists()
     features = tmp_path / "tc.parquet"
     assert _cli("scan", gpt2.path, "--transcoder", DATA / "set", "-o", features).exit_code == 0
-    done = _cli("report", features, "-o", tmp_path / "tc.html")
-    assert done.exit_code == 2 and "`mmdetect explain MODEL --transcoder PATH -l L --feature F` for one feature" \
-        in done.output and not (tmp_path / "tc.html").exists()
+    done = _cli("report", features, "--with", doc, "-o", tmp_path / "tc.html")
+    assert done.exit_code == 0 and "24 rows, 1 panels" in done.output, done.output

@@ -284,13 +284,13 @@ def test_plot_a_feature_scan(gpt2: Any, tmp_path: Path, fmt: str) -> None:
     assert (tmp_path / "tc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_page_refuses_a_feature_scan(gpt2: Any, tmp_path: Path) -> None:
+def test_report_page_of_a_feature_scan(gpt2: Any, tmp_path: Path) -> None:
+    """The page itself is tested in test_page_features.py."""
     out = tmp_path / "tc.parquet"
     assert _cli("scan", gpt2.path, "--transcoder", DATA / "set", "-o", out).exit_code == 0
     done = _cli("report", out, "-o", tmp_path / "tc.html")
-    assert done.exit_code == 2 and "is a transcoder scan (one row per feature): the report page shows neuron scans " \
-        "only" in done.output
-    assert not (tmp_path / "tc.html").exists()
+    assert done.exit_code == 0 and f"scan output {out} ({gpt2.path}): 24 rows, 0 panels" in done.output
+    assert '"unit":"feature"' in (tmp_path / "tc.html").read_text()
 
 
 def test_table_shows_links_neurons_and_skip(gpt2: Any) -> None:

@@ -13,6 +13,10 @@
 
 A model or a scan output also takes extra files (``extras``): heads or chains outputs of any file format, and
 ``mmdetect explain --format json`` documents. They are used instead of computing the same thing.
+
+A transcoder scan (``mmdetect scan MODEL --transcoder PATH``, one row per feature) gets the same page with the
+feature as its unit (``report.featurepage``), and so does a model given with a transcoder (``transcoder_page``:
+the features scanned, the top flagged ones explained). Its extra files are ``explain --transcoder`` documents.
 """
 from __future__ import annotations
 
@@ -77,6 +81,26 @@ class Extras:
     heads: Any = None
     chains: Any = None
     explain: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)   # "heads", "chains" -> the file each came from
+    explain_files: list[str] = field(default_factory=list)  # the file of each explain document
+
+    def check_unit(self, unit: str, where: str) -> None:
+        """Refuse, in one line, extras that do not fit a page of ``unit`` rows ("neuron" or "feature"); ``where``
+        says what the page is of ("x.parquet is a neuron scan")."""
+        from mmdetect.errors import UsageError
+
+        for doc, name in zip(self.explain, self.explain_files):
+            if unit not in doc:
+                if unit == "feature":
+                    raise UsageError(f"--with {name} explains a neuron and {where}: give `mmdetect explain MODEL "
+                                     f"--transcoder PATH -l L --feature F --format json` outputs")
+                raise UsageError(f"--with {name} explains a transcoder feature and {where}: give it with the "
+                                 f"transcoder's scan (`mmdetect scan MODEL --transcoder PATH -o tc.parquet`) as "
+                                 f"SOURCE, or `mmdetect report MODEL --transcoder PATH`")
+        if unit == "feature":
+            for part, name in self.files.items():
+                raise UsageError(f"--with {name} is a {part} output, and {where}, whose page shows its features "
+                                 f"only: add it to the model's page (`mmdetect report MODEL --with {name}`)")
 
 
 def _table_file(path: Path) -> Any:
@@ -103,13 +127,10 @@ def read_extras(paths: Iterable[str]) -> Extras:
         try:
             if path.suffix.lower() == ".json":
                 doc = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(doc, dict) and "neuron" in doc and "writers" in doc:
+                if isinstance(doc, dict) and ("neuron" in doc or "feature" in doc) and "writers" in doc:
                     out.explain.append(doc)
+                    out.explain_files.append(name)
                     continue
-                if isinstance(doc, dict) and "feature" in doc and "writers" in doc:
-                    raise UnsupportedError(f"--with {name} explains a transcoder feature: the report page shows "
-                                           f"neurons only; read it with `mmdetect explain ... --transcoder` or as "
-                                           f"JSON")
                 key = next((k for k in ("heads", "chains") if isinstance(doc, dict) and isinstance(doc.get(k), list)),
                            None)
                 if key is None:
@@ -121,9 +142,9 @@ def read_extras(paths: Iterable[str]) -> Extras:
             raise CorruptInputError(f"--with {name} cannot be read ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
         if "copying" in frame.columns:
-            out.heads = frame
+            out.heads, out.files["heads"] = frame, name
         elif "deleter" in frame.columns:
-            out.chains = frame
+            out.chains, out.files["chains"] = frame, name
         else:
             raise CorruptInputError(f"--with {name} has neither a copying column (heads) nor a deleter column (chains)"
                                     + ("; a scan output is the SOURCE, not --with" if "cos" in frame.columns else ""))
@@ -133,6 +154,11 @@ def read_extras(paths: Iterable[str]) -> Extras:
 # -- a model ----------------------------------------------------------------------------------------------------------
 
 def _where(columns: dict[str, Any], i: int) -> tuple[int, Any, int]:
+    """(layer, expert, neuron) of row ``i``; of a transcoder scan's row, (layer, None, feature)."""
+    from mmdetect.report.featurepage import is_feature_scan
+
+    if is_feature_scan(columns):
+        return int(columns["layer"][i]), None, int(columns["feature"][i])
     expert = columns["expert"][i]
     if expert is not None and isinstance(expert, float) and math.isnan(expert):
         expert = None
@@ -166,13 +192,26 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     neuron of ``wanted``, with the costly parts done once for all of them (one pass over the earlier layers and the
     embedding for the upstream writers, one model load and one run over the text for the activation evidence).
     ``off``: why there is no activation evidence when ``activations`` is false."""
+    from mmdetect.analysis.explain import find_targets
+
+    return explain_targets(circuit, find_targets(circuit, wanted), [{}] * len(wanted), activations=activations,
+                           text=text, dataset=dataset, field_name=field_name, max_tokens=max_tokens,
+                           seq_len=seq_len, top=top, n_contexts=n_contexts, off=off)
+
+
+def explain_targets(circuit: Any, targets: list[Any], facts: list[dict[str, Any]], *, activations: bool,
+                    text: str | None = None, dataset: str | None = None, field_name: str = "text",
+                    max_tokens: int = 4096, seq_len: int = 128, top: int = 10, n_contexts: int = 8,
+                    off: str = "--no-activations") -> list[dict[str, Any]]:
+    """``explain_top`` for explain targets already found (``analysis.targets.Target``: neurons, or transcoder
+    features from ``analysis.features.find_feature``), each document keyed by its target's kind and carrying the
+    row of ``facts`` beside its scan row."""
     from mmdetect.analysis.evidence import evidence, load_hf_model, vocab_size_from_config
-    from mmdetect.analysis.explain import find_targets, head_null_hi, neuron_stats, writers_and_vocab
+    from mmdetect.analysis.explain import head_null_hi, neuron_stats, writers_and_vocab
     from mmdetect.corpus.sources import resolve_source
     from mmdetect.corpus.vocab import load_vocab
     from mmdetect.scanner.stats import null_band
 
-    targets = find_targets(circuit, wanted)
     d = circuit.d_model
     vocab = load_vocab(circuit.ckpt, circuit.vocab_size()) if circuit.attention is not None else None
     writers, views = writers_and_vocab(circuit, targets, vocab, top)
@@ -181,8 +220,9 @@ def explain_top(circuit: Any, wanted: list[tuple[int, Any, int]], *, activations
     shared = {"null_band": [lo, hi], "head_subspace_null_hi": head_null_hi(d, dh) if dh else None,
               "parallel_block": bool(circuit.attention and circuit.attention.parallel)}
     docs = []
-    for target, found, view in zip(targets, writers, views):
-        docs.append({"provenance": {"attention_gap": circuit.attention_gap}, "neuron": neuron_stats(target),
+    for target, fact, found, view in zip(targets, facts, writers, views):
+        docs.append({"provenance": {"attention_gap": circuit.attention_gap},
+                     target.kind: {**neuron_stats(target), **fact},
                      "writers": {**shared, **found}, "vocab": view,
                      "tokens": vocab.kind if vocab is not None else None})
     if not activations:
@@ -216,20 +256,28 @@ def model_page(model: str, *, revision: str | None = None, convention: str = DEF
                text: str | None = None, dataset: str | None = None, field_name: str = "text",
                max_tokens: int = 4096, seq_len: int = 128, extras: Iterable[str] = (), log: Log | None = None,
                leave_out: str | None = None, no_activations: str = "--no-activations",
-               stats: str | None = None) -> Built:
+               stats: str | None = None, transcoder: str | None = None) -> Built:
     """Scan ``model`` and put the scan, the explained top ``top_k`` neurons (flagged first; the most negative others
     when fewer are flagged, marked below the threshold), the heads and the chains on one page. ``activations``: None
     = when transformers is importable. ``leave_out`` and ``no_activations``: why heads and chains, and the activation
     evidence, were not asked for (said on the page instead of "--no-heads"...). ``stats``: an ``mmdetect
-    activations`` output to join (or "auto": run the corpus pass with its defaults), see ``load_stats``."""
+    activations`` output to join (or "auto": run the corpus pass with its defaults), see ``load_stats``.
+    ``transcoder``: the page of its features instead (``transcoder_page``)."""
     import numpy as np
 
     from mmdetect.analysis.circuit import open_circuit
     from mmdetect.report.page import scan_page
     from mmdetect.scanner import scan
 
+    if transcoder is not None:
+        return transcoder_page(model, transcoder, revision=revision, convention=convention, threshold=threshold,
+                               layers=layers, device=device, progress=progress, top_k=top_k, top_rows=top_rows,
+                               activations=activations, text=text, dataset=dataset, field_name=field_name,
+                               max_tokens=max_tokens, seq_len=seq_len, extras=extras, log=log,
+                               no_activations=no_activations, stats=stats)
     say = log or (lambda _m: None)
     add = read_extras(extras)
+    add.check_unit("neuron", f"the page of {model} shows its neurons")
     name, fingerprint = model_identity(model, revision)
     measured = load_stats(stats, model, fingerprint=fingerprint, convention=convention, revision=revision,
                           layers=layers, device=device, text=text, dataset=dataset, field_name=field_name,
@@ -276,6 +324,68 @@ def model_page(model: str, *, revision: str | None = None, convention: str = DEF
     return Built(html, "model", f"scan of {result.attrs['provenance'].get('model')}: {', '.join(parts)}")
 
 
+TRANSCODER_LEAVES_OUT = "not part of a transcoder's page: `mmdetect report MODEL` has the model's {0}"
+
+
+def transcoder_page(model: str, transcoder: str, *, revision: str | None = None, convention: str = DEFAULT,
+                    threshold: float = THRESHOLD, layers: str | None = None, device: str = "cpu",
+                    progress: bool | None = None, top_k: int = TOP_K, top_rows: int = TOP_ROWS,
+                    activations: bool | None = None, text: str | None = None, dataset: str | None = None,
+                    field_name: str = "text", max_tokens: int = 4096, seq_len: int = 128,
+                    extras: Iterable[str] = (), log: Log | None = None, no_activations: str = "--no-activations",
+                    stats: str | None = None) -> Built:
+    """``model_page`` for the features of the SAELens transcoder(s) at ``transcoder`` standing in for ``model``'s
+    MLPs: the features scanned as ``scan --transcoder --neurons`` scans them (``analysis.features.scan_transcoder``,
+    the model's own neurons beside), and the top ``top_k`` (flagged first) explained as ``explain --transcoder``
+    explains one (``analysis.features.find_feature``, then ``explain_targets``: one pass for all of them). Heads and
+    chains are the model's, left to its own page; corpus statistics are per neuron, so refused."""
+    import numpy as np
+
+    from mmdetect.analysis.circuit import open_circuit
+    from mmdetect.analysis.features import find_feature, scan_transcoder
+    from mmdetect.errors import UsageError
+    from mmdetect.io.transcoder import opened_transcoders
+    from mmdetect.report.page import scan_page
+
+    where = f"the page of --transcoder {transcoder} is a transcoder scan (one row per feature)"
+    if stats:
+        raise UsageError(_STATS_PER_NEURON.format(stats=stats, where=where))
+    say = log or (lambda _m: None)
+    add = read_extras(extras)
+    add.check_unit("feature", where)
+    name, _fingerprint = model_identity(model, revision)
+    result = scan_transcoder(model, transcoder, revision=revision, threshold=threshold, convention=convention,
+                             layers=layers, device=device, progress=progress, neurons=True, as_frame=False)
+    cols = result.columns
+    n_flagged = int(np.asarray(cols["flagged"], dtype=bool).sum())
+    say(f"scanned {len(result):,} features, {n_flagged:,} flagged")
+    wanted, n_above = top_neurons(cols, top_k)
+    docs: list[dict[str, Any]] = []
+    if wanted:
+        on = activations is not False
+        say(f"explaining the top {len(wanted)} features ({n_above} flagged)" + (" (with activation evidence)"
+            if on and importlib.util.find_spec("transformers") is not None else ""))
+        with opened_transcoders(transcoder) as tcs, \
+                open_circuit(model, revision=revision, convention=convention) as circuit:
+            found = [find_feature(circuit, tcs, layer, feature, str(transcoder)) for layer, _e, feature in wanted]
+            docs = explain_targets(circuit, [t for t, _ in found], [f for _, f in found], activations=on, text=text,
+                                   dataset=dataset, field_name=field_name, max_tokens=max_tokens, seq_len=seq_len,
+                                   off=no_activations)
+        for doc in docs[n_above:]:
+            doc["below_threshold"] = {"threshold": threshold, "flagged": n_flagged, "top_k": top_k}
+    notes = {part: TRANSCODER_LEAVES_OUT.format(part) for part in ("heads", "chains")}
+    _panels_note(notes, len(wanted), n_above, n_flagged, threshold, top_k, "feature")
+    docs = _merge_docs(docs, add.explain)
+    html = scan_page(cols, result.attrs["layers"], result.attrs["provenance"], explain=docs, top_rows=top_rows,
+                     notes=notes, name=name)
+    return Built(html, "model", f"transcoder scan of {result.attrs['provenance'].get('model')}: "
+                                f"{len(result):,} features, {n_flagged:,} flagged, {len(docs)} panels")
+
+
+_STATS_PER_NEURON = ("--activations {stats}: corpus statistics are per neuron (`mmdetect activations`), and {where}: "
+                     "leave --activations out")
+
+
 def model_name(model: str) -> str:
     """The model's name for a terminal header, as the page's title has it (``io.checkpoint.display_name``): a local
     folder or file is opened, headers only, for its hub id (inside the Hugging Face cache), its config's
@@ -290,13 +400,13 @@ def model_name(model: str) -> str:
 
 
 def _panels_note(notes: dict[str, str], n_wanted: int, n_above: int, n_flagged: int, threshold: float,
-                 top_k: int) -> None:
-    """Why there are no panels, or why some panels show neurons below the threshold."""
+                 top_k: int, unit: str = "neuron") -> None:
+    """Why there are no panels, or why some panels show neurons (or features) below the threshold."""
     if not n_wanted:
-        notes.setdefault("panels", "no neuron was explained (--top-k 0)" if top_k == 0 else
-                         "no neuron has a cosine, so no neuron was explained")
+        notes.setdefault("panels", f"no {unit} was explained (--top-k 0)" if top_k == 0 else
+                         f"no {unit} has a cosine, so no {unit} was explained")
     elif n_above < n_wanted:
-        notes.setdefault("panels", f"{n_flagged:,} neuron{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
+        notes.setdefault("panels", f"{n_flagged:,} {unit}{'' if n_flagged == 1 else 's'} flagged (cos ≤ "
                          f"{threshold:g}), fewer than --top-k {top_k}: the {n_wanted - n_above} most negative "
                          f"others are explained too, their panels marked below the threshold")
 
@@ -388,8 +498,9 @@ def _chains(circuit: Any, threshold: float, layers: str | None, n_flagged: int, 
 def _merge_docs(computed: list[dict[str, Any]], given: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Explain documents, those given with --with replacing computed ones for the same neuron."""
     def key(doc: dict[str, Any]) -> tuple:
-        n = doc.get("neuron") or {}
-        return n.get("layer"), None if n.get("expert") is None else str(n.get("expert")), n.get("neuron")
+        unit = "neuron" if "neuron" in doc else "feature"
+        n = doc.get(unit) or {}
+        return n.get("layer"), None if n.get("expert") is None else str(n.get("expert")), n.get(unit)
 
     out = {key(d): d for d in computed}
     out.update({key(d): d for d in given})
@@ -401,6 +512,8 @@ def _merge_docs(computed: list[dict[str, Any]], given: list[dict[str, Any]]) -> 
 def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[str] = (),
                      stats: str | None = None) -> Built:
     """The page of a scan output file (and --with files, and an ``mmdetect activations`` output to join)."""
+    from mmdetect.errors import UsageError
+    from mmdetect.report.featurepage import is_feature_scan
     from mmdetect.report.page import scan_page
     from mmdetect.report.plot import read_scan
 
@@ -408,20 +521,24 @@ def scan_output_page(path: str, *, top_rows: int = TOP_ROWS, extras: Iterable[st
     df, meta = read_scan(path)
     if "cos" not in df.columns:
         raise CorruptInputError(f"{path} has no cos column: it is not an mmdetect scan output")
-    if "feature" in df.columns and "neuron" not in df.columns:
-        raise UnsupportedError(f"{path} is a transcoder scan (one row per feature): the report page shows neuron "
-                               f"scans only; use the table, `mmdetect plot {path}` or a file format, and `mmdetect "
-                               f"explain MODEL --transcoder PATH -l L --feature F` for one feature")
+    features = is_feature_scan(df.columns)
+    where = f"{path} is a transcoder scan (one row per feature)" if features else f"{path} is a neuron scan"
+    add.check_unit("feature" if features else "neuron", where)
+    if features and stats:
+        raise UsageError(_STATS_PER_NEURON.format(stats=stats, where=where))
     if not meta:
         warn(f"no provenance for {path} (no sibling .meta.json, .json or .parquet): the page cannot say which "
              f"convention or threshold the numbers are in")
     hint = "not part of this report: add a `mmdetect {0} MODEL -o {0}.csv` output with --with {0}.csv"
+    if features:
+        hint = TRANSCODER_LEAVES_OUT
     notes = {"heads": hint.format("heads")} if add.heads is None else {}
     if add.chains is None:
         notes["chains"] = hint.format("chains")
     if not add.explain:
-        notes["panels"] = "no explain results: add `mmdetect explain MODEL -l L -n N --format json -o n.json` " \
-                          "outputs with --with n.json"
+        notes["panels"] = "no explain results: add `mmdetect explain MODEL " + (
+            "--transcoder PATH -l L --feature F --format json -o f.json` outputs with --with f.json" if features else
+            "-l L -n N --format json -o n.json` outputs with --with n.json")
     prov = meta.get("provenance") or {}
     measured = None
     if stats:

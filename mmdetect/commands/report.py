@@ -13,7 +13,7 @@ from mmdetect.options import debug_option, model_options, progress_option, text_
 
 # Options that only mean something when SOURCE is a model (a scan output, sweep or track folder is read as it is).
 MODEL_ONLY = ("revision", "convention", "raw_alias", "threshold", "layers", "device", "top_k", "heads", "chains",
-              "no_activations", "text", "dataset", "field_name", "max_tokens", "seq_len")
+              "no_activations", "text", "dataset", "field_name", "max_tokens", "seq_len", "transcoder")
 EVIDENCE = "\x00evidence"   # --activations with no value: run the model for the panels' activation evidence
 SCAN_LEAVES_OUT = ("left out by `mmdetect scan --format html`, which costs no more than the scan; "
                    "`mmdetect report MODEL -o page.html` adds it")
@@ -35,6 +35,7 @@ def _written(output: str, size: int, summary: str) -> None:
                       "  mmdetect report gpt2 --activations gpt2-stats.csv -o gpt2.html\n"
                       "  mmdetect report gpt2 --activations auto --format neuronpedia -o gpt2-np/\n"
                       "  mmdetect report gpt2.csv --with heads.csv --with n2035.json -o gpt2.html\n"
+                      "  mmdetect report gpt2 --transcoder ./gpt2-transcoders -o gpt2-tc.html\n"
                       "  mmdetect report sweep-out -o zoo.html          # a sweep's output folder\n"
                       "  mmdetect report pythia70m -o training.html     # a track's output folder")
 @click.argument("source")
@@ -65,6 +66,10 @@ def _written(output: str, size: int, summary: str) -> None:
 @click.option("--no-activations", "no_activations", is_flag=True, default=False,
               help="Do not run the model for the panels' activation evidence.")
 @text_options
+@click.option("--transcoder", default=None, metavar="PATH",
+              help="A model as SOURCE: the page of this SAELens transcoder's features (as scan --transcoder "
+                   "--neurons scans them) in place of the model's neurons, the top K flagged explained as explain "
+                   "--transcoder explains one.")
 @click.option("--with", "extras", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="Add a heads or chains output, or an explain JSON document, to the page (repeatable).")
 @progress_option()
@@ -74,12 +79,14 @@ def report_command(ctx: click.Context, source: str, revision: str | None, conven
                    layers: str | None, device: str, output: str, fmt: str, np_model: str | None,
                    np_source_set: str, top_k: int, top_rows: int, heads: bool, chains: bool, stats: str | None,
                    no_activations: bool, text: str | None, dataset: str | None, field_name: str,
-                   max_tokens: int, seq_len: int, extras: tuple[str, ...], progress: bool | None) -> None:
+                   max_tokens: int, seq_len: int, transcoder: str | None, extras: tuple[str, ...],
+                   progress: bool | None) -> None:
     """Write one self-contained HTML page about SOURCE: charts per layer, a sortable neuron table, neuron panels,
     heads and chains.
 
     SOURCE is a model (checkpoint folder, hub id or .gguf: scanned with the options below), a scan output (csv, tsv,
-    json, jsonl or parquet, with its provenance), a sweep output folder, or a track output folder.
+    json, jsonl or parquet, with its provenance), a sweep output folder, or a track output folder. A transcoder scan
+    (scan --transcoder), or a model with --transcoder PATH, gets the same page with one row per feature.
     """
     from mmdetect.commands.page import build, detect, write
     from mmdetect.errors import UsageError
@@ -95,6 +102,9 @@ def report_command(ctx: click.Context, source: str, revision: str | None, conven
     if fmt == "neuronpedia":
         from mmdetect.commands.page import neuronpedia_export
 
+        if transcoder is not None:
+            raise UsageError("--format neuronpedia exports the model's neurons, not a transcoder's features: leave "
+                             "--transcoder out, or write the html page")
         if kind != "model":
             raise UsageError(f"--format neuronpedia needs a model as SOURCE ({source} is a {kind} output): it reads "
                              f"the vocabulary view from the weights")
@@ -120,7 +130,8 @@ def report_command(ctx: click.Context, source: str, revision: str | None, conven
     built = build(source, revision=revision, convention=convention, threshold=threshold,
                   layers=layers, device=device, progress=progress, top_k=top_k, top_rows=top_rows, heads=heads,
                   chains=chains, activations=activations, text=text, dataset=dataset, field_name=field_name,
-                  max_tokens=max_tokens, seq_len=seq_len, extras=extras, log=_log(progress), stats=stats)
+                  max_tokens=max_tokens, seq_len=seq_len, extras=extras, log=_log(progress), stats=stats,
+                  transcoder=transcoder)
     _written(output, write(built, output), built.summary)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from mmdetect.report.featurepage import feature_script, is_feature_scan, link_column
 from mmdetect.results.rows import is_flagged
 
 ASSETS = Path(__file__).resolve().parents[1] / "data" / "html"
@@ -247,8 +248,10 @@ def histograms(layer: np.ndarray, cos: np.ndarray, layer_ids: list[int], bins: i
     return out
 
 
-def _summary_from_rows(layer: np.ndarray, cos: np.ndarray, flagged: np.ndarray) -> list[dict[str, Any]]:
-    """A per-layer summary for rows that came without one (no null bands: d_model is unknown)."""
+def _summary_from_rows(layer: np.ndarray, cos: np.ndarray, flagged: np.ndarray,
+                       unit: str = "neuron") -> list[dict[str, Any]]:
+    """A per-layer summary for rows that came without one (no null bands: d_model is unknown); ``unit``: what a row
+    is ("neuron", or "feature" for a transcoder scan), which names the count (``n_neurons``, ``n_features``)."""
     out = []
     for lid in sorted({int(v) for v in layer[np.isfinite(layer)].tolist()}):
         sel = layer == lid
@@ -257,16 +260,17 @@ def _summary_from_rows(layer: np.ndarray, cos: np.ndarray, flagged: np.ndarray) 
         q = [float(np.interp(p * (f.size - 1), np.arange(f.size), f)) if f.size else None
              for p in (0.01, 0.05, 0.25, 0.5)]
         k = int(flagged[sel].sum())
-        out.append({"layer": lid, "n_neurons": int(sel.sum()), "n_dead": int(sel.sum() - f.size), "n_flagged": k,
+        out.append({"layer": lid, f"n_{unit}s": int(sel.sum()), "n_dead": int(sel.sum() - f.size), "n_flagged": k,
                     "share_flagged": k / max(1, int(sel.sum())), "min": float(f[0]) if f.size else None,
                     "q01": q[0], "q05": q[1], "q25": q[2], "median": q[3]})
     return out
 
 
 def select_rows(cos: np.ndarray, flagged: np.ndarray, layer: np.ndarray, neuron: np.ndarray | None,
-                top_rows: int, max_rows: int) -> tuple[np.ndarray, str | None]:
+                top_rows: int, max_rows: int, unit: str = "neuron") -> tuple[np.ndarray, str | None]:
     """Indices of the table's rows, most negative cos first: every flagged row plus the ``top_rows`` most negative
-    of the rest (dead neurons, with no cos, are left out); at most ``max_rows``, with a note when that cuts."""
+    of the rest (dead neurons, with no cos, are left out); at most ``max_rows``, with a note when that cuts.
+    ``unit``: what a row is, for the note."""
     finite = np.isfinite(cos)
     flagged = flagged & finite
     rest = np.flatnonzero(~flagged & finite)
@@ -282,7 +286,7 @@ def select_rows(cos: np.ndarray, flagged: np.ndarray, layer: np.ndarray, neuron:
     n_flagged = int(flagged.sum())
     if len(idx) > max_rows:
         idx = idx[:max_rows]
-        note = (f"{n_flagged:,} neurons are flagged; the table holds the {max_rows:,} most negative of them "
+        note = (f"{n_flagged:,} {unit}s are flagged; the table holds the {max_rows:,} most negative of them "
                 f"to keep the page small (the CSV has every row)")
     return idx, note
 
@@ -292,18 +296,19 @@ def _panel_key(layer: Any, expert: Any, neuron: Any) -> str:
     return f"{_text(layer)}|{e}|{_text(neuron)}"
 
 
-def _panels(explain: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
-    """Explain documents keyed "layer|expert|neuron" (provenance dropped, save a note on missing attention)."""
+def _panels(explain: Iterable[Mapping[str, Any]] | None, unit: str = "neuron") -> dict[str, Any]:
+    """Explain documents keyed "layer|expert|neuron" (provenance dropped, save a note on missing attention); those
+    of transcoder features (``unit`` "feature") keyed "layer||feature"."""
     out: dict[str, Any] = {}
     for doc in explain or []:
-        nrn = doc.get("neuron") or {}
-        if "layer" not in nrn or "neuron" not in nrn:
+        nrn = doc.get(unit) or {}
+        if "layer" not in nrn or unit not in nrn:
             continue
         body = {k: v for k, v in doc.items() if k != "provenance"}
         gap = (doc.get("provenance") or {}).get("attention_gap")
         if gap:
             body["attention_gap"] = gap
-        out[_panel_key(nrn["layer"], nrn.get("expert"), nrn["neuron"])] = _clean(body)
+        out[_panel_key(nrn["layer"], nrn.get("expert"), nrn[unit])] = _clean(body)
     return out
 
 
@@ -319,15 +324,18 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
     if "cos" not in cols:
         raise ValueError("scan_page needs a 'cos' column (the rows of a scan)")
     prov = _clean(dict(provenance or {}))
+    unit = "feature" if is_feature_scan(cols) else "neuron"
+    if unit == "feature" and stats is not None:
+        raise ValueError("corpus statistics are per neuron: a transcoder scan's page cannot join them")
     layer, cos, flagged = _layer_rows(cols)
     threshold = prov.get("threshold")
     if "flagged" not in cols and isinstance(threshold, (int, float)):
         flagged = is_flagged(cos, threshold)
-    summary = _clean(list(layers or [])) or _summary_from_rows(layer, cos, flagged)
+    summary = _clean(list(layers or [])) or _summary_from_rows(layer, cos, flagged, unit)
     summary = sorted(summary, key=lambda s: int(s["layer"]))
     layer_ids = [int(s["layer"]) for s in summary]
-    idx, note = select_rows(cos, flagged, layer, cols.get("neuron"), top_rows, max_rows)
-    panels = _panels(explain)
+    idx, note = select_rows(cos, flagged, layer, cols.get(unit), top_rows, max_rows, unit)
+    panels = _panels(explain, unit)
     stats_block = None
     table_cols: Mapping[str, np.ndarray] = cols
     if stats is not None:
@@ -336,17 +344,21 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
         at, stats_block = page_stats(cols, stats, layer, cos, flagged, layer_ids, list(panels),
                                      threshold if isinstance(threshold, (int, float)) else None)
         table_cols = _with_stats(cols, table_columns(stats.frame, at))
+    if unit == "feature":
+        links = link_column(layer, cols["feature"], summary)
+        if links is not None:
+            table_cols = {**cols, "neuronpedia": links}
     table = table_spec(table_cols, idx, note=note)
     n_rows = len(cos)
-    n_neurons = sum(int(s.get("n_neurons") or 0) for s in summary) or n_rows
+    n_neurons = sum(int(s.get(f"n_{unit}s") or 0) for s in summary) or n_rows
     n_flagged = sum(int(s.get("n_flagged") or 0) for s in summary) if layers else int(flagged.sum())
     n_dead = sum(int(s.get("n_dead") or 0) for s in summary) if layers else int((~np.isfinite(cos)).sum())
     finite = cos[np.isfinite(cos)]
     convention = prov.get("convention")
-    totals = {"n_neurons": n_neurons, "n_flagged": n_flagged, "n_dead": n_dead, "n_layers": len(summary),
+    totals = {f"n_{unit}s": n_neurons, "n_flagged": n_flagged, "n_dead": n_dead, "n_layers": len(summary),
               "share_flagged": n_flagged / max(1, n_neurons), "min_cos": float(finite.min()) if finite.size else None,
               "rows_given": n_rows, "rows_in_table": len(idx), "top_rows": int(top_rows)}
-    return {
+    data = {
         "kind": "scan",
         "provenance": prov,
         "convention": {"name": convention, "note": CONVENTIONS.get(str(convention), UNKNOWN_CONVENTION)},
@@ -355,13 +367,16 @@ def scan_data(columns: Any, layers: list[dict] | None, provenance: Mapping[str, 
         "layers": summary,
         "hist": {"lo": HIST_RANGE[0], "hi": HIST_RANGE[1], "bins": HIST_BINS,
                  "layers": histograms(layer, cos, layer_ids)},
-        "tables": {"neurons": table, "heads": frame_spec(heads, max_rows, "heads"),
+        "tables": {f"{unit}s": table, "heads": frame_spec(heads, max_rows, "heads"),
                    "chains": frame_spec(chains, max_rows, "chains")},
         "panels": panels,
         "notes": {str(k): str(v) for k, v in (notes or {}).items()},
         "name": name or ref_name(prov.get("model")),
         "stats": stats_block,
     }
+    if unit == "feature":
+        data["unit"] = "feature"   # only here: a neuron page's data is what it was before transcoder pages
+    return data
 
 
 def _with_stats(cols: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -402,13 +417,15 @@ def scan_page(columns: Any, layers: list[dict] | None = None, provenance: Mappin
     """The complete HTML document for one scan.
 
     columns: the scan's rows as a dict of numpy arrays (``ScanResult.columns``), a ``ScanResult`` or a DataFrame
-    (then ``layers`` and ``provenance`` default to its ``attrs``). layers: the per-layer summary
+    (then ``layers`` and ``provenance`` default to its ``attrs``); a transcoder scan's rows (keyed ``layer,
+    feature``) give a page of features (``report.featurepage``). layers: the per-layer summary
     (``attrs["layers"]``). provenance: ``attrs["provenance"]``. explain: ``explain()`` documents, one per neuron
-    panel. heads, chains: the DataFrames of ``heads`` and ``chains``. top_rows: the table holds every flagged neuron
-    plus this many of the most negative others; max_rows caps the table whatever the flagged count. notes: what was
-    left out and why, by section ("heads", "chains", "panels"), shown where that section would be. stats: a corpus
-    pass's result (``report.activations.read_stats``), joined onto the rows (``report.pagestats``). name: the model's
-    name for the title and the heading (default: from the provenance's model reference, ``ref_name``).
+    panel (``explain_feature()`` documents for a page of features). heads, chains: the DataFrames of ``heads`` and
+    ``chains``. top_rows: the table holds every flagged neuron plus this many of the most negative others; max_rows
+    caps the table whatever the flagged count. notes: what was left out and why, by section ("heads", "chains",
+    "panels"), shown where that section would be. stats: a corpus pass's result (``report.activations.read_stats``),
+    joined onto the rows (``report.pagestats``). name: the model's name for the title and the heading (default: from
+    the provenance's model reference, ``ref_name``).
     """
     data = scan_data(columns, layers, provenance, explain=explain, heads=heads, chains=chains,
                      top_rows=top_rows, max_rows=max_rows, notes=notes, stats=stats, name=name)
@@ -509,8 +526,12 @@ def render_page(data: Mapping[str, Any], title: str) -> str:
     """The HTML document around ``data`` (the page's JSON) with the inline style sheet and script.
 
     A page that carries a corpus pass (``data["stats"]``) also gets ``stats.css`` and ``stats.js``, after the page's
-    own: they draw the statistics on what ``page.js`` built. Every other page is exactly what it was without them."""
+    own: they draw the statistics on what ``page.js`` built. A transcoder scan's page (``data["unit"]`` "feature")
+    runs ``page.js`` in the feature's words (``report.featurepage.feature_script``), then ``features.js``, with
+    ``features.css``. Every other page is exactly what it was without them."""
     css, js = _asset("page.css"), _asset("page.js")
+    if data.get("unit") == "feature":   # a transcoder scan: page.js in the feature's words, then features.js
+        css, js = css + _asset("features.css"), feature_script(js) + _asset("features.js")
     if data.get("stats"):
         css, js = css + _asset("stats.css"), js + _asset("stats.js")
     # Nothing may be fetched: only this style sheet and this script run (by hash); images only as data: URIs.
