@@ -512,6 +512,28 @@ def test_moe_routed_experts_count_their_tokens_and_shared_experts_every_token(tr
     assert checked >= 4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe"])
+def test_read_directions_read_again_give_the_held_ones_results(transformers: Any, tmp_path: Path, model_type: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no read directions held (a budget of 0 bytes: every site's are read and folded again from the checkpoint
+    when its deletion sets take new tokens), every column and the companion equal the run that holds them all."""
+    from mmdetect.corpus import directions
+
+    folder = build_peer(model_type, tmp_path / model_type)
+    corpus = _corpus(tmp_path, 128, rows=12)
+    held = _run(folder, corpus, batch_tokens=LENGTH * 4)
+    calls: list[int] = []
+    read = directions._read_directions
+    monkeypatch.setattr(directions, "READ_BUDGET", 0)
+    monkeypatch.setattr(directions, "_read_directions", lambda *a: calls.append(1) or read(*a))
+    again = _run(folder, corpus, batch_tokens=LENGTH * 4)
+    assert len(calls) >= 2 * len(held.frame.groupby(["layer", "expert"], dropna=False))   # every site, every batch
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(again.frame, held.frame)
+    assert again.details["hist"] == held.details["hist"] and list(again.details["top"]) == list(held.details["top"])
+    assert held.frame["deletion"].notna().any()
+
+
 # -- memory: refused before loading what cannot fit -------------------------------------------------------------------
 
 def test_a_model_bigger_than_available_memory_is_refused_before_loading(llama_run: tuple[Path, Path, Path],

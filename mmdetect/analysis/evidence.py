@@ -189,7 +189,7 @@ class FeatureProbe(Probe):
             x = pending.pop("x")
             pre = enc.pre(pending.pop("in") if "in" in pending else x).cpu()
             a = enc.act(pre)
-            c = (x.double() * site.rhat.to(x.device).double()).sum(-1).cpu()            # [B*T]
+            c = (x.double() * site.read_directions().to(x.device).double()).sum(-1).cpu()  # [B*T]
             if post:
                 y = out[0] if isinstance(out, tuple) else out
                 s = (1.0 / y.detach().float().reshape(-1, y.shape[-1]).pow(2).mean(dim=1).add(1e-6).sqrt()).cpu()

@@ -4,6 +4,7 @@ of the deletion score are those of the neuron's scan row."""
 from __future__ import annotations
 
 from collections.abc import Container
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from mmdetect.scanner.neurons import unit
 from mmdetect.scanner.pipeline import iter_blocks
 from mmdetect.scanner.read import Job, plan_jobs
 
+READ_BUDGET = 128 << 20           # bytes of read directions held throughout (8,192 neurons of d_model 4096)
+
 
 def plan(ckpt: Checkpoint, layers: Container[int] | None = None) -> list[Job]:
     """The scan's jobs (MLPs and routed experts, in row order) of ``ckpt`` at ``layers``, from its header alone."""
@@ -25,31 +28,54 @@ def plan(ckpt: Checkpoint, layers: Container[int] | None = None) -> list[Job]:
 
 
 def sites(ckpt: Checkpoint, convention: Convention, layers: Container[int] | None = None,
-          top_k: int = TOP_K) -> list[Site]:
+          top_k: int = TOP_K, budget: int | None = None) -> list[Site]:
     """One Site per MLP and routed expert of ``ckpt`` (in the scan's row order), its directions from the weights and
-    empty statistics. Peak memory: one block of weights, plus 4 * d_model bytes a neuron for the read directions."""
-    parts: dict[tuple[int, str, Any], list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    meta: dict[tuple[int, str, Any], Any] = {}
+    empty statistics. Peak memory: one block of weights, plus the read directions (4 * d_model bytes a neuron) of
+    the first sites up to ``budget`` bytes (None: READ_BUDGET); the others' are read again from the checkpoint when
+    their deletion sets take new tokens (``Site.read_directions``), so that what a run holds does not grow with the
+    model's MLPs (a third of a 7B model's MLP weights in float32 otherwise)."""
+    budget = READ_BUDGET if budget is None else budget
+    parts: dict[tuple[int, str, Any], list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]]] = {}
+    jobs: dict[tuple[int, str, Any], list[Job]] = {}
+    held = 0
     for block in iter_blocks(ckpt, plan(ckpt, layers)):
         job = block.job
-        rows = fold_mlp(mlp_fold(convention, job.spec, block.pre_gain, block.post_gain), block.w_in, block.w_out,
-                        block.w_gate)
-        rhat = unit(rows.read.float())
-        w_along = (actual_write(block.w_out, block.post_gain).double() * rhat.double()).sum(1) * rows.sign.double()
+        sign, rhat, w_along = _fold(block, convention)
+        held += rhat.numel() * rhat.element_size()
         key = (job.layer, job.spec.name, job.expert)
-        meta[key] = job
-        parts.setdefault(key, []).append((job.part[0] if job.part else 0, rows.sign.float().clone(), rhat, w_along))
-        del rows
+        jobs.setdefault(key, []).append(job)
+        parts.setdefault(key, []).append((job.part[0] if job.part else 0, sign.float().clone(),
+                                          rhat if held <= budget else None, w_along))
     out: list[Site] = []
     for key, pieces in parts.items():
         pieces.sort(key=lambda p: p[0])
-        job = meta[key]
-        sign, rhat, w_along = (_joined([p[1] for p in pieces]), _joined([p[2] for p in pieces]),
-                               _joined([p[3] for p in pieces]))
+        job = jobs[key][0]
+        sign, w_along = _joined([p[1] for p in pieces]), _joined([p[3] for p in pieces])
+        kept = [p[2] for p in pieces if p[2] is not None]
+        held_rhat = _joined(kept) if len(kept) == len(pieces) else None
         pieces.clear()
-        out.append(Site(job.layer, job.expert_label, job.expert, job.spec, sign, rhat, w_along,
-                        Moments.empty(int(sign.shape[0]), top_k)))
+        out.append(Site(job.layer, job.expert_label, job.expert, job.spec, sign, held_rhat, w_along,
+                        Moments.empty(int(sign.shape[0]), top_k),
+                        reread=None if held_rhat is not None else partial(_read_directions, ckpt, convention,
+                                                                          jobs[key])))
     return out
+
+
+def _fold(block: Any, convention: Convention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's neurons in the scan's convention: (canonical sign [n], unit read direction [n, d] float32, actual
+    write along it [n] float64, in the scan's orientation)."""
+    rows = fold_mlp(mlp_fold(convention, block.job.spec, block.pre_gain, block.post_gain), block.w_in, block.w_out,
+                    block.w_gate)
+    rhat = unit(rows.read.float())
+    w_along = (actual_write(block.w_out, block.post_gain).double() * rhat.double()).sum(1) * rows.sign.double()
+    return rows.sign, rhat, w_along
+
+
+def _read_directions(ckpt: Checkpoint, convention: Convention, jobs: list[Job]) -> torch.Tensor:
+    """The read directions of one site's blocks, read and folded again: the same values ``sites`` computed."""
+    pieces = sorted(((b.job.part[0] if b.job.part else 0, _fold(b, convention)[1]) for b in iter_blocks(ckpt, jobs)),
+                    key=lambda p: p[0])
+    return _joined([p[1] for p in pieces])
 
 
 def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:

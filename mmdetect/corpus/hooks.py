@@ -48,9 +48,18 @@ class Site:
     index: int | None        # routed expert index in the experts module, None for a dense MLP or shared expert
     spec: MLPSpec = field(repr=False)
     sign: torch.Tensor = field(repr=False)
-    rhat: torch.Tensor = field(repr=False)
+    rhat: torch.Tensor | None = field(repr=False)     # None: not held, read again when needed (``reread``)
     w_along: torch.Tensor = field(repr=False)
     moments: Moments = field(repr=False)
+    reread: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    def read_directions(self) -> torch.Tensor:
+        """rhat [n, d]: the one held, or read again from the checkpoint (the same values, not kept)."""
+        if self.rhat is not None:
+            return self.rhat
+        if self.reread is None:
+            raise RuntimeError(f"layer {self.layer}'s read directions are neither held nor readable")
+        return self.reread()
 
     @property
     def gated(self) -> bool:
@@ -231,12 +240,16 @@ def _component(site: Site, resid: torch.Tensor | None, rows: torch.Tensor) -> Ca
     """c = x . r̂_j at (token, neuron) pairs: float32 products summed in float64 (zeros without a residual: the score
     is then NaN), in blocks of pairs that stay in cache. Most pairs come in the first batch, when every neuron's
     deletion set fills at once; later batches bring only the tokens that enter a set."""
+    read: list[torch.Tensor] = []          # the site's read directions, read once for this batch when needed
+
     def component(t: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         if resid is None:
             return torch.zeros(t.shape[0], dtype=torch.float64)
         at = rows.to(resid.device)[t.to(resid.device)]
         jj = j.to(resid.device)
-        rhat = site.rhat.to(resid.device, torch.float32)
+        if not read:
+            read.append(site.read_directions().to(resid.device, torch.float32))
+        rhat = read[0]
         out = torch.empty(t.shape[0], dtype=torch.float64, device=resid.device)
         step = max(1, (4 << 20) // (4 * resid.shape[1]))  # 4 MB of gathered rows at a time
         for lo in range(0, t.shape[0], step):
