@@ -3,7 +3,8 @@
 Random activations shaped like one gated MLP's (seeded; pre, up ~ N(0, 1), post = silu(pre) * up), keys ascending
 across batches, scale = 1 and a component callback that costs next to nothing, fed to ``Moments.empty(n).update``
 batch after batch. The first batch fills every top set (every token is a candidate), so it is timed apart from
-batches 2..k, the steady state of a long run. The same batches go through the implementation before the
+batches 2..k, the steady state of a long run. The same batches go through the torch operations (``corpus.fused``'s
+numba kernel switched off, as on a GPU) and through the implementation before the first
 optimisation (``mmdetect/corpus/stats.py`` at ``--baseline REF``, default 39a4665, read with ``git show``), and the
 two results are compared field by field. For scale: one float32
 ``x @ W.T`` of [N, d] x [d, n], one of the MLP's three matmuls.
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmdetect.corpus import stats
+from mmdetect.corpus import fused, stats
 
 BASELINE = "39a4665"  # the statistics before the per-batch update was optimised
 
@@ -88,6 +89,13 @@ def report(name: str, times: list[float], elements: int) -> tuple[float, float]:
     return first, rest
 
 
+def same(x: object, y: object) -> str:
+    """Counts, histograms, top and deletion sets exactly; the float64 sums to float64 rounding (another grouping)."""
+    a, b = x.tensors(), y.tensors()  # type: ignore[attr-defined]
+    bad = [k for k in a if not (torch.equal(a[k], b[k]) or k in SUMS and torch.allclose(a[k], b[k], 1e-12, 1e-9))]
+    return "identical (float64 sums to 1e-12 relative, 1e-9 absolute)" if not bad else f"differ in: {', '.join(bad)}"
+
+
 def matmul_ms(n_tok: int, d_model: int, width: int, repeat: int = 3) -> float:
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(n_tok, d_model, generator=g), torch.randn(width, d_model, generator=g)
@@ -116,17 +124,25 @@ def main() -> None:
     print(f"N={args.tokens} tokens, n={args.width} neurons, {args.batches} batches, {torch.get_num_threads()} threads")
     mm = matmul_ms(args.tokens, args.d_model, args.width)
     print(f"   matmul: [{args.tokens}, {args.d_model}] x [{args.d_model}, {args.width}] float32 {mm:8.1f} ms")
+    if fused.available():                       # compiled (or loaded from numba's cache) before the timing
+        run(stats.Moments.empty, [tuple(t[:8, :8] if t.dim() == 2 else t[:8] for t in data[0])], 8)
     new, t_new = run(stats.Moments.empty, data, args.width)
-    _, rest_new = report("optimised", t_new, elements)
+    _, rest_new = report("fused" if fused.available() else "torch", t_new, elements)
+    if fused.available():
+        available = fused.available
+        fused.available = lambda: False         # type: ignore[assignment]
+        try:
+            slow, t_slow = run(stats.Moments.empty, data, args.width)
+        finally:
+            fused.available = available         # type: ignore[assignment]
+        _, rest_slow = report("torch", t_slow, elements)
+        print(f"  fused over torch: batch 1 {t_slow[0] / t_new[0]:.1f}x, batches 2..k {rest_slow / rest_new:.1f}x; "
+              f"results {same(new, slow)}")
     if not args.no_baseline:
         old, t_old = run(baseline(args.baseline).Moments.empty, data, args.width)
         _, rest_old = report("baseline", t_old, elements)
         print(f"  speedup: batch 1 {t_old[0] / t_new[0]:.1f}x, batches 2..k {rest_old / rest_new:.1f}x")
-        a, b = new.tensors(), old.tensors()  # type: ignore[attr-defined]
-        # counts, histograms, top and deletion sets exactly; the float64 sums to float64 rounding (another grouping)
-        bad = [k for k in a if not (torch.equal(a[k], b[k]) or k in SUMS and torch.allclose(a[k], b[k], 1e-12, 1e-9))]
-        print("  results: identical (float64 sums to 1e-12 relative, 1e-9 absolute)" if not bad
-              else f"  results differ in: {', '.join(bad)}")
+        print(f"  results {same(new, old)}")
     print(f"  steady state / one matmul: {rest_new / mm:.1f}")
 
 

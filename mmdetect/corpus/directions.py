@@ -61,20 +61,22 @@ def sites(ckpt: Checkpoint, convention: Convention, layers: Container[int] | Non
     return out
 
 
-def _fold(block: Any, convention: Convention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fold(block: Any, convention: Convention, write: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A block's neurons in the scan's convention: (canonical sign [n], unit read direction [n, d] float32, actual
-    write along it [n] float64, in the scan's orientation)."""
+    write along it [n] float64, in the scan's orientation; empty unless ``write``)."""
     rows = fold_mlp(mlp_fold(convention, block.job.spec, block.pre_gain, block.post_gain), block.w_in, block.w_out,
                     block.w_gate)
     rhat = unit(rows.read.float())
+    if not write:
+        return rows.sign, rhat, torch.empty(0, dtype=torch.float64)
     w_along = (actual_write(block.w_out, block.post_gain).double() * rhat.double()).sum(1) * rows.sign.double()
     return rows.sign, rhat, w_along
 
 
 def _read_directions(ckpt: Checkpoint, convention: Convention, jobs: list[Job]) -> torch.Tensor:
     """The read directions of one site's blocks, read and folded again: the same values ``sites`` computed."""
-    pieces = sorted(((b.job.part[0] if b.job.part else 0, _fold(b, convention)[1]) for b in iter_blocks(ckpt, jobs)),
-                    key=lambda p: p[0])
+    pieces = sorted(((b.job.part[0] if b.job.part else 0, _fold(b, convention, write=False)[1])
+                     for b in iter_blocks(ckpt, jobs)), key=lambda p: p[0])
     return _joined([p[1] for p in pieces])
 
 

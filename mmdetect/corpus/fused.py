@@ -35,7 +35,7 @@ def available() -> bool:
     return numba is not None
 
 
-def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any, top_kth: Any, del_kth: Any,
+def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any, top_run: Any, del_run: Any,
                 s_pre: Any, pos: Any, hist: Any, s_post: Any, lo: Any, hi: Any, case_n: Any, case_sum: Any,
                 n_top: Any, top_tok: Any, n_del: Any, del_tok: Any) -> None:
     """Add the batch's tokens ``rows`` of pre, up, post [R, n] (float32 or float64, any strides; ``up`` ignored
@@ -45,8 +45,12 @@ def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any,
     - s_pre [n, 4] float64: sum x, x^2, x^3, x^4; pos [n]: tokens with x > 0; hist [n, 258] int64;
     - s_post [n, 2] float64: sum p, sum |p|; lo, hi [n] float64: this batch's min and max of p (NaN if any p is);
     - case_n [n, 4] int64, case_sum [n, 4] float64 (gated only), in stats.CASES' order;
-    - n_top [n] (set): tokens with not (p < top_kth[j]); top_tok [n, cap] int32: the first cap of them (indices
-      into ``rows``, ascending); n_del, del_tok: the same for |p| against del_kth[j]."""
+    - n_top [n] (set): the tokens that may enter neuron j's running top set ``top_run`` [n, k] (float32,
+      descending, -inf where empty): those not below the k-th best value among the set and the batch's tokens
+      before them (a token below it has k better ones, so it cannot be among the k best); top_tok [n, cap] int32:
+      the first cap of them (indices into ``rows``, ascending); n_del, del_tok: the same for |p| and ``del_run``.
+      Raising the bar as the batch goes lists about k (1 + ln(N / k)) tokens of a neuron whose set is empty (the
+      first batch), not all N."""
     n = pre.shape[1]
     count = rows.shape[0]
     cap_top = top_tok.shape[1]
@@ -64,8 +68,11 @@ def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any,
         nt = np.zeros(BLOCK, dtype=np.int64)
         nd = np.zeros(BLOCK, dtype=np.int64)
         sg = sign[j0:j0 + m]
-        top_k = top_kth[j0:j0 + m]
-        del_k = del_kth[j0:j0 + m]
+        tv = np.empty((BLOCK, top_run.shape[1]), dtype=np.float32)   # each neuron's k best so far, ascending:
+        dv = np.empty((BLOCK, del_run.shape[1]), dtype=np.float32)   # [jj, 0] is the value to reach
+        for jj in range(m):
+            _start(top_run[j0 + jj], tv[jj])
+            _start(del_run[j0 + jj], dv[jj])
         for i in range(count):
             r = rows[i]
             x32, p32 = pre[r, j0:j0 + m], post[r, j0:j0 + m]
@@ -105,14 +112,17 @@ def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any,
                 h[jj, int(slot if x <= 15.0 else 257.0)] += 1     # above the last edge, or NaN: overflow
             for jj in range(m):
                 pc = np.float32(p32[jj] * sg[jj])         # the sets hold float32 values
-                if not (pc < top_k[jj]):
+                if not (pc < tv[jj, 0]):                  # can enter (NaN too): listed
                     if nt[jj] < cap_top:
                         top_tok[j0 + jj, nt[jj]] = i
                     nt[jj] += 1
-                if not (abs(pc) < del_k[jj]):
+                    _raise(tv[jj], pc)
+                pa = abs(pc)
+                if not (pa < dv[jj, 0]):
                     if nd[jj] < cap_del:
                         del_tok[j0 + jj, nd[jj]] = i
                     nd[jj] += 1
+                    _raise(dv[jj], pa)
         for jj in range(m):
             j = j0 + jj
             for q in range(4):
@@ -132,15 +142,65 @@ def _accumulate(pre: Any, up: Any, post: Any, gated: bool, rows: Any, sign: Any,
             n_del[j] = nd[jj]
 
 
+def _start(run: Any, bar: Any) -> None:
+    """bar [k] <- the running set's values (descending) in ascending order: bar[0] is the value to reach."""
+    k = bar.shape[0]
+    for q in range(k):
+        v = run[k - 1 - q]
+        bar[q] = np.inf if v != v else v        # NaN ranks first in a set: above every number
+
+
+def _raise(bar: Any, v: Any) -> None:
+    """Put v (not below bar[0]; NaN ranks above every number) among the k best, ascending, dropping bar[0]."""
+    if v != v:
+        v = np.float32(np.inf)
+    if not (v > bar[0]):
+        return
+    q = 0
+    while q + 1 < bar.shape[0] and v > bar[q + 1]:
+        bar[q] = bar[q + 1]
+        q += 1
+    bar[q] = v
+
+
+def _dots(x: Any, r: Any, at: Any, jj: Any, out: Any) -> None:
+    """out[p] = sum_i x[at[p], i] * r[jj[p], i]: float32 products summed in float64 (``hooks._component``'s
+    definition; the sum's order is the vector unit's)."""
+    for p in numba.prange(at.shape[0]):
+        a, j = at[p], jj[p]
+        s = 0.0
+        for i in range(x.shape[1]):
+            s += np.float64(x[a, i] * r[j, i])
+        out[p] = s
+
+
 _kernel: Any = None
+_dot_kernel: Any = None
+
+
+def dots(x: Any, r: Any, at: Any, jj: Any) -> Any:
+    """``_dots`` compiled (float32 x [R, d], r [n, d]; int64 at, jj [P]) -> float64 [P]."""
+    global _dot_kernel
+    if _dot_kernel is None:
+        _dot_kernel = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})(_dots)
+    _threads()
+    out = np.empty(at.shape[0])
+    _dot_kernel(x, r, at, jj, out)
+    return out
+
+
+def _threads() -> None:
+    import torch
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))  # torch's setting
 
 
 def accumulate(*args: Any) -> None:
     """``_accumulate`` compiled (once per process and argument types; the machine code is cached on disk)."""
-    global _kernel
+    global _kernel, _start, _raise
     if _kernel is None:
+        _start = numba.njit(cache=True, nogil=True, inline="always")(_start)
+        _raise = numba.njit(cache=True, nogil=True, inline="always")(_raise)
         _kernel = numba.njit(parallel=True, cache=True, nogil=True)(_accumulate)
-    import torch
-
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))  # torch's setting
+    _threads()
     _kernel(*args)

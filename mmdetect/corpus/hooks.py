@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from mmdetect.corpus import fused
 from mmdetect.corpus.model import find_module
 from mmdetect.corpus.stats import Moments
 from mmdetect.errors import UnsupportedError
@@ -250,6 +251,9 @@ def _component(site: Site, resid: torch.Tensor | None, rows: torch.Tensor) -> Ca
         if not read:
             read.append(site.read_directions().to(resid.device, torch.float32))
         rhat = read[0]
+        if fused.available() and resid.device.type == "cpu" and t.shape[0]:
+            x = resid if resid.dtype == torch.float32 else resid.float()
+            return torch.from_numpy(fused.dots(x.numpy(), rhat.numpy(), at.numpy(), jj.numpy()))
         out = torch.empty(t.shape[0], dtype=torch.float64, device=resid.device)
         step = max(1, (4 << 20) // (4 * resid.shape[1]))  # 4 MB of gathered rows at a time
         for lo in range(0, t.shape[0], step):

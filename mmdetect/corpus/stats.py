@@ -40,7 +40,7 @@ NO_KEY = torch.iinfo(torch.int64).max             # an empty slot of a top set s
 BLOCK = 256                                       # neurons transposed to neuron-major at once
 CHUNK = 64                                        # neurons summed at once: a chunk's [64, N] temporaries stay in cache
 TOKEN_BLOCK = 256                                 # rows per block of the transposition to neuron-major
-CANDIDATES = 64                                   # tokens corpus.fused lists per neuron and set
+CANDIDATES = 256                                  # tokens corpus.fused lists per neuron and set
 
 
 def _zeros(n: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -153,7 +153,7 @@ class Moments:
         del_tok = torch.empty(n, CANDIDATES, dtype=torch.int32)
         arrays = [t.detach().numpy() for t in (pre, post if up is None else up, post)]
         fused.accumulate(arrays[0], arrays[1], arrays[2], up is not None, rows.numpy(), sign.numpy(),
-                         self.top_val[:, -1].contiguous().numpy(), self.del_abs[:, -1].contiguous().numpy(),
+                         self.top_val.numpy(), self.del_abs.numpy(),
                          self.pre.numpy(), self.pos.numpy(), self.hist.numpy(), self.post.numpy(), lo.numpy(),
                          hi.numpy(), self.case_n.numpy(), self.case_sum.numpy(), n_top.numpy(), top_tok.numpy(),
                          n_del.numpy(), del_tok.numpy())
