@@ -125,7 +125,7 @@ def main() -> None:
     mm = matmul_ms(args.tokens, args.d_model, args.width)
     print(f"   matmul: [{args.tokens}, {args.d_model}] x [{args.d_model}, {args.width}] float32 {mm:8.1f} ms")
     if fused.available():                       # compiled (or loaded from numba's cache) before the timing
-        run(stats.Moments.empty, [tuple(t[:8, :8] if t.dim() == 2 else t[:8] for t in data[0])], 8)
+        run(stats.Moments.empty, [tuple((t[:8, :8] if t.dim() == 2 else t[:8]).contiguous() for t in data[0])], 8)
     new, t_new = run(stats.Moments.empty, data, args.width)
     _, rest_new = report("fused" if fused.available() else "torch", t_new, elements)
     if fused.available():

@@ -8,8 +8,10 @@ tensors in place: the BOS rows are skipped through ``rows`` and the scan's sign 
 nothing is copied or transposed.
 
 Every quantity is defined exactly as in ``corpus.stats`` (same float64 operations for the histogram bin, the same
-comparisons for the cases and for NaN), so counts, histograms and the candidate tokens are identical; the float64
-sums are added in another order (one neuron's tokens in sequence), which moves their last bits only.
+comparisons for the cases and for NaN), so counts, histograms and the top and deletion sets are identical to the
+torch path's; the float64 sums are added in another order (each neuron's tokens in sequence), which moves their last
+bits only. ``dots`` gives the deletion score's residual components (float32 products summed in float64, as
+``corpus.hooks._component`` defines them) for the tokens that enter a deletion set.
 
 numba is an optional dependency (the ``slow`` extra, with transformers): ``available()`` is False without it, and
 the torch operations are used instead.
@@ -17,6 +19,7 @@ the torch operations are used instead.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -181,12 +184,25 @@ _dot_kernel: Any = None
 def dots(x: Any, r: Any, at: Any, jj: Any) -> Any:
     """``_dots`` compiled (float32 x [R, d], r [n, d]; int64 at, jj [P]) -> float64 [P]."""
     global _dot_kernel
-    if _dot_kernel is None:
-        _dot_kernel = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})(_dots)
-    _threads()
-    out = np.empty(at.shape[0])
-    _dot_kernel(x, r, at, jj, out)
+    with _LOCK:
+        if _dot_kernel is None:
+            _dot_kernel = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})(_dots)
+        _threads()
+        out = np.empty(at.shape[0])
+        _dot_kernel(x, r, at, jj, out)
     return out
+
+
+def accumulate(*args: Any) -> None:
+    """``_accumulate`` compiled (once per process and argument types; the machine code is cached on disk)."""
+    global _kernel, _start, _raise
+    with _LOCK:
+        if _kernel is None:
+            _start = numba.njit(cache=True, nogil=True, inline="always")(_start)
+            _raise = numba.njit(cache=True, nogil=True, inline="always")(_raise)
+            _kernel = numba.njit(parallel=True, cache=True, nogil=True)(_accumulate)
+        _threads()
+        _kernel(*args)
 
 
 def _threads() -> None:
@@ -195,12 +211,5 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))  # torch's setting
 
 
-def accumulate(*args: Any) -> None:
-    """``_accumulate`` compiled (once per process and argument types; the machine code is cached on disk)."""
-    global _kernel, _start, _raise
-    if _kernel is None:
-        _start = numba.njit(cache=True, nogil=True, inline="always")(_start)
-        _raise = numba.njit(cache=True, nogil=True, inline="always")(_raise)
-        _kernel = numba.njit(parallel=True, cache=True, nogil=True)(_accumulate)
-    _threads()
-    _kernel(*args)
+# numba's default thread pool (workqueue) runs one parallel kernel at a time: callers on several threads take turns
+_LOCK = threading.Lock()

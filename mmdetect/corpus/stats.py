@@ -128,9 +128,9 @@ class Moments:
             x, p = _neuron_major(pre[:, block], ws.t[0]), _neuron_major(post[:, block], ws.t[1])
             u = None if up is None else _neuron_major(up[:, block], ws.t[2])
             for at in range(0, x.shape[0], CHUNK):
-                rows_ = slice(at, at + CHUNK)
-                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[rows_],
-                           None if u is None else u[rows_], p[rows_], ws)
+                chunk = slice(at, at + CHUNK)
+                self._sums(slice(lo + at, lo + min(x.shape[0], at + CHUNK)), x[chunk],
+                           None if u is None else u[chunk], p[chunk], ws)
             pf = p.float()                           # the top sets hold float32 values (an exact copy when p is)
             self._top(block, pf, keys, ws.mask)
             self._deletion(block, pf, torch.abs(pf, out=ws.t[0][:pf.shape[0]]), keys, scale, component, ws.mask)
@@ -139,8 +139,9 @@ class Moments:
                       scale: torch.Tensor, component: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       rows: torch.Tensor | None, sign: torch.Tensor | None) -> None:
         """``update`` through ``corpus.fused``: the sums, counts and histogram in one kernel, which also lists the
-        tokens that may enter each top and deletion set; the sets are then merged from those few candidates (every
-        token of a neuron that has more than CANDIDATES, as in the first batch, through ``_batch_top``)."""
+        tokens that may enter each top and deletion set; the sets are then merged from those few candidates (a
+        neuron with more than CANDIDATES of them, such as one whose values tie throughout, takes its batch top k
+        from every token through ``_batch_top``)."""
         n = self.n
         rows = torch.arange(pre.shape[0]) if rows is None else rows.cpu()
         n_tok = int(rows.shape[0])
@@ -172,8 +173,7 @@ class Moments:
             block = post_rows.index_select(1, neurons).index_select(0, rows).float()
             return (block * sign[neurons].float()).T.contiguous()
 
-        merged = _enter_listed(n_top, top_tok, keys, self.top_val, self.top_key,
-                               lambda j, t: values(j, t), columns)
+        merged = _enter_listed(n_top, top_tok, keys, self.top_val, self.top_key, values, columns)
         if merged is not None:
             at, val, key, _src, _tok = merged
             self.top_val[at], self.top_key[at] = val, key
