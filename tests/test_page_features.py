@@ -83,11 +83,12 @@ def test_feature_page_data_is_the_scan(gpt2: Any, made: dict[str, Path], tmp_pat
     panel = data["panels"]["0||1"]
     assert list(data["panels"]) == ["0||1"] and panel["feature"]["cos"] == pytest.approx(doc["feature"]["cos"])
     assert panel["vocab"] == doc["vocab"] and panel["writers"]["heads"] == doc["writers"]["heads"]
-    # the feature's script: page.js in the feature's words, then features.js; styles likewise
+    # the feature's script: page.js in the feature's words, the add-ons' helpers, then features.js; styles likewise
     text = page.read_text()
     scripts = re.findall(r"<script>(.*?)</script>", text, re.DOTALL)
     styles = re.findall(r"<style>(.*?)</style>", text, re.DOTALL)
-    assert scripts == [feature_script(htmlpage._asset("page.js")) + htmlpage._asset("features.js")]
+    assert scripts == [feature_script(htmlpage._asset("page.js")) + htmlpage._asset("addons.js")
+                       + htmlpage._asset("features.js")]
     assert styles == [htmlpage._asset("page.css") + htmlpage._asset("features.css")]
 
 

@@ -528,11 +528,17 @@ def render_page(data: Mapping[str, Any], title: str) -> str:
     A page that carries a corpus pass (``data["stats"]``) also gets ``stats.css`` and ``stats.js``, after the page's
     own: they draw the statistics on what ``page.js`` built. A transcoder scan's page (``data["unit"]`` "feature")
     runs ``page.js`` in the feature's words (``report.featurepage.feature_script``), then ``features.js``, with
-    ``features.css``. Every other page is exactly what it was without them."""
+    ``features.css``. Either add-on comes after ``addons.js``, the DOM helpers they share. Every other page is
+    exactly what it was without them."""
     css, js = _asset("page.css"), _asset("page.js")
-    if data.get("unit") == "feature":   # a transcoder scan: page.js in the feature's words, then features.js
-        css, js = css + _asset("features.css"), feature_script(js) + _asset("features.js")
-    if data.get("stats"):
+    feature, stats = data.get("unit") == "feature", bool(data.get("stats"))
+    if feature:                          # a transcoder scan: page.js in the feature's words
+        js = feature_script(js)
+    if feature or stats:                 # the add-ons' shared helpers, once
+        js += _asset("addons.js")
+    if feature:
+        css, js = css + _asset("features.css"), js + _asset("features.js")
+    if stats:
         css, js = css + _asset("stats.css"), js + _asset("stats.js")
     # Nothing may be fetched: only this style sheet and this script run (by hash); images only as data: URIs.
     csp = (f"default-src 'none'; script-src '{_sha256(js)}'; style-src '{_sha256(css)}'; img-src data:; "

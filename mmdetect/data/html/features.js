@@ -11,22 +11,8 @@
   if (D.unit !== "feature") return;
   var NEURONPEDIA = "https://neuronpedia.org/";
 
-  function put(e, attrs, kids) {
-    for (var k in attrs || {}) {
-      var v = attrs[k];
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "text") e.textContent = v; else e.setAttribute(k, v);
-    }
-    kids.forEach(function (c) {
-      if (c === null || c === undefined || c === false) return;
-      if (Array.isArray(c)) put(e, null, c); else e.append(c instanceof Node ? c : String(c));
-    });
-    return e;
-  }
-  function h(tag, attrs) { return put(document.createElement(tag), attrs, [].slice.call(arguments, 2)); }
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
-  function int(v) { return isNum(v) ? Math.round(v).toLocaleString("en-US") : "–"; }
-  function sg(v, d) { return isNum(v) ? (v > 0 ? "+" : "") + v.toFixed(d === undefined ? 3 : d) : "–"; }
+  var put = mmdetectAddons.put, h = mmdetectAddons.h, isNum = mmdetectAddons.isNum, int = mmdetectAddons.int,
+      sg = mmdetectAddons.sg;
   function link(url) {  // only a Neuronpedia page: the address comes from a transcoder's cfg.json
     if (typeof url !== "string" || url.indexOf(NEURONPEDIA) !== 0) return null;
     var a = h("a", {class: "np-link", href: url, target: "_blank", rel: "noopener noreferrer"}, url);

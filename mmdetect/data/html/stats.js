@@ -10,24 +10,10 @@
   if (!S) return;
   var NS = "http://www.w3.org/2000/svg";
 
-  function put(e, attrs, kids) {
-    for (var k in attrs || {}) {
-      var v = attrs[k];
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "text") e.textContent = v; else e.setAttribute(k, v);
-    }
-    kids.forEach(function (c) {
-      if (c === null || c === undefined || c === false) return;
-      if (Array.isArray(c)) put(e, null, c); else e.append(c instanceof Node ? c : String(c));
-    });
-    return e;
-  }
-  function h(tag, attrs) { return put(document.createElement(tag), attrs, [].slice.call(arguments, 2)); }
+  var put = mmdetectAddons.put, h = mmdetectAddons.h, isNum = mmdetectAddons.isNum, int = mmdetectAddons.int,
+      sg = mmdetectAddons.sg;
   function s(tag, attrs) { return put(document.createElementNS(NS, tag), attrs, [].slice.call(arguments, 2)); }
-  function isNum(v) { return typeof v === "number" && isFinite(v); }
-  function int(v) { return isNum(v) ? Math.round(v).toLocaleString("en-US") : "–"; }
   function pct(v, d) { return isNum(v) ? (100 * v).toFixed(d === undefined ? 1 : d) + "%" : "–"; }
-  function sg(v, d) { return isNum(v) ? (v > 0 ? "+" : "") + v.toFixed(d === undefined ? 3 : d) : "–"; }
   function g3(v) {
     return isNum(v) ? (Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(2) : +v.toPrecision(4) + "") : "–";
   }
